@@ -1,0 +1,25 @@
+# Two entry points on a fresh machine: `make demo` (the main job on CPU) and `make test` (the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow repo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m edet_deploy demo --out build/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --timeout=900
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow --timeout=3600
+
+clean:
+	rm -rf build

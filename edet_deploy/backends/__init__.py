@@ -1,0 +1,31 @@
+"""Runtime backends behind one interface (`Runner`). Heavy dependencies are imported by `create_runner`."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..errors import EdetError
+from .base import Runner
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+
+
+def create_runner(backend: str, *, onnx_path: Optional[str] = None, engine_path: Optional[str] = None,
+                  **kwargs) -> Runner:
+    """`onnxruntime` (needs onnx_path), `torch` (model name / weights kwargs), `tensorrt` (needs engine_path)."""
+    if backend == "onnxruntime":
+        if not onnx_path:
+            raise EdetError("the onnxruntime backend needs an ONNX graph (--onnx, or export one first)")
+        from .onnxrt import OnnxRuntimeRunner
+        return OnnxRuntimeRunner(onnx_path, threads=kwargs.get("threads"))
+    if backend == "torch":
+        from .pytorch import TorchRunner
+        return TorchRunner(**kwargs)
+    if backend == "tensorrt":
+        if not engine_path:
+            raise EdetError("the tensorrt backend needs an engine (--engine, built with `edet-deploy build`)")
+        from .trt import TensorRTRunner
+        return TensorRTRunner(engine_path, **{k: v for k, v in kwargs.items() if k in ("cuda_graph",)})
+    raise EdetError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+__all__ = ["Runner", "create_runner", "BACKENDS"]

@@ -1,0 +1,103 @@
+"""ONNX Runtime backend (CPU default). The `edet::soft_nms` node runs through onnxruntime-extensions, whose
+Python ops live in the `ai.onnx.contrib` domain: the loader remaps the node's domain in memory, so the file
+on disk stays exactly the graph TensorRT consumes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from ..errors import EdetError
+from ..metadata import read_metadata
+from ..nms import op as nms_op
+from .base import Runner
+
+ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"
+_registered = False
+
+
+def register_soft_nms_op() -> str:
+    """Register the Python implementation of `soft_nms` with onnxruntime-extensions (once per process) and
+    return the path of the custom-op library to load into a session."""
+    global _registered
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+
+    if not _registered:
+        from ..nms.fast import batched_soft_nms, warmup
+
+        f, i32, i64, s = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_string
+        kinds = {str: s, float: f, int: i64}
+
+        @onnx_op(op_type=nms_op.OP_TYPE, inputs=[f, f, i32], outputs=[i32, f, f, i32],
+                 attrs={k: kinds[t] for k, t in nms_op.ATTRIBUTE_TYPES.items()})
+        def soft_nms_op(boxes, scores, classes, **attrs):
+            attrs["class_agnostic"] = bool(attrs.get("class_agnostic", 0))
+            return batched_soft_nms(boxes, scores, classes, **attrs)
+
+        warmup()  # numba compile (or cache load) now, not inside the first request
+        _registered = True
+    return get_library_path()
+
+
+def load_for_ort(path: str | os.PathLike):
+    """Load an ONNX graph and map our custom op's domain onto the one onnxruntime-extensions serves."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    uses_nms = False
+    for node in proto.graph.node:
+        if node.domain == nms_op.DOMAIN:
+            if node.op_type != nms_op.OP_TYPE:
+                raise EdetError(f"unknown op {node.domain}::{node.op_type} in {path}")
+            nms_op.settings_from_node(node)  # validates the attributes
+            node.domain = ORT_CONTRIB_DOMAIN
+            uses_nms = True
+    if uses_nms:
+        imports = [o for o in proto.opset_import if o.domain != nms_op.DOMAIN]
+        del proto.opset_import[:]
+        proto.opset_import.extend(imports)
+        if not any(o.domain == ORT_CONTRIB_DOMAIN for o in imports):
+            proto.opset_import.append(onnx.helper.make_opsetid(ORT_CONTRIB_DOMAIN, 1))
+    return proto, uses_nms
+
+
+def session_options(threads: Optional[int] = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxRuntimeRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | os.PathLike, threads: Optional[int] = None,
+                 providers: Optional[list] = None, metadata: Optional[Dict] = None):
+        import onnxruntime as ort
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise EdetError(f"ONNX graph not found: {path}")
+        super().__init__(metadata or read_metadata(path))
+        proto, uses_nms = load_for_ort(path)
+        so = session_options(threads)
+        if uses_nms:
+            so.register_custom_ops_library(register_soft_nms_op())
+        try:
+            self.session = ort.InferenceSession(proto.SerializeToString(), so,
+                                                providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own types for malformed graphs
+            raise EdetError(f"ONNX Runtime cannot load {path}: {e}") from None
+        self.path = path
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        images = self.check_input(images)
+        outputs = self.session.run(self.output_names, {"images": images})
+        return dict(zip(self.output_names, outputs))

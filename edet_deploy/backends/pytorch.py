@@ -1,0 +1,57 @@
+"""PyTorch eager backend: the reference. Runs the same candidate graph as the export, then the CPU soft-NMS."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from ..nms import NmsSettings
+from .base import Runner
+
+
+class TorchRunner(Runner):
+    name = "torch"
+
+    def __init__(self, model_name: str, weights: Optional[str] = None, num_classes: Optional[int] = None,
+                 image_size: Optional[int] = None, nms: Optional[NmsSettings] = NmsSettings(),
+                 pre_nms_top_k: int = 1000, class_names: Optional[Sequence[str]] = None,
+                 threads: Optional[int] = None, model=None):
+        import torch
+
+        from .. import __version__
+        from ..export.graph import CandidateGraph
+        from ..metadata import FORMAT
+        from ..model import create_model
+        from ..model.weights import checkpoint_metadata
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        ckpt = checkpoint_metadata(weights) if weights else {}
+        if model is None:
+            model = create_model(model_name, num_classes=num_classes or ckpt.get("num_classes") or 90,
+                                 weights=weights, image_size=image_size or ckpt.get("image_size"))
+        cfg = model.config
+        self.graph = CandidateGraph(model.eval(), pre_nms_top_k).eval()
+        self.nms = nms
+        super().__init__({
+            "format": FORMAT, "producer": f"edet-deploy {__version__}", "variant": cfg.name,
+            "image_size": cfg.image_size, "num_classes": cfg.num_classes,
+            "class_names": list(class_names or ckpt.get("class_names") or []), "mean": list(cfg.mean),
+            "std": list(cfg.std), "precision": "fp32", "batch": {"dynamic": True, "max": 1 << 16},
+            "nms": nms.to_dict() if nms else None, "pre_nms_top_k": self.graph.top_k})
+
+    def candidates(self, images: np.ndarray):
+        import torch
+
+        with torch.inference_mode():
+            boxes, scores, classes = self.graph(torch.from_numpy(self.check_input(images)))
+        return boxes.numpy(), scores.numpy(), classes.numpy()
+
+    def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        from ..nms.fast import batched_soft_nms
+        from ..nms.op import OUTPUTS
+
+        boxes, scores, classes = self.candidates(images)
+        if self.nms is None:
+            return {"candidate_boxes": boxes, "candidate_scores": scores, "candidate_classes": classes}
+        return dict(zip(OUTPUTS, batched_soft_nms(boxes, scores, classes, **self.nms.to_dict())))

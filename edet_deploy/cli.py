@@ -1,0 +1,79 @@
+"""The `edet-deploy` command. Each subcommand is a small function; user errors (EdetError) become one line on
+stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Dict, List, Optional
+
+from .errors import EdetError
+from .log import logger
+
+COMMANDS: Dict[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str):
+    """Register `fn(parser) -> handler` as subcommand `name`."""
+    def deco(fn):
+        COMMANDS[name] = (help, fn)
+        return fn
+    return deco
+
+
+@command("models", "list the supported EfficientDet variants")
+def _models(p: argparse.ArgumentParser):
+    def run(args) -> int:
+        from .configs import VARIANTS
+        print(f"{'model':5s} {'input':>6s} {'backbone':20s} {'W_bifpn':>7s} {'D_bifpn':>7s} {'D_head':>6s} "
+              f"{'fusion':8s} {'params':>8s} {'FLOPs':>8s} {'COCO AP':>7s}")
+        for cfg in VARIANTS.values():
+            pub = cfg.published
+            print(f"{cfg.name:5s} {cfg.image_size:6d} {cfg.backbone:20s} {cfg.fpn_channels:7d} {cfg.fpn_repeats:7d} "
+                  f"{cfg.head_repeats:6d} {cfg.fusion:8s} {pub['params_m']:7.1f}M {pub['flops_b']:7.1f}B "
+                  f"{pub['coco_ap']:7.1f}")
+        return 0
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Import the modules that register the remaining subcommands.
+    from . import commands  # noqa: F401
+
+    parser = argparse.ArgumentParser(
+        prog="edet-deploy",
+        description="Export, optimise, serve and benchmark EfficientDet D0-D7x. "
+                    "CPU + ONNX Runtime by default; TensorRT where a GPU and TensorRT are present.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"edet-deploy {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, fn) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sp.set_defaults(handler=fn(sp))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except EdetError as e:
+        print(f"edet-deploy {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    from edet_deploy.cli import main as _main  # the registered commands live in the package module
+
+    sys.exit(_main())

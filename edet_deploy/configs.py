@@ -1,0 +1,117 @@
+"""The EfficientDet family as data: one row per variant, one lookup function.
+
+Numbers follow REFERENCE.md section 1 (automl / effdet): input size, backbone, BiFPN width and depth,
+head depth, fusion method, anchor scale and pyramid levels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Tuple
+
+from .errors import EdetError
+
+# ImageNet normalisation in 0..255 pixel units (the graph takes uint8 input).
+MEAN_RGB: Tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD_RGB: Tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    name: str  # canonical short name: d0 .. d7, d7x
+    image_size: int
+    backbone: str  # timm model name
+    fpn_channels: int
+    fpn_repeats: int
+    head_repeats: int
+    fusion: str = "fastattn"  # "fastattn" (relu(w) / (sum + 1e-4)) or "sum"
+    anchor_scale: float = 4.0
+    min_level: int = 3
+    max_level: int = 7
+    num_scales: int = 3
+    # (x, y) stretch per aspect ratio, as effdet's pretrained weights were trained with.
+    aspect_ratios: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4))
+    num_classes: int = 90
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.01
+    backbone_drop_path: float = 0.2
+    mean: Tuple[float, float, float] = MEAN_RGB
+    std: Tuple[float, float, float] = STD_RGB
+    # Published COCO numbers (automl README) for reports: AP test-dev, params (M), FLOPs (B), V100 latency (ms).
+    published: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def num_levels(self) -> int:
+        return self.max_level - self.min_level + 1
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchors per feature-map location."""
+        return self.num_scales * len(self.aspect_ratios)
+
+    @property
+    def effdet_name(self) -> str:
+        return f"tf_efficientdet_{self.name}"
+
+    def with_overrides(self, **kwargs) -> "VariantConfig":
+        return replace(self, **kwargs)
+
+
+def _pub(ap: float, params: float, flops: float, latency_ms: float) -> dict:
+    return {"coco_ap": ap, "params_m": params, "flops_b": flops, "v100_latency_ms": latency_ms}
+
+
+VARIANTS: dict[str, VariantConfig] = {
+    cfg.name: cfg
+    for cfg in (
+        VariantConfig("d0", 512, "tf_efficientnet_b0", 64, 3, 3, published=_pub(34.6, 3.9, 2.54, 10.2)),
+        VariantConfig("d1", 640, "tf_efficientnet_b1", 88, 4, 3, published=_pub(40.5, 6.6, 6.10, 13.5)),
+        VariantConfig("d2", 768, "tf_efficientnet_b2", 112, 5, 3, published=_pub(43.9, 8.1, 11.0, 17.7)),
+        VariantConfig("d3", 896, "tf_efficientnet_b3", 160, 6, 4, published=_pub(47.2, 12.0, 24.9, 28.0)),
+        VariantConfig("d4", 1024, "tf_efficientnet_b4", 224, 7, 4, published=_pub(49.7, 20.7, 55.2, 42.8)),
+        VariantConfig("d5", 1280, "tf_efficientnet_b5", 288, 7, 4, published=_pub(51.5, 33.7, 130.0, 72.5)),
+        VariantConfig("d6", 1280, "tf_efficientnet_b6", 384, 8, 5, fusion="sum",
+                      published=_pub(52.6, 51.9, 226.0, 92.8)),
+        VariantConfig("d7", 1536, "tf_efficientnet_b6", 384, 8, 5, fusion="sum", anchor_scale=5.0,
+                      published=_pub(53.7, 51.9, 325.0, 122.0)),
+        VariantConfig("d7x", 1536, "tf_efficientnet_b7", 384, 8, 5, fusion="sum", max_level=8,
+                      published=_pub(55.1, 77.0, 410.0, 153.0)),
+    )
+}
+
+
+def canonical_name(name: str) -> str:
+    """Map `d0`, `efficientdet-d0`, `efficientdet_d0` and `tf_efficientdet_d0` (any case) to `d0`."""
+    key = name.strip().lower().replace("-", "_")
+    for prefix in ("tf_efficientdet_", "efficientdet_"):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    if key not in VARIANTS:
+        raise EdetError(f"unknown model {name!r}; valid names: {', '.join(VARIANTS)} "
+                        f"(also as efficientdet-d0 or tf_efficientdet_d0)")
+    return key
+
+
+def get_config(name: str, **overrides) -> VariantConfig:
+    """The variant's config, with optional field overrides (for example num_classes or image_size)."""
+    cfg = VARIANTS[canonical_name(name)]
+    return cfg.with_overrides(**overrides) if overrides else cfg
+
+
+def parse_model_list(spec: str) -> list[str]:
+    """`d0-d3,d7x` -> ['d0', 'd1', 'd2', 'd3', 'd7x'] in table order."""
+    names = list(VARIANTS)
+    out: list[str] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part and not part.lower().startswith(("efficientdet-", "tf_")):
+            lo, hi = (canonical_name(p) for p in part.split("-", 1))
+            i, j = names.index(lo), names.index(hi)
+            if i > j:
+                raise EdetError(f"empty model range {part!r}")
+            out.extend(names[i:j + 1])
+        else:
+            out.append(canonical_name(part))
+    return list(dict.fromkeys(out))

@@ -1,0 +1,87 @@
+"""`Detector`: preprocessing -> backend -> postprocessing, the in-process pipeline every entry point uses."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from .backends import Runner, create_runner
+from .errors import EdetError
+from .log import logger
+from .postprocess import Detections, split_detections
+from .preprocess import ImageSource, preprocess
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDET_DEPLOY_CACHE", Path.home() / ".cache" / "edet_deploy"))
+
+
+class Detector:
+    def __init__(self, runner: Runner, min_score: float = 0.0):
+        self.runner = runner
+        self.min_score = min_score
+        meta = runner.metadata
+        if not meta.get("nms"):
+            raise EdetError("this graph was exported with --nms none; Detector needs the soft-NMS outputs")
+        self.image_size = int(meta["image_size"])
+        self.class_names: Sequence[str] = meta.get("class_names") or []
+
+    @classmethod
+    def from_onnx(cls, onnx_path: str | os.PathLike, backend: str = "onnxruntime", threads: Optional[int] = None,
+                  min_score: float = 0.0) -> "Detector":
+        return cls(create_runner(backend, onnx_path=str(onnx_path), threads=threads), min_score)
+
+    @classmethod
+    def from_model(cls, name: str, weights: Optional[str] = None, backend: str = "onnxruntime",
+                   threads: Optional[int] = None, min_score: float = 0.0, **export_kwargs) -> "Detector":
+        """From a variant and weights: `torch` runs eagerly; `onnxruntime` exports once into the cache."""
+        if backend == "torch":
+            return cls(create_runner("torch", model_name=name, weights=weights, threads=threads), min_score)
+        if backend == "onnxruntime":
+            return cls.from_onnx(cached_export(name, weights, **export_kwargs), backend, threads, min_score)
+        raise EdetError(f"backend {backend!r} needs a prebuilt artifact (--onnx or --engine)")
+
+    def detect(self, images: Iterable[ImageSource]) -> List[Detections]:
+        sources = list(images)
+        results: List[Detections] = []
+        step = self.runner.max_batch
+        for start in range(0, len(sources), step):
+            chunk = sources[start:start + step]
+            batch, scales, sizes = preprocess(chunk, self.image_size)
+            n = len(chunk)
+            if not self.runner.dynamic_batch and n < step:  # fixed-batch graph: pad, then drop the padding
+                batch = np.concatenate([batch, np.repeat(batch[-1:], step - n, axis=0)])
+            outputs = self.runner.infer(batch)
+            outputs = {k: v[:n] for k, v in outputs.items()}
+            results.extend(split_detections(outputs, scales, sizes, self.class_names, self.min_score))
+        return results
+
+    def __call__(self, images: Iterable[ImageSource]) -> List[Detections]:
+        return self.detect(images)
+
+
+def cached_export(name: str, weights: Optional[str] = None, **export_kwargs) -> Path:
+    """Export once per (variant, weights, settings) into the cache directory and reuse the file afterwards."""
+    from . import __version__
+    from .configs import canonical_name
+    from .export import export_onnx
+    from .io import sha256_file
+
+    variant = canonical_name(name)
+    key_src = {"variant": variant, "weights": sha256_file(weights) if weights else "random-init",
+               "version": __version__, **{k: repr(v) for k, v in sorted(export_kwargs.items())}}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+    out_dir = cache_dir() / f"{variant}-{key}"
+    path = out_dir / f"efficientdet_{variant}.onnx"
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return path
+    if not weights:
+        logger.warning("no weights given: %s runs with random initialisation (detections are meaningless)", variant)
+        import torch
+        torch.manual_seed(0)  # reproducible random init, so the cache entry is stable
+    logger.info("exporting %s to %s (cached for next time)", variant, out_dir)
+    return export_onnx(variant, out_dir, weights=weights, **export_kwargs).onnx_path

@@ -1,0 +1,156 @@
+"""PyTorch -> ONNX: one detection graph for every runtime (ONNX Runtime on CPU, TensorRT on GPU)."""
+from __future__ import annotations
+
+import io
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import onnx
+from onnx import TensorProto, helper
+
+from .. import __version__
+from ..configs import get_config
+from ..errors import EdetError
+from ..io import atomic_path, sha256_file
+from ..log import logger
+from ..metadata import FORMAT, ONNX_PROP, write_metadata
+from ..nms import NmsSettings, op as nms_op
+from .graph import CANDIDATE_OUTPUTS, DEFAULT_PRE_NMS_TOP_K, TRT_MAX_TOPK, CandidateGraph
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    metadata_path: Path
+    metadata: Dict
+
+
+def graph_name(variant: str, nms: bool = True) -> str:
+    return f"efficientdet_{variant}" + ("" if nms else "_nonms")
+
+
+def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None, num_classes: Optional[int] = None,
+                image_size: Optional[int] = None, batch: int = 1, dynamic_batch: Optional[int] = None,
+                opset: int = 17, nms: Optional[NmsSettings] = NmsSettings(),
+                pre_nms_top_k: int = DEFAULT_PRE_NMS_TOP_K, class_names: Optional[Sequence[str]] = None,
+                simplify: bool = True, filename: Optional[str] = None) -> ExportResult:
+    """Export a variant to `out_dir/<filename or efficientdet_dN>.onnx` plus its metadata JSON.
+
+    `nms=None` stops at the decoded candidates (`--nms none`). Weights may be ours (their metadata supplies
+    class count, input size and class names) or effdet's; without weights the network is randomly initialised."""
+    import torch
+
+    from ..model import create_model
+    from ..model.weights import checkpoint_metadata
+
+    ckpt_meta = checkpoint_metadata(weights) if weights else {}
+    if ckpt_meta.get("variant") and get_config(name).name != ckpt_meta["variant"]:
+        raise EdetError(f"weights {weights} are for {ckpt_meta['variant']}, not {name}")
+    num_classes = num_classes or ckpt_meta.get("num_classes") or 90
+    image_size = image_size or ckpt_meta.get("image_size")
+    class_names = list(class_names or ckpt_meta.get("class_names") or [])
+    if class_names and len(class_names) != num_classes:
+        raise EdetError(f"{len(class_names)} class names given for {num_classes} classes")
+    if pre_nms_top_k > TRT_MAX_TOPK:
+        raise EdetError(f"pre_nms_top_k {pre_nms_top_k} exceeds TensorRT's TopK limit {TRT_MAX_TOPK}")
+    if dynamic_batch is not None and dynamic_batch < 1 or batch < 1:
+        raise EdetError("batch sizes must be >= 1")
+    if not 13 <= opset <= 21:
+        raise EdetError(f"opset {opset} is not supported (13..21)")
+
+    t0 = time.perf_counter()
+    model = create_model(name, num_classes=num_classes, weights=weights, image_size=image_size)
+    cfg = model.config
+    graph = CandidateGraph(model, pre_nms_top_k).eval()
+    size = cfg.image_size
+    example = torch.zeros(batch if dynamic_batch is None else min(2, dynamic_batch), size, size, 3, dtype=torch.uint8)
+    buf = io.BytesIO()
+    dyn = {"images": {0: "batch"}, **{o: {0: "batch"} for o in CANDIDATE_OUTPUTS}} if dynamic_batch else None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about constant folding and list outputs
+        torch.onnx.export(graph, (example,), buf, opset_version=opset, dynamo=False, input_names=["images"],
+                          output_names=list(CANDIDATE_OUTPUTS), dynamic_axes=dyn, do_constant_folding=True)
+    proto = onnx.load_from_string(buf.getvalue())
+    logger.info("traced %s in %.1f s (%d nodes)", cfg.name, time.perf_counter() - t0, len(proto.graph.node))
+    if simplify:
+        proto = simplify_graph(proto)
+    if nms is not None:
+        proto = attach_nms(proto, nms)
+
+    meta = {
+        "format": FORMAT, "producer": f"edet-deploy {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "variant": cfg.name, "image_size": size, "num_classes": cfg.num_classes, "class_names": class_names,
+        "mean": list(cfg.mean), "std": list(cfg.std), "precision": "fp32", "opset": opset,
+        "input": {"name": "images", "dtype": "uint8", "layout": "NHWC",
+                  "shape": ["batch" if dynamic_batch else batch, size, size, 3]},
+        "batch": {"dynamic": bool(dynamic_batch), "max": dynamic_batch or batch},
+        "outputs": [o.name for o in proto.graph.output],
+        "nms": nms.to_dict() if nms is not None else None, "pre_nms_top_k": graph.top_k,
+        "weights": {"path": str(weights), "sha256": sha256_file(weights)} if weights else None,
+    }
+    out_dir = Path(out_dir)
+    onnx_path = out_dir / f"{filename or graph_name(cfg.name, nms is not None)}.onnx"
+    result = save_graph(proto, onnx_path, meta)
+    logger.info("exported %s (%.1f s)", onnx_path, time.perf_counter() - t0)
+    return result
+
+
+def simplify_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxsim
+
+    before = len(proto.graph.node)
+    simplified, ok = onnxsim.simplify(proto)
+    if not ok:
+        logger.warning("onnxsim could not validate the simplified graph; keeping the original")
+        return proto
+    logger.info("onnxsim: %d -> %d nodes", before, len(simplified.graph.node))
+    return simplified
+
+
+def attach_nms(proto: onnx.ModelProto, settings: NmsSettings) -> onnx.ModelProto:
+    """Append the `edet::soft_nms` node to a candidate graph and make its outputs the graph outputs."""
+    graph = proto.graph
+    names = [o.name for o in graph.output]
+    if names != list(CANDIDATE_OUTPUTS):
+        raise EdetError(f"expected a candidate graph with outputs {list(CANDIDATE_OUTPUTS)}, got {names}")
+    batch_dim = graph.output[0].type.tensor_type.shape.dim[0]
+    b = batch_dim.dim_param or batch_dim.dim_value
+    k = settings.max_detections
+    graph.node.append(nms_op.make_node(settings))
+    shapes = {"num_detections": [b, 1], "detection_boxes": [b, k, 4], "detection_scores": [b, k],
+              "detection_classes": [b, k]}
+    # Keep the candidate tensors' types as value_info so shape inference and tools still see them.
+    graph.value_info.extend(graph.output)
+    del graph.output[:]
+    for name in nms_op.OUTPUTS:
+        graph.output.append(helper.make_tensor_value_info(name, nms_op.OUTPUT_TYPES[name], shapes[name]))
+    if not any(o.domain == nms_op.DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(nms_op.DOMAIN, nms_op.OP_VERSION))
+    return proto
+
+
+def check_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx.checker (full check, with our op's schema registered) and strict shape inference."""
+    nms_op.register_onnx_schema()
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise EdetError(f"exported graph fails the ONNX checker: {e}") from None
+
+
+def save_graph(proto: onnx.ModelProto, onnx_path: Path, meta: Dict) -> ExportResult:
+    """Check, embed metadata, and write graph + sidecar atomically (nothing half-written on failure)."""
+    check_graph(proto)
+    del proto.metadata_props[:]
+    proto.producer_name, proto.producer_version = "edet-deploy", __version__
+    helper.set_model_props(proto, {ONNX_PROP: json.dumps(meta)})
+    with atomic_path(onnx_path) as tmp:
+        onnx.save(proto, str(tmp))
+    meta = dict(meta, onnx_sha256=sha256_file(onnx_path))
+    meta_path = write_metadata(onnx_path, meta)
+    return ExportResult(onnx_path, meta_path, meta)

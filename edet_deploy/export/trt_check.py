@@ -1,0 +1,113 @@
+"""A TensorRT parseability check that needs no TensorRT: the ops and patterns TensorRT's ONNX parser rejects.
+
+Operator data follows the support matrix of onnx-tensorrt (docs/operators.md, TensorRT 10.x/11.x): ops listed
+there as supported, and the restrictions that matter for detection graphs (constant Pad / TopK K / axes,
+TopK K <= 3840, Resize modes, QDQ zero points).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Set
+
+import numpy as np
+
+from ..nms import op as nms_op
+from .graph import TRT_MAX_TOPK
+
+SUPPORTED_OPS: Set[str] = set("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization BlackmanWindow Cast
+CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DFT DepthToSpace
+DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND
+Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GroupNormalization GRU
+HammingWindow HannWindow HardSigmoid HardSwish Hardmax Identity If ImageScaler InstanceNormalization IsInf IsNaN
+LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max
+MaxPool Mean Min Mish Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu
+QuantizeLinear RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2
+ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape
+Resize ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink
+Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze STFT Sub Sum Tan Tanh
+ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
+RESIZE_MODES = {"nearest", "linear", "cubic"}
+RESIZE_COORDINATES = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
+# Inputs that TensorRT needs as build-time constants, by op: input index -> what it is.
+CONSTANT_INPUTS = {"Pad": {1: "pads"}, "TopK": {1: "K"}, "Slice": {3: "axes"}, "Squeeze": {1: "axes"},
+                   "Unsqueeze": {1: "axes"}, "Conv": {1: "weights"}, "ConvTranspose": {1: "weights"},
+                   "CumSum": {1: "axis"}}
+# Shape-carrying inputs that should be constants in a static-batch graph.
+SHAPE_INPUTS = {"Reshape": {1: "shape"}, "Expand": {1: "shape"}, "Tile": {1: "repeats"}}
+
+
+@dataclass
+class Finding:
+    node: str
+    op: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.node!r}: {self.message}"
+
+
+def check_trt_compat(model, static_batch: Optional[bool] = None) -> List[Finding]:
+    """Return what TensorRT 10/11's ONNX parser would reject or a deployment should fix ([] = clean)."""
+    import onnx
+    from onnx import numpy_helper
+
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        model = onnx.load(str(model))
+    g = model.graph
+    constants: Dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name == "value":
+                    constants[n.output[0]] = numpy_helper.to_array(a.t)
+    if static_batch is None:
+        dim = g.input[0].type.tensor_type.shape.dim[0]
+        static_batch = bool(dim.dim_value) and not dim.dim_param
+    findings: List[Finding] = []
+    for n in g.node:
+        def add(msg: str) -> None:
+            findings.append(Finding(n.name or n.output[0], f"{n.domain + '::' if n.domain else ''}{n.op_type}", msg))
+
+        if n.domain == nms_op.DOMAIN:
+            if n.op_type != nms_op.OP_TYPE:
+                add("unknown op in the edet domain (TensorRT has no plugin for it)")
+                continue
+            try:
+                nms_op.settings_from_node(n)
+            except Exception as e:  # noqa: BLE001 - report, don't raise
+                add(f"invalid plugin attributes: {e}")
+            if len(n.input) != 3 or len(n.output) != 4:
+                add("the soft_nms plugin takes 3 inputs and gives 4 outputs")
+            continue
+        if n.domain not in ("", "ai.onnx"):
+            add(f"custom domain {n.domain!r}: TensorRT needs a plugin for it")
+            continue
+        if n.op_type not in SUPPORTED_OPS:
+            add("not supported by TensorRT's ONNX parser")
+            continue
+        for index, what in CONSTANT_INPUTS.get(n.op_type, {}).items():
+            if index < len(n.input) and n.input[index] and n.input[index] not in constants:
+                add(f"{what} must be a constant (found a computed tensor: dynamic {n.op_type})")
+        if static_batch:
+            for index, what in SHAPE_INPUTS.get(n.op_type, {}).items():
+                if index < len(n.input) and n.input[index] not in constants:
+                    add(f"{what} is computed at run time although the graph's shapes are static")
+        if n.op_type == "TopK" and len(n.input) > 1 and n.input[1] in constants:
+            k = int(np.asarray(constants[n.input[1]]).reshape(-1)[0])
+            if k > TRT_MAX_TOPK:
+                add(f"K = {k} exceeds TensorRT's TopK limit of {TRT_MAX_TOPK}")
+        if n.op_type == "Resize":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            mode = attrs.get("mode", b"nearest").decode()
+            coord = attrs.get("coordinate_transformation_mode", b"half_pixel").decode()
+            if mode not in RESIZE_MODES:
+                add(f"Resize mode {mode!r} is not supported")
+            if coord not in RESIZE_COORDINATES:
+                add(f"Resize coordinate mode {coord!r} is not supported")
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2:
+            zp = constants.get(n.input[2])
+            if zp is None or np.any(zp != 0):
+                add("zero point must be a constant 0 (symmetric quantization)")
+    return findings

@@ -1,0 +1,77 @@
+"""The `edet::soft_nms` graph node: the one contract between the exporter, the ONNX Runtime custom op and the
+TensorRT plugin.
+
+Inputs: candidate_boxes [B,N,4] float32 (x1,y1,x2,y2, input pixels), candidate_scores [B,N] float32,
+candidate_classes [B,N] int32. Outputs: num_detections [B,1] int32, detection_boxes [B,K,4] float32,
+detection_scores [B,K] float32, detection_classes [B,K] int32 (K = max_detections). Attributes are scalars
+only (TensorRT plugin attributes cannot be lists): method (string), sigma, iou_threshold, score_threshold
+(float), max_detections, class_agnostic (int).
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from .settings import NmsSettings
+
+OP_TYPE = "soft_nms"
+DOMAIN = "edet"
+OP_VERSION = 1
+INPUTS = ("candidate_boxes", "candidate_scores", "candidate_classes")
+OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
+# ONNX element types of the outputs (onnx.TensorProto values: INT32 = 6, FLOAT = 1)
+OUTPUT_TYPES = {"num_detections": 6, "detection_boxes": 1, "detection_scores": 1, "detection_classes": 6}
+ATTRIBUTE_TYPES = {"method": str, "sigma": float, "iou_threshold": float, "score_threshold": float,
+                   "max_detections": int, "class_agnostic": int}
+
+
+def node_attributes(settings: NmsSettings) -> Dict[str, object]:
+    return {"method": settings.method, "sigma": float(settings.sigma),
+            "iou_threshold": float(settings.iou_threshold), "score_threshold": float(settings.score_threshold),
+            "max_detections": int(settings.max_detections), "class_agnostic": int(settings.class_agnostic)}
+
+
+def make_node(settings: NmsSettings, inputs=INPUTS, outputs=OUTPUTS, name: str = "soft_nms"):
+    from onnx import helper
+    return helper.make_node(OP_TYPE, list(inputs), list(outputs), name=name, domain=DOMAIN,
+                            **node_attributes(settings))
+
+
+def settings_from_node(node) -> NmsSettings:
+    """Read (and validate) the settings of an `edet::soft_nms` node."""
+    from onnx import helper
+
+    from ..errors import EdetError
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    unknown = set(attrs) - set(ATTRIBUTE_TYPES)
+    if unknown:
+        raise EdetError(f"soft_nms node {node.name!r} has unknown attributes {sorted(unknown)}")
+    if isinstance(attrs.get("method"), bytes):
+        attrs["method"] = attrs["method"].decode()
+    for key, typ in ATTRIBUTE_TYPES.items():
+        if key in attrs and not isinstance(attrs[key], typ):
+            raise EdetError(f"soft_nms attribute {key} must be a scalar {typ.__name__}, got {attrs[key]!r}")
+    if "class_agnostic" in attrs:
+        attrs["class_agnostic"] = bool(attrs["class_agnostic"])
+    return NmsSettings(**attrs)
+
+
+def register_onnx_schema() -> None:
+    """Register the op's schema with onnx so that onnx.checker (full check) validates our nodes."""
+    import onnx
+    from onnx import defs
+
+    if defs.has(OP_TYPE, DOMAIN):
+        return
+    P = defs.OpSchema.FormalParameter
+    A = defs.OpSchema.AttrType
+    attr_kind = {str: A.STRING, float: A.FLOAT, int: A.INT}
+    schema = defs.OpSchema(
+        OP_TYPE, DOMAIN, OP_VERSION, doc=__doc__ or "",
+        inputs=[P("candidate_boxes", "T"), P("candidate_scores", "T"), P("candidate_classes", "I")],
+        outputs=[P("num_detections", "I"), P("detection_boxes", "T"), P("detection_scores", "T"),
+                 P("detection_classes", "I")],
+        type_constraints=[("T", ["tensor(float)"], "boxes and scores"), ("I", ["tensor(int32)"], "counts, classes")],
+        attributes=[defs.OpSchema.Attribute(k, attr_kind[t], "", required=False) for k, t in ATTRIBUTE_TYPES.items()],
+    )
+    defs.register_schema(schema)
+    del onnx

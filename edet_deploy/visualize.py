@@ -1,0 +1,30 @@
+"""Draw detections on an image (Pillow)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .io import atomic_path
+from .postprocess import Detections
+from .preprocess import ImageSource, decode_image
+
+_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+
+
+def draw_detections(image: ImageSource, detections: Detections, out: str | Path) -> Path:
+    img = Image.fromarray(decode_image(image))
+    draw = ImageDraw.Draw(img)
+    for i in range(len(detections)):
+        color = _PALETTE[int(detections.classes[i]) % len(_PALETTE)]
+        x1, y1, x2, y2 = (float(v) for v in detections.boxes[i])
+        draw.rectangle([x1, y1, x2, y2], outline=color, width=2)
+        text = f"{detections.label(i)} {float(detections.scores[i]):.2f}"
+        tw = draw.textlength(text)
+        draw.rectangle([x1, max(0, y1 - 12), x1 + tw + 4, max(12, y1)], fill=color)
+        draw.text((x1 + 2, max(0, y1 - 12)), text, fill=(0, 0, 0))
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        img.save(tmp, format="JPEG" if out.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+    return out

@@ -1,0 +1,169 @@
+"""Build, compile and launch the soft-NMS Triton kernel, independently of TensorRT.
+
+- `compile_ptx(target)` compiles to PTX on any machine (no GPU needed) for the TensorRT AOT plugin.
+- `launch_params(...)` gives grid, block and shared memory consistent with the shapes.
+- `run(...)` launches on torch tensors: CUDA tensors on a GPU, CPU tensors under the Triton interpreter.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Tuple
+
+from . import soft_nms_kernel as _src
+
+KERNEL_NAME = "soft_nms_kernel"
+MAX_BLOCK = 8192  # candidates per image one program holds in registers (TensorRT TopK allows 3840)
+
+# Argument order of the kernel (pointers, then runtime scalars); constexprs are baked into a compiled kernel.
+SIGNATURE = {"boxes_ptr": "*fp32", "scores_ptr": "*fp32", "classes_ptr": "*i32", "counts_ptr": "*i32",
+             "num_ptr": "*i32", "out_boxes_ptr": "*fp32", "out_scores_ptr": "*fp32", "out_classes_ptr": "*i32",
+             "N": "i32", "K": "i32", "sigma": "fp32", "iou_threshold": "fp32", "score_threshold": "fp32",
+             "METHOD": "constexpr", "AGNOSTIC": "constexpr", "BLOCK": "constexpr"}
+
+
+def block_size(num_candidates: int) -> int:
+    """Smallest power of two >= N (at least 16): the lanes of one program."""
+    if num_candidates > MAX_BLOCK:
+        raise ValueError(f"soft-NMS kernel takes at most {MAX_BLOCK} candidates per image, got {num_candidates}")
+    return max(16, 1 << max(0, int(num_candidates - 1).bit_length()))
+
+
+def num_warps_for(block: int) -> int:
+    # About 16 candidates per thread keeps the eight per-candidate arrays in registers.
+    return int(min(16, max(1, block // (32 * 16))))
+
+
+@dataclass(frozen=True)
+class LaunchParams:
+    grid: Tuple[int, int, int]
+    block: Tuple[int, int, int]
+    shared_mem: int
+    num_warps: int
+    block_candidates: int
+
+
+def launch_params(batch: int, num_candidates: int, shared_mem: int = 0) -> LaunchParams:
+    block = block_size(num_candidates)
+    warps = num_warps_for(block)
+    return LaunchParams(grid=(batch, 1, 1), block=(32 * warps, 1, 1), shared_mem=shared_mem, num_warps=warps,
+                        block_candidates=block)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel():
+    """The kernel wrapped by `triton.jit`. Triton decides at import time whether the process interprets
+    (TRITON_INTERPRET=1: CPU tensors, no GPU) or compiles; `run_interpreted` starts such a process."""
+    import triton
+    return triton.jit(_src.soft_nms_kernel)
+
+
+def interpreting() -> bool:
+    from triton import knobs
+    return bool(knobs.runtime.interpret)
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    name: str
+    ptx: str
+    num_warps: int
+    shared_mem: int
+    block_candidates: int
+    arch: int
+
+
+@functools.lru_cache(maxsize=64)
+def compile_ptx(num_candidates: int, method_id: int, class_agnostic: bool, arch: int = 80) -> CompiledKernel:
+    """Compile the kernel to PTX for sm_`arch` without a GPU (Triton's CUDA backend needs only the target)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    block = block_size(num_candidates)
+    warps = num_warps_for(block)
+    src = ASTSource(fn=kernel(), signature=SIGNATURE,
+                    constexprs={"METHOD": int(method_id), "AGNOSTIC": bool(class_agnostic), "BLOCK": block})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    return CompiledKernel(name=compiled.metadata.name, ptx=compiled.asm["ptx"], num_warps=compiled.metadata.num_warps,
+                          shared_mem=compiled.metadata.shared, block_candidates=block, arch=arch)
+
+
+def run(boxes, scores, classes, counts, *, method_id: int, sigma: float, iou_threshold: float,
+        score_threshold: float, max_detections: int, class_agnostic: bool):
+    """Launch on torch tensors (CUDA: compiled kernel; CPU: interpreter). Returns the four outputs."""
+    import torch
+
+    b, n = scores.shape
+    k = int(max_detections)
+    dev = scores.device
+    boxes = boxes.to(torch.float32).contiguous()
+    scores = scores.to(torch.float32).contiguous()
+    classes = classes.to(torch.int32).contiguous()
+    counts = counts.to(device=dev, dtype=torch.int32).contiguous()
+    num = torch.zeros(b, dtype=torch.int32, device=dev)
+    out_boxes = torch.zeros(b, k, 4, dtype=torch.float32, device=dev)
+    out_scores = torch.zeros(b, k, dtype=torch.float32, device=dev)
+    out_classes = torch.zeros(b, k, dtype=torch.int32, device=dev)
+    if b == 0 or k == 0:
+        return num.view(b, 1), out_boxes, out_scores, out_classes
+    if dev.type != "cuda" and not interpreting():
+        raise RuntimeError("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing triton); "
+                           "use run_interpreted()")
+    params = launch_params(b, max(n, 1))
+    kernel()[params.grid](boxes, scores, classes, counts, num, out_boxes, out_scores, out_classes,
+                        max(n, 1), k, float(sigma), float(iou_threshold), float(score_threshold),
+                        METHOD=int(method_id), AGNOSTIC=bool(class_agnostic), BLOCK=params.block_candidates,
+                        num_warps=params.num_warps)
+    return num.view(b, 1), out_boxes, out_scores, out_classes
+
+
+def run_interpreted(boxes, scores, classes, counts, **settings):
+    """Run the kernel on numpy arrays under the Triton interpreter, in a child process with TRITON_INTERPRET=1
+    when this process compiles instead. `boxes` etc. may be lists of per-case arrays (one child for all)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+
+    single = not isinstance(boxes, (list, tuple))
+    cases = [(boxes, scores, classes, counts)] if single else list(zip(boxes, scores, classes, counts))
+    settings_list = [settings] * len(cases) if "method_id" in settings else settings["per_case"]
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, out = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
+        arrays = {}
+        for i, (case, st) in enumerate(zip(cases, settings_list)):
+            for name, arr in zip(("boxes", "scores", "classes", "counts"), case):
+                arrays[f"{i}_{name}"] = np.asarray(arr)
+            arrays[f"{i}_settings"] = np.array([st["method_id"], st["sigma"], st["iou_threshold"],
+                                                st["score_threshold"], st["max_detections"],
+                                                st["class_agnostic"]], np.float64)
+        np.savez(inp, n=len(cases), **arrays)
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        subprocess.run([sys.executable, "-m", "edet_kernels.soft_nms", inp, out], check=True, env=env)
+        res = np.load(out)
+        outs = [tuple(res[f"{i}_{k}"] for k in ("num", "boxes", "scores", "classes")) for i in range(len(cases))]
+    return outs[0] if single else outs
+
+
+def _interpret_main(inp: str, out: str) -> None:
+    import numpy as np
+    import torch
+
+    data = np.load(inp)
+    results = {}
+    for i in range(int(data["n"])):
+        m, sigma, iou, thr, k, agn = data[f"{i}_settings"]
+        got = run(*(torch.from_numpy(data[f"{i}_{name}"]) for name in ("boxes", "scores", "classes", "counts")),
+                  method_id=int(m), sigma=sigma, iou_threshold=iou, score_threshold=thr, max_detections=int(k),
+                  class_agnostic=bool(agn))
+        for name, t in zip(("num", "boxes", "scores", "classes"), got):
+            results[f"{i}_{name}"] = t.numpy()
+    np.savez(out, **results)
+
+
+if __name__ == "__main__":
+    import sys
+    _interpret_main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,43 @@
+import os
+
+import numpy as np
+import pytest
+
+# effdet (the peer we test against) must never try to download anything.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def effdet_module():
+    return pytest.importorskip("effdet")
+
+
+def make_effdet(name: str, num_classes: int = 90):
+    import effdet
+    from effdet.config.model_config import get_efficientdet_config
+
+    config = get_efficientdet_config(f"tf_efficientdet_{name}")
+    config.num_classes = num_classes
+    model = effdet.EfficientDet(config, pretrained_backbone=False)
+    return model.eval()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def assert_same_detections(got_boxes, got_scores, got_classes, ref_boxes, ref_scores, ref_classes,
+                           box_atol, score_atol=1e-4):
+    """Same detections up to the order of near-equal scores: the sorted score lists agree, and every detection
+    has a partner with the same class, a box within box_atol and a score within score_atol."""
+    got_boxes, ref_boxes = np.asarray(got_boxes), np.asarray(ref_boxes)
+    assert len(got_scores) == len(ref_scores)
+    np.testing.assert_allclose(got_scores, ref_scores, atol=score_atol, rtol=0)
+    used = np.zeros(len(ref_scores), bool)
+    for i in range(len(got_scores)):
+        ok = (~used & (np.asarray(ref_classes) == got_classes[i])
+              & (np.abs(np.asarray(ref_scores) - got_scores[i]) <= score_atol)
+              & (np.abs(ref_boxes - got_boxes[i]).max(axis=1) <= box_atol))
+        assert ok.any(), f"detection {i} (class {got_classes[i]}, score {got_scores[i]}) has no partner"
+        used[np.flatnonzero(ok)[0]] = True

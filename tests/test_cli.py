@@ -1,0 +1,65 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edet_deploy.cli import main
+
+
+@pytest.fixture(scope="module")
+def onnx_graph(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli")
+    assert main(["export", "--model", "d0", "--image-size", "256", "--out", str(out)]) == 0
+    return out / "efficientdet_d0.onnx"
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    d = tmp_path_factory.mktemp("img")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(d / "a.jpg")
+    Image.fromarray(rng.integers(0, 255, (200, 120, 3), dtype=np.uint8)).save(d / "b.png")
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x13" * 64)
+    (d / "notes.txt").write_text("not an image")
+    Image.new("L", (20000, 20000)).save(d / "huge.png")
+    return d
+
+
+def test_models_and_help(capsys):
+    assert main(["models"]) == 0
+    assert "d7x" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["detect", "--help"])
+    assert e.value.code == 0
+    assert "--min-score" in capsys.readouterr().out
+
+
+def test_detect_jpeg_and_png(onnx_graph, pictures, tmp_path, capsys):
+    out_json = tmp_path / "d.json"
+    rc = main(["detect", str(pictures / "a.jpg"), str(pictures / "b.png"), "--onnx", str(onnx_graph),
+               "--min-score", "0", "--json", str(out_json), "--draw", str(tmp_path / "drawn.png")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "a.jpg: 100 detection(s)" in printed and "b.png: 100 detection(s)" in printed
+    report = json.loads(out_json.read_text())
+    boxes = np.array([d["box"] for d in report[1]["detections"]])
+    assert (boxes[:, [0, 2]] <= 120).all() and (boxes[:, [1, 3]] <= 200).all()  # original pixels, clipped
+    assert Image.open(tmp_path / "drawn.png").size == (400, 300)
+
+
+@pytest.mark.parametrize("name,match", [("corrupt.jpg", "corrupt|not a decodable"),
+                                        ("notes.txt", "not a decodable image"),
+                                        ("huge.png", "too large"), ("missing.jpg", "not found")])
+def test_detect_bad_inputs_one_line_exit_2(onnx_graph, pictures, capsys, name, match):
+    rc = main(["detect", str(pictures / name), "--onnx", str(onnx_graph)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    import re
+    assert re.search(match, err) and err.startswith("edet-deploy detect: error:")
+
+
+def test_check_command(onnx_graph, tmp_path, capsys):
+    assert main(["check", str(onnx_graph)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "none.onnx")]) == 2
