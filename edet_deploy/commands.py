@@ -152,3 +152,197 @@ def _demo(p: argparse.ArgumentParser):
         from .demo import run_demo
         return run_demo(args.model, Path(args.out))
     return run
+
+
+@command("make-shapes", "generate the shapes detection dataset (COCO format) used by the demo model")
+def _make_shapes(p: argparse.ArgumentParser):
+    p.add_argument("--out", default="build/shapes")
+    p.add_argument("--train", type=int, default=3000)
+    p.add_argument("--val", type=int, default=300)
+    p.add_argument("--calib", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args) -> int:
+        from .data import generate_shapes
+        out = generate_shapes(args.out, {"train": args.train, "val": args.val, "calib": args.calib}, args.seed)
+        print(f"wrote {out} (splits train/val/calib: {args.train}/{args.val}/{args.calib})")
+        return 0
+    return run
+
+
+@command("train", "train or fine-tune a variant on a COCO-format dataset (focal + Huber loss)")
+def _train(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="d0")
+    p.add_argument("--data", required=True, help="dataset dir with train and val splits (COCO format)")
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors or .pth); the best epoch is kept")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--image-size", type=int, default=256, help="training/inference input size (multiple of 128)")
+    p.add_argument("--weights", help="start from these weights (ours or effdet's)")
+    p.add_argument("--max-minutes", type=float, help="stop before an epoch would end past this budget")
+    p.add_argument("--eval-images", type=int, help="evaluate on at most this many val images per epoch")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args) -> int:
+        from .train import train
+        res = train(args.model, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                    image_size=args.image_size, weights=args.weights, seed=args.seed, threads=args.threads,
+                    max_minutes=args.max_minutes, eval_images=args.eval_images)
+        for row in res["history"]:
+            print(row)
+        print(f"best val mAP {res['best_val_mAP']:.4f}; wrote {res['checkpoint']}")
+        return 0
+    return run
+
+
+@command("eval", "COCO mAP (pycocotools) of a graph or checkpoint on a COCO-format split; writes a JSON report")
+def _eval(p: argparse.ArgumentParser):
+    add_source_args(p)
+    p.add_argument("--data", required=True, help="dataset dir (instances_<split>.json + images)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--report", help="JSON report path (default: <data>/eval_<split>_<backend>.json)")
+
+    def run(args) -> int:
+        from .data import CocoDataset
+        from .eval import evaluate
+        from .io import write_json
+        dataset = CocoDataset(args.data, args.split)
+        report = evaluate(make_detector(args), dataset, args.max_images)
+        report["source"] = args.onnx or f"{args.model}:{args.weights or 'random-init'}"
+        for k, v in report["stats"].items():
+            print(f"{k:6s} {v:.4f}")
+        dst = args.report or str(Path(args.data) / f"eval_{args.split}_{args.backend}.json")
+        write_json(dst, report)
+        print(f"wrote {dst}")
+        return 0
+    return run
+
+
+@command("triton-repo", "generate a Triton model repository: preprocess -> engine -> postprocess ensemble")
+def _triton_repo(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="d0")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--onnx", help="ONNX graph for --target cpu (exported with --dynamic-batch >= --max-batch)")
+    src.add_argument("--engine", help="TensorRT plan for --target gpu (metadata JSON beside it)")
+    p.add_argument("--weights", help="with --target cpu and no --onnx: export these weights first")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--max-batch", type=int, default=8, help="max_batch_size of every model in the ensemble")
+    p.add_argument("--preprocess-instances", type=int, default=2)
+    p.add_argument("--engine-instances", type=int, default=1)
+    p.add_argument("--cuda-graphs", action="store_true", help="GPU target: capture CUDA graphs in the engine")
+    p.add_argument("--no-copy", action="store_true", help="write configs and model.py shims only")
+    p.add_argument("--out", default="model_repository")
+
+    def run(args) -> int:
+        from .triton.repo import generate_repository
+        onnx = args.onnx
+        if args.target == "cpu" and not onnx:
+            from .export import export_onnx
+            onnx = str(export_onnx(args.model, Path(args.out).parent / "build" / "triton_export", weights=args.weights,
+                                   dynamic_batch=args.max_batch).onnx_path)
+        repo = generate_repository(args.out, variant=get_variant(args.model), onnx=onnx, engine=args.engine,
+                                   precision=args.precision, target=args.target, max_batch_size=args.max_batch,
+                                   copy_artifact=not args.no_copy, preprocess_instances=args.preprocess_instances,
+                                   engine_instances=args.engine_instances, cuda_graphs=args.cuda_graphs)
+        print(f"wrote Triton repository {repo} (configs validated)")
+        return 0
+    return run
+
+
+def get_variant(name: str) -> str:
+    from .configs import canonical_name
+    return canonical_name(name)
+
+
+@command("serve", "run the embedded Triton server (CPU) on a repository until Ctrl-C / SIGTERM")
+def _serve(p: argparse.ArgumentParser):
+    p.add_argument("--repo", default="model_repository")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--address", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server)")
+    p.add_argument("--log-file", help="tritonserver's log (default: discarded)")
+
+    def run(args) -> int:
+        import signal
+        import threading
+        from .triton.server import TritonServer
+        server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.address,
+                              log_file=args.log_file)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        server.start()
+        print(f"serving {args.repo}: http {server.http_url}, grpc {server.grpc_url}, "
+              f"metrics http://{args.address}:{args.metrics_port}/metrics (Ctrl-C to stop)", flush=True)
+        try:
+            while not stop.is_set() and server.proc.poll() is None:
+                stop.wait(0.5)
+        finally:
+            server.stop()
+        return 0 if stop.is_set() else 1
+    return run
+
+
+@command("client", "send images to a running Triton ensemble and print the detections")
+def _client(p: argparse.ArgumentParser):
+    p.add_argument("images", nargs="+")
+    p.add_argument("--url", default="127.0.0.1:8000", help="host:port (8000 http, 8001 grpc by default)")
+    p.add_argument("--protocol", default="http", choices=["http", "grpc"])
+    p.add_argument("--model", default="efficientdet_d0", help="ensemble name")
+    p.add_argument("--min-score", type=float, default=0.3)
+
+    def run(args) -> int:
+        from .triton.client import TritonDetectorClient
+        client = TritonDetectorClient(args.url, args.model, args.protocol)
+        for path in args.images:
+            if not Path(path).is_file():
+                raise EdetError(f"image not found: {path}")
+            det = client.detect([Path(path).read_bytes()], args.min_score)[0]
+            print(f"{path}: {len(det)} detection(s)")
+            for r in det.to_records():
+                print(f"  {r['label']:>12s}  {r['score']:.3f}  {r['box']}")
+        client.close()
+        return 0
+    return run
+
+
+@command("convert", "make the FP16 twin of an exported FP32 graph (network in float16, decode in float32)")
+def _convert(p: argparse.ArgumentParser):
+    p.add_argument("onnx", help="FP32 graph from `edet-deploy export`")
+    p.add_argument("--fp16", action="store_true", required=True, help="convert to FP16 (the only conversion)")
+    p.add_argument("--data", help="images to find nodes that overflow FP16 (those stay FP32)")
+    p.add_argument("--out", help="default: <name>.fp16.onnx beside the input")
+
+    def run(args) -> int:
+        from .precision.convert import to_fp16
+        res = to_fp16(args.onnx, args.out, args.data)
+        print(f"wrote {res.onnx_path} (kept in FP32: {len(res.metadata['fp16']['kept_fp32'])} nodes)")
+        return 0
+    return run
+
+
+@command("calibrate", "INT8 calibration: explicit Q/DQ graph for TensorRT 11 (symmetric, per-channel weights)")
+def _calibrate(p: argparse.ArgumentParser):
+    p.add_argument("onnx", help="FP32 graph from `edet-deploy export`")
+    p.add_argument("--data", required=True, help="COCO-format dataset (split calib, else train) or image folder")
+    p.add_argument("--num-images", type=int, default=500)
+    p.add_argument("--method", default="entropy", choices=["entropy", "percentile", "minmax"])
+    p.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN",
+                   help="node-name patterns kept in float (fnmatch or substring), e.g. '*/class_net/predict/*'")
+    p.add_argument("--cache-dir", help="calibration-range cache (default: .calibration_cache beside the graph)")
+    p.add_argument("--out", help="default: <name>.int8-<method>.onnx beside the input")
+
+    def run(args) -> int:
+        from .precision.convert import to_int8
+        res = to_int8(args.onnx, args.data, args.out, args.num_images, args.method, args.exclude, args.cache_dir)
+        info = res.metadata["int8"]
+        print(f"wrote {res.onnx_path}: {info['quantized_convs']} convs INT8, {len(info['excluded_convs'])} float, "
+              f"{info['qdq_nodes']} Q/DQ nodes, {'cached ranges' if info['cache_hit'] else 'calibrated'} "
+              f"in {info['seconds']} s")
+        return 0
+    return run

@@ -15,11 +15,23 @@ from . import soft_nms_kernel as _src
 KERNEL_NAME = "soft_nms_kernel"
 MAX_BLOCK = 8192  # candidates per image one program holds in registers (TensorRT TopK allows 3840)
 
-# Argument order of the kernel (pointers, then runtime scalars); constexprs are baked into a compiled kernel.
-SIGNATURE = {"boxes_ptr": "*fp32", "scores_ptr": "*fp32", "classes_ptr": "*i32", "counts_ptr": "*i32",
-             "num_ptr": "*i32", "out_boxes_ptr": "*fp32", "out_scores_ptr": "*fp32", "out_classes_ptr": "*i32",
-             "N": "i32", "K": "i32", "sigma": "fp32", "iou_threshold": "fp32", "score_threshold": "fp32",
-             "METHOD": "constexpr", "AGNOSTIC": "constexpr", "BLOCK": "constexpr"}
+# The plugin's kernel signature: 3 input tensors, the integer N, 4 output tensors (TensorRT's AOT order);
+# everything else is a compile-time constant and `counts_ptr` is compiled out.
+RUNTIME_ARGS = ("boxes_ptr", "scores_ptr", "classes_ptr", "N", "num_ptr", "out_boxes_ptr", "out_scores_ptr",
+                "out_classes_ptr")
+SIGNATURE = {"boxes_ptr": "*fp32", "scores_ptr": "*fp32", "classes_ptr": "*i32", "N": "i32", "num_ptr": "*i32",
+             "out_boxes_ptr": "*fp32", "out_scores_ptr": "*fp32", "out_classes_ptr": "*i32",
+             "counts_ptr": "constexpr", "K": "constexpr", "SIGMA": "constexpr", "IOU_THRESHOLD": "constexpr",
+             "SCORE_THRESHOLD": "constexpr", "METHOD": "constexpr", "AGNOSTIC": "constexpr", "BLOCK": "constexpr",
+             "HAS_COUNTS": "constexpr"}
+
+
+def constexprs(settings, block: int, has_counts: bool = False) -> dict:
+    """Compile-time constants for NmsSettings-like `settings` (method_id, sigma, thresholds, max_detections)."""
+    return {"K": int(settings["max_detections"]), "SIGMA": float(settings["sigma"]),
+            "IOU_THRESHOLD": float(settings["iou_threshold"]), "SCORE_THRESHOLD": float(settings["score_threshold"]),
+            "METHOD": int(settings["method_id"]), "AGNOSTIC": bool(settings["class_agnostic"]), "BLOCK": int(block),
+            "HAS_COUNTS": bool(has_counts)}
 
 
 def block_size(num_candidates: int) -> int:
@@ -71,22 +83,33 @@ class CompiledKernel:
     shared_mem: int
     block_candidates: int
     arch: int
+    scratch_bytes: int = 0
 
 
 @functools.lru_cache(maxsize=64)
-def compile_ptx(num_candidates: int, method_id: int, class_agnostic: bool, arch: int = 80) -> CompiledKernel:
-    """Compile the kernel to PTX for sm_`arch` without a GPU (Triton's CUDA backend needs only the target)."""
+def compile_ptx(num_candidates: int, method_id: int = 2, class_agnostic: bool = False, arch: int = 80,
+                sigma: float = 0.5, iou_threshold: float = 0.3, score_threshold: float = 0.001,
+                max_detections: int = 100) -> CompiledKernel:
+    """Compile the plugin's kernel to PTX for sm_`arch` without a GPU (Triton's CUDA backend needs only the
+    target). Its runtime parameters are RUNTIME_ARGS (plus Triton's trailing scratch pointers, unused: the
+    metadata reports 0 bytes of scratch)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     block = block_size(num_candidates)
     warps = num_warps_for(block)
-    src = ASTSource(fn=kernel(), signature=SIGNATURE,
-                    constexprs={"METHOD": int(method_id), "AGNOSTIC": bool(class_agnostic), "BLOCK": block})
+    consts = constexprs({"max_detections": max_detections, "sigma": sigma, "iou_threshold": iou_threshold,
+                         "score_threshold": score_threshold, "method_id": method_id,
+                         "class_agnostic": class_agnostic}, block)
+    consts["counts_ptr"] = None
+    src = ASTSource(fn=kernel(), signature=SIGNATURE, constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    return CompiledKernel(name=compiled.metadata.name, ptx=compiled.asm["ptx"], num_warps=compiled.metadata.num_warps,
-                          shared_mem=compiled.metadata.shared, block_candidates=block, arch=arch)
+    md = compiled.metadata
+    return CompiledKernel(name=md.name, ptx=compiled.asm["ptx"], num_warps=md.num_warps, shared_mem=md.shared,
+                          block_candidates=block, arch=arch,
+                          scratch_bytes=int(getattr(md, "global_scratch_size", 0) or 0)
+                          + int(getattr(md, "profile_scratch_size", 0) or 0))
 
 
 def run(boxes, scores, classes, counts, *, method_id: int, sigma: float, iou_threshold: float,
@@ -111,10 +134,11 @@ def run(boxes, scores, classes, counts, *, method_id: int, sigma: float, iou_thr
         raise RuntimeError("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing triton); "
                            "use run_interpreted()")
     params = launch_params(b, max(n, 1))
-    kernel()[params.grid](boxes, scores, classes, counts, num, out_boxes, out_scores, out_classes,
-                        max(n, 1), k, float(sigma), float(iou_threshold), float(score_threshold),
-                        METHOD=int(method_id), AGNOSTIC=bool(class_agnostic), BLOCK=params.block_candidates,
-                        num_warps=params.num_warps)
+    consts = constexprs({"max_detections": k, "sigma": sigma, "iou_threshold": iou_threshold,
+                         "score_threshold": score_threshold, "method_id": method_id,
+                         "class_agnostic": class_agnostic}, params.block_candidates, has_counts=True)
+    kernel()[params.grid](boxes, scores, classes, max(n, 1), num, out_boxes, out_scores, out_classes, counts,
+                          num_warps=params.num_warps, **consts)
     return num.view(b, 1), out_boxes, out_scores, out_classes
 
 

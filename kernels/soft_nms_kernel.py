@@ -5,19 +5,32 @@ TensorRT's ahead-of-time plugin and for torch CUDA tensors) and the Triton inter
 Arithmetic follows `edet_deploy.nms.reference` step by step in float32.
 
 Inputs, for B images of N candidates: boxes [B, N, 4] float32 (x1, y1, x2, y2), scores [B, N] float32,
-classes [B, N] int32, counts [B] int32 (valid candidates per image, <= N). Outputs (fully written, zero padded):
-num_detections [B] int32, out_boxes [B, K, 4] float32, out_scores [B, K] float32, out_classes [B, K] int32.
+classes [B, N] int32, optionally counts [B] int32 (valid candidates per image, <= N; HAS_COUNTS). Outputs
+(fully written, zero padded): num_detections [B] int32, out_boxes [B, K, 4] float32, out_scores [B, K]
+float32, out_classes [B, K] int32.
+
+Argument order is TensorRT's ahead-of-time plugin convention: input tensors, integer scalars (N), output
+tensors. The settings (K, sigma, thresholds, method) are compile-time constants: TensorRT passes only integer
+scalars to AOT kernels, and constants let the compiler unroll and specialise. `counts_ptr` is compiled out
+(None) for the plugin, where every candidate is valid.
 """
 import triton.language as tl
 
 
-def soft_nms_kernel(boxes_ptr, scores_ptr, classes_ptr, counts_ptr,
-                    num_ptr, out_boxes_ptr, out_scores_ptr, out_classes_ptr,
-                    N, K, sigma, iou_threshold, score_threshold,
-                    METHOD: tl.constexpr, AGNOSTIC: tl.constexpr, BLOCK: tl.constexpr):
+def soft_nms_kernel(boxes_ptr, scores_ptr, classes_ptr, N,
+                    num_ptr, out_boxes_ptr, out_scores_ptr, out_classes_ptr, counts_ptr,
+                    K: tl.constexpr, SIGMA: tl.constexpr, IOU_THRESHOLD: tl.constexpr,
+                    SCORE_THRESHOLD: tl.constexpr, METHOD: tl.constexpr, AGNOSTIC: tl.constexpr,
+                    BLOCK: tl.constexpr, HAS_COUNTS: tl.constexpr):
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
-    count = tl.load(counts_ptr + b)
+    sigma = SIGMA
+    iou_threshold = IOU_THRESHOLD
+    score_threshold = SCORE_THRESHOLD
+    if HAS_COUNTS:
+        count = tl.load(counts_ptr + b)
+    else:
+        count = N
     valid = offs < count
     row = b * N + offs
     x1 = tl.load(boxes_ptr + row * 4 + 0, mask=valid, other=0.0)

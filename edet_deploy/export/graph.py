@@ -40,20 +40,33 @@ class CandidateGraph(nn.Module):
         self.register_buffer("inv_std", 1.0 / torch.tensor(cfg.std, dtype=torch.float32).view(1, 1, 1, 3),
                              persistent=False)
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> normalised float NCHW, the network's input."""
+        return ((images.to(torch.float32) - self.mean) * self.inv_std).permute(0, 3, 1, 2)
+
+    def head_outputs(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Class logits [B, A, C] and box codes [B, A, 4] over all anchors, in the anchors' order."""
+        cls_out, box_out = self.model(self.normalize(images))
+        return flatten_levels(cls_out, self.level_anchors, self.num_classes), flatten_levels(
+            box_out, self.level_anchors, 4)
+
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = ((images.to(torch.float32) - self.mean) * self.inv_std).permute(0, 3, 1, 2)
-        cls_out, box_out = self.model(x)
+        logits, codes = self.head_outputs(images)
         c = self.num_classes
-        logits = torch.cat([o.permute(0, 2, 3, 1).reshape(-1, n * c) for o, n in
-                            zip(cls_out, self.level_anchors)], dim=1)  # [B, A*C], anchor-major
-        codes = torch.cat([o.permute(0, 2, 3, 1).reshape(-1, n, 4) for o, n in
-                           zip(box_out, self.level_anchors)], dim=1)  # [B, A, 4]
+        logits = logits.reshape(-1, sum(self.level_anchors) * c)  # [B, A*C], anchor-major
         top_logits, top_index = torch.topk(logits, self.top_k, dim=1)
         anchor_index = torch.div(top_index, c, rounding_mode="trunc")  # indices >= 0: plain integer Div
         classes = top_index - anchor_index * c
         codes = torch.gather(codes, 1, anchor_index.unsqueeze(-1).expand(-1, -1, 4))
         boxes = decode_boxes(codes, self.anchors[anchor_index])
         return boxes, torch.sigmoid(top_logits), classes.to(torch.int32)
+
+
+def flatten_levels(outputs, anchors_per_level, width: int) -> torch.Tensor:
+    """Per-level head maps (B, A_l*width, H, W) -> (B, sum A_l, width) in (level, row, column, anchor) order.
+    Reshapes use constant sizes so that the exported graph keeps static shapes with a dynamic batch."""
+    return torch.cat([o.permute(0, 2, 3, 1).reshape(-1, n, width) for o, n in zip(outputs, anchors_per_level)],
+                     dim=1)
 
 
 def candidates_numpy(graph: CandidateGraph, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -107,8 +107,28 @@ def simplify_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     if not ok:
         logger.warning("onnxsim could not validate the simplified graph; keeping the original")
         return proto
+    simplified = constants_to_initializers(simplified)
     logger.info("onnxsim: %d -> %d nodes", before, len(simplified.graph.node))
     return simplified
+
+
+def constants_to_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn tensor-valued Constant nodes into initializers: quantizers and TensorRT's parser look for weights
+    there (onnxsim leaves some folded weights as Constant nodes)."""
+    g = proto.graph
+    keep = []
+    for n in g.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1 \
+                and n.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            g.initializer.append(t)
+        else:
+            keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+    return proto
 
 
 def attach_nms(proto: onnx.ModelProto, settings: NmsSettings) -> onnx.ModelProto:

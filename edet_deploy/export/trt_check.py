@@ -62,6 +62,13 @@ def check_trt_compat(model, static_batch: Optional[bool] = None) -> List[Finding
             for a in n.attribute:
                 if a.name == "value":
                     constants[n.output[0]] = numpy_helper.to_array(a.t)
+    # Build-time constants propagate through Q/DQ and casts (explicit quantization keeps weights as
+    # DequantizeLinear(QuantizeLinear(constant)), which TensorRT folds).
+    for n in g.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast", "Identity") and all(
+                i in constants for i in n.input if i):
+            for o in n.output:
+                constants.setdefault(o, np.zeros(0))
     if static_batch is None:
         dim = g.input[0].type.tensor_type.shape.dim[0]
         static_batch = bool(dim.dim_value) and not dim.dim_param

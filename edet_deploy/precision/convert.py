@@ -1,0 +1,65 @@
+"""From an exported FP32 detection graph to its FP16 or INT8 twin, metadata included."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+import onnx
+
+from ..errors import EdetError
+from ..export.onnx_export import ExportResult, attach_nms, save_graph
+from ..io import sha256_file
+from ..metadata import read_metadata
+from .int8 import calibration_images, check_qdq, quantize_candidates, strip_nms
+
+
+def _load(onnx_path: str | Path):
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise EdetError(f"ONNX graph not found: {path}")
+    meta = read_metadata(path)
+    if meta.get("precision", "fp32") != "fp32":
+        raise EdetError(f"{path} is already {meta['precision']}; start from the FP32 export")
+    candidate, settings = strip_nms(onnx.load(str(path)))
+    return path, meta, candidate, settings
+
+
+def _finish(candidate, settings, meta, out: Path) -> ExportResult:
+    proto = attach_nms(candidate, settings) if settings is not None else candidate
+    meta["outputs"] = [o.name for o in proto.graph.output]
+    return save_graph(proto, out, meta)
+
+
+def to_fp16(onnx_path: str | Path, out: Optional[str | Path] = None, data: Optional[str | Path] = None,
+            num_images: int = 8) -> ExportResult:
+    """FP16 twin of a graph. With `data`, network nodes whose FP32 values exceed half the FP16 range on those
+    images stay FP32."""
+    from ..preprocess import decode_image, letterbox
+    from .fp16 import convert_to_fp16, overflow_nodes
+
+    path, meta, candidate, settings = _load(onnx_path)
+    keep = set()
+    if data is not None:
+        feeds = [{"images": letterbox(decode_image(p), meta["image_size"])[0][None]}
+                 for p in calibration_images(data, num_images)]
+        keep = overflow_nodes(candidate, feeds)
+    converted = convert_to_fp16(candidate, keep)
+    meta = dict(meta, precision="fp16", source={"onnx": str(path), "sha256": sha256_file(path)},
+                fp16={"kept_fp32": sorted(keep)})
+    return _finish(converted, settings, meta, Path(out) if out else path.with_name(path.stem + ".fp16.onnx"))
+
+
+def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] = None, num_images: int = 500,
+            method: str = "entropy", exclude: Iterable[str] = (), cache_dir: Optional[str | Path] = None
+            ) -> ExportResult:
+    """INT8 (explicit Q/DQ) twin of a graph, calibrated on `num_images` images of `data`."""
+    path, meta, candidate, settings = _load(onnx_path)
+    if not meta.get("batch", {}).get("dynamic") and meta.get("batch", {}).get("max", 1) != 1:
+        raise EdetError("calibrate a batch-1 or dynamic-batch export")
+    images = calibration_images(data, num_images)
+    cache = Path(cache_dir) if cache_dir else path.parent / ".calibration_cache"
+    quantized, info = quantize_candidates(candidate, images, method, exclude, cache, int(meta["image_size"]))
+    info.update(check_qdq(quantized))
+    meta = dict(meta, precision="int8", source={"onnx": str(path), "sha256": sha256_file(path)}, int8=info)
+    return _finish(quantized, settings, meta,
+                   Path(out) if out else path.with_name(f"{path.stem}.int8-{method}.onnx"))

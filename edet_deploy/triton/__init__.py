@@ -1,0 +1,1 @@
+"""Triton Inference Server: repository generator, embedded server launcher and client."""

@@ -1,0 +1,71 @@
+"""A small client for the generated ensemble (HTTP or gRPC), returning `Detections` like the in-process path."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import EdetError
+from ..postprocess import Detections
+
+OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
+
+
+class TritonDetectorClient:
+    def __init__(self, url: str = "127.0.0.1:8000", model: str = "efficientdet_d0", protocol: str = "http",
+                 timeout: float = 60.0):
+        self.protocol = protocol
+        self.model = model
+        try:
+            if protocol == "http":
+                import tritonclient.http as tc
+                self.client = tc.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+            elif protocol == "grpc":
+                import tritonclient.grpc as tc
+                self.client = tc.InferenceServerClient(url)
+            else:
+                raise EdetError(f"protocol must be http or grpc, got {protocol!r}")
+        except ImportError:
+            raise EdetError("the Triton client needs tritonclient: pip install 'edet-deploy[serve]'") from None
+        self.tc = tc
+        self.class_names: Sequence[str] = []
+
+    def infer_raw(self, encoded: Sequence[bytes]) -> dict:
+        """Send encoded images (one request, batch = len(encoded)) and return the outputs by name."""
+        data = np.array([[bytes(b)] for b in encoded], dtype=object)
+        inp = self.tc.InferInput("IMAGE", list(data.shape), "BYTES")
+        inp.set_data_from_numpy(data)
+        try:
+            result = self.client.infer(self.model, [inp])
+        except self.tc.InferenceServerException as e:
+            raise EdetError(f"server rejected the request: {e.message()}") from None
+        names = [o["name"] if isinstance(o, dict) else o.name for o in
+                 (result.get_response()["outputs"] if self.protocol == "http" else result.get_response().outputs)]
+        return {n: result.as_numpy(n) for n in names}
+
+    def detect(self, encoded: Sequence[bytes], min_score: float = 0.0) -> List[Detections]:
+        out = self.infer_raw(encoded)
+        dets = []
+        for i in range(len(encoded)):
+            n = int(out["num_detections"][i].reshape(-1)[0])
+            scores = out["detection_scores"][i, :n]
+            keep = scores >= min_score
+            labels = out.get("detection_labels")
+            names: Optional[list] = None
+            if labels is not None:
+                classes = out["detection_classes"][i, :n]
+                mapping = {int(c): (lab.decode() if isinstance(lab, bytes) else str(lab))
+                           for c, lab in zip(classes, labels[i, :n])}
+                names = [mapping.get(c, str(c)) for c in range(max(mapping) + 1)] if mapping else None
+            dets.append(Detections(out["detection_boxes"][i, :n][keep], scores[keep],
+                                   out["detection_classes"][i, :n][keep].astype(np.int64), names))
+        return dets
+
+    def server_ready(self) -> bool:
+        try:
+            return bool(self.client.is_server_ready())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,195 @@
+"""The generated repository served by the real tritonserver (CPU, Python backend) from nvidia-pytriton."""
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edet_deploy import EdetError
+from edet_deploy.detector import Detector
+from edet_deploy.export import export_onnx
+from conftest import assert_same_detections
+
+pytest.importorskip("tritonclient")
+pytest.importorskip("pytriton")
+
+from edet_deploy.triton.client import TritonDetectorClient  # noqa: E402
+from edet_deploy.triton.repo import build_configs, generate_repository, RepoSpec, validate_repository  # noqa: E402
+from edet_deploy.triton.server import TritonServer  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def encode(arr, fmt):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    rng = np.random.default_rng(0)
+    shapes = [(300, 400), (180, 260), (256, 256)]
+    return [encode(rng.integers(0, 255, (*s, 3), dtype=np.uint8), fmt) for s, fmt in zip(shapes, ["JPEG", "PNG", "JPEG"])]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    d = tmp_path_factory.mktemp("triton")
+    torch.manual_seed(0)
+    res = export_onnx("d0", d / "export", image_size=256, dynamic_batch=8)
+    repo = generate_repository(d / "repo", variant="d0", onnx=str(res.onnx_path), max_batch_size=8)
+    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=d / "triton.log").start()
+    yield server, res.onnx_path
+    server.stop()
+
+
+def test_http_and_grpc_match_in_process(served, pictures):
+    server, onnx_path = served
+    local = Detector.from_onnx(onnx_path).detect(pictures)
+    for url, proto in ((server.http_url, "http"), (server.grpc_url, "grpc")):
+        client = TritonDetectorClient(url, "efficientdet_d0", proto)
+        remote = client.detect(pictures)  # one request, batch of 3
+        remote += [client.detect([p])[0] for p in pictures]  # and one request each
+        client.close()
+        for got, ref in zip(remote, local + local):
+            assert len(got) == len(ref) == 100
+            assert_same_detections(got.boxes, got.scores, got.classes, ref.boxes, ref.scores, ref.classes,
+                                   box_atol=1e-2, score_atol=1e-5)
+
+
+def test_concurrent_clients(served, pictures):
+    server, onnx_path = served
+    expected = [d.scores[:5] for d in Detector.from_onnx(onnx_path).detect(pictures)]
+    failures, done = [], []
+
+    def worker(k):
+        client = TritonDetectorClient(server.http_url if k % 2 else server.grpc_url, "efficientdet_d0",
+                                      "http" if k % 2 else "grpc")
+        try:
+            for i in range(25):
+                j = (k + i) % len(pictures)
+                det = client.detect([pictures[j]])[0]
+                if not np.allclose(det.scores[:5], expected[j], atol=1e-5):
+                    failures.append((k, i, "wrong result"))
+                done.append(1)
+        except Exception as e:  # noqa: BLE001
+            failures.append((k, repr(e)))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not failures and len(done) == 16 * 25
+
+
+def _http_infer(server, payload: bytes):
+    """Raw HTTP (binary tensor extension) so that the status code itself is checked."""
+    header = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(payload) + 4}}]}).encode()
+    body = header + len(payload).to_bytes(4, "little") + payload
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/efficientdet_d0/infer", data=body,
+                                 headers={"Inference-Header-Content-Length": str(len(header)),
+                                          "Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.mark.parametrize("payload,match", [
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF" + b"\x00" * 64, b"corrupt|not a decodable"),
+    (b"", b"empty"),
+    (b"just some text, not an image", b"not a decodable image"),
+    ("huge", b"too large"),
+])
+def test_bad_requests_get_400_and_server_carries_on(served, pictures, payload, match):
+    server, _ = served
+    if payload == "huge":
+        buf = io.BytesIO()
+        Image.new("L", (20000, 20000)).save(buf, format="PNG")  # 400 MP declared, tiny file
+        payload = buf.getvalue()
+    status, body = _http_infer(server, payload)
+    assert 400 <= status < 500, (status, body)
+    import re
+    assert re.search(match, body), body
+    status, _ = _http_infer(server, pictures[0])
+    assert status == 200
+
+
+def test_health_and_metrics(served):
+    server, _ = served
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready") as r:
+        assert r.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as r:
+        text = r.read().decode()
+    assert "nv_inference_request_success" in text and 'model="efficientdet_d0"' in text
+
+
+def test_clean_shutdown(tmp_path, served):
+    _, onnx_path = served
+    repo = generate_repository(tmp_path / "repo", variant="d0", onnx=str(onnx_path))
+    server = TritonServer(repo, free_port(), free_port(), free_port()).start()
+    pgid = server.proc.pid
+    server.stop()
+    assert server.proc.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)  # neither the server nor any Python stub is left
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(repo) not in out
+
+
+def test_gpu_repository_configs_validate(tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    spec = RepoSpec(variant="d3", image_size=896, max_detections=100, class_names=["a", "b"], target="gpu",
+                    cuda_graphs=True)
+    configs = build_configs(spec)
+    repo = tmp_path / "gpu"
+    from edet_deploy.triton.repo import config_text
+    for name, cfg in configs.items():
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "config.pbtxt").write_text(config_text(cfg))
+        if cfg.backend == "python":
+            (repo / name / "1" / "model.py").write_text("")
+    assert len(validate_repository(repo)) == 4
+    engine = text_format.Parse((repo / "efficientdet_d3_engine" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    assert engine.platform == "tensorrt_plan" and engine.optimization.cuda.graphs
+    assert engine.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert engine.model_warmup[0].inputs["images"].dims == [896, 896, 3]
+    # Break the wiring: the cross-check must notice.
+    post = repo / "efficientdet_d3_postprocess" / "config.pbtxt"
+    post.write_text(post.read_text().replace("TYPE_FP32", "TYPE_FP16", 1))
+    with pytest.raises(EdetError, match="wants|declared"):
+        validate_repository(repo)
+
+
+def test_python_models_do_not_import_torch():
+    code = (
+        "import sys, types\n"
+        "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils')\n"
+        "import edet_deploy.triton.models.preprocess, edet_deploy.triton.models.postprocess\n"
+        "import edet_deploy.triton.models.engine_onnxruntime\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
