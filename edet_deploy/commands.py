@@ -335,14 +335,84 @@ def _calibrate(p: argparse.ArgumentParser):
     p.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN",
                    help="node-name patterns kept in float (fnmatch or substring), e.g. '*/class_net/predict/*'")
     p.add_argument("--cache-dir", help="calibration-range cache (default: .calibration_cache beside the graph)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="first find the blocks that cost the most mAP in INT8 (needs a val split in --data) and "
+                        "keep them in float")
+    p.add_argument("--eval-images", type=int, default=100, help="val images per sensitivity trial")
+    p.add_argument("--max-loss", type=float, default=0.005, help="sensitivity: acceptable mAP loss vs FP32")
     p.add_argument("--out", help="default: <name>.int8-<method>.onnx beside the input")
 
     def run(args) -> int:
         from .precision.convert import to_int8
-        res = to_int8(args.onnx, args.data, args.out, args.num_images, args.method, args.exclude, args.cache_dir)
+        exclude = list(args.exclude)
+        if args.sensitivity:
+            from .io import write_json
+            from .precision.sensitivity import sensitivity_sweep
+            rep = sensitivity_sweep(args.onnx, args.data, args.method, args.num_images, args.eval_images,
+                                    args.max_loss)
+            dst = Path(args.onnx).with_name(Path(args.onnx).stem + f".sensitivity-{args.method}.json")
+            write_json(dst, rep)
+            print(f"FP32 mAP {rep['fp32_mAP']:.4f}, INT8 all {rep['int8_all_mAP']:.4f}, keeping "
+                  f"{rep['kept_in_float'] or 'nothing'} in float -> {rep['int8_with_exclusions_mAP']:.4f} ({dst})")
+            exclude += rep["exclude_patterns"]
+        res = to_int8(args.onnx, args.data, args.out, args.num_images, args.method, exclude, args.cache_dir)
         info = res.metadata["int8"]
         print(f"wrote {res.onnx_path}: {info['quantized_convs']} convs INT8, {len(info['excluded_convs'])} float, "
               f"{info['qdq_nodes']} Q/DQ nodes, {'cached ranges' if info['cache_hit'] else 'calibrated'} "
               f"in {info['seconds']} s")
+        return 0
+    return run
+
+
+@command("build", "build a strongly typed TensorRT 11 engine (needs an NVIDIA GPU and TensorRT)")
+def _build(p: argparse.ArgumentParser):
+    p.add_argument("onnx", help="graph from export / convert / calibrate (its precision is the engine's)")
+    p.add_argument("--out", required=True, help="engine file (.plan); a JSON sidecar is written beside it")
+    p.add_argument("--batch", default="1", help="optimization profile MIN:OPT:MAX (or N)")
+    p.add_argument("--timing-cache", help="timing cache file, read and updated")
+    p.add_argument("--workspace", type=float, default=4.0, help="workspace limit in GB")
+
+    def run(args) -> int:
+        from .trt.builder import build_engine, parse_batch
+        parse_batch(args.batch)
+        sidecar = build_engine(args.onnx, args.out, args.batch, args.timing_cache, args.workspace)
+        print(f"wrote {args.out} ({sidecar['precision']}, TensorRT {sidecar['tensorrt']['version']}, "
+              f"{sidecar['tensorrt']['gpu']}, {sidecar['tensorrt']['build_seconds']} s)")
+        return 0
+    return run
+
+
+@command("bench", "latency/throughput sweep over variants, backends, precisions and batch sizes")
+def _bench(p: argparse.ArgumentParser):
+    p.add_argument("--models", default="d0", help="e.g. d0-d7,d7x")
+    p.add_argument("--backends", default="torch,onnxruntime,tensorrt")
+    p.add_argument("--precisions", default="fp32,int8", help="fp32,fp16,int8")
+    p.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--seconds", type=float, help="time each combination for S seconds instead of --iters")
+    p.add_argument("--quick", action="store_true", help="1 warm-up, 5 iterations: a smoke run")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--out", default="build/bench")
+
+    def run(args) -> int:
+        from .bench import run_bench
+        from .configs import parse_model_list
+        warmup, iters = (1, 5) if args.quick else (args.warmup, args.iters)
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+        bad = [b for b in backends if b not in ("torch", "onnxruntime", "tensorrt")] + \
+              [x for x in precisions if x not in ("fp32", "fp16", "int8")]
+        if bad:
+            raise EdetError(f"unknown backend/precision {bad}")
+        try:
+            batches = [int(b) for b in args.batch.split(",")]
+        except ValueError:
+            raise EdetError(f"--batch takes integers, got {args.batch!r}") from None
+        report = run_bench(parse_model_list(args.models), backends, precisions, batches, args.out, args.threads,
+                           warmup, iters, args.seconds)
+        ok = sum(r["status"] == "ok" for r in report["results"])
+        print(f"{ok}/{len(report['results'])} combinations measured; wrote {args.out}/bench.{{json,csv,md}}, "
+              f"latency.png, accuracy_vs_latency.png")
         return 0
     return run

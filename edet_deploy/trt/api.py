@@ -1,0 +1,19 @@
+"""Every TensorRT Python entry point edet-deploy calls, for the test that checks them against TensorRT 11.4's
+bindings (names present in `tensorrt_bindings/tensorrt.so` of the `tensorrt-cu13-bindings` 11.4 wheel) and the
+`tensorrt.plugin` package it ships."""
+
+# trt.<name> and methods of the objects TensorRT returns
+TRT_API = (
+    "__version__", "Builder", "NetworkDefinitionCreationFlag", "STRONGLY_TYPED", "OnnxParser", "parse_from_file",
+    "get_error", "num_errors", "create_network", "create_builder_config", "set_memory_pool_limit",
+    "MemoryPoolType", "WORKSPACE", "create_timing_cache", "set_timing_cache", "get_timing_cache",
+    "create_optimization_profile", "set_shape", "add_optimization_profile", "build_serialized_network",
+    "get_input", "get_output", "num_inputs", "num_outputs", "ILogger", "Severity", "INTERNAL_ERROR",
+    "Logger", "Runtime", "deserialize_cuda_engine", "create_execution_context", "get_tensor_name",
+    "num_io_tensors", "get_tensor_mode", "TensorIOMode", "OUTPUT", "set_input_shape", "get_tensor_shape",
+    "get_tensor_dtype", "set_tensor_address", "execute_async_v3", "float32", "float16", "int32", "uint8", "int64",
+    "serialize",
+)
+# tensorrt.plugin names (pure Python in the bindings wheel)
+TRT_PLUGIN_API = ("register", "aot_impl", "impl", "TensorDesc", "Tensor", "from_shape_expr", "KernelLaunchParams",
+                  "SymIntExprs", "SymInt32")

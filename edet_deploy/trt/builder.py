@@ -1,0 +1,111 @@
+"""Build a strongly typed TensorRT 11 engine from an exported graph (precision is whatever the ONNX says)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from ..errors import EdetError
+from ..io import atomic_path, sha256_file, write_json
+from ..log import logger
+from ..metadata import read_metadata
+
+
+def parse_batch(spec: str) -> Tuple[int, int, int]:
+    """'1:4:8' -> (min, opt, max); '8' -> (1, 8, 8)."""
+    try:
+        parts = [int(p) for p in spec.split(":")]
+    except ValueError:
+        raise EdetError(f"batch profile must be MIN:OPT:MAX or N, got {spec!r}") from None
+    lo, opt, hi = (1, parts[0], parts[0]) if len(parts) == 1 else tuple(parts) if len(parts) == 3 else (0, 0, 0)
+    if not 1 <= lo <= opt <= hi:
+        raise EdetError(f"batch profile must satisfy 1 <= MIN <= OPT <= MAX, got {spec!r}")
+    return lo, opt, hi
+
+
+def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timing_cache: Optional[str] = None,
+                 workspace_gb: float = 4.0) -> Dict:
+    """Parse, build, write the plan atomically plus its JSON sidecar; returns the sidecar."""
+    from . import require_tensorrt
+    from .plugin import register
+
+    onnx_path, out = Path(onnx_path), Path(out)
+    meta = read_metadata(onnx_path)
+    lo, opt, hi = parse_batch(batch)
+    if not meta["batch"]["dynamic"] and (lo, opt, hi) != (meta["batch"]["max"],) * 3:
+        raise EdetError(f"{onnx_path} has a fixed batch of {meta['batch']['max']}; export with --dynamic-batch "
+                        f"to build the profile {batch}")
+    if meta["batch"]["dynamic"] and hi > meta["batch"]["max"]:
+        raise EdetError(f"profile max {hi} exceeds the graph's dynamic batch {meta['batch']['max']}")
+    trt = require_tensorrt()
+    register()  # the edet::soft_nms plugin, for the parser to find
+    log = _Logger(trt)
+    t0 = time.perf_counter()
+    builder = trt.Builder(log)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, log)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EdetError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    cache = None
+    if timing_cache:
+        data = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+        cache = config.create_timing_cache(data)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    s = int(meta["image_size"])
+    profile = builder.create_optimization_profile()
+    profile.set_shape("images", (lo, s, s, 3), (opt, s, s, 3), (hi, s, s, 3))
+    config.add_optimization_profile(profile)
+    logger.info("building %s (batch %d:%d:%d, %s) ...", onnx_path.name, lo, opt, hi, meta.get("precision"))
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EdetError("TensorRT failed to build the engine (see the log above)")
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(bytes(plan))
+    if cache is not None:
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    import torch
+    props = torch.cuda.get_device_properties(0)
+    io = [{"name": network.get_input(i).name, "shape": list(network.get_input(i).shape),
+           "dtype": str(network.get_input(i).dtype)} for i in range(network.num_inputs)] + \
+         [{"name": network.get_output(i).name, "shape": list(network.get_output(i).shape),
+           "dtype": str(network.get_output(i).dtype)} for i in range(network.num_outputs)]
+    sidecar = dict(meta, tensorrt={"version": trt.__version__, "gpu": props.name,
+                                   "compute_capability": f"{props.major}.{props.minor}",
+                                   "batch_profile": [lo, opt, hi], "io": io,
+                                   "build_seconds": round(time.perf_counter() - t0, 1),
+                                   "onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path)},
+                   batch={"dynamic": lo != hi, "max": hi, "min": lo}, plan_sha256=sha256_file(out))
+    write_json(out.with_suffix(".json"), sidecar)
+    logger.info("wrote %s in %.0f s", out, sidecar["tensorrt"]["build_seconds"])
+    return sidecar
+
+
+def _Logger(trt):
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            level = {trt.ILogger.Severity.INTERNAL_ERROR: 50, trt.ILogger.Severity.ERROR: 40,
+                     trt.ILogger.Severity.WARNING: 30, trt.ILogger.Severity.INFO: 20}.get(severity, 10)
+            logger.log(level, "[TensorRT] %s", msg)
+    return Logger()
+
+
+def check_plan_matches_machine(sidecar: Dict) -> None:
+    """A plan only runs with the TensorRT version and GPU architecture it was built for."""
+    trt = __import__("tensorrt")
+    import torch
+    built = sidecar.get("tensorrt") or {}
+    if built.get("version") != trt.__version__:
+        raise EdetError(f"engine built with TensorRT {built.get('version')}, this machine has {trt.__version__}: "
+                        f"rebuild it with `edet-deploy build`")
+    major, minor = torch.cuda.get_device_capability()
+    if built.get("compute_capability") != f"{major}.{minor}":
+        raise EdetError(f"engine built for compute capability {built.get('compute_capability')}, this GPU is "
+                        f"{major}.{minor}: rebuild it here")

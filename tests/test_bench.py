@@ -1,0 +1,40 @@
+"""The benchmark harness writes every format with a sane schema; percentiles are ordered (no timing asserts)."""
+import csv
+import json
+
+import pytest
+from PIL import Image
+
+from edet_deploy.bench import percentiles, run_bench, time_loop
+
+
+def test_percentiles_and_loop():
+    p = percentiles([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert p["p50"] == 3.0 and p["p50"] <= p["p90"] <= p["p99"] <= 5.0 and p["n"] == 5
+    calls = []
+    times = time_loop(calls.append, warmup=2, iters=4, seconds=None)
+    assert calls == list(range(6)) and len(times) == 4  # warm-up calls are not timed; inputs rotate by index
+
+
+def test_quick_bench_writes_all_formats(tmp_path):
+    report = run_bench(["d0"], ["torch", "onnxruntime", "tensorrt"], ["fp32"], [1], tmp_path, warmup=1, iters=3,
+                       progress=False)
+    rows = {(r["backend"], r["precision"]): r for r in report["results"]}
+    assert rows[("tensorrt", "fp32")]["status"] == "skipped" and rows[("tensorrt", "fp32")]["reason"]
+    for backend in ("torch", "onnxruntime"):
+        r = rows[(backend, "fp32")]
+        assert r["status"] == "ok", r
+        assert 0 < r["model_p50_ms"] <= r["model_p90_ms"] <= r["model_p99_ms"]
+        assert 0 < r["pipeline_p50_ms"] <= r["pipeline_p90_ms"] <= r["pipeline_p99_ms"]
+        assert r["first_inference_ms"] > 0 and r["throughput_img_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["threads"] >= 1 and r["iterations"] == 3
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert {"cpu", "cores", "threads", "gpu", "versions", "date"} <= set(data["machine"])
+    with open(tmp_path / "bench.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 3 and {"model", "backend", "precision", "model_p50_ms", "status"} <= set(csv_rows[0])
+    md = (tmp_path / "bench.md").read_text()
+    assert "| d0 | onnxruntime | fp32 |" in md and "skipped: no" in md and "eager PyTorch" in md
+    for png in ("latency.png", "accuracy_vs_latency.png"):
+        img = Image.open(tmp_path / png)
+        assert img.format == "PNG" and img.size[0] > 300
