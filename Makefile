@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow repo bench clean
+.PHONY: demo test test-slow repo bench sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,16 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow --timeout=3600
+
+# The committed model_repository/ holds configs and model.py shims; this adds the ONNX graph it serves.
+repo: $(STAMP)
+	$(PY) -m edet_deploy triton-repo --model d0 --weights edet_deploy/assets/shapes_d0.safetensors --out model_repository
+
+bench: $(STAMP)
+	$(PY) -m edet_deploy bench --models d0 --quick --out build/bench
+
+sweep: $(STAMP)
+	$(PY) benchmarks/sweep.py
 
 clean:
 	rm -rf build

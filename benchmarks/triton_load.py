@@ -26,6 +26,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stub_memory() -> dict:
+    """Resident memory (MB) of each Python-backend stub process, by model (one process per instance)."""
+    import subprocess
+    out = subprocess.run(["ps", "-eo", "rss,args"], capture_output=True, text=True).stdout.splitlines()[1:]
+    mem: dict = {}
+    for line in out:
+        rss, _, cmd = line.strip().partition(" ")
+        if "triton_python_backend_stub" in cmd:
+            model = next((part.split("/")[-3] for part in cmd.split() if "/1/model.py" in part), "?")
+            mem.setdefault(model, []).append(round(int(rss) / 1024, 1))
+    return mem
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", default="model_repository")
@@ -65,6 +78,7 @@ def main(argv=None) -> int:
             times.append((time.perf_counter() - t) * 1000)
         inproc = percentiles(times)
         rows = run_load(url, blobs, concurrencies=conc, requests_per_client=args.requests)
+        stubs = stub_memory()
     finally:
         if server:
             server.stop()
@@ -72,6 +86,7 @@ def main(argv=None) -> int:
     report = {"machine": machine_info(None), "url": url, "protocol": "grpc", "images": len(blobs),
               "in_process": {k: round(v, 2) for k, v in inproc.items()},
               "ensemble_vs_in_process_p50": round(c1["p50_ms"] / inproc["p50"], 3), "load": rows,
+              "stub_rss_mb": stubs,
               "perf_analyzer_equivalent": perf_analyzer_command("efficientdet_d0", url, "grpc", conc)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +117,9 @@ def main(argv=None) -> int:
         lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p90_ms']} | "
                      f"{r['p99_ms']} | {r['throughput_img_s']} | {e.get('queue_ms', '')} | {e.get('compute_ms', '')} | "
                      f"{e.get('mean_batch', '')} | {p.get('compute_ms', '')} | {q.get('compute_ms', '')} |")
-    lines += ["", f"Where perf_analyzer runs: `{report['perf_analyzer_equivalent']}`"]
+    lines += ["", "Resident memory of the Python-backend stubs (MB, one process per instance): " +
+              "; ".join(f"{k}: {v}" for k, v in stubs.items()),
+              "", f"Where perf_analyzer runs: `{report['perf_analyzer_equivalent']}`"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -1,57 +1,98 @@
-"""`edet-deploy demo` (`make demo`): the whole CPU pipeline end to end, printing what it does."""
+"""`edet-deploy demo` (`make demo`): the main job end to end on this machine's CPU - the bundled shapes model
+exported to ONNX, checked for TensorRT, run in-process with ONNX Runtime, then served by the real Triton server
+and queried over HTTP and gRPC."""
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 
+ASSET = Path(__file__).parent / "assets" / "shapes_d0.safetensors"
+
 
 def sample_image(path: Path, seed: int = 0, size=(480, 640)) -> Path:
-    """A synthetic scene of simple shapes (stands in for a photo; no downloads)."""
-    from PIL import Image, ImageDraw
+    """A synthetic scene of the shape classes (stands in for a photo; no downloads)."""
+    from .data.shapes import render_image
 
-    rng = np.random.default_rng(seed)
-    h, w = size
-    img = Image.fromarray((rng.normal(120, 20, (h, w, 3)).clip(0, 255)).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(6):
-        x, y, r = rng.integers(40, w - 40), rng.integers(40, h - 40), rng.integers(20, 60)
-        color = tuple(int(c) for c in rng.integers(0, 255, 3))
-        if rng.random() < 0.5:
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
-        else:
-            draw.rectangle([x - r, y - r, x + r, y + r], fill=color)
+    img, _ = render_image(np.random.default_rng([seed, 99]), size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    img.save(path, quality=92)
     return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_demo(model: str, out: Path) -> int:
     from .detector import Detector
     from .export import export_onnx
     from .export.trt_check import check_trt_compat
+    from .model.weights import checkpoint_metadata
     from .visualize import draw_detections
 
-    print(f"== 1. export {model} to ONNX (soft-NMS node inside)")
+    weights = str(ASSET) if model == "d0" and ASSET.is_file() else None
+    meta = checkpoint_metadata(weights) if weights else {}
+    if weights:
+        print(f"== model: bundled {model} trained on generated shapes ({', '.join(meta['class_names'])}); "
+              f"input {meta['image_size']}, val mAP {meta.get('val_mAP', float('nan')):.3f}")
+    else:
+        print(f"== model: {model} with random weights (no bundled weights for it): detections are not meaningful")
+    print(f"== 1. export to ONNX (uint8 NHWC input, soft-NMS node inside, dynamic batch up to 8)")
     t = time.perf_counter()
-    res = export_onnx(model, out / "onnx")
+    res = export_onnx(model, out / "onnx", weights=weights, dynamic_batch=8)
     print(f"   {res.onnx_path} ({res.onnx_path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
     findings = check_trt_compat(res.onnx_path)
-    print(f"== 2. TensorRT parseability check: {'clean' if not findings else findings}")
-    image = sample_image(out / "sample.jpg")
-    print(f"== 3. detect on {image} with ONNX Runtime (CPU)")
-    det = Detector.from_onnx(res.onnx_path, min_score=0.3)
-    results = det.detect([image])
+    print(f"== 2. TensorRT parseability check: {'nothing TensorRT would reject' if not findings else findings}")
+    images = [sample_image(out / f"scene_{i}.jpg", seed=i, size=size)
+              for i, size in enumerate([(480, 640), (600, 400)])]
+    print(f"== 3. in-process detection with ONNX Runtime (CPU) on {', '.join(str(p) for p in images)}")
+    det = Detector.from_onnx(res.onnx_path, min_score=0.4)
+    local = det.detect(images)
     times = []
     for _ in range(5):
         t = time.perf_counter()
-        det.detect([image])
+        det.detect(images[:1])
         times.append(time.perf_counter() - t)
-    for r in results[0].to_records()[:10]:
-        print(f"   {r['label']:>10s} {r['score']:.3f} {r['box']}")
-    print(f"   {len(results[0])} detections >= 0.3; end-to-end median {np.median(times) * 1000:.1f} ms")
-    draw_detections(image, results[0], out / "sample_detections.png")
-    print(f"   drew {out / 'sample_detections.png'}")
-    print("note: random weights until a trained model is bundled; detections are not meaningful yet")
+    for path, d in zip(images, local):
+        print(f"   {path.name}: {len(d)} detections >= 0.4")
+        for r in d.to_records():
+            print(f"     {r['label']:>9s} {r['score']:.3f} {r['box']}")
+        drawn = draw_detections(path, d, path.with_name(path.stem + "_detections.png"))
+        print(f"     drawn: {drawn}")
+    print(f"   end-to-end (decode + letterbox + graph + soft-NMS + mapping) median {np.median(times) * 1000:.0f} ms")
+    return _serve_and_query(model, res.onnx_path, images, local, out)
+
+
+def _serve_and_query(model, onnx_path, images, local, out: Path) -> int:
+    from .errors import EdetError
+    from .triton.client import TritonDetectorClient
+    from .triton.repo import generate_repository
+    from .triton.server import TritonServer
+
+    print("== 4. Triton: generate the ensemble repository and start the embedded tritonserver (CPU)")
+    try:
+        repo = generate_repository(out / "model_repository", variant=model, onnx=str(onnx_path))
+        t = time.perf_counter()
+        server = TritonServer(repo, _free_port(), _free_port(), _free_port(), log_file=out / "tritonserver.log")
+        server.start()
+    except EdetError as e:
+        print(f"   Triton step skipped: {e}")
+        return 1
+    try:
+        print(f"   ready in {time.perf_counter() - t:.1f} s: http {server.http_url}, grpc {server.grpc_url}")
+        for url, proto in ((server.http_url, "http"), (server.grpc_url, "grpc")):
+            client = TritonDetectorClient(url, f"efficientdet_{model}", proto)
+            remote = client.detect([p.read_bytes() for p in images], min_score=0.4)
+            client.close()
+            same = all(len(a) == len(b) and np.allclose(a.scores, b.scores, atol=1e-4) for a, b in zip(remote, local))
+            print(f"   {proto}: {[len(d) for d in remote]} detections, "
+                  f"{'identical to' if same else 'DIFFERENT from'} the in-process result")
+    finally:
+        server.stop()
+    print("   server stopped. Next: `edet-deploy serve --repo model_repository` and `edet-deploy client IMG`.")
     return 0

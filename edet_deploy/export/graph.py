@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -67,9 +66,3 @@ def flatten_levels(outputs, anchors_per_level, width: int) -> torch.Tensor:
     Reshapes use constant sizes so that the exported graph keeps static shapes with a dynamic batch."""
     return torch.cat([o.permute(0, 2, 3, 1).reshape(-1, n, width) for o, n in zip(outputs, anchors_per_level)],
                      dim=1)
-
-
-def candidates_numpy(graph: CandidateGraph, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with torch.no_grad():
-        out = graph(torch.from_numpy(np.ascontiguousarray(images)))
-    return tuple(t.numpy() for t in out)  # type: ignore[return-value]
