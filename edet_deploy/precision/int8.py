@@ -128,32 +128,44 @@ def quantize_candidates(candidate: onnx.ModelProto, images: Sequence[Path], meth
     import tempfile
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     if method not in METHODS:
         raise EdetError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     include, excluded = network_nodes(candidate, exclude)
     key = cache_key(candidate, images, method)
-    cache = None
-    if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cache = cache_dir / f"calib-{method}-{key}.json"
-    hit = cache is not None and cache.is_file()
     t = time.perf_counter()
     calib_method = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
                     "minmax": CalibrationMethod.MinMax}[method]
-    # Biases stay float: TensorRT fuses them itself and wants Q/DQ on activations and weights only.
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.999, "QuantizeBias": False,
-             "CalibTensorRangeSymmetric": True, **CALIB_OPTIONS}
     with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "ranges.json"
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            cache = cache_dir / f"calib-{method}-{key}.json"
+        hit = cache.is_file()
+        if not hit:
+            # Calibrate here rather than inside quantize_static, which does not pass the histogram sizes on.
+            src = Path(tmp) / "candidate.onnx"
+            onnx.save(candidate, str(src))
+            calibrator = create_calibrator(src, list(QUANTIZED_OPS), str(Path(tmp) / "augmented.onnx"),
+                                           calib_method, extra_options={
+                                               "symmetric": True, "percentile": 99.999,
+                                               "num_bins": CALIB_OPTIONS["CalibNumBins"],
+                                               "num_quantized_bins": CALIB_OPTIONS["CalibNumQuantizedBins"]})
+            calibrator.collect_data(ImageReader(images, image_size))
+            save_tensors_data(calibrator.compute_data(), cache)
+            del calibrator
         out = Path(tmp) / "q.onnx"
-        quantize_static(candidate, str(out), None if hit else ImageReader(images, image_size),
-                        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
+        # Biases stay float: TensorRT fuses them itself and wants Q/DQ on activations and weights only.
+        quantize_static(candidate, str(out), None, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=include,
-                        calibrate_method=calib_method, extra_options=extra,
-                        calibration_cache_path=str(cache) if cache else None)
+                        calibrate_method=calib_method, calibration_cache_path=str(cache),
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "QuantizeBias": False})
         quantized = onnx.load(str(out))
     info = {"method": method, "num_images": len(images), "quantized_convs": len(include),
-            "excluded_convs": excluded, "cache": str(cache) if cache else None, "cache_hit": hit,
+            "excluded_convs": excluded, "cache": str(cache) if cache_dir is not None else None, "cache_hit": hit,
             "seconds": round(time.perf_counter() - t, 1)}
     logger.info("INT8: %d convs quantized, %d kept in float (%s, %s)", len(include), len(excluded), method,
                 "cached ranges" if hit else f"{len(images)} calibration images")
