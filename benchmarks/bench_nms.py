@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -82,11 +81,8 @@ def main(argv=None) -> int:
                          "time_vs_fast": round(ms / fast, 2)})
             print(f"N={n:5d}  {name:34s} {ms:10.3f} ms   {ms / fast:8.1f}x the fast path", flush=True)
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from edet_deploy.bench import machine_info
+    cpu = machine_info(1)["cpu"]
     header = (f"# Soft-NMS timings\n\nMachine: {cpu}, {os.cpu_count()} cores, one thread used; "
               f"{time.strftime('%Y-%m-%d')}. One image, 90 classes, K = 100, gaussian sigma 0.5, score threshold "
               f"0.001; clustered boxes, Beta(0.7, 3) scores. Median of repeated runs; ratios from the same run.\n\n")

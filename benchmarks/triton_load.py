@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -18,12 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edet_deploy.bench import machine_info, percentiles  # noqa: E402
 from edet_deploy.triton.load import perf_analyzer_command, run_load  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stub_memory() -> dict:
@@ -52,7 +45,7 @@ def main(argv=None) -> int:
 
     from edet_deploy.data import CocoDataset, generate_shapes
     from edet_deploy.detector import Detector
-    from edet_deploy.triton.server import TritonServer
+    from edet_deploy.triton.server import TritonServer, free_port
 
     if not Path(args.images).exists():
         generate_shapes(args.images, {"val": args.num_images}, progress=False)

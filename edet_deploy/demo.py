@@ -3,7 +3,6 @@ exported to ONNX, checked for TensorRT, run in-process with ONNX Runtime, then s
 and queried over HTTP and gRPC."""
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -20,12 +19,6 @@ def sample_image(path: Path, seed: int = 0, size=(480, 640)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, quality=92)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_demo(model: str, out: Path) -> int:
@@ -72,13 +65,13 @@ def _serve_and_query(model, onnx_path, images, local, out: Path) -> int:
     from .errors import EdetError
     from .triton.client import TritonDetectorClient
     from .triton.repo import generate_repository
-    from .triton.server import TritonServer
+    from .triton.server import TritonServer, free_port
 
     print("== 4. Triton: generate the ensemble repository and start the embedded tritonserver (CPU)")
     try:
         repo = generate_repository(out / "model_repository", variant=model, onnx=str(onnx_path))
         t = time.perf_counter()
-        server = TritonServer(repo, _free_port(), _free_port(), _free_port(), log_file=out / "tritonserver.log")
+        server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=out / "tritonserver.log")
         server.start()
     except EdetError as e:
         print(f"   Triton step skipped: {e}")

@@ -2,7 +2,6 @@
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,13 +23,7 @@ pytest.importorskip("pytriton")
 
 from edet_deploy.triton.client import TritonDetectorClient  # noqa: E402
 from edet_deploy.triton.repo import build_configs, generate_repository, RepoSpec, validate_repository  # noqa: E402
-from edet_deploy.triton.server import TritonServer  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from edet_deploy.triton.server import TritonServer, free_port  # noqa: E402
 
 
 def encode(arr, fmt):

@@ -13,7 +13,8 @@ from typing import Dict, List, Tuple
 from ..nms import op as nms_op
 from ..nms.settings import NmsSettings
 
-PLUGIN_ID = f"{nms_op.DOMAIN}::{nms_op.OP_TYPE}"  # matched by the ONNX node's domain and op_type
+PLUGIN_ID = f"{nms_op.DOMAIN}::{nms_op.OP_TYPE}"
+_registered = False  # tensorrt.plugin refuses a second registration of the same id  # matched by the ONNX node's domain and op_type
 
 # (output name, dtype name, shape as a function of (batch, candidates, K))
 _OUTPUT_LAYOUT = (("num_detections", "int32", lambda b, n, k: (b, 1)),
@@ -53,7 +54,8 @@ def register():
     import tensorrt.plugin as trtp
     from typing import Tuple as T
 
-    if PLUGIN_ID in getattr(trtp, "_lib").QDP_REGISTRY if hasattr(trtp, "_lib") else False:
+    global _registered
+    if _registered:
         return trtp
 
     @trtp.register(PLUGIN_ID)
@@ -106,4 +108,5 @@ def register():
             for dst, src in zip(outputs, got):
                 torch.as_tensor(dst, device="cuda").copy_(src.reshape(torch.as_tensor(dst, device="cuda").shape))
 
+    _registered = True
     return trtp
