@@ -74,13 +74,11 @@ def _check(p: argparse.ArgumentParser):
             findings = check_trt_compat(path)
         except Exception as e:  # noqa: BLE001 - a malformed file is the user's problem
             raise EdetError(f"cannot read {path} as ONNX: {e}") from None
+        from .export.trt_check import plugin_report
+        for line in plugin_report(path):
+            print(line)
         for f in findings:
             print(f)
-        import onnx
-        from .nms import op as nms_op
-        for node in onnx.load(str(path), load_external_data=False).graph.node:
-            if node.domain == nms_op.DOMAIN:
-                print(f"plugin node {node.name}: {nms_op.settings_from_node(node).to_dict()}")
         print(f"{path}: {'OK, nothing TensorRT would reject' if not findings else f'{len(findings)} problem(s)'}")
         return 0 if not findings else 1
     return run
@@ -89,19 +87,35 @@ def _check(p: argparse.ArgumentParser):
 def add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="d0", help="variant (with --weights or random init)")
     p.add_argument("--weights", help="checkpoint (ours or effdet's)")
-    p.add_argument("--onnx", help="exported graph (its metadata JSON beside it)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"],
-                   help="runtime; onnxruntime exports --model/--weights once into a cache when --onnx is absent")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--onnx", help="exported graph (its metadata JSON beside it)")
+    src.add_argument("--engine", help="TensorRT plan from `edet-deploy build` (its JSON sidecar beside it); "
+                                      "runs on the tensorrt backend (NVIDIA GPU + TensorRT 11)")
+    p.add_argument("--backend", choices=["onnxruntime", "torch", "tensorrt"],
+                   help="runtime (default: tensorrt with --engine, else onnxruntime, which exports "
+                        "--model/--weights once into a cache when --onnx is absent)")
+    p.add_argument("--cuda-graph", action="store_true", help="tensorrt: replay CUDA graphs (one per batch size)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+
+
+def source_backend(args) -> str:
+    return args.backend or ("tensorrt" if args.engine else "onnxruntime")
 
 
 def make_detector(args, min_score: float = 0.0):
     from .detector import Detector
+    backend = source_backend(args)
+    if args.engine:
+        if backend != "tensorrt":
+            raise EdetError("--engine runs on the tensorrt backend")
+        return Detector.from_engine(args.engine, cuda_graph=args.cuda_graph, min_score=min_score)
+    if backend == "tensorrt":
+        raise EdetError("the tensorrt backend needs --engine (a plan from `edet-deploy build`)")
     if args.onnx:
-        if args.backend != "onnxruntime":
+        if backend != "onnxruntime":
             raise EdetError("--onnx runs on the onnxruntime backend")
         return Detector.from_onnx(args.onnx, threads=args.threads, min_score=min_score)
-    return Detector.from_model(args.model, args.weights, backend=args.backend, threads=args.threads,
+    return Detector.from_model(args.model, args.weights, backend=backend, threads=args.threads,
                                min_score=min_score)
 
 
@@ -211,10 +225,10 @@ def _eval(p: argparse.ArgumentParser):
         from .io import write_json
         dataset = CocoDataset(args.data, args.split)
         report = evaluate(make_detector(args), dataset, args.max_images)
-        report["source"] = args.onnx or f"{args.model}:{args.weights or 'random-init'}"
+        report["source"] = args.engine or args.onnx or f"{args.model}:{args.weights or 'random-init'}"
         for k, v in report["stats"].items():
             print(f"{k:6s} {v:.4f}")
-        dst = args.report or str(Path(args.data) / f"eval_{args.split}_{args.backend}.json")
+        dst = args.report or str(Path(args.data) / f"eval_{args.split}_{source_backend(args)}.json")
         write_json(dst, report)
         print(f"wrote {dst}")
         return 0
@@ -371,11 +385,12 @@ def _build(p: argparse.ArgumentParser):
     p.add_argument("--batch", default="1", help="optimization profile MIN:OPT:MAX (or N)")
     p.add_argument("--timing-cache", help="timing cache file, read and updated")
     p.add_argument("--workspace", type=float, default=4.0, help="workspace limit in GB")
+    p.add_argument("--verbose", action="store_true", help="show TensorRT's info messages, not only warnings")
 
     def run(args) -> int:
         from .trt.builder import build_engine, parse_batch
         parse_batch(args.batch)
-        sidecar = build_engine(args.onnx, args.out, args.batch, args.timing_cache, args.workspace)
+        sidecar = build_engine(args.onnx, args.out, args.batch, args.timing_cache, args.workspace, args.verbose)
         print(f"wrote {args.out} ({sidecar['precision']}, TensorRT {sidecar['tensorrt']['version']}, "
               f"{sidecar['tensorrt']['gpu']}, {sidecar['tensorrt']['build_seconds']} s)")
         return 0

@@ -36,6 +36,12 @@ class Detector:
         return cls(create_runner(backend, onnx_path=str(onnx_path), threads=threads), min_score)
 
     @classmethod
+    def from_engine(cls, engine_path: str | os.PathLike, cuda_graph: bool = False,
+                    min_score: float = 0.0) -> "Detector":
+        """A TensorRT plan (GPU); its JSON sidecar carries the graph's metadata."""
+        return cls(create_runner("tensorrt", engine_path=str(engine_path), cuda_graph=cuda_graph), min_score)
+
+    @classmethod
     def from_model(cls, name: str, weights: Optional[str] = None, backend: str = "onnxruntime",
                    threads: Optional[int] = None, min_score: float = 0.0, **export_kwargs) -> "Detector":
         """From a variant and weights: `torch` runs eagerly; `onnxruntime` exports once into the cache."""

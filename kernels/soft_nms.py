@@ -106,10 +106,33 @@ def compile_ptx(num_candidates: int, method_id: int = 2, class_agnostic: bool = 
     src = ASTSource(fn=kernel(), signature=SIGNATURE, constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     md = compiled.metadata
-    return CompiledKernel(name=md.name, ptx=compiled.asm["ptx"], num_warps=md.num_warps, shared_mem=md.shared,
-                          block_candidates=block, arch=arch,
-                          scratch_bytes=int(getattr(md, "global_scratch_size", 0) or 0)
-                          + int(getattr(md, "profile_scratch_size", 0) or 0))
+    scratch = int(getattr(md, "global_scratch_size", 0) or 0) + int(getattr(md, "profile_scratch_size", 0) or 0)
+    ptx = compiled.asm["ptx"]
+    if scratch == 0:
+        ptx = trim_entry_params(ptx, md.name, len(RUNTIME_ARGS))
+    return CompiledKernel(name=md.name, ptx=ptx, num_warps=md.num_warps, shared_mem=md.shared,
+                          block_candidates=block, arch=arch, scratch_bytes=scratch)
+
+
+def trim_entry_params(ptx: str, name: str, keep: int) -> str:
+    """Drop the kernel parameters after the first `keep` when the body never reads them.
+
+    Triton appends its global/profile scratch pointers to every kernel; TensorRT's AOT launcher passes exactly
+    the plugin's inputs, scalar arguments and outputs. With 0 bytes of scratch those pointers are dead, and
+    removing them makes the entry's parameter list the one TensorRT launches with (no argument read past the
+    end of its array)."""
+    head = f".entry {name}("
+    start = ptx.index(head) + len(head)
+    end = ptx.index(")", start)
+    params = [line for line in ptx[start:end].split("\n") if line.strip()]
+    if len(params) <= keep:
+        return ptx
+    body = ptx[end:]
+    for i in range(keep, len(params)):
+        if f"{name}_param_{i}" in body:
+            raise RuntimeError(f"{name} reads parameter {i}; it cannot be dropped")
+    kept = [line.rstrip().rstrip(",") for line in params[:keep]]
+    return ptx[:start] + "\n" + ",\n".join(kept) + "\n" + body
 
 
 def run(boxes, scores, classes, counts, *, method_id: int, sigma: float, iou_threshold: float,

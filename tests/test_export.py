@@ -70,8 +70,9 @@ def test_graph_contract(d0_export):
                     "detection_scores": (1, [1, 100]), "detection_classes": (6, [1, 100])}
     nms = [n for n in model.graph.node if n.domain == "edet"]
     assert len(nms) == 1 and nms[0].op_type == "soft_nms"
-    assert {a.name for a in nms[0].attribute} == {"method", "sigma", "iou_threshold", "score_threshold",
-                                                   "max_detections", "class_agnostic"}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nms[0].attribute}
+    assert set(attrs) == {"method", "sigma", "iou_threshold", "score_threshold", "max_detections", "class_agnostic",
+                          "aot"} and attrs["aot"] == 1  # aot: TensorRT's parser picks the AOT plugin
     assert check_trt_compat(model) == []
     meta = json.loads(res.metadata_path.read_text())
     assert meta["variant"] == "d0" and meta["image_size"] == 512 and meta["nms"]["method"] == "gaussian"

@@ -5,24 +5,7 @@ import torch
 
 from edet_deploy import EdetError
 from edet_deploy.nms import METHODS, NmsSettings, batched_soft_nms, batched_soft_nms_reference, soft_nms
-
-
-def clustered_case(rng, batch, n, num_classes, size=512.0, ties=False, zero_area=False):
-    """Clusters of jittered boxes (realistic overlaps), optional exact score ties and zero-area boxes."""
-    k = max(1, n // 6)
-    centers = rng.uniform(0, size, (batch, k, 2))
-    wh = rng.uniform(8, 150, (batch, k, 2))
-    pick = rng.integers(0, k, (batch, n))
-    c = np.take_along_axis(centers, pick[..., None].repeat(2, -1), 1) + rng.normal(0, 6, (batch, n, 2))
-    s = np.take_along_axis(wh, pick[..., None].repeat(2, -1), 1) * rng.uniform(0.7, 1.3, (batch, n, 2))
-    boxes = np.concatenate([c - s / 2, c + s / 2], -1).astype(np.float32)
-    scores = rng.uniform(0, 1, (batch, n)).astype(np.float32)
-    if ties and n > 2:
-        scores[:, 1::3] = scores[:, 0:1]  # many exact ties
-    if zero_area and n > 2:
-        boxes[:, ::5, 2] = boxes[:, ::5, 0]
-    classes = rng.integers(0, num_classes, (batch, n)).astype(np.int32)
-    return boxes, scores, classes
+from edet_deploy.nms.synthetic import clustered_case, random_cases
 
 
 def assert_same(ref, got, rtol=1e-5):
@@ -32,19 +15,6 @@ def assert_same(ref, got, rtol=1e-5):
     np.testing.assert_array_equal(classes_r, classes_g)
     np.testing.assert_array_equal(boxes_r, boxes_g)  # same kept boxes = same kept indices
     np.testing.assert_allclose(scores_g, scores_r, rtol=rtol, atol=0)
-
-
-def random_cases(seed, count, max_n):
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        method = METHODS[i % 3]
-        n = int(rng.choice([0, 1, 2, rng.integers(3, max_n + 1)]))
-        opts = dict(method=method, sigma=float(rng.uniform(0.1, 1.0)), iou_threshold=float(rng.uniform(0.1, 0.7)),
-                    score_threshold=float(rng.choice([0.001, 0.05, 0.5, 0.99])),
-                    max_detections=int(rng.integers(1, 40)), class_agnostic=bool(i % 2))
-        case = clustered_case(rng, int(rng.integers(1, 4)), n, int(rng.integers(1, 4)), ties=i % 4 == 0,
-                              zero_area=i % 5 == 0)
-        yield case, opts
 
 
 def test_fast_cpu_matches_reference():

@@ -32,7 +32,7 @@ def test_plugin_outputs_match_onnx_node(graph):
     from edet_deploy.nms.op import settings_from_node
     settings = settings_from_node(node)
     attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in
-             ((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute)}
+             ((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute) if k in plugin.ATTRIBUTES}
     assert plugin.settings_from_attrs(**attrs) == settings  # what TensorRT hands the plugin, as the node says
     specs = plugin.output_specs("batch", 500, settings.max_detections)
     assert [s[0] for s in specs] == list(node.output)
@@ -113,9 +113,204 @@ def test_batch_profile_parsing():
             parse_batch(bad)
 
 
-def test_gpu_acceptance_script_is_valid_bash():
+def _benchmark_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_acceptance_script_is_valid_bash_and_dry_runs():
     import subprocess
     script = ROOT / "benchmarks" / "gpu_acceptance.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     out = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage" in out.stdout.lower()
+    out = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for expected in ("pip install -q -e .[gpu,dev]", "nvidia-smi", "trtexec", "build --batch 1:8:8",
+                     "AOT plugin", "ONNX Runtime", "INT8 engine mAP", "batch 1..8", "CUDA graphs",
+                     "compute-sanitizer", "GPU-only", "summary.json"):
+        assert expected in text, expected
+    STEPS = _benchmark_module("gpu_acceptance").STEPS
+    assert text.count("[d0] step ") == len(STEPS) >= 7
+
+
+def test_gpu_acceptance_matching_refuses_empty_and_mismatched_detections():
+    """The detection matcher behind the ORT comparison: 0 detections never pass; a shifted box fails."""
+    matched = _benchmark_module("gpu_acceptance").matched
+    ref = {"num_detections": np.array([[2]]), "detection_boxes": np.array([[[0, 0, 10, 10], [20, 20, 40, 40]]], np.float32),
+           "detection_scores": np.array([[0.9, 0.5]], np.float32), "detection_classes": np.array([[1, 2]], np.int32)}
+    assert matched(ref, ref, 0.99, 1e-3)["ok"]
+    empty = {k: v.copy() for k, v in ref.items()}
+    empty["detection_scores"][:] = 0.0
+    assert not matched(empty, empty, 0.99, 1e-3)["ok"]  # 0 detections: not a pass
+    moved = {k: v.copy() for k, v in ref.items()}
+    moved["detection_boxes"][0, 1] += 3
+    assert not matched(ref, moved, 0.99, 1e-3)["ok"]
+    fewer = {k: v.copy() for k, v in ref.items()}
+    fewer["detection_scores"][0, 1] = 0.1
+    assert matched(ref, fewer, 0.99, 1e-3)["count_mismatch"] == [(0, 2, 1)]
+
+
+def test_gpu_kernels_cpu_mode(tmp_path):
+    """benchmarks/gpu_kernels.py --cpu: the kernel against the reference under the Triton interpreter."""
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--cpu", "--cases", "12",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_kernels.json").read_text())
+    assert report["correctness"]["ok"] and report["correctness"]["cases"] == 12
+    assert set(report["correctness"]["per_method"]) == {"hard", "linear", "gaussian"}
+    assert report["models"][0]["status"] == "ok" and report["models"][0]["eager_ms"] > 0
+    assert "soft-NMS kernel vs CPU reference: 12/12" in (tmp_path / "gpu_kernels.md").read_text()
+
+
+# --- TensorRT's own plugin code over a stand-in core (tests/trt_harness.py) ---------------------------------
+
+def _edit_node(graph, tmp_path, name, **attrs):
+    """A copy of `graph` whose plugin node has `attrs` set (None removes)."""
+    model = onnx.load(str(graph))
+    node = next(n for n in model.graph.node if n.domain == "edet")
+    for key, value in attrs.items():
+        kept = [a for a in node.attribute if a.name != key]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        if value is not None:
+            node.attribute.append(onnx.helper.make_attribute(key, value))
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    import shutil
+    shutil.copy(Path(graph).with_suffix(".json"), path.with_suffix(".json"))
+    return path
+
+
+@pytest.fixture
+def trt_py(monkeypatch):
+    from trt_harness import bindings_dir, tensorrt_python
+    if bindings_dir() is None:
+        pytest.skip("tensorrt-cu13-bindings (dev extra) not installed")
+    # the one machine query of the AOT build (no GPU here): build for an H100/H200
+    monkeypatch.setattr(plugin, "target_arch", lambda: 90)
+    with tensorrt_python() as trt:
+        yield trt
+
+
+def test_plugin_builds_aot_as_tensorrt_would(graph, trt_py):
+    """register -> creator fields -> loadFields -> create_plugin (node aot=1, build_engine's flags) -> output
+    types and shapes -> formats -> tactics -> get_launch_params -> aot_impl -> get_kernel, all in TensorRT's
+    Python code; the PTX it returns assembles with ptxas for sm_90a."""
+    from trt_harness import drive_plugin
+    trt = trt_py
+    assert trt.__version__.startswith("11.")
+    plugin.register()
+    res = drive_plugin(trt, graph)
+    assert res["plugin_id"] == plugin.PLUGIN_ID and res["declared_fields"] == list(plugin.ATTRIBUTES)
+    assert res["implementation"] == "AOT"
+    assert res["attrs"]["method"] == "gaussian\x00"  # what the parser hands over; the plugin copes
+    assert res["output_types"] == [trt.int32, trt.float32, trt.float32, trt.int32]
+    model = onnx.load(str(graph))
+    declared = {o.name: [d.dim_param or str(d.dim_value) for d in o.type.tensor_type.shape.dim]
+                for o in model.graph.output}
+    assert res["output_shapes"] == [declared[name] for name in res["node"].output]
+    assert res["launch"]["grid_x"] == "batch" and res["launch"]["grid_y"] == "1"
+    from edet_kernels.soft_nms import launch_params
+    assert int(res["launch"]["block_x"]) == launch_params(1, 500).block[0]
+    assert res["extra_args"] == [("500", trt.PluginArgDataType.INT32)]
+    name, ptx = res["kernel_name"], res["ptx"].decode()
+    assert name == "soft_nms_kernel" and ".target sm_90a" in ptx
+    entry = ptx[ptx.index(f".entry {name}("):]
+    entry = entry[:entry.index(")")]
+    assert entry.count(".param") == 8  # exactly what TensorRT passes: 3 inputs, N, 4 outputs
+    import shutil
+    import subprocess
+    if shutil.which("ptxas"):
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "k.ptx"
+            src.write_text(ptx)
+            out = subprocess.run(["ptxas", "-arch=sm_90a", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                                 capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr
+
+
+def test_plugin_without_aot_choice_fails_like_tensorrt(graph, tmp_path, trt_py):
+    """No `aot` attribute and no PREFER_* network flag: TensorRT's creator refuses (both implementations
+    exist); our parser model predicts the same. With the flag build_engine sets, AOT is chosen."""
+    from edet_deploy.trt import parser_rules
+    from trt_harness import drive_plugin, plugin_node
+    plugin.register()
+    bare = _edit_node(graph, tmp_path, "bare", aot=None)
+    with pytest.raises(ValueError, match="both AOT and JIT"):
+        drive_plugin(trt_py, bare, network_flags=())
+    assert "both AOT and JIT" in " ".join(parser_rules.resolve(plugin_node(onnx.load(str(bare))), ()).problems)
+    assert drive_plugin(trt_py, bare)["implementation"] == "AOT"
+    from edet_deploy.trt.builder import network_flags
+    assert network_flags(trt_py) == 1 << int(trt_py.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
+
+
+def test_jit_impl_runs_until_the_gpu(graph, tmp_path, trt_py):
+    """aot=0: the JIT plugin is created, shaped and enqueued by TensorRT's code; our impl receives the
+    tensors and attributes and stops only at its first CUDA call (no GPU here)."""
+    import traceback
+    from trt_harness import drive_plugin
+    plugin.register()
+    res = drive_plugin(trt_py, _edit_node(graph, tmp_path, "jit", aot=0))
+    assert res["implementation"] == "JIT"
+    err = res["enqueue_error"]
+    assert err is not None, "ran a CUDA kernel without a GPU?"
+    tb = traceback.extract_tb(err.__traceback__)
+    names = [f.name for f in tb]
+    assert "soft_nms_jit" in names and "jit_soft_nms" in names, names
+    # everything after our impl's frames is torch's CUDA runtime: the first device call, nothing of ours
+    after = tb[names.index("jit_soft_nms") + 1:]
+    assert after and all("/torch/" in f.filename for f in after), [(f.filename, f.name) for f in after]
+    assert isinstance(err, (RuntimeError, AssertionError)), err
+
+
+def test_parser_lookup_and_fields_follow_onnx_tensorrt(graph, tmp_path):
+    from edet_deploy.trt import parser_rules
+    from trt_harness import plugin_node
+    node = plugin_node(onnx.load(str(graph)))
+    assert parser_rules.lookup_order(node) == [("", "soft_nms", "1"), ("edet", "soft_nms", "1")]
+    res = parser_rules.resolve(node)
+    assert res.ok and res.found_by == "node domain" and res.request == "STRICT_AOT"
+    kinds = {f.name: (f.field_type, f.length) for f in res.fields}
+    assert kinds["method"] == ("CHAR", len("gaussian") + 1)
+    assert kinds["sigma"] == ("FLOAT32", 1) and kinds["max_detections"] == ("INT32", 1)
+    ns = plugin_node(onnx.load(str(_edit_node(graph, tmp_path, "ns", plugin_namespace="edet"))))
+    assert parser_rules.resolve(ns).found_by == "attribute plugin_namespace"
+    v2 = plugin_node(onnx.load(str(_edit_node(graph, tmp_path, "v2", plugin_version="2"))))
+    assert "plugin not found" in parser_rules.resolve(v2).problems[0]
+
+
+def test_check_reports_the_plugin_and_refuses_what_would_not_be_aot(graph, tmp_path, capsys):
+    assert main(["check", str(graph)]) == 0
+    out = capsys.readouterr().out
+    assert "edet::soft_nms" in out and "CHAR[9]" in out and "INT32" in out and "FLOAT32" in out
+    assert "implementation: AOT" in out and out.strip().splitlines()[-1].endswith("nothing TensorRT would reject")
+    for name, attrs, expect in (("jit", {"aot": 0}, "JIT implementation"),
+                                ("nover", {"plugin_version": "2"}, "plugin not found"),
+                                ("badmethod", {"method": "soft"}, "would reject its attributes")):
+        assert main(["check", str(_edit_node(graph, tmp_path, name, **attrs))]) == 1
+        out = capsys.readouterr().out
+        assert expect in out and "problem" in out.strip().splitlines()[-1], out
+
+
+def test_detect_and_eval_engine_without_tensorrt_one_line(graph, tmp_path, capsys):
+    from PIL import Image
+
+    from edet_deploy.data import generate_shapes
+    img = tmp_path / "a.png"
+    Image.new("RGB", (64, 48)).save(img)
+    fake = tmp_path / "m.plan"
+    fake.write_bytes(b"x")
+    data = generate_shapes(tmp_path / "d", {"val": 2}, progress=False)
+    for argv in (["detect", str(img), "--engine", str(fake)],
+                 ["eval", "--engine", str(fake), "--data", str(data)]):
+        rc = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and "TensorRT is not installed" in err, (argv, err)

@@ -52,6 +52,7 @@ def load_for_ort(path: str | os.PathLike):
             if node.op_type != nms_op.OP_TYPE:
                 raise EdetError(f"unknown op {node.domain}::{node.op_type} in {path}")
             nms_op.settings_from_node(node)  # validates the attributes
+            nms_op.strip_trt_attributes(node)
             node.domain = ORT_CONTRIB_DOMAIN
             uses_nms = True
     if uses_nms:

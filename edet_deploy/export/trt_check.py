@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Set
 import numpy as np
 
 from ..nms import op as nms_op
+from ..trt import parser_rules
 from .graph import TRT_MAX_TOPK
 
 SUPPORTED_OPS: Set[str] = set("""
@@ -48,6 +49,34 @@ class Finding:
         return f"{self.op} {self.node!r}: {self.message}"
 
 
+def plugin_report(model) -> List[str]:
+    """Lines saying how TensorRT's parser turns each plugin node into a plugin: id, lookup, fields with the
+    types the parser gives them, and AOT or JIT."""
+    import onnx
+
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        model = onnx.load(str(model), load_external_data=False)
+    lines = []
+    for n in model.graph.node:
+        if n.domain in ("", "ai.onnx") and n.op_type != nms_op.OP_TYPE:
+            continue
+        res = parser_rules.resolve(n)
+        if res.found is None:
+            lines.append(f"plugin node {res.node!r}: {res.problems[0]}")
+            continue
+        lines.append(f"plugin node {res.node!r}: {res.found.plugin_id} version {res.found.version} "
+                     f"(found by {res.found_by})")
+        lines.append("  fields as the parser builds them: " + "; ".join(str(f) for f in res.fields))
+        if res.implementation:
+            lines.append(f"  implementation: {res.implementation} ({res.request}; "
+                         f"{'node attribute aot' if res.request.startswith('STRICT') else 'network flags of edet-deploy build'})")
+        try:
+            lines.append(f"  settings: {parser_rules.decoded_settings(res.fields).to_dict()}")
+        except Exception:  # noqa: BLE001 - already a finding of check_trt_compat
+            pass
+    return lines
+
+
 def check_trt_compat(model, static_batch: Optional[bool] = None) -> List[Finding]:
     """Return what TensorRT 10/11's ONNX parser would reject or a deployment should fix ([] = clean)."""
     import onnx
@@ -77,10 +106,9 @@ def check_trt_compat(model, static_batch: Optional[bool] = None) -> List[Finding
         def add(msg: str) -> None:
             findings.append(Finding(n.name or n.output[0], f"{n.domain + '::' if n.domain else ''}{n.op_type}", msg))
 
-        if n.domain == nms_op.DOMAIN:
-            if n.op_type != nms_op.OP_TYPE:
-                add("unknown op in the edet domain (TensorRT has no plugin for it)")
-                continue
+        if n.domain == nms_op.DOMAIN or n.op_type == nms_op.OP_TYPE:
+            for problem in parser_rules.resolve(n).problems:
+                add(problem)
             try:
                 nms_op.settings_from_node(n)
             except Exception as e:  # noqa: BLE001 - report, don't raise

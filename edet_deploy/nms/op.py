@@ -5,7 +5,9 @@ Inputs: candidate_boxes [B,N,4] float32 (x1,y1,x2,y2, input pixels), candidate_s
 candidate_classes [B,N] int32. Outputs: num_detections [B,1] int32, detection_boxes [B,K,4] float32,
 detection_scores [B,K] float32, detection_classes [B,K] int32 (K = max_detections). Attributes are scalars
 only (TensorRT plugin attributes cannot be lists): method (string), sigma, iou_threshold, score_threshold
-(float), max_detections, class_agnostic (int).
+(float), max_detections, class_agnostic (int); plus `aot` = 1, read by TensorRT's ONNX parser alone: it asks for the
+plugin's ahead-of-time implementation (kernel embedded in the engine, no Python at run time) whatever the
+builder's network flags, so trtexec / Polygraphy builds get the same engine as `edet-deploy build`.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_c
 OUTPUT_TYPES = {"num_detections": 6, "detection_boxes": 1, "detection_scores": 1, "detection_classes": 6}
 ATTRIBUTE_TYPES = {"method": str, "sigma": float, "iou_threshold": float, "score_threshold": float,
                    "max_detections": int, "class_agnostic": int}
+# Attributes for TensorRT's parser, not settings of the op: onnx-tensorrt reads `aot` (1 = STRICT_AOT,
+# 0 = STRICT_JIT), `plugin_namespace` and `plugin_version` from the node; other runtimes ignore them.
+TRT_ATTRIBUTE_TYPES = {"aot": int, "plugin_namespace": str, "plugin_version": str}
+AOT = 1
 
 
 def node_attributes(settings: NmsSettings) -> Dict[str, object]:
@@ -33,7 +39,14 @@ def node_attributes(settings: NmsSettings) -> Dict[str, object]:
 def make_node(settings: NmsSettings, inputs=INPUTS, outputs=OUTPUTS, name: str = "soft_nms"):
     from onnx import helper
     return helper.make_node(OP_TYPE, list(inputs), list(outputs), name=name, domain=DOMAIN,
-                            **node_attributes(settings))
+                            **node_attributes(settings), aot=AOT)
+
+
+def strip_trt_attributes(node) -> None:
+    """Drop the parser-only attributes in place (for runtimes whose custom-op loaders reject unknown ones)."""
+    keep = [a for a in node.attribute if a.name not in TRT_ATTRIBUTE_TYPES]
+    del node.attribute[:]
+    node.attribute.extend(keep)
 
 
 def settings_from_node(node) -> NmsSettings:
@@ -41,7 +54,7 @@ def settings_from_node(node) -> NmsSettings:
     from onnx import helper
 
     from ..errors import EdetError
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in TRT_ATTRIBUTE_TYPES}
     unknown = set(attrs) - set(ATTRIBUTE_TYPES)
     if unknown:
         raise EdetError(f"soft_nms node {node.name!r} has unknown attributes {sorted(unknown)}")
@@ -71,7 +84,8 @@ def register_onnx_schema() -> None:
         outputs=[P("num_detections", "I"), P("detection_boxes", "T"), P("detection_scores", "T"),
                  P("detection_classes", "I")],
         type_constraints=[("T", ["tensor(float)"], "boxes and scores"), ("I", ["tensor(int32)"], "counts, classes")],
-        attributes=[defs.OpSchema.Attribute(k, attr_kind[t], "", required=False) for k, t in ATTRIBUTE_TYPES.items()],
+        attributes=[defs.OpSchema.Attribute(k, attr_kind[t], "", required=False)
+                    for k, t in {**ATTRIBUTE_TYPES, **TRT_ATTRIBUTE_TYPES}.items()],
     )
     defs.register_schema(schema)
     del onnx

@@ -4,7 +4,9 @@ bindings (names present in `tensorrt_bindings/tensorrt.so` of the `tensorrt-cu13
 
 # trt.<name> and methods of the objects TensorRT returns
 TRT_API = (
-    "__version__", "Builder", "NetworkDefinitionCreationFlag", "STRONGLY_TYPED", "OnnxParser", "parse_from_file",
+    "__version__", "Builder", "NetworkDefinitionCreationFlag", "PREFER_AOT_PYTHON_PLUGINS", "OnnxParser",
+    "parse_from_file", "ProfilingVerbosity", "DETAILED", "profiling_verbosity", "create_engine_inspector",
+    "get_engine_information", "LayerInformationFormat", "JSON", "ILogger", "WARNING",
     "get_error", "num_errors", "create_network", "create_builder_config", "set_memory_pool_limit",
     "MemoryPoolType", "WORKSPACE", "create_timing_cache", "set_timing_cache", "get_timing_cache",
     "create_optimization_profile", "set_shape", "add_optimization_profile", "build_serialized_network",

@@ -10,6 +10,7 @@ from ..errors import EdetError
 from ..io import atomic_path, sha256_file, write_json
 from ..log import logger
 from ..metadata import read_metadata
+from .parser_rules import BUILD_NETWORK_FLAGS
 
 
 def parse_batch(spec: str) -> Tuple[int, int, int]:
@@ -25,7 +26,7 @@ def parse_batch(spec: str) -> Tuple[int, int, int]:
 
 
 def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timing_cache: Optional[str] = None,
-                 workspace_gb: float = 4.0) -> Dict:
+                 workspace_gb: float = 4.0, verbose: bool = False) -> Dict:
     """Parse, build, write the plan atomically plus its JSON sidecar; returns the sidecar."""
     from . import require_tensorrt
     from .plugin import register
@@ -40,16 +41,19 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
         raise EdetError(f"profile max {hi} exceeds the graph's dynamic batch {meta['batch']['max']}")
     trt = require_tensorrt()
     register()  # the edet::soft_nms plugin, for the parser to find
-    log = _Logger(trt)
+    log = _Logger(trt, verbose)
     t0 = time.perf_counter()
     builder = trt.Builder(log)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, log)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EdetError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    # layer names, types and plugin details stay readable by the engine inspector (gpu_acceptance checks that
+    # the soft-NMS layer is the AOT plugin)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     cache = None
     if timing_cache:
         data = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
@@ -85,15 +89,29 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
     return sidecar
 
 
-def _Logger(trt):
+def network_flags(trt) -> int:
+    """Creation flags of our networks. TensorRT 11 networks are always strongly typed (STRONGLY_TYPED is
+    deprecated and ignored there); the plugin's AOT implementation is preferred, so the engine embeds the
+    soft-NMS kernel and needs no Python at run time (the exported node also says `aot=1`)."""
+    flags = 0
+    for name in BUILD_NETWORK_FLAGS:
+        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    return flags
+
+
+def _Logger(trt, verbose: bool = False):
+    """TensorRT's messages into our logger: warnings and errors only, unless `verbose`."""
+    severity = trt.ILogger.Severity
+    levels = {severity.INTERNAL_ERROR: 50, severity.ERROR: 40, severity.WARNING: 30, severity.INFO: 20}
+
     class Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
 
-        def log(self, severity, msg):
-            level = {trt.ILogger.Severity.INTERNAL_ERROR: 50, trt.ILogger.Severity.ERROR: 40,
-                     trt.ILogger.Severity.WARNING: 30, trt.ILogger.Severity.INFO: 20}.get(severity, 10)
-            logger.log(level, "[TensorRT] %s", msg)
+        def log(self, sev, msg):
+            level = levels.get(sev, 10)
+            if verbose or level >= 30:
+                logger.log(level, "[TensorRT] %s", msg)
     return Logger()
 
 

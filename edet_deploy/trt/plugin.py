@@ -1,20 +1,27 @@
 """The `edet::soft_nms` TensorRT plugin (quickly deployable plugin API, `tensorrt.plugin`).
 
-The parts that need no TensorRT are plain functions, tested on CPU: output descriptions (`output_specs`) and
-the ahead-of-time launch (`aot_launch`: PTX from kernels/, grid, block, shared memory, scalar arguments).
-`register()` wraps them with the real decorators where TensorRT is installed. The AOT implementation makes
-engines that run in any TensorRT runtime (trtexec, Triton's tensorrt backend) with no Python; the JIT
-implementation (torch + OpenAI Triton) is for debugging.
-"""
-from __future__ import annotations
+The parts that need no TensorRT are plain functions, tested on CPU: output descriptions (`output_specs`),
+attribute decoding as the ONNX parser delivers them (`settings_from_attrs`) and the ahead-of-time launch
+(`aot_launch`: PTX from kernels/, block, shared memory). `register()` wraps them with TensorRT's decorators;
+tests/trt_harness.py executes that registration with TensorRT's own `tensorrt.plugin` code.
 
-from typing import Dict, List, Tuple
+The AOT implementation is the one engines use (the graph node says `aot=1`, and `edet-deploy build` also
+sets PREFER_AOT_PYTHON_PLUGINS): its kernel is embedded in the plan, so trtexec and Triton's tensorrt_plan
+backend run it with no Python. The JIT implementation (torch + OpenAI Triton) is for debugging.
+
+No `from __future__ import annotations` here: `@trtp.register` reads the annotations as classes.
+"""
+import inspect
+from typing import Dict, List, Tuple, Union
 
 from ..nms import op as nms_op
 from ..nms.settings import NmsSettings
 
 PLUGIN_ID = f"{nms_op.DOMAIN}::{nms_op.OP_TYPE}"
-_registered = False  # tensorrt.plugin refuses a second registration of the same id  # matched by the ONNX node's domain and op_type
+PLUGIN_VERSION = "1"  # QDP creators are always version "1"
+# Attribute order = the creator's field order = the order aot_impl/impl receive the values in.
+ATTRIBUTES: Tuple[str, ...] = tuple(nms_op.ATTRIBUTE_TYPES)
+_registered = False  # tensorrt.plugin refuses a second registration of the same id
 
 # (output name, dtype name, shape as a function of (batch, candidates, K))
 _OUTPUT_LAYOUT = (("num_detections", "int32", lambda b, n, k: (b, 1)),
@@ -28,43 +35,78 @@ def output_specs(batch, num_candidates, max_detections) -> List[Tuple[str, str, 
     return [(name, dtype, shape(batch, num_candidates, max_detections)) for name, dtype, shape in _OUTPUT_LAYOUT]
 
 
-def settings_from_attrs(method: str, sigma: float, iou_threshold: float, score_threshold: float,
+def settings_from_attrs(method: Union[str, int], sigma: float, iou_threshold: float, score_threshold: float,
                         max_detections: int, class_agnostic: int) -> NmsSettings:
+    """Settings from the plugin's attributes as TensorRT hands them over. onnx-tensorrt copies a STRING
+    attribute with its terminating NUL counted, and the QDP creator decodes those bytes as they are, so
+    `method` arrives as 'gaussian\\x00'; float attributes arrive as float32 values widened to float."""
+    if isinstance(method, (bytes, bytearray)):
+        method = bytes(method).decode()
+    method = str(method).rstrip("\x00")
     return NmsSettings(method, float(sigma), float(iou_threshold), float(score_threshold), int(max_detections),
                        bool(class_agnostic))
 
 
 def aot_launch(num_candidates: int, settings: NmsSettings, arch: int) -> Dict:
-    """Everything the AOT implementation returns, as plain data: kernel name, PTX, launch parameters per
-    batch size (grid = batch), and the scalar arguments in kernel order (N)."""
+    """Everything the AOT implementation returns, as plain data: kernel name, PTX (its parameters exactly
+    TensorRT's AOT order: 3 inputs, N, 4 outputs), block size, shared memory; grid = batch, one program
+    per image; the scalar argument N."""
     from edet_kernels.soft_nms import compile_ptx, launch_params
 
-    k = compile_ptx(int(num_candidates), settings.method_id, settings.class_agnostic, arch, settings.sigma,
+    k = compile_ptx(int(num_candidates), settings.method_id, settings.class_agnostic, int(arch), settings.sigma,
                     settings.iou_threshold, settings.score_threshold, settings.max_detections)
     params = launch_params(1, num_candidates, k.shared_mem)
     return {"kernel_name": k.name, "ptx": k.ptx, "block_x": params.block[0], "shared_mem": k.shared_mem,
             "grid": "batch", "extra_args": ["N"], "num_warps": k.num_warps}
 
 
+def jit_soft_nms(inputs, outputs, settings: NmsSettings, stream: int) -> None:
+    """The JIT implementation's body: `inputs` (boxes, scores, classes) and `outputs` are CUDA arrays
+    (TensorRT's `trtp.Tensor`s or torch tensors), `stream` a cudaStream_t handle. Every allocation, the kernel
+    and the copies run on that stream: nothing may race TensorRT's work on it."""
+    import torch
+    from edet_kernels.soft_nms import run
+
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+        boxes, scores, classes = (torch.as_tensor(t, device="cuda") for t in inputs)
+        counts = torch.full((scores.shape[0],), scores.shape[1], dtype=torch.int32, device="cuda")
+        got = run(boxes, scores, classes, counts, method_id=settings.method_id, sigma=settings.sigma,
+                  iou_threshold=settings.iou_threshold, score_threshold=settings.score_threshold,
+                  max_detections=settings.max_detections, class_agnostic=settings.class_agnostic)
+        for dst, src in zip(outputs, got):
+            dst_t = torch.as_tensor(dst, device="cuda")
+            dst_t.copy_(src.reshape(dst_t.shape))
+
+
+def target_arch() -> int:
+    """sm_XY of the GPU the engine is being built on (a plan only runs on the architecture it was built for)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from ..errors import EdetError
+        raise EdetError("building the soft-NMS plugin's kernel needs a CUDA GPU (the plan is tied to it)")
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
 def register():
-    """Register the plugin with TensorRT (idempotent). Needs TensorRT >= 11 and a GPU."""
+    """Register the plugin with TensorRT (idempotent) and return `tensorrt.plugin`. Needs TensorRT >= 11."""
     from . import require_tensorrt
 
     trt = require_tensorrt()
     import tensorrt.plugin as trtp
-    from typing import Tuple as T
 
     global _registered
     if _registered:
         return trtp
+    dtypes = {"int32": trt.int32, "float32": trt.float32}
 
     @trtp.register(PLUGIN_ID)
     def soft_nms_desc(candidate_boxes: trtp.TensorDesc, candidate_scores: trtp.TensorDesc,
                       candidate_classes: trtp.TensorDesc, method: str, sigma: float, iou_threshold: float,
                       score_threshold: float, max_detections: int, class_agnostic: int
-                      ) -> T[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+                      ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         b, n = candidate_scores.shape_expr[0], candidate_scores.shape_expr[1]
-        dtypes = {"int32": trt.int32, "float32": trt.float32}
         return tuple(trtp.from_shape_expr(shape, dtypes[dtype])
                      for _, dtype, shape in output_specs(b, n, max_detections))
 
@@ -72,41 +114,32 @@ def register():
     def soft_nms_aot(candidate_boxes: trtp.TensorDesc, candidate_scores: trtp.TensorDesc,
                      candidate_classes: trtp.TensorDesc, method: str, sigma: float, iou_threshold: float,
                      score_threshold: float, max_detections: int, class_agnostic: int,
-                     outputs: T[trtp.TensorDesc], tactic: int):
-        import torch
-
+                     outputs: Tuple[trtp.TensorDesc], tactic: int
+                     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
         settings = settings_from_attrs(method, sigma, iou_threshold, score_threshold, max_detections,
                                        class_agnostic)
-        major, minor = torch.cuda.get_device_capability()
-        n = candidate_scores.shape_expr[1]
-        launch = aot_launch(int(n), settings, major * 10 + minor)
+        # At launch-parameter time the shapes are concrete (N comes from a constant TopK K); the symbolic
+        # expression stays the kernel's runtime argument.
+        n = int(candidate_scores.shape[1])
+        if n <= 0:
+            raise ValueError(f"soft_nms needs a static candidate count, got {n} (export with a constant TopK K)")
+        launch = aot_launch(n, settings, target_arch())
         params = trtp.KernelLaunchParams()
         params.grid_x = candidate_scores.shape_expr[0]  # one program per image
         params.block_x = launch["block_x"]
         params.shared_mem = launch["shared_mem"]
         extra = trtp.SymIntExprs(1)
-        extra[0] = trtp.SymInt32(n)
+        extra[0] = trtp.SymInt32(candidate_scores.shape_expr[1])
         return launch["kernel_name"], launch["ptx"], params, extra
 
     @trtp.impl(PLUGIN_ID)
     def soft_nms_jit(candidate_boxes: trtp.Tensor, candidate_scores: trtp.Tensor, candidate_classes: trtp.Tensor,
                      method: str, sigma: float, iou_threshold: float, score_threshold: float, max_detections: int,
-                     class_agnostic: int, outputs: T[trtp.Tensor], stream: int) -> None:
-        import torch
-        from edet_kernels.soft_nms import run
-
+                     class_agnostic: int, outputs: Tuple[trtp.Tensor], stream: int) -> None:
         settings = settings_from_attrs(method, sigma, iou_threshold, score_threshold, max_detections,
                                        class_agnostic)
-        boxes = torch.as_tensor(candidate_boxes, device="cuda")
-        scores = torch.as_tensor(candidate_scores, device="cuda")
-        classes = torch.as_tensor(candidate_classes, device="cuda")
-        counts = torch.full((scores.shape[0],), scores.shape[1], dtype=torch.int32, device="cuda")
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            got = run(boxes, scores, classes, counts, method_id=settings.method_id, sigma=settings.sigma,
-                      iou_threshold=settings.iou_threshold, score_threshold=settings.score_threshold,
-                      max_detections=settings.max_detections, class_agnostic=settings.class_agnostic)
-            for dst, src in zip(outputs, got):
-                torch.as_tensor(dst, device="cuda").copy_(src.reshape(torch.as_tensor(dst, device="cuda").shape))
+        jit_soft_nms((candidate_boxes, candidate_scores, candidate_classes), outputs, settings, stream)
 
+    assert list(inspect.signature(soft_nms_desc).parameters)[3:] == list(ATTRIBUTES)
     _registered = True
     return trtp
