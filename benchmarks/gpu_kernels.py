@@ -43,7 +43,7 @@ def kernel_correctness(device: str, count: int, max_n: int, batches, max_detecti
 
     from edet_deploy.nms import NmsSettings, batched_soft_nms_reference
     from edet_deploy.nms.synthetic import random_cases
-    from edet_kernels.soft_nms import run
+    from edet_deploy.kernels.soft_nms import run
 
     failures, methods, largest = [], {}, 0
     for i, ((boxes, scores, classes), opts) in enumerate(random_cases(7, count, max_n, batches=batches,
@@ -74,7 +74,7 @@ def kernel_timing(sizes, batches, repeats: int) -> list:
 
     from edet_deploy.nms import batched_soft_nms
     from edet_deploy.nms.synthetic import clustered_case
-    from edet_kernels.soft_nms import run
+    from edet_deploy.kernels.soft_nms import run
 
     rows = []
     rng = np.random.default_rng(0)
@@ -115,7 +115,7 @@ def jit_path(device: str) -> dict:
     from edet_deploy.nms import NmsSettings
     from edet_deploy.nms.synthetic import clustered_case
     from edet_deploy.trt.plugin import jit_soft_nms
-    from edet_kernels.soft_nms import run
+    from edet_deploy.kernels.soft_nms import run
 
     rng = np.random.default_rng(5)
     boxes, scores, classes = (torch.from_numpy(x).to(device) for x in clustered_case(rng, 4, 500, 5))
@@ -125,6 +125,7 @@ def jit_path(device: str) -> dict:
             torch.full((4, k, 4), -1.0, device=device), torch.full((4, k), -1.0, device=device),
             torch.full((4, k), -1, dtype=torch.int32, device=device)]
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # the fills above ran on the default stream
     jit_soft_nms((boxes, scores, classes), outs, s, side.cuda_stream)
     side.synchronize()
     counts = torch.full((4,), 500, dtype=torch.int32, device=device)

@@ -49,7 +49,7 @@ def _export(p: argparse.ArgumentParser):
 
     def run(args) -> int:
         from .export import export_onnx
-        from .export.trt_check import check_trt_compat
+        from .trt.check import check_trt_compat
         res = export_onnx(args.model, args.out, weights=args.weights, num_classes=args.num_classes,
                           image_size=args.image_size, batch=args.batch, dynamic_batch=args.dynamic_batch,
                           opset=args.opset, nms=nms_settings(args), pre_nms_top_k=args.pre_nms_top_k)
@@ -66,7 +66,7 @@ def _check(p: argparse.ArgumentParser):
     p.add_argument("onnx", help="ONNX graph")
 
     def run(args) -> int:
-        from .export.trt_check import check_trt_compat
+        from .trt.check import check_trt_compat
         path = Path(args.onnx)
         if not path.is_file():
             raise EdetError(f"ONNX graph not found: {path}")
@@ -74,7 +74,7 @@ def _check(p: argparse.ArgumentParser):
             findings = check_trt_compat(path)
         except Exception as e:  # noqa: BLE001 - a malformed file is the user's problem
             raise EdetError(f"cannot read {path} as ONNX: {e}") from None
-        from .export.trt_check import plugin_report
+        from .trt.check import plugin_report
         for line in plugin_report(path):
             print(line)
         for f in findings:
@@ -385,12 +385,15 @@ def _build(p: argparse.ArgumentParser):
     p.add_argument("--batch", default="1", help="optimization profile MIN:OPT:MAX (or N)")
     p.add_argument("--timing-cache", help="timing cache file, read and updated")
     p.add_argument("--workspace", type=float, default=4.0, help="workspace limit in GB")
-    p.add_argument("--verbose", action="store_true", help="show TensorRT's info messages, not only warnings")
+    p.add_argument("--trt-verbose", action="store_true", help="show TensorRT's info messages, not only warnings")
+    p.add_argument("--no-tf32", action="store_true",
+                   help="FP32 layers in full FP32 (TensorRT otherwise runs FP32 convolutions as TF32)")
 
     def run(args) -> int:
         from .trt.builder import build_engine, parse_batch
         parse_batch(args.batch)
-        sidecar = build_engine(args.onnx, args.out, args.batch, args.timing_cache, args.workspace, args.verbose)
+        sidecar = build_engine(args.onnx, args.out, args.batch, args.timing_cache, args.workspace,
+                               verbose=args.trt_verbose, tf32=not args.no_tf32)
         print(f"wrote {args.out} ({sidecar['precision']}, TensorRT {sidecar['tensorrt']['version']}, "
               f"{sidecar['tensorrt']['gpu']}, {sidecar['tensorrt']['build_seconds']} s)")
         return 0

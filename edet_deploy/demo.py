@@ -24,7 +24,7 @@ def sample_image(path: Path, seed: int = 0, size=(480, 640)) -> Path:
 def run_demo(model: str, out: Path) -> int:
     from .detector import Detector
     from .export import export_onnx
-    from .export.trt_check import check_trt_compat
+    from .trt.check import check_trt_compat
     from .model.weights import checkpoint_metadata
     from .visualize import draw_detections
 

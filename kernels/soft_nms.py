@@ -108,8 +108,10 @@ def compile_ptx(num_candidates: int, method_id: int = 2, class_agnostic: bool = 
     md = compiled.metadata
     scratch = int(getattr(md, "global_scratch_size", 0) or 0) + int(getattr(md, "profile_scratch_size", 0) or 0)
     ptx = compiled.asm["ptx"]
-    if scratch == 0:
-        ptx = trim_entry_params(ptx, md.name, len(RUNTIME_ARGS))
+    if scratch:  # TensorRT's AOT launch passes exactly RUNTIME_ARGS; it has no scratch buffer to give
+        raise RuntimeError(f"this Triton build asks for {scratch} bytes of kernel scratch memory, which TensorRT's "
+                           f"AOT launch cannot provide")
+    ptx = trim_entry_params(ptx, md.name, len(RUNTIME_ARGS))
     return CompiledKernel(name=md.name, ptx=ptx, num_warps=md.num_warps, shared_mem=md.shared,
                           block_candidates=block, arch=arch, scratch_bytes=scratch)
 
@@ -189,7 +191,7 @@ def run_interpreted(boxes, scores, classes, counts, **settings):
                                                 st["class_agnostic"]], np.float64)
         np.savez(inp, n=len(cases), **arrays)
         env = dict(os.environ, TRITON_INTERPRET="1")
-        subprocess.run([sys.executable, "-m", "edet_kernels.soft_nms", inp, out], check=True, env=env)
+        subprocess.run([sys.executable, "-m", "edet_deploy.kernels.soft_nms", inp, out], check=True, env=env)
         res = np.load(out)
         outs = [tuple(res[f"{i}_{k}"] for k in ("num", "boxes", "scores", "classes")) for i in range(len(cases))]
     return outs[0] if single else outs

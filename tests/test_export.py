@@ -11,7 +11,7 @@ from edet_deploy import EdetError, create_model, save_weights
 from edet_deploy.backends.onnxrt import OnnxRuntimeRunner
 from edet_deploy.backends.pytorch import TorchRunner
 from edet_deploy.export import export_onnx
-from edet_deploy.export.trt_check import check_trt_compat
+from edet_deploy.trt.check import check_trt_compat
 from edet_deploy.nms import NmsSettings
 from conftest import assert_same_detections
 

@@ -32,7 +32,7 @@ def test_fast_cpu_large_n_over_k():
 
 
 def test_gpu_kernel_under_triton_interpreter():
-    from edet_kernels.soft_nms import run_interpreted
+    from edet_deploy.kernels.soft_nms import run_interpreted
 
     cases, refs, settings = [], [], []
     for (boxes, scores, classes), opts in random_cases(2, 150, 48):
@@ -51,7 +51,7 @@ def test_gpu_kernel_under_triton_interpreter():
 
 
 def test_kernel_respects_candidate_count():
-    from edet_kernels.soft_nms import run_interpreted
+    from edet_deploy.kernels.soft_nms import run_interpreted
 
     rng = np.random.default_rng(3)
     boxes, scores, classes = clustered_case(rng, 2, 40, 2)
@@ -66,7 +66,7 @@ def test_kernel_respects_candidate_count():
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernel_compiles_to_ptx(arch):
-    from edet_kernels.soft_nms import KERNEL_NAME, compile_ptx, launch_params
+    from edet_deploy.kernels.soft_nms import KERNEL_NAME, compile_ptx, launch_params
 
     k = compile_ptx(3840, NmsSettings().method_id, False, arch)
     assert f".visible .entry {KERNEL_NAME}(" in k.ptx and k.name == KERNEL_NAME

@@ -11,7 +11,7 @@ from edet_deploy import EdetError
 from edet_deploy.backends.onnxrt import OnnxRuntimeRunner
 from edet_deploy.data import CocoDataset, generate_shapes
 from edet_deploy.export import export_onnx
-from edet_deploy.export.trt_check import check_trt_compat
+from edet_deploy.trt.check import check_trt_compat
 from edet_deploy.precision.convert import to_fp16, to_int8
 from edet_deploy.precision.int8 import check_qdq, strip_nms
 from edet_deploy.preprocess import preprocess

@@ -23,7 +23,7 @@ def create_runner(backend: str, *, onnx_path: Optional[str] = None, engine_path:
     if backend == "tensorrt":
         if not engine_path:
             raise EdetError("the tensorrt backend needs an engine (--engine, built with `edet-deploy build`)")
-        from .trt import TensorRTRunner
+        from ..trt.runner import TensorRTRunner
         return TensorRTRunner(engine_path, **{k: v for k, v in kwargs.items() if k in ("cuda_graph", "verbose")})
     raise EdetError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 

@@ -7,7 +7,8 @@ detection_scores [B,K] float32, detection_classes [B,K] int32 (K = max_detection
 only (TensorRT plugin attributes cannot be lists): method (string), sigma, iou_threshold, score_threshold
 (float), max_detections, class_agnostic (int); plus `aot` = 1, read by TensorRT's ONNX parser alone: it asks for the
 plugin's ahead-of-time implementation (kernel embedded in the engine, no Python at run time) whatever the
-builder's network flags, so trtexec / Polygraphy builds get the same engine as `edet-deploy build`.
+builder's network flags, so any Python build that registers the plugin (Polygraphy, a script) gets the same
+AOT engine as `edet-deploy build`; the finished engine then runs anywhere (trtexec, Triton) without Python.
 """
 from __future__ import annotations
 

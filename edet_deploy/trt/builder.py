@@ -26,7 +26,7 @@ def parse_batch(spec: str) -> Tuple[int, int, int]:
 
 
 def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timing_cache: Optional[str] = None,
-                 workspace_gb: float = 4.0, verbose: bool = False) -> Dict:
+                 workspace_gb: float = 4.0, verbose: bool = False, tf32: bool = True) -> Dict:
     """Parse, build, write the plan atomically plus its JSON sidecar; returns the sidecar."""
     from . import require_tensorrt
     from .plugin import register
@@ -54,6 +54,8 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
     # layer names, types and plugin details stay readable by the engine inspector (gpu_acceptance checks that
     # the soft-NMS layer is the AOT plugin)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if not tf32:  # TensorRT runs FP32 convolutions as TF32 (10-bit mantissa) unless told not to
+        config.clear_flag(trt.BuilderFlag.TF32)
     cache = None
     if timing_cache:
         data = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
@@ -80,7 +82,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
            "dtype": str(network.get_output(i).dtype)} for i in range(network.num_outputs)]
     sidecar = dict(meta, tensorrt={"version": trt.__version__, "gpu": props.name,
                                    "compute_capability": f"{props.major}.{props.minor}",
-                                   "batch_profile": [lo, opt, hi], "io": io,
+                                   "batch_profile": [lo, opt, hi], "io": io, "tf32": tf32,
                                    "build_seconds": round(time.perf_counter() - t0, 1),
                                    "onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path)},
                    batch={"dynamic": lo != hi, "max": hi, "min": lo}, plan_sha256=sha256_file(out))

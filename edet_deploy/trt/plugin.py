@@ -12,6 +12,7 @@ backend run it with no Python. The JIT implementation (torch + OpenAI Triton) is
 No `from __future__ import annotations` here: `@trtp.register` reads the annotations as classes.
 """
 import inspect
+import re
 from typing import Dict, List, Tuple, Union
 
 from ..nms import op as nms_op
@@ -51,12 +52,15 @@ def aot_launch(num_candidates: int, settings: NmsSettings, arch: int) -> Dict:
     """Everything the AOT implementation returns, as plain data: kernel name, PTX (its parameters exactly
     TensorRT's AOT order: 3 inputs, N, 4 outputs), block size, shared memory; grid = batch, one program
     per image; the scalar argument N."""
-    from edet_kernels.soft_nms import compile_ptx, launch_params
+    from edet_deploy.kernels.soft_nms import compile_ptx
 
     k = compile_ptx(int(num_candidates), settings.method_id, settings.class_agnostic, int(arch), settings.sigma,
                     settings.iou_threshold, settings.score_threshold, settings.max_detections)
-    params = launch_params(1, num_candidates, k.shared_mem)
-    return {"kernel_name": k.name, "ptx": k.ptx, "block_x": params.block[0], "shared_mem": k.shared_mem,
+    block_x = 32 * k.num_warps  # the threads the compiled kernel was built for (its .reqntid)
+    reqntid = re.search(r"\.reqntid\s+(\d+)", k.ptx)
+    if reqntid and int(reqntid.group(1)) != block_x:
+        raise RuntimeError(f"kernel requires {reqntid.group(1)} threads per block, launch would use {block_x}")
+    return {"kernel_name": k.name, "ptx": k.ptx, "block_x": block_x, "shared_mem": k.shared_mem,
             "grid": "batch", "extra_args": ["N"], "num_warps": k.num_warps}
 
 
@@ -65,7 +69,7 @@ def jit_soft_nms(inputs, outputs, settings: NmsSettings, stream: int) -> None:
     (TensorRT's `trtp.Tensor`s or torch tensors), `stream` a cudaStream_t handle. Every allocation, the kernel
     and the copies run on that stream: nothing may race TensorRT's work on it."""
     import torch
-    from edet_kernels.soft_nms import run
+    from edet_deploy.kernels.soft_nms import run
 
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
         boxes, scores, classes = (torch.as_tensor(t, device="cuda") for t in inputs)

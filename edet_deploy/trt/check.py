@@ -12,8 +12,8 @@ from typing import Dict, List, Optional, Set
 import numpy as np
 
 from ..nms import op as nms_op
-from ..trt import parser_rules
-from .graph import TRT_MAX_TOPK
+from . import parser_rules
+from ..export.graph import TRT_MAX_TOPK
 
 SUPPORTED_OPS: Set[str] = set("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization BlackmanWindow Cast
@@ -62,7 +62,7 @@ def plugin_report(model) -> List[str]:
             continue
         res = parser_rules.resolve(n)
         if res.found is None:
-            lines.append(f"plugin node {res.node!r}: {res.problems[0]}")
+            lines.append(f"plugin node {res.node!r}: TensorRT's parser finds no plugin for it (see below)")
             continue
         lines.append(f"plugin node {res.node!r}: {res.found.plugin_id} version {res.found.version} "
                      f"(found by {res.found_by})")
@@ -70,6 +70,9 @@ def plugin_report(model) -> List[str]:
         if res.implementation:
             lines.append(f"  implementation: {res.implementation} ({res.request}; "
                          f"{'node attribute aot' if res.request.startswith('STRICT') else 'network flags of edet-deploy build'})")
+            if not res.request.startswith("STRICT"):
+                lines.append("  note: no aot attribute on the node: only builds with PREFER_AOT_PYTHON_PLUGINS "
+                             "(edet-deploy build) choose AOT; re-export to add aot=1")
         try:
             lines.append(f"  settings: {parser_rules.decoded_settings(res.fields).to_dict()}")
         except Exception:  # noqa: BLE001 - already a finding of check_trt_compat
@@ -107,12 +110,14 @@ def check_trt_compat(model, static_batch: Optional[bool] = None) -> List[Finding
             findings.append(Finding(n.name or n.output[0], f"{n.domain + '::' if n.domain else ''}{n.op_type}", msg))
 
         if n.domain == nms_op.DOMAIN or n.op_type == nms_op.OP_TYPE:
-            for problem in parser_rules.resolve(n).problems:
+            problems = parser_rules.resolve(n).problems
+            for problem in problems:
                 add(problem)
-            try:
-                nms_op.settings_from_node(n)
-            except Exception as e:  # noqa: BLE001 - report, don't raise
-                add(f"invalid plugin attributes: {e}")
+            if not problems:  # TensorRT would take it; is it also what our exporter writes?
+                try:
+                    nms_op.settings_from_node(n)
+                except Exception as e:  # noqa: BLE001 - report, don't raise
+                    add(f"not edet-deploy's soft_nms contract: {e}")
             if len(n.input) != 3 or len(n.output) != 4:
                 add("the soft_nms plugin takes 3 inputs and gives 4 outputs")
             continue

@@ -1,4 +1,4 @@
-"""Every TensorRT Python entry point edet-deploy calls, for the test that checks them against TensorRT 11.4's
+"""Test data: every TensorRT Python entry point edet-deploy calls, for the test that checks them against TensorRT 11.4's
 bindings (names present in `tensorrt_bindings/tensorrt.so` of the `tensorrt-cu13-bindings` 11.4 wheel) and the
 `tensorrt.plugin` package it ships."""
 
@@ -6,7 +6,8 @@ bindings (names present in `tensorrt_bindings/tensorrt.so` of the `tensorrt-cu13
 TRT_API = (
     "__version__", "Builder", "NetworkDefinitionCreationFlag", "PREFER_AOT_PYTHON_PLUGINS", "OnnxParser",
     "parse_from_file", "ProfilingVerbosity", "DETAILED", "profiling_verbosity", "create_engine_inspector",
-    "get_engine_information", "LayerInformationFormat", "JSON", "ILogger", "WARNING",
+    "get_engine_information", "LayerInformationFormat", "JSON", "ILogger", "WARNING", "BuilderFlag", "TF32",
+    "clear_flag",
     "get_error", "num_errors", "create_network", "create_builder_config", "set_memory_pool_limit",
     "MemoryPoolType", "WORKSPACE", "create_timing_cache", "set_timing_cache", "get_timing_cache",
     "create_optimization_profile", "set_shape", "add_optimization_profile", "build_serialized_network",
