@@ -22,7 +22,7 @@ import numpy as np
 from .errors import EdetError
 from .log import logger
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 # Largest input at which ONNX Runtime's INT8 calibration (all intermediate activations kept) fits this
 # workplace's 24 GiB machines; larger variants are skipped with that reason rather than killed mid-sweep.
 INT8_CALIBRATION_MAX_SIZE = int(os.environ.get("EDET_INT8_CALIB_MAX_SIZE", "1536"))
@@ -42,7 +42,7 @@ def machine_info(threads: Optional[int]) -> Dict:
     except (OSError, StopIteration):
         pass
     versions = {}
-    for mod in ("torch", "onnxruntime", "numpy", "onnx", "timm", "tensorrt"):
+    for mod in ("torch", "onnxruntime", "openvino", "numpy", "onnx", "timm", "tensorrt"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - absent optional libraries are simply not listed
@@ -94,6 +94,7 @@ class Result:
     reason: str = ""
     image_size: int = 0
     threads: int = 0
+    load_ms: float = 0.0  # runner construction: graph load + compilation (OpenVINO, TensorRT), cold
     first_inference_ms: float = 0.0
     model_p50_ms: float = 0.0
     model_p90_ms: float = 0.0
@@ -199,7 +200,7 @@ class Bench:
 
     @staticmethod
     def skip_reason(backend: str, precision: str, image_size: int = 0) -> str:
-        if backend == "onnxruntime" and precision == "int8" and image_size >= INT8_CALIBRATION_MAX_SIZE:
+        if backend in ("onnxruntime", "openvino") and precision == "int8" and image_size >= INT8_CALIBRATION_MAX_SIZE:
             return (f"out of memory: INT8 calibration at {image_size} px keeps every activation of the network "
                     f"(measured: D7 at 1536 px was killed on this 24 GiB machine)")
         if backend == "torch" and precision != "fp32":
@@ -228,16 +229,22 @@ class Bench:
         if backend == "torch":
             import torch
             torch.manual_seed(0)
+            t = time.perf_counter()
             runner = create_runner("torch", model_name=model, threads=self.threads)
-        elif backend == "onnxruntime":
-            runner = create_runner("onnxruntime", onnx_path=str(self.graph(model, precision, max_batch)),
-                                   threads=self.threads)
+        elif backend in ("onnxruntime", "openvino"):
+            graph = str(self.graph(model, precision, max_batch))
+            # No OpenVINO model cache here: load_ms is the cold compilation a first start pays.
+            extra = {"cache_dir": False} if backend == "openvino" else {}
+            t = time.perf_counter()
+            runner = create_runner(backend, onnx_path=graph, threads=self.threads, **extra)
         else:
             from .trt.builder import build_engine
             plan = self.out / "engines" / f"{model}_{precision}_b{max_batch}.plan"
             if not plan.is_file():
                 build_engine(self.graph(model, precision, max_batch), plan, f"1:{max_batch}:{max_batch}")
+            t = time.perf_counter()
             runner = create_runner("tensorrt", engine_path=str(plan))
+        r.load_ms = round((time.perf_counter() - t) * 1000, 2)
         s = runner.image_size
         rng = np.random.default_rng(0)
         inputs = [rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8) for _ in range(self.pool_size)]
@@ -323,29 +330,39 @@ def markdown_table(report: Dict) -> str:
              f"{m['date']}. Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n",
              "Latency in ms (model = graph alone on preprocessed input; pipeline = JPEG decode + preprocess + "
              "model + postprocess). First inference is excluded from percentiles and shown separately.\n",
-             "| model | backend | precision | batch | model p50 | p90 | p99 | pipeline p50 | img/s | first inf. | "
-             "peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Load = building the runner (graph load and compilation, no cache); first inf. = the first call after.\n",
+             "| model | backend | precision | batch | model p50 | p90 | p99 | pipeline p50 | img/s | load ms | "
+             "first inf. | peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | "
-                         f"{r['status']}: {r['reason']} ||||||| ")
+                         f"{r['status']}: {r['reason']} |||||||| ")
             continue
         lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['model_p50_ms']:.1f} | "
                      f"{r['model_p90_ms']:.1f} | {r['model_p99_ms']:.1f} | {r['pipeline_p50_ms']:.1f} | "
-                     f"{r['throughput_img_s']:.2f} | {r['first_inference_ms']:.0f} | {r['peak_rss_mb']:.0f} |")
-    ratios = speedups(report)
-    if ratios:
-        lines += ["", "ONNX Runtime FP32 vs eager PyTorch (model p50, same run):", ""]
-        lines += [f"- {k}: {v:.2f}x" for k, v in ratios.items()]
+                     f"{r['throughput_img_s']:.2f} | {r.get('load_ms', 0):.0f} | {r['first_inference_ms']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    for title, pairs in RATIOS:
+        ratios = speedups(report, *pairs)
+        if ratios:
+            lines += ["", f"{title} (model p50, same run; > 1 = faster):", ""]
+            lines += [f"- {k}: {v:.2f}x" for k, v in ratios.items()]
     return "\n".join(lines) + "\n"
 
 
-def speedups(report: Dict) -> Dict[str, float]:
+# (title, (backend, precision) measured, (backend, precision) it is compared against)
+RATIOS = [("ONNX Runtime FP32 vs eager PyTorch", (("onnxruntime", "fp32"), ("torch", "fp32"))),
+          ("OpenVINO FP32 vs ONNX Runtime FP32", (("openvino", "fp32"), ("onnxruntime", "fp32"))),
+          ("OpenVINO INT8 (Q/DQ) vs OpenVINO FP32", (("openvino", "int8"), ("openvino", "fp32")))]
+
+
+def speedups(report: Dict, subject=("onnxruntime", "fp32"), baseline=("torch", "fp32")) -> Dict[str, float]:
+    """baseline p50 / subject p50 per model and batch, where both were measured."""
     by = {(r["model"], r["backend"], r["precision"], r["batch"]): r for r in report["results"] if r["status"] == "ok"}
     out = {}
     for (m, b, p, n), r in by.items():
-        if b == "onnxruntime" and p == "fp32" and (m, "torch", "fp32", n) in by:
-            out[f"{m} b{n}"] = by[(m, "torch", "fp32", n)]["model_p50_ms"] / r["model_p50_ms"]
+        if (b, p) == tuple(subject) and (m, *baseline, n) in by:
+            out[f"{m} b{n}"] = by[(m, *baseline, n)]["model_p50_ms"] / r["model_p50_ms"]
     return out
 
 
