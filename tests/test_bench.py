@@ -17,24 +17,25 @@ def test_percentiles_and_loop():
 
 
 def test_quick_bench_writes_all_formats(tmp_path):
-    report = run_bench(["d0"], ["torch", "onnxruntime", "tensorrt"], ["fp32"], [1], tmp_path, warmup=1, iters=3,
-                       progress=False)
+    report = run_bench(["d0"], ["torch", "onnxruntime", "openvino", "tensorrt"], ["fp32"], [1], tmp_path, warmup=1,
+                       iters=3, progress=False)
     rows = {(r["backend"], r["precision"]): r for r in report["results"]}
     assert rows[("tensorrt", "fp32")]["status"] == "skipped" and rows[("tensorrt", "fp32")]["reason"]
-    for backend in ("torch", "onnxruntime"):
+    for backend in ("torch", "onnxruntime", "openvino"):
         r = rows[(backend, "fp32")]
         assert r["status"] == "ok", r
         assert 0 < r["model_p50_ms"] <= r["model_p90_ms"] <= r["model_p99_ms"]
         assert 0 < r["pipeline_p50_ms"] <= r["pipeline_p90_ms"] <= r["pipeline_p99_ms"]
-        assert r["first_inference_ms"] > 0 and r["throughput_img_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["first_inference_ms"] > 0 and r["load_ms"] > 0 and r["throughput_img_s"] > 0 and r["peak_rss_mb"] > 0
         assert r["threads"] >= 1 and r["iterations"] == 3
     data = json.loads((tmp_path / "bench.json").read_text())
     assert {"cpu", "cores", "threads", "gpu", "versions", "date"} <= set(data["machine"])
     with open(tmp_path / "bench.csv") as f:
         csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == 3 and {"model", "backend", "precision", "model_p50_ms", "status"} <= set(csv_rows[0])
+    assert len(csv_rows) == 4 and {"model", "backend", "precision", "model_p50_ms", "status"} <= set(csv_rows[0])
     md = (tmp_path / "bench.md").read_text()
-    assert "| d0 | onnxruntime | fp32 |" in md and "skipped: no" in md and "eager PyTorch" in md
+    assert "| d0 | onnxruntime | fp32 |" in md and "| d0 | openvino | fp32 |" in md and "skipped: no" in md
+    assert "eager PyTorch" in md and "OpenVINO FP32 vs ONNX Runtime FP32" in md
     for png in ("latency.png", "accuracy_vs_latency.png"):
         img = Image.open(tmp_path / png)
         assert img.format == "PNG" and img.size[0] > 300

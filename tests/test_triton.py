@@ -149,6 +149,39 @@ def test_clean_shutdown(tmp_path, served):
     assert str(repo) not in out
 
 
+def test_openvino_engine_matches_in_process(tmp_path, served, pictures):
+    """The CPU repository with the OpenVINO engine, served by the real tritonserver: the same detections as the
+    in-process OpenVINO pipeline, one request with a batch of 3 (dynamic batch) and single requests."""
+    pytest.importorskip("openvino")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    _, onnx_path = served
+    repo = generate_repository(tmp_path / "repo", variant="d0", onnx=str(onnx_path), engine_backend="openvino")
+    shim = (repo / "efficientdet_d0_engine" / "1" / "model.py").read_text()
+    assert "engine_openvino import TritonPythonModel" in shim
+    cfg = text_format.Parse((repo / "efficientdet_d0_engine" / "config.pbtxt").read_text(),
+                            model_config_pb2.ModelConfig())
+    assert cfg.parameters["engine_backend"].string_value == "openvino"
+    local = Detector.from_onnx(onnx_path, backend="openvino").detect(pictures)
+    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=tmp_path / "triton.log").start()
+    try:
+        client = TritonDetectorClient(server.grpc_url, "efficientdet_d0", "grpc")
+        remote = client.detect(pictures) + [client.detect([p])[0] for p in pictures]
+        client.close()
+    finally:
+        server.stop()
+    for got, ref in zip(remote, local + local):
+        assert len(got) == len(ref) == 100
+        assert_same_detections(got.boxes, got.scores, got.classes, ref.boxes, ref.scores, ref.classes,
+                               box_atol=1e-2, score_atol=1e-5)
+    with pytest.raises(EdetError, match="engine backend"):
+        generate_repository(tmp_path / "r2", variant="d0", onnx=str(onnx_path), engine_backend="tvm")
+    with pytest.raises(EdetError, match="--target cpu"):
+        generate_repository(tmp_path / "r3", variant="d0", engine=str(onnx_path), target="gpu",
+                            engine_backend="openvino")
+
+
 def test_gpu_repository_configs_validate(tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -181,7 +214,8 @@ def test_python_models_do_not_import_torch():
         "import sys, types\n"
         "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils')\n"
         "import edet_deploy.triton.models.preprocess, edet_deploy.triton.models.postprocess\n"
-        "import edet_deploy.triton.models.engine_onnxruntime\n"
+        "import edet_deploy.triton.models.engine_onnxruntime, edet_deploy.triton.models.engine_openvino\n"
+        "import edet_deploy.backends.openvino, edet_deploy.backends.onnxrt\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
