@@ -323,11 +323,61 @@ def write_reports(report: Dict, out: Path, plots: bool = True) -> None:
         logger.warning("matplotlib is not installed: no plots (pip install 'edet-deploy[plot]')")
 
 
+def _key(r: Dict) -> tuple:
+    return r["model"], r["backend"], r["precision"], r["batch"]
+
+
+def merge_reports(base: Dict, new: Dict) -> Dict:
+    """`base` with the rows of `new` replacing or joining its own (same model, backend, precision, batch), for
+    adding backends to a sweep too slow to rerun whole. Each part keeps its machine and date in `sources`, and
+    the markdown says which rows came from which run; ratios are only taken within one run."""
+    def sources(report: Dict) -> List[Dict]:
+        return report.get("sources") or [{"machine": report["machine"], "settings": report.get("settings"),
+                                          "rows": [list(_key(r)) for r in report["results"]]}]
+    new_keys = {_key(r) for r in new["results"]}
+    merged_sources = []
+    for src in sources(base):
+        rows = [k for k in src["rows"] if tuple(k) not in new_keys]
+        if rows:
+            merged_sources.append({**src, "rows": rows})
+    merged_sources += sources(new)
+    from .configs import VARIANTS
+    variants = list(VARIANTS)
+
+    def order(r: Dict) -> tuple:
+        return (variants.index(r["model"]) if r["model"] in variants else len(variants), r["batch"],
+                BACKENDS.index(r["backend"]) if r["backend"] in BACKENDS else len(BACKENDS),
+                PRECISIONS.index(r["precision"]) if r["precision"] in PRECISIONS else len(PRECISIONS))
+    results = sorted([r for r in base["results"] if _key(r) not in new_keys] + list(new["results"]), key=order)
+    return {"machine": new["machine"], "settings": new.get("settings"), "sources": merged_sources,
+            "results": results}
+
+
+def _same_run(report: Dict, a: tuple, b: tuple) -> bool:
+    srcs = report.get("sources")
+    if not srcs:
+        return True
+    return any([*a] in src["rows"] and [*b] in src["rows"] for src in srcs)
+
+
 def markdown_table(report: Dict) -> str:
     m = report["machine"]
-    lines = [f"# edet-deploy benchmark\n",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads used, GPU: {m['gpu'] or 'none'}; "
-             f"{m['date']}. Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n",
+    lines = [f"# edet-deploy benchmark\n"]
+    if report.get("sources"):
+        lines.append("Merged from several runs (rows measured together are compared; a ratio never crosses runs):\n")
+        for src in report["sources"]:
+            sm = src["machine"]
+            combos = sorted({f"{k[1]} {k[2]}" for k in src["rows"]})
+            models = sorted({k[0] for k in src["rows"]}, key=lambda x: (len(x), x))
+            lines.append(f"- {sm['cpu']}, {sm['cores']} cores, {sm['threads']} threads, {sm['date']}: "
+                         f"{', '.join(models)} x {', '.join(combos)}. Versions: "
+                         + ", ".join(f"{k} {v}" for k, v in sm["versions"].items()))
+        lines.append("")
+    else:
+        lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads used, "
+                     f"GPU: {m['gpu'] or 'none'}; {m['date']}. Versions: "
+                     + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n")
+    lines += [
              "Latency in ms (model = graph alone on preprocessed input; pipeline = JPEG decode + preprocess + "
              "model + postprocess). First inference is excluded from percentiles and shown separately.\n",
              "Load = building the runner (graph load and compilation, no cache); first inf. = the first call after.\n",
@@ -361,7 +411,8 @@ def speedups(report: Dict, subject=("onnxruntime", "fp32"), baseline=("torch", "
     by = {(r["model"], r["backend"], r["precision"], r["batch"]): r for r in report["results"] if r["status"] == "ok"}
     out = {}
     for (m, b, p, n), r in by.items():
-        if (b, p) == tuple(subject) and (m, *baseline, n) in by:
+        if ((b, p) == tuple(subject) and (m, *baseline, n) in by
+                and _same_run(report, (m, b, p, n), (m, *baseline, n))):
             out[f"{m} b{n}"] = by[(m, *baseline, n)]["model_p50_ms"] / r["model_p50_ms"]
     return out
 

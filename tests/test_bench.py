@@ -39,3 +39,31 @@ def test_quick_bench_writes_all_formats(tmp_path):
     for png in ("latency.png", "accuracy_vs_latency.png"):
         img = Image.open(tmp_path / png)
         assert img.format == "PNG" and img.size[0] > 300
+
+
+def _row(model, backend, precision, p50):
+    from dataclasses import asdict
+    from edet_deploy.bench import Result
+    return asdict(Result(model, backend, precision, 1, model_p50_ms=p50))
+
+
+def _machine(cpu, date):
+    return {"cpu": cpu, "cores": 2, "threads": 2, "gpu": None, "versions": {"numpy": "1"}, "date": date}
+
+
+def test_merge_keeps_other_rows_and_never_compares_across_runs():
+    from edet_deploy.bench import markdown_table, merge_reports, speedups
+    base = {"machine": _machine("EPYC", "day 1"), "results": [
+        _row("d0", "torch", "fp32", 120), _row("d0", "onnxruntime", "fp32", 80), _row("d3", "onnxruntime", "fp32", 400)]}
+    new = {"machine": _machine("Xeon", "day 2"), "results": [
+        _row("d0", "onnxruntime", "fp32", 60), _row("d0", "openvino", "fp32", 30)]}
+    merged = merge_reports(base, new)
+    rows = {(r["model"], r["backend"]): r["model_p50_ms"] for r in merged["results"]}
+    assert rows == {("d0", "torch"): 120, ("d0", "onnxruntime"): 60, ("d0", "openvino"): 30, ("d3", "onnxruntime"): 400}
+    assert [r["backend"] for r in merged["results"] if r["model"] == "d0"] == ["torch", "onnxruntime", "openvino"]
+    assert speedups(merged, ("openvino", "fp32"), ("onnxruntime", "fp32")) == {"d0 b1": 2.0}  # same run
+    assert speedups(merged) == {}  # torch (day 1) vs onnxruntime (day 2): different runs, no ratio
+    md = markdown_table(merged)
+    assert "EPYC" in md and "Xeon" in md and "Merged" in md and "OpenVINO FP32 vs ONNX Runtime FP32" in md
+    again = merge_reports(merged, {"machine": _machine("Xeon", "day 3"), "results": [_row("d3", "openvino", "fp32", 9)]})
+    assert len(again["sources"]) == 3 and len(again["results"]) == 5
