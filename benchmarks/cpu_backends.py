@@ -34,6 +34,16 @@ def cpu_flags() -> list:
                                            "amx_int8", "amx_bf16", "amx_tile"))
 
 
+def cpu_pressure() -> float:
+    """Share of the last 60 s in which some runnable task waited for a CPU (Linux PSI), in percent: how much
+    other work competed for the cores during the run (0 = quiet)."""
+    try:
+        line = next(x for x in open("/proc/pressure/cpu") if x.startswith("some"))
+        return float(dict(kv.split("=") for kv in line.split()[1:])["avg60"])
+    except (OSError, StopIteration, KeyError, ValueError):
+        return float("nan")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="d0-d2")
@@ -70,9 +80,10 @@ def main(argv=None) -> int:
                 runners[k].infer(inputs[i % len(inputs)])
                 if i >= 3:
                     times[k].append((time.perf_counter() - t) * 1000)
+        pressure = cpu_pressure()
         stats = {k: percentiles(v) for k, v in times.items()}
         p50 = {k: stats[k]["p50"] for k in keys}
-        row = {"model": model, "image_size": s,
+        row = {"model": model, "image_size": s, "cpu_pressure_avg60": pressure,
                "p50_ms": {f"{b} {p}": round(v, 2) for (b, p), v in p50.items()},
                "p90_ms": {f"{b} {p}": round(stats[k]["p90"], 2) for k, (b, p) in zip(keys, keys)},
                "openvino_fp32_vs_onnxruntime_fp32": round(p50[("onnxruntime", "fp32")] / p50[("openvino", "fp32")], 3),
@@ -95,12 +106,14 @@ def main(argv=None) -> int:
              f"{args.threads} threads; {m['date']}. Versions: " +
              ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n",
              f"Every iteration runs each runner once on the same image (rotating order); {args.iters} iterations; "
-             "p50 in ms; ratios > 1 = the first is faster.\n",
-             "| model | input | " + " | ".join(cols) + " | OpenVINO FP32 vs ORT FP32 | OpenVINO INT8 vs FP32 |",
-             "|---|---:|" + "---:|" * (len(cols) + 2)]
+             "p50 in ms; ratios > 1 = the first is faster. CPU pressure = % of the last minute in which some task "
+             "waited for a core (Linux PSI; 0 = nothing else running), read at the end of each model's loop.\n",
+             "| model | input | " + " | ".join(cols) + " | OpenVINO FP32 vs ORT FP32 | OpenVINO INT8 vs FP32 | "
+             "CPU pressure |", "|---|---:|" + "---:|" * (len(cols) + 3)]
     for r in rows:
         lines.append(f"| {r['model'].upper()} | {r['image_size']} | " + " | ".join(f"{r['p50_ms'][c]:.1f}" for c in cols)
-                     + f" | {r['openvino_fp32_vs_onnxruntime_fp32']:.2f}x | {r['openvino_int8_vs_openvino_fp32']:.2f}x |")
+                     + f" | {r['openvino_fp32_vs_onnxruntime_fp32']:.2f}x | {r['openvino_int8_vs_openvino_fp32']:.2f}x | "
+                     f"{r['cpu_pressure_avg60']:.0f}% |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

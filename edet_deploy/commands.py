@@ -146,7 +146,8 @@ def _detect(p: argparse.ArgumentParser):
     return run
 
 
-@command("demo", "the main job on this machine: export, check, and detect on CPU with ONNX Runtime")
+@command("demo", "the main job on this machine: export, check, detect on CPU (OpenVINO, checked against ONNX "
+                 "Runtime), serve with Triton")
 def _demo(p: argparse.ArgumentParser):
     p.add_argument("--out", default="build/demo", help="where the graph, images and reports go")
     p.add_argument("--model", default="d0")

@@ -12,7 +12,7 @@ CPU_GRAPH_BACKENDS = ("onnxruntime", "openvino")
 # What detect / eval / demo and the Triton CPU engine use unless told otherwise: the fastest CPU backend that
 # passes parity with ONNX Runtime (README, "Choosing the CPU backend"). ONNX Runtime stays the reference runner
 # of the exact graph TensorRT consumes.
-DEFAULT_CPU_BACKEND = "onnxruntime"
+DEFAULT_CPU_BACKEND = "openvino"
 
 
 def create_runner(backend: str, *, onnx_path: Optional[str] = None, engine_path: Optional[str] = None,
