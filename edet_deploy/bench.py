@@ -309,7 +309,8 @@ def write_reports(report: Dict, out: Path, plots: bool = True) -> None:
     rows = report["results"]
     with atomic_path(out / "bench.csv") as tmp:
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["model"])
+            fields = list(dict.fromkeys(k for r in rows for k in r)) or ["model"]  # merged runs: union of columns
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
             w.writeheader()
             w.writerows(rows)
     with atomic_path(out / "bench.md") as tmp:
