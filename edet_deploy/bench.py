@@ -22,7 +22,7 @@ import numpy as np
 from .errors import EdetError
 from .log import logger
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 # Largest input at which ONNX Runtime's INT8 calibration (all intermediate activations kept) fits this
 # workplace's 24 GiB machines; larger variants are skipped with that reason rather than killed mid-sweep.
 INT8_CALIBRATION_MAX_SIZE = int(os.environ.get("EDET_INT8_CALIB_MAX_SIZE", "1536"))
@@ -42,7 +42,7 @@ def machine_info(threads: Optional[int]) -> Dict:
     except (OSError, StopIteration):
         pass
     versions = {}
-    for mod in ("torch", "onnxruntime", "numpy", "onnx", "timm", "tensorrt"):
+    for mod in ("torch", "onnxruntime", "openvino", "numpy", "onnx", "timm", "tensorrt"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - absent optional libraries are simply not listed
@@ -94,6 +94,7 @@ class Result:
     reason: str = ""
     image_size: int = 0
     threads: int = 0
+    load_ms: float = 0.0  # runner construction: graph load + compilation (OpenVINO, TensorRT), cold
     first_inference_ms: float = 0.0
     model_p50_ms: float = 0.0
     model_p90_ms: float = 0.0
@@ -199,7 +200,7 @@ class Bench:
 
     @staticmethod
     def skip_reason(backend: str, precision: str, image_size: int = 0) -> str:
-        if backend == "onnxruntime" and precision == "int8" and image_size >= INT8_CALIBRATION_MAX_SIZE:
+        if backend in ("onnxruntime", "openvino") and precision == "int8" and image_size >= INT8_CALIBRATION_MAX_SIZE:
             return (f"out of memory: INT8 calibration at {image_size} px keeps every activation of the network "
                     f"(measured: D7 at 1536 px was killed on this 24 GiB machine)")
         if backend == "torch" and precision != "fp32":
@@ -228,16 +229,22 @@ class Bench:
         if backend == "torch":
             import torch
             torch.manual_seed(0)
+            t = time.perf_counter()
             runner = create_runner("torch", model_name=model, threads=self.threads)
-        elif backend == "onnxruntime":
-            runner = create_runner("onnxruntime", onnx_path=str(self.graph(model, precision, max_batch)),
-                                   threads=self.threads)
+        elif backend in ("onnxruntime", "openvino"):
+            graph = str(self.graph(model, precision, max_batch))
+            # No OpenVINO model cache here: load_ms is the cold compilation a first start pays.
+            extra = {"cache_dir": False} if backend == "openvino" else {}
+            t = time.perf_counter()
+            runner = create_runner(backend, onnx_path=graph, threads=self.threads, **extra)
         else:
             from .trt.builder import build_engine
             plan = self.out / "engines" / f"{model}_{precision}_b{max_batch}.plan"
             if not plan.is_file():
                 build_engine(self.graph(model, precision, max_batch), plan, f"1:{max_batch}:{max_batch}")
+            t = time.perf_counter()
             runner = create_runner("tensorrt", engine_path=str(plan))
+        r.load_ms = round((time.perf_counter() - t) * 1000, 2)
         s = runner.image_size
         rng = np.random.default_rng(0)
         inputs = [rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8) for _ in range(self.pool_size)]
@@ -302,7 +309,8 @@ def write_reports(report: Dict, out: Path, plots: bool = True) -> None:
     rows = report["results"]
     with atomic_path(out / "bench.csv") as tmp:
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["model"])
+            fields = list(dict.fromkeys(k for r in rows for k in r)) or ["model"]  # merged runs: union of columns
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
             w.writeheader()
             w.writerows(rows)
     with atomic_path(out / "bench.md") as tmp:
@@ -316,36 +324,97 @@ def write_reports(report: Dict, out: Path, plots: bool = True) -> None:
         logger.warning("matplotlib is not installed: no plots (pip install 'edet-deploy[plot]')")
 
 
+def _key(r: Dict) -> tuple:
+    return r["model"], r["backend"], r["precision"], r["batch"]
+
+
+def merge_reports(base: Dict, new: Dict) -> Dict:
+    """`base` with the rows of `new` replacing or joining its own (same model, backend, precision, batch), for
+    adding backends to a sweep too slow to rerun whole. Each part keeps its machine and date in `sources`, and
+    the markdown says which rows came from which run; ratios are only taken within one run."""
+    def sources(report: Dict) -> List[Dict]:
+        return report.get("sources") or [{"machine": report["machine"], "settings": report.get("settings"),
+                                          "rows": [list(_key(r)) for r in report["results"]]}]
+    new_keys = {_key(r) for r in new["results"]}
+    merged_sources = []
+    for src in sources(base):
+        rows = [k for k in src["rows"] if tuple(k) not in new_keys]
+        if rows:
+            merged_sources.append({**src, "rows": rows})
+    merged_sources += sources(new)
+    from .configs import VARIANTS
+    variants = list(VARIANTS)
+
+    def order(r: Dict) -> tuple:
+        return (variants.index(r["model"]) if r["model"] in variants else len(variants), r["batch"],
+                BACKENDS.index(r["backend"]) if r["backend"] in BACKENDS else len(BACKENDS),
+                PRECISIONS.index(r["precision"]) if r["precision"] in PRECISIONS else len(PRECISIONS))
+    results = sorted([r for r in base["results"] if _key(r) not in new_keys] + list(new["results"]), key=order)
+    return {"machine": new["machine"], "settings": new.get("settings"), "sources": merged_sources,
+            "results": results}
+
+
+def _same_run(report: Dict, a: tuple, b: tuple) -> bool:
+    srcs = report.get("sources")
+    if not srcs:
+        return True
+    return any([*a] in src["rows"] and [*b] in src["rows"] for src in srcs)
+
+
 def markdown_table(report: Dict) -> str:
     m = report["machine"]
-    lines = [f"# edet-deploy benchmark\n",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads used, GPU: {m['gpu'] or 'none'}; "
-             f"{m['date']}. Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n",
+    lines = [f"# edet-deploy benchmark\n"]
+    if report.get("sources"):
+        lines.append("Merged from several runs (rows measured together are compared; a ratio never crosses runs):\n")
+        for src in report["sources"]:
+            sm = src["machine"]
+            combos = sorted({f"{k[1]} {k[2]}" for k in src["rows"]})
+            models = sorted({k[0] for k in src["rows"]}, key=lambda x: (len(x), x))
+            lines.append(f"- {sm['cpu']}, {sm['cores']} cores, {sm['threads']} threads, {sm['date']}: "
+                         f"{', '.join(models)} x {', '.join(combos)}. Versions: "
+                         + ", ".join(f"{k} {v}" for k, v in sm["versions"].items()))
+        lines.append("")
+    else:
+        lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads used, "
+                     f"GPU: {m['gpu'] or 'none'}; {m['date']}. Versions: "
+                     + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n")
+    lines += [
              "Latency in ms (model = graph alone on preprocessed input; pipeline = JPEG decode + preprocess + "
              "model + postprocess). First inference is excluded from percentiles and shown separately.\n",
-             "| model | backend | precision | batch | model p50 | p90 | p99 | pipeline p50 | img/s | first inf. | "
-             "peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Load = building the runner (graph load and compilation, no cache); first inf. = the first call after.\n",
+             "| model | backend | precision | batch | model p50 | p90 | p99 | pipeline p50 | img/s | load ms | "
+             "first inf. | peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | "
-                         f"{r['status']}: {r['reason']} ||||||| ")
+                         f"{r['status']}: {r['reason']} |||||||| ")
             continue
         lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['model_p50_ms']:.1f} | "
                      f"{r['model_p90_ms']:.1f} | {r['model_p99_ms']:.1f} | {r['pipeline_p50_ms']:.1f} | "
-                     f"{r['throughput_img_s']:.2f} | {r['first_inference_ms']:.0f} | {r['peak_rss_mb']:.0f} |")
-    ratios = speedups(report)
-    if ratios:
-        lines += ["", "ONNX Runtime FP32 vs eager PyTorch (model p50, same run):", ""]
-        lines += [f"- {k}: {v:.2f}x" for k, v in ratios.items()]
+                     f"{r['throughput_img_s']:.2f} | {r.get('load_ms', 0):.0f} | {r['first_inference_ms']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    for title, pairs in RATIOS:
+        ratios = speedups(report, *pairs)
+        if ratios:
+            lines += ["", f"{title} (model p50, same run; > 1 = faster):", ""]
+            lines += [f"- {k}: {v:.2f}x" for k, v in ratios.items()]
     return "\n".join(lines) + "\n"
 
 
-def speedups(report: Dict) -> Dict[str, float]:
+# (title, (backend, precision) measured, (backend, precision) it is compared against)
+RATIOS = [("ONNX Runtime FP32 vs eager PyTorch", (("onnxruntime", "fp32"), ("torch", "fp32"))),
+          ("OpenVINO FP32 vs ONNX Runtime FP32", (("openvino", "fp32"), ("onnxruntime", "fp32"))),
+          ("OpenVINO INT8 (Q/DQ) vs OpenVINO FP32", (("openvino", "int8"), ("openvino", "fp32")))]
+
+
+def speedups(report: Dict, subject=("onnxruntime", "fp32"), baseline=("torch", "fp32")) -> Dict[str, float]:
+    """baseline p50 / subject p50 per model and batch, where both were measured."""
     by = {(r["model"], r["backend"], r["precision"], r["batch"]): r for r in report["results"] if r["status"] == "ok"}
     out = {}
     for (m, b, p, n), r in by.items():
-        if b == "onnxruntime" and p == "fp32" and (m, "torch", "fp32", n) in by:
-            out[f"{m} b{n}"] = by[(m, "torch", "fp32", n)]["model_p50_ms"] / r["model_p50_ms"]
+        if ((b, p) == tuple(subject) and (m, *baseline, n) in by
+                and _same_run(report, (m, b, p, n), (m, *baseline, n))):
+            out[f"{m} b{n}"] = by[(m, *baseline, n)]["model_p50_ms"] / r["model_p50_ms"]
     return out
 
 

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edet-deploy",
         description="Export, optimise, serve and benchmark EfficientDet D0-D7x. "
-                    "CPU + ONNX Runtime by default; TensorRT where a GPU and TensorRT are present.")
+                    "CPU: OpenVINO by default, ONNX Runtime as the reference; TensorRT where a GPU and TensorRT are "
+                    "present.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"edet-deploy {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -91,15 +91,17 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--onnx", help="exported graph (its metadata JSON beside it)")
     src.add_argument("--engine", help="TensorRT plan from `edet-deploy build` (its JSON sidecar beside it); "
                                       "runs on the tensorrt backend (NVIDIA GPU + TensorRT 11)")
-    p.add_argument("--backend", choices=["onnxruntime", "torch", "tensorrt"],
-                   help="runtime (default: tensorrt with --engine, else onnxruntime, which exports "
-                        "--model/--weights once into a cache when --onnx is absent)")
+    from .backends import CPU_GRAPH_BACKENDS, DEFAULT_CPU_BACKEND
+    p.add_argument("--backend", choices=[*CPU_GRAPH_BACKENDS, "torch", "tensorrt"],
+                   help=f"runtime (default: tensorrt with --engine, else {DEFAULT_CPU_BACKEND}); onnxruntime / "
+                        f"openvino export --model/--weights once into a cache when --onnx is absent")
     p.add_argument("--cuda-graph", action="store_true", help="tensorrt: replay CUDA graphs (one per batch size)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
 
 
 def source_backend(args) -> str:
-    return args.backend or ("tensorrt" if args.engine else "onnxruntime")
+    from .backends import DEFAULT_CPU_BACKEND
+    return args.backend or ("tensorrt" if args.engine else DEFAULT_CPU_BACKEND)
 
 
 def make_detector(args, min_score: float = 0.0):
@@ -112,9 +114,10 @@ def make_detector(args, min_score: float = 0.0):
     if backend == "tensorrt":
         raise EdetError("the tensorrt backend needs --engine (a plan from `edet-deploy build`)")
     if args.onnx:
-        if backend != "onnxruntime":
-            raise EdetError("--onnx runs on the onnxruntime backend")
-        return Detector.from_onnx(args.onnx, threads=args.threads, min_score=min_score)
+        from .backends import CPU_GRAPH_BACKENDS
+        if backend not in CPU_GRAPH_BACKENDS:
+            raise EdetError(f"--onnx runs on the {' or '.join(CPU_GRAPH_BACKENDS)} backend")
+        return Detector.from_onnx(args.onnx, backend=backend, threads=args.threads, min_score=min_score)
     return Detector.from_model(args.model, args.weights, backend=backend, threads=args.threads,
                                min_score=min_score)
 
@@ -157,7 +160,8 @@ def _detect(p: argparse.ArgumentParser):
     return run
 
 
-@command("demo", "the main job on this machine: export, check, and detect on CPU with ONNX Runtime")
+@command("demo", "the main job on this machine: export, check, detect on CPU (OpenVINO, checked against ONNX "
+                 "Runtime), serve with Triton")
 def _demo(p: argparse.ArgumentParser):
     p.add_argument("--out", default="build/demo", help="where the graph, images and reports go")
     p.add_argument("--model", default="d0")
@@ -244,6 +248,8 @@ def _triton_repo(p: argparse.ArgumentParser):
     p.add_argument("--weights", help="with --target cpu and no --onnx: export these weights first")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--engine-backend", choices=["openvino", "onnxruntime"],
+                   help="--target cpu: the runner of the engine model (default: the CPU default backend)")
     p.add_argument("--max-batch", type=int, default=8, help="max_batch_size of every model in the ensemble")
     p.add_argument("--preprocess-instances", type=int, default=2)
     p.add_argument("--engine-instances", type=int, default=1)
@@ -261,7 +267,8 @@ def _triton_repo(p: argparse.ArgumentParser):
         repo = generate_repository(args.out, variant=get_variant(args.model), onnx=onnx, engine=args.engine,
                                    precision=args.precision, target=args.target, max_batch_size=args.max_batch,
                                    copy_artifact=not args.no_copy, preprocess_instances=args.preprocess_instances,
-                                   engine_instances=args.engine_instances, cuda_graphs=args.cuda_graphs)
+                                   engine_instances=args.engine_instances, cuda_graphs=args.cuda_graphs,
+                                   engine_backend=args.engine_backend)
         print(f"wrote Triton repository {repo} (configs validated)")
         return 0
     return run
@@ -403,7 +410,7 @@ def _build(p: argparse.ArgumentParser):
 @command("bench", "latency/throughput sweep over variants, backends, precisions and batch sizes")
 def _bench(p: argparse.ArgumentParser):
     p.add_argument("--models", default="d0", help="e.g. d0-d7,d7x")
-    p.add_argument("--backends", default="torch,onnxruntime,tensorrt")
+    p.add_argument("--backends", default="torch,onnxruntime,openvino,tensorrt")
     p.add_argument("--precisions", default="fp32,int8", help="fp32,fp16,int8")
     p.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8")
     p.add_argument("--warmup", type=int, default=3)
@@ -419,7 +426,8 @@ def _bench(p: argparse.ArgumentParser):
         warmup, iters = (1, 5) if args.quick else (args.warmup, args.iters)
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
         precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
-        bad = [b for b in backends if b not in ("torch", "onnxruntime", "tensorrt")] + \
+        from .bench import BACKENDS
+        bad = [b for b in backends if b not in BACKENDS] + \
               [x for x in precisions if x not in ("fp32", "fp16", "int8")]
         if bad:
             raise EdetError(f"unknown backend/precision {bad}")

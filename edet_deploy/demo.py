@@ -1,6 +1,7 @@
 """`edet-deploy demo` (`make demo`): the main job end to end on this machine's CPU - the bundled shapes model
-exported to ONNX, checked for TensorRT, run in-process with ONNX Runtime, then served by the real Triton server
-and queried over HTTP and gRPC."""
+exported to ONNX, checked for TensorRT, run in-process with the CPU default backend (OpenVINO; checked against
+ONNX Runtime, the reference runner of the exact TensorRT graph), then served by the real Triton server and
+queried over HTTP and gRPC."""
 from __future__ import annotations
 
 import time
@@ -22,6 +23,7 @@ def sample_image(path: Path, seed: int = 0, size=(480, 640)) -> Path:
 
 
 def run_demo(model: str, out: Path) -> int:
+    from .backends import DEFAULT_CPU_BACKEND
     from .detector import Detector
     from .export import export_onnx
     from .trt.check import check_trt_compat
@@ -43,9 +45,15 @@ def run_demo(model: str, out: Path) -> int:
     print(f"== 2. TensorRT parseability check: {'nothing TensorRT would reject' if not findings else findings}")
     images = [sample_image(out / f"scene_{i}.jpg", seed=i, size=size)
               for i, size in enumerate([(480, 640), (600, 400)])]
-    print(f"== 3. in-process detection with ONNX Runtime (CPU) on {', '.join(str(p) for p in images)}")
-    det = Detector.from_onnx(res.onnx_path, min_score=0.4)
+    print(f"== 3. in-process detection with {DEFAULT_CPU_BACKEND} (CPU default) on "
+          f"{', '.join(str(p) for p in images)}")
+    det = Detector.from_onnx(res.onnx_path, backend=DEFAULT_CPU_BACKEND, min_score=0.4)
     local = det.detect(images)
+    if DEFAULT_CPU_BACKEND != "onnxruntime":
+        ref = Detector.from_onnx(res.onnx_path, backend="onnxruntime", min_score=0.4).detect(images)
+        same = all(len(a) == len(b) and (a.classes == b.classes).all() and np.allclose(a.scores, b.scores, atol=1e-4)
+                   and np.allclose(a.boxes, b.boxes, atol=0.05) for a, b in zip(local, ref))
+        print(f"   {'same' if same else 'DIFFERENT'} detections as ONNX Runtime (the reference runner of the graph)")
     times = []
     for _ in range(5):
         t = time.perf_counter()

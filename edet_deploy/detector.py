@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from .backends import Runner, create_runner
+from .backends import CPU_GRAPH_BACKENDS, DEFAULT_CPU_BACKEND, Runner, create_runner
 from .errors import EdetError
 from .log import logger
 from .postprocess import Detections, split_detections
@@ -31,7 +31,7 @@ class Detector:
         self.class_names: Sequence[str] = meta.get("class_names") or []
 
     @classmethod
-    def from_onnx(cls, onnx_path: str | os.PathLike, backend: str = "onnxruntime", threads: Optional[int] = None,
+    def from_onnx(cls, onnx_path: str | os.PathLike, backend: str = DEFAULT_CPU_BACKEND, threads: Optional[int] = None,
                   min_score: float = 0.0) -> "Detector":
         return cls(create_runner(backend, onnx_path=str(onnx_path), threads=threads), min_score)
 
@@ -42,12 +42,13 @@ class Detector:
         return cls(create_runner("tensorrt", engine_path=str(engine_path), cuda_graph=cuda_graph), min_score)
 
     @classmethod
-    def from_model(cls, name: str, weights: Optional[str] = None, backend: str = "onnxruntime",
+    def from_model(cls, name: str, weights: Optional[str] = None, backend: str = DEFAULT_CPU_BACKEND,
                    threads: Optional[int] = None, min_score: float = 0.0, **export_kwargs) -> "Detector":
-        """From a variant and weights: `torch` runs eagerly; `onnxruntime` exports once into the cache."""
+        """From a variant and weights: `torch` runs eagerly; `onnxruntime` / `openvino` export once into the
+        cache."""
         if backend == "torch":
             return cls(create_runner("torch", model_name=name, weights=weights, threads=threads), min_score)
-        if backend == "onnxruntime":
+        if backend in CPU_GRAPH_BACKENDS:
             return cls.from_onnx(cached_export(name, weights, **export_kwargs), backend, threads, min_score)
         raise EdetError(f"backend {backend!r} needs a prebuilt artifact (--onnx or --engine)")
 

@@ -17,24 +17,53 @@ def test_percentiles_and_loop():
 
 
 def test_quick_bench_writes_all_formats(tmp_path):
-    report = run_bench(["d0"], ["torch", "onnxruntime", "tensorrt"], ["fp32"], [1], tmp_path, warmup=1, iters=3,
-                       progress=False)
+    report = run_bench(["d0"], ["torch", "onnxruntime", "openvino", "tensorrt"], ["fp32"], [1], tmp_path, warmup=1,
+                       iters=3, progress=False)
     rows = {(r["backend"], r["precision"]): r for r in report["results"]}
     assert rows[("tensorrt", "fp32")]["status"] == "skipped" and rows[("tensorrt", "fp32")]["reason"]
-    for backend in ("torch", "onnxruntime"):
+    for backend in ("torch", "onnxruntime", "openvino"):
         r = rows[(backend, "fp32")]
         assert r["status"] == "ok", r
         assert 0 < r["model_p50_ms"] <= r["model_p90_ms"] <= r["model_p99_ms"]
         assert 0 < r["pipeline_p50_ms"] <= r["pipeline_p90_ms"] <= r["pipeline_p99_ms"]
-        assert r["first_inference_ms"] > 0 and r["throughput_img_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["first_inference_ms"] > 0 and r["load_ms"] > 0 and r["throughput_img_s"] > 0 and r["peak_rss_mb"] > 0
         assert r["threads"] >= 1 and r["iterations"] == 3
     data = json.loads((tmp_path / "bench.json").read_text())
     assert {"cpu", "cores", "threads", "gpu", "versions", "date"} <= set(data["machine"])
     with open(tmp_path / "bench.csv") as f:
         csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == 3 and {"model", "backend", "precision", "model_p50_ms", "status"} <= set(csv_rows[0])
+    assert len(csv_rows) == 4 and {"model", "backend", "precision", "model_p50_ms", "status"} <= set(csv_rows[0])
     md = (tmp_path / "bench.md").read_text()
-    assert "| d0 | onnxruntime | fp32 |" in md and "skipped: no" in md and "eager PyTorch" in md
+    assert "| d0 | onnxruntime | fp32 |" in md and "| d0 | openvino | fp32 |" in md and "skipped: no" in md
+    assert "eager PyTorch" in md and "OpenVINO FP32 vs ONNX Runtime FP32" in md
     for png in ("latency.png", "accuracy_vs_latency.png"):
         img = Image.open(tmp_path / png)
         assert img.format == "PNG" and img.size[0] > 300
+
+
+def _row(model, backend, precision, p50):
+    from dataclasses import asdict
+    from edet_deploy.bench import Result
+    return asdict(Result(model, backend, precision, 1, model_p50_ms=p50))
+
+
+def _machine(cpu, date):
+    return {"cpu": cpu, "cores": 2, "threads": 2, "gpu": None, "versions": {"numpy": "1"}, "date": date}
+
+
+def test_merge_keeps_other_rows_and_never_compares_across_runs():
+    from edet_deploy.bench import markdown_table, merge_reports, speedups
+    base = {"machine": _machine("EPYC", "day 1"), "results": [
+        _row("d0", "torch", "fp32", 120), _row("d0", "onnxruntime", "fp32", 80), _row("d3", "onnxruntime", "fp32", 400)]}
+    new = {"machine": _machine("Xeon", "day 2"), "results": [
+        _row("d0", "onnxruntime", "fp32", 60), _row("d0", "openvino", "fp32", 30)]}
+    merged = merge_reports(base, new)
+    rows = {(r["model"], r["backend"]): r["model_p50_ms"] for r in merged["results"]}
+    assert rows == {("d0", "torch"): 120, ("d0", "onnxruntime"): 60, ("d0", "openvino"): 30, ("d3", "onnxruntime"): 400}
+    assert [r["backend"] for r in merged["results"] if r["model"] == "d0"] == ["torch", "onnxruntime", "openvino"]
+    assert speedups(merged, ("openvino", "fp32"), ("onnxruntime", "fp32")) == {"d0 b1": 2.0}  # same run
+    assert speedups(merged) == {}  # torch (day 1) vs onnxruntime (day 2): different runs, no ratio
+    md = markdown_table(merged)
+    assert "EPYC" in md and "Xeon" in md and "Merged" in md and "OpenVINO FP32 vs ONNX Runtime FP32" in md
+    again = merge_reports(merged, {"machine": _machine("Xeon", "day 3"), "results": [_row("d3", "openvino", "fp32", 9)]})
+    assert len(again["sources"]) == 3 and len(again["results"]) == 5

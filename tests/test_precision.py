@@ -75,6 +75,19 @@ def test_fp16_graph(fp32, shapes):
     _confident_match(ref, got, iou=0.98, score_tol=0.01)
 
 
+def _kept_fraction(ref, got, min_score=0.5, iou=0.7, score_tol=0.25):
+    """Share of the confident reference detections with a same-class twin in `got` (IoU, score tolerance)."""
+    kept = total = 0
+    for i in range(len(ref["num_detections"])):
+        for box, score, cls in zip(ref["detection_boxes"][i], ref["detection_scores"][i], ref["detection_classes"][i]):
+            if score < min_score:
+                continue
+            total += 1
+            kept += any(got["detection_classes"][i, j] == cls and abs(got["detection_scores"][i, j] - score) <= score_tol
+                        and _iou(box, got["detection_boxes"][i, j]) >= iou for j in range(int(got["num_detections"][i, 0])))
+    return kept / total
+
+
 def test_int8_qdq_structure_cache_and_accuracy(fp32, shapes, tmp_path):
     res = to_int8(fp32, shapes, tmp_path / "q.onnx", num_images=24, method="minmax", cache_dir=tmp_path / "c")
     info = res.metadata["int8"]
@@ -98,8 +111,17 @@ def test_int8_qdq_structure_cache_and_accuracy(fp32, shapes, tmp_path):
     ex = to_int8(fp32, shapes, tmp_path / "q4.onnx", num_images=24, method="percentile", cache_dir=tmp_path / "c",
                  exclude=["/model/box_net/*"])
     x = _batch(shapes)
-    _confident_match(OnnxRuntimeRunner(fp32).infer(x), OnnxRuntimeRunner(ex.onnx_path).infer(x), iou=0.7,
-                     score_tol=0.2)
+    ref = OnnxRuntimeRunner(fp32).infer(x)
+    ort_int8 = OnnxRuntimeRunner(ex.onnx_path).infer(x)
+    _confident_match(ref, ort_int8, iou=0.7, score_tol=0.2)
+    # OpenVINO runs the same Q/DQ twin with its own INT8 kernels; its requantization rounds differently from
+    # ONNX Runtime's, by about as much as INT8 differs from FP32, so it is held to ONNX Runtime's INT8 record:
+    # it keeps (nearly) as many of the confident FP32 detections.
+    pytest.importorskip("openvino")
+    from edet_deploy.backends.openvino import OpenVinoRunner
+    ov_int8 = OpenVinoRunner(ex.onnx_path, cache_dir=False).infer(x)
+    kept_ort, kept_ov = _kept_fraction(ref, ort_int8), _kept_fraction(ref, ov_int8)
+    assert kept_ort == 1.0 and kept_ov >= 0.9, (kept_ort, kept_ov)
 
 
 def test_calibration_refuses_bad_data(fp32, tmp_path):

@@ -22,7 +22,9 @@ pytest.importorskip("tritonclient")
 pytest.importorskip("pytriton")
 
 from edet_deploy.triton.client import TritonDetectorClient  # noqa: E402
-from edet_deploy.triton.repo import build_configs, generate_repository, RepoSpec, validate_repository  # noqa: E402
+from edet_deploy.backends import DEFAULT_CPU_BACKEND  # noqa: E402
+from edet_deploy.triton.repo import (ENGINE_BACKENDS, build_configs, generate_repository, RepoSpec,  # noqa: E402
+                                     validate_repository)
 from edet_deploy.triton.server import TritonServer, free_port  # noqa: E402
 
 
@@ -149,6 +151,47 @@ def test_clean_shutdown(tmp_path, served):
     assert str(repo) not in out
 
 
+@pytest.mark.parametrize("engine_backend", [b for b in ENGINE_BACKENDS if b != DEFAULT_CPU_BACKEND])
+def test_other_engine_backend_matches_in_process(tmp_path, served, pictures, engine_backend):
+    """The default engine is what `served` runs; here the other CPU engine, served by the real tritonserver: the
+    same detections as the in-process pipeline of that backend, a batch of 3 (dynamic batch) and single
+    requests."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    _, onnx_path = served
+    repo = generate_repository(tmp_path / "repo", variant="d0", onnx=str(onnx_path), engine_backend=engine_backend)
+    shim = (repo / "efficientdet_d0_engine" / "1" / "model.py").read_text()
+    assert f"engine_{engine_backend} import TritonPythonModel" in shim
+    cfg = text_format.Parse((repo / "efficientdet_d0_engine" / "config.pbtxt").read_text(),
+                            model_config_pb2.ModelConfig())
+    assert cfg.parameters["engine_backend"].string_value == engine_backend
+    local = Detector.from_onnx(onnx_path, backend=engine_backend).detect(pictures)
+    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=tmp_path / "triton.log").start()
+    try:
+        client = TritonDetectorClient(server.grpc_url, "efficientdet_d0", "grpc")
+        remote = client.detect(pictures) + [client.detect([p])[0] for p in pictures]
+        client.close()
+    finally:
+        server.stop()
+    for got, ref in zip(remote, local + local):
+        assert len(got) == len(ref) == 100
+        assert_same_detections(got.boxes, got.scores, got.classes, ref.boxes, ref.scores, ref.classes,
+                               box_atol=1e-2, score_atol=1e-5)
+
+
+def test_engine_backend_choice(served, tmp_path):
+    _, onnx_path = served
+    repo = generate_repository(tmp_path / "r1", variant="d0", onnx=str(onnx_path), copy_artifact=False)
+    shim = (repo / "efficientdet_d0_engine" / "1" / "model.py").read_text()
+    assert f"engine_{DEFAULT_CPU_BACKEND} import TritonPythonModel" in shim
+    with pytest.raises(EdetError, match="engine backend"):
+        generate_repository(tmp_path / "r2", variant="d0", onnx=str(onnx_path), engine_backend="tvm")
+    with pytest.raises(EdetError, match="--target cpu"):
+        generate_repository(tmp_path / "r3", variant="d0", engine=str(onnx_path), target="gpu",
+                            engine_backend="openvino")
+
+
 def test_gpu_repository_configs_validate(tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -181,8 +224,23 @@ def test_python_models_do_not_import_torch():
         "import sys, types\n"
         "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils')\n"
         "import edet_deploy.triton.models.preprocess, edet_deploy.triton.models.postprocess\n"
-        "import edet_deploy.triton.models.engine_onnxruntime\n"
+        "import edet_deploy.triton.models.engine_onnxruntime, edet_deploy.triton.models.engine_openvino\n"
+        "import edet_deploy.backends.openvino, edet_deploy.backends.onnxrt\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_committed_repository_is_what_the_generator_writes(tmp_path):
+    """model_repository/ (configs and shims, committed) equals a fresh generation from the bundled model: a change
+    of the generator or of the default engine backend shows up here until `make repo` is rerun."""
+    from edet_deploy.demo import ASSET
+    committed = Path(__file__).resolve().parents[1] / "model_repository"
+    res = export_onnx("d0", tmp_path / "export", weights=str(ASSET), dynamic_batch=8)
+    fresh = generate_repository(tmp_path / "repo", variant="d0", onnx=str(res.onnx_path), copy_artifact=False)
+    names = sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(committed)) for p in committed.rglob("*")
+                           if p.is_file() and p.suffix in (".pbtxt", ".py"))
+    for name in names:
+        assert (fresh / name).read_text() == (committed / name).read_text(), name

@@ -6,17 +6,30 @@ from typing import Optional
 from ..errors import EdetError
 from .base import Runner
 
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "torch", "tensorrt")
+# Runners of the exported ONNX graph on CPU.
+CPU_GRAPH_BACKENDS = ("onnxruntime", "openvino")
+# What detect / eval / demo and the Triton CPU engine use unless told otherwise: the fastest CPU backend that
+# passes parity with ONNX Runtime (README, "Choosing the CPU backend"). ONNX Runtime stays the reference runner
+# of the exact graph TensorRT consumes.
+DEFAULT_CPU_BACKEND = "openvino"
 
 
 def create_runner(backend: str, *, onnx_path: Optional[str] = None, engine_path: Optional[str] = None,
                   **kwargs) -> Runner:
-    """`onnxruntime` (needs onnx_path), `torch` (model name / weights kwargs), `tensorrt` (needs engine_path)."""
+    """`onnxruntime` / `openvino` (need onnx_path), `torch` (model name / weights kwargs), `tensorrt` (needs
+    engine_path)."""
     if backend == "onnxruntime":
         if not onnx_path:
             raise EdetError("the onnxruntime backend needs an ONNX graph (--onnx, or export one first)")
         from .onnxrt import OnnxRuntimeRunner
         return OnnxRuntimeRunner(onnx_path, threads=kwargs.get("threads"))
+    if backend == "openvino":
+        if not onnx_path:
+            raise EdetError("the openvino backend needs an ONNX graph (--onnx, or export one first)")
+        from .openvino import OpenVinoRunner
+        return OpenVinoRunner(onnx_path, threads=kwargs.get("threads"),
+                              **{k: v for k, v in kwargs.items() if k in ("cache_dir", "hint")})
     if backend == "torch":
         from .pytorch import TorchRunner
         return TorchRunner(**kwargs)
@@ -28,4 +41,4 @@ def create_runner(backend: str, *, onnx_path: Optional[str] = None, engine_path:
     raise EdetError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["Runner", "create_runner", "BACKENDS"]
+__all__ = ["Runner", "create_runner", "BACKENDS", "CPU_GRAPH_BACKENDS", "DEFAULT_CPU_BACKEND"]

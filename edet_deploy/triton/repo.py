@@ -1,5 +1,6 @@
 """Generate a Triton model repository: `<name>` ensemble = `<name>_preprocess` (Python) -> `<name>_engine`
-(TensorRT plan on GPU, ONNX Runtime in Python on CPU) -> `<name>_postprocess` (Python).
+(TensorRT plan on GPU; on CPU a Python model running the ONNX graph in OpenVINO or ONNX Runtime) ->
+`<name>_postprocess` (Python).
 
 Configs are built as Triton `ModelConfig` protobufs (tritonclient ships the schema) and written as text, so
 they always parse; `validate_repository` re-reads them and cross-checks the ensemble wiring."""
@@ -28,6 +29,7 @@ for _p in reversed(os.environ.get("EDET_DEPLOY_SYS_PATH", "").split(os.pathsep))
 from edet_deploy.triton.models.{module} import TritonPythonModel  # noqa: E402,F401
 '''
 ENSEMBLE_INPUT = "IMAGE"
+ENGINE_BACKENDS = ("openvino", "onnxruntime")  # CPU engine runners; each has models/engine_<backend>.py
 DET_OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
 
 
@@ -46,7 +48,8 @@ class RepoSpec:
     max_detections: int
     class_names: List[str]
     precision: str = "fp32"
-    target: str = "cpu"  # cpu: ONNX Runtime in the Python backend; gpu: tensorrt_plan
+    target: str = "cpu"  # cpu: our CPU runner (engine_backend) in the Python backend; gpu: tensorrt_plan
+    engine_backend: str = "onnxruntime"  # cpu only: openvino | onnxruntime
     max_batch_size: int = 8
     preprocess_instances: int = 2
     engine_instances: int = 1
@@ -110,7 +113,8 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
     else:
         engine.backend = "python"
         engine.instance_group.append(pb.ModelInstanceGroup(count=spec.engine_instances, kind=cpu))
-        for key, value in params({"onnx_file": "model.onnx", "precision": spec.precision}).items():
+        for key, value in params({"onnx_file": "model.onnx", "precision": spec.precision,
+                                  "engine_backend": spec.engine_backend}).items():
             engine.parameters[key].CopyFrom(value)
     post_out = _det_outputs(pb, k)
     if spec.class_names:
@@ -149,13 +153,21 @@ def config_text(config) -> str:
 
 def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = None, engine: Optional[str] = None,
                         precision: str = "fp32", target: str = "cpu", max_batch_size: int = 8,
-                        copy_artifact: bool = True, **spec_kwargs) -> Path:
+                        copy_artifact: bool = True, engine_backend: Optional[str] = None, **spec_kwargs) -> Path:
     """Write the repository. CPU targets need the ONNX graph (exported with a dynamic batch up to
-    max_batch_size); GPU targets the TensorRT plan. `copy_artifact=False` writes configs and shims only."""
+    max_batch_size) and run it in `engine_backend` (default: the CPU default backend); GPU targets the
+    TensorRT plan. `copy_artifact=False` writes configs and shims only."""
+    from ..backends import DEFAULT_CPU_BACKEND
     from ..metadata import read_metadata
 
     if target not in ("cpu", "gpu"):
         raise EdetError(f"target must be cpu or gpu, got {target!r}")
+    if target == "gpu" and engine_backend not in (None, "tensorrt"):
+        raise EdetError(f"--engine-backend {engine_backend} is for --target cpu; the GPU engine is TensorRT")
+    engine_backend = engine_backend or DEFAULT_CPU_BACKEND
+    if target == "cpu" and engine_backend not in ENGINE_BACKENDS:
+        raise EdetError(f"unknown CPU engine backend {engine_backend!r}; "
+                        f"choose one of {', '.join(ENGINE_BACKENDS)}")
     artifact = engine if target == "gpu" else onnx
     if target == "gpu" and not engine:
         raise EdetError("--target gpu needs --engine model.plan (built with `edet-deploy build`)")
@@ -172,12 +184,13 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
                         f"(export with --dynamic-batch {max_batch_size})")
     spec = RepoSpec(variant=variant, image_size=int(meta["image_size"]), max_detections=int(meta["nms"]["max_detections"]),
                     class_names=list(meta.get("class_names") or []), precision=precision, target=target,
-                    max_batch_size=max_batch_size, **spec_kwargs)
+                    max_batch_size=max_batch_size, engine_backend=engine_backend if target == "cpu" else "tensorrt",
+                    **spec_kwargs)
     configs = build_configs(spec)
     out = Path(out)
     modules = {f"{spec.name}_preprocess": "preprocess", f"{spec.name}_postprocess": "postprocess"}
     if target == "cpu":
-        modules[f"{spec.name}_engine"] = "engine_onnxruntime"
+        modules[f"{spec.name}_engine"] = f"engine_{engine_backend}"
     for name, config in configs.items():
         version = out / name / "1"
         version.mkdir(parents=True, exist_ok=True)

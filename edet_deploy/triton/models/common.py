@@ -25,3 +25,48 @@ def as_bytes(value) -> bytes:
     if isinstance(value, np.ndarray):
         return value.tobytes()
     return str(value).encode()
+
+
+class EngineModel:
+    """The `<name>_engine` Python model of CPU repositories: the exported ONNX graph (soft-NMS inside) in one
+    of our CPU runners. Requests arriving together (dynamic batching) run as one batch. Subclasses say which
+    runner (`make_runner`); the Triton module is imported lazily so that this file imports anywhere."""
+
+    def make_runner(self, onnx_path: str, threads):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def initialize(self, args):
+        import os
+        params = parameters(args)
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        threads = int(params.get("threads", "0")) or None
+        self.runner = self.make_runner(os.path.join(version_dir, params.get("onnx_file", "model.onnx")), threads)
+
+    def execute(self, requests):
+        import triton_python_backend_utils as pb_utils
+
+        from edet_deploy.nms.op import OUTPUTS
+
+        batches, counts = [], []
+        for request in requests:
+            images = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()
+            batches.append(images)
+            counts.append(len(images))
+        try:
+            merged = np.concatenate(batches)
+            chunks = []
+            step = self.runner.max_batch
+            for s in range(0, len(merged), step):
+                chunks.append(self.runner.infer(merged[s:s + step]))
+            outputs = {k: np.concatenate([c[k] for c in chunks]) for k in OUTPUTS}
+        except Exception as e:  # noqa: BLE001 - fail these requests, keep the stub alive
+            return [error_response(pb_utils, f"inference failed: {type(e).__name__}: {e}") for _ in requests]
+        responses, start = [], 0
+        for n in counts:
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(k, np.ascontiguousarray(outputs[k][start:start + n])) for k in OUTPUTS]))
+            start += n
+        return responses
+
+    def finalize(self):
+        self.runner.close()

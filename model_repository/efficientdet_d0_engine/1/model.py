@@ -9,4 +9,4 @@ for _p in reversed(os.environ.get("EDET_DEPLOY_SYS_PATH", "").split(os.pathsep))
     if _p and _p not in sys.path:
         sys.path.insert(0, _p)
 
-from edet_deploy.triton.models.engine_onnxruntime import TritonPythonModel  # noqa: E402,F401
+from edet_deploy.triton.models.engine_openvino import TritonPythonModel  # noqa: E402,F401

@@ -1,0 +1,169 @@
+"""OpenVINO backend (CPU). Runs the same exported detection graph as every other runtime: the graph is cut in
+memory at the inputs of its `edet::soft_nms` node, the network and candidate selection run in OpenVINO, and
+the soft-NMS step runs in our fast CPU implementation with the settings read from that node. The file on disk
+stays exactly the graph TensorRT consumes.
+
+OpenVINO is fastest with static shapes: a dynamic-batch graph is compiled once per batch size it meets
+(batch 1 up front), each compilation kept for the life of the runner and, with a cache directory, on disk."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..errors import EdetError
+from ..metadata import read_metadata
+from ..nms import NmsSettings
+from ..nms import op as nms_op
+from .base import Runner
+
+HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+_CANDIDATE_TYPES = (1, 1, 6)  # onnx.TensorProto FLOAT, FLOAT, INT32: the soft_nms node's input types
+
+
+def default_cache_dir() -> Path:
+    """Compiled-model cache beside the exports (EDET_DEPLOY_CACHE, else ~/.cache/edet_deploy)."""
+    from ..detector import cache_dir
+    return cache_dir() / "openvino"
+
+
+def cut_at_nms(proto) -> Tuple[object, Optional[NmsSettings], List[str]]:
+    """The graph up to the soft_nms node's inputs (a copy), the node's settings and its input names.
+    A graph without the node (exported with --nms none) comes back unchanged with settings None."""
+    import onnx
+    from onnx import helper
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    g = proto.graph
+    nms_nodes = [n for n in g.node if n.domain == nms_op.DOMAIN]
+    if not nms_nodes:
+        return proto, None, [o.name for o in g.output]
+    if len(nms_nodes) > 1 or nms_nodes[0].op_type != nms_op.OP_TYPE:
+        raise EdetError(f"expected one {nms_op.DOMAIN}::{nms_op.OP_TYPE} node, found "
+                        f"{[f'{n.domain}::{n.op_type}' for n in nms_nodes]}")
+    node = nms_nodes[0]
+    settings = nms_op.settings_from_node(node)
+    if list(node.output) != [o.name for o in g.output]:
+        raise EdetError("the soft_nms node's outputs must be the graph's outputs")
+    # Keep only what the candidate tensors depend on (the node is the graph's last step, but do not assume it).
+    needed, keep = set(node.input), []
+    for n in reversed([n for n in g.node if n is not node]):
+        if needed & set(n.output):
+            keep.append(n)
+            needed |= set(n.input)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    infos = {v.name: v for v in g.value_info}
+    del g.output[:]
+    g.output.extend(infos.get(name) or helper.make_tensor_value_info(name, elem, None)
+                    for name, elem in zip(node.input, _CANDIDATE_TYPES))
+    imports = [o for o in proto.opset_import if o.domain != nms_op.DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(imports)
+    return proto, settings, list(node.input)
+
+
+class OpenVinoRunner(Runner):
+    name = "openvino"
+
+    def __init__(self, onnx_path: str | os.PathLike, threads: Optional[int] = None,
+                 cache_dir: Optional[str | os.PathLike] | bool = True, hint: str = "LATENCY",
+                 metadata: Optional[Dict] = None):
+        """`cache_dir`: True = the default cache, False/None = no cache, or a directory. `threads` sets
+        INFERENCE_NUM_THREADS (default: OpenVINO's choice, every core)."""
+        import onnx
+
+        try:
+            import openvino as ov
+        except ImportError:
+            raise EdetError("the openvino backend needs OpenVINO: pip install openvino") from None
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise EdetError(f"ONNX graph not found: {path}")
+        if hint not in HINTS:
+            raise EdetError(f"unknown OpenVINO performance hint {hint!r}; choose one of {', '.join(HINTS)}")
+        if threads is not None and int(threads) < 1:
+            raise EdetError(f"threads must be >= 1, got {threads}")
+        super().__init__(metadata or read_metadata(path))
+        t0 = time.perf_counter()
+        try:
+            proto = onnx.load(str(path))
+        except Exception as e:  # noqa: BLE001 - a malformed file is the user's problem
+            raise EdetError(f"cannot read {path} as ONNX: {e}") from None
+        candidate, self.nms, self.candidate_names = cut_at_nms(proto)
+        self.core = ov.Core()
+        if cache_dir is True:
+            cache_dir = default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self.core.set_property({"CACHE_DIR": str(self.cache_dir)})
+        try:
+            self.model = self.core.read_model(candidate.SerializeToString())
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError for graphs it cannot take
+            raise EdetError(f"OpenVINO cannot read {path}: {e}") from None
+        self.config = {"PERFORMANCE_HINT": hint,
+                       # Our FP32 graph is the parity reference: no silent bf16 on CPUs that have it (AMX).
+                       "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.path = path
+        self._compiled: Dict[int, tuple] = {}
+        self._lock = threading.Lock()
+        if self.nms is not None:
+            from ..nms.fast import warmup
+            warmup()  # numba compile (or cache load) now, not inside the first request
+        self._request(1 if self.dynamic_batch else self.max_batch)
+        self.load_ms = (time.perf_counter() - t0) * 1000
+
+    def _request(self, batch: int):
+        """The compiled model and infer request for a batch size (static shapes compile to faster code)."""
+        entry = self._compiled.get(batch)
+        if entry is None:
+            with self._lock:
+                entry = self._compiled.get(batch)
+                if entry is None:
+                    model = self.model.clone()
+                    s = self.image_size
+                    model.reshape({model.inputs[0]: [batch, s, s, 3]})
+                    try:
+                        compiled = self.core.compile_model(model, "CPU", self.config)
+                    except Exception as e:  # noqa: BLE001
+                        raise EdetError(f"OpenVINO cannot compile {self.path}: {e}") from None
+                    entry = (compiled, compiled.create_infer_request())
+                    self._compiled[batch] = entry
+        return entry
+
+    @property
+    def compiled_batches(self) -> List[int]:
+        return sorted(self._compiled)
+
+    def property(self, name: str, batch: int = 1):
+        """A property of the compiled model for `batch` (e.g. INFERENCE_NUM_THREADS, PERFORMANCE_HINT)."""
+        return self._request(batch)[0].get_property(name)
+
+    def candidates(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        """The soft_nms node's inputs (or, for a --nms none graph, its outputs), by name."""
+        images = self.check_input(images)
+        compiled, request = self._request(images.shape[0])
+        # One infer request per batch size: serialise callers (Triton's model instance already is one caller).
+        with self._lock:
+            result = request.infer({0: images}, share_inputs=True)
+            outs = [result[compiled.outputs[i]] for i in range(len(self.candidate_names))]  # copies
+        return dict(zip(self.candidate_names, outs))
+
+    def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        cands = self.candidates(images)
+        if self.nms is None:
+            return cands
+        from ..nms.fast import batched_soft_nms
+        boxes, scores, classes = (cands[n] for n in self.candidate_names)
+        return dict(zip(nms_op.OUTPUTS, batched_soft_nms(boxes, scores, classes, **self.nms.to_dict())))
+
+    def close(self) -> None:
+        self._compiled.clear()

@@ -1,0 +1,180 @@
+"""The OpenVINO backend against ONNX Runtime (the reference runner of the exact TensorRT graph): same
+detections on the bundled model and real images, soft-NMS settings read from the graph's node, thread count
+and compiled-model cache honoured, user errors as EdetError."""
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("openvino")
+
+from edet_deploy import EdetError  # noqa: E402
+from edet_deploy.backends import create_runner  # noqa: E402
+from edet_deploy.backends.onnxrt import OnnxRuntimeRunner  # noqa: E402
+from edet_deploy.backends.openvino import OpenVinoRunner, cut_at_nms  # noqa: E402
+from edet_deploy.cli import main  # noqa: E402
+from edet_deploy.data import CocoDataset, generate_shapes  # noqa: E402
+from edet_deploy.export import export_onnx  # noqa: E402
+from edet_deploy.metadata import read_metadata, write_metadata  # noqa: E402
+from edet_deploy.nms import NmsSettings  # noqa: E402
+from edet_deploy.nms import op as nms_op  # noqa: E402
+from edet_deploy.preprocess import preprocess  # noqa: E402
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "edet_deploy" / "assets" / "shapes_d0.safetensors"
+# Measured on the bundled model, 12 shapes images (Xeon, AVX-512): scores differ by at most 1e-6, boxes by at
+# most 7.3e-4 px (box decoding exp(tw) * anchor amplifies the last bits of the regression output). Tolerances
+# leave room for other CPUs' kernels while staying far below anything visible (1/500 px, 1e-5 score).
+SCORE_ATOL = 1e-5
+BOX_ATOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    if not WEIGHTS.is_file():
+        pytest.skip("bundled shapes model missing")
+    return export_onnx("d0", tmp_path_factory.mktemp("ov"), weights=str(WEIGHTS), dynamic_batch=4).onnx_path
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    return generate_shapes(tmp_path_factory.mktemp("shapes"), {"val": 8}, seed=21, progress=False)
+
+
+@pytest.fixture(scope="module")
+def scenes(shapes_dir):
+    ds = CocoDataset(shapes_dir, "val")
+    return [ds.image_path(i) for i in range(len(ds))]
+
+
+def assert_identical_detections(got, ref):
+    np.testing.assert_array_equal(got["num_detections"], ref["num_detections"])
+    np.testing.assert_array_equal(got["detection_classes"], ref["detection_classes"])  # slot by slot
+    np.testing.assert_allclose(got["detection_scores"], ref["detection_scores"], atol=SCORE_ATOL, rtol=0)
+    np.testing.assert_allclose(got["detection_boxes"], ref["detection_boxes"], atol=BOX_ATOL, rtol=0)
+
+
+def test_parity_with_onnxruntime_real_images(graph, scenes, tmp_path):
+    """The acceptance check: bundled model, generated scenes, one image at a time and as a batch of 3."""
+    ov = OpenVinoRunner(graph, cache_dir=tmp_path / "cache")
+    ort = OnnxRuntimeRunner(graph)
+    assert ov.nms.to_dict() == pytest.approx(NmsSettings().to_dict())  # read from the node (float32 attributes)
+    for path in scenes:
+        x, _, _ = preprocess([path], 256)
+        got, ref = ov.infer(x), ort.infer(x)
+        assert int(ref["num_detections"][0, 0]) > 0 and ref["detection_scores"][0, 0] > 0.5  # a real scene
+        assert_identical_detections(got, ref)
+    x, _, _ = preprocess(scenes[:3], 256)
+    assert_identical_detections(ov.infer(x), ort.infer(x))
+    assert ov.compiled_batches == [1, 3]
+
+
+def _with_nms(graph: Path, out: Path, **attrs) -> Path:
+    """The same graph with other soft-NMS attributes on its node (the metadata JSON left as it was: the node
+    is what both runtimes must read)."""
+    proto = onnx.load(str(graph))
+    node = next(n for n in proto.graph.node if n.domain == nms_op.DOMAIN)
+    settings = NmsSettings(**{**nms_op.settings_from_node(node).to_dict(), **attrs})
+    del node.attribute[:]
+    node.attribute.extend(nms_op.make_node(settings).attribute)
+    onnx.save(proto, str(out))
+    write_metadata(out, read_metadata(graph))
+    return out
+
+
+@pytest.mark.parametrize("attrs", [dict(method="hard", iou_threshold=0.5, max_detections=7),
+                                   dict(method="linear", score_threshold=0.2, class_agnostic=True)])
+def test_nms_settings_come_from_the_node(graph, scenes, tmp_path, attrs):
+    path = _with_nms(graph, tmp_path / "g.onnx", **attrs)
+    ov = OpenVinoRunner(path, cache_dir=False)
+    assert all(getattr(ov.nms, k) == pytest.approx(v) for k, v in attrs.items())
+    x, _, _ = preprocess(scenes[:2], 256)
+    got, ref = ov.infer(x), OnnxRuntimeRunner(path).infer(x)
+    assert_identical_detections(got, ref)
+    k = attrs.get("max_detections", 100)
+    assert got["detection_scores"].shape == (2, k)
+    if "score_threshold" in attrs:
+        n = got["num_detections"][:, 0]
+        assert all((got["detection_scores"][i, :n[i]] >= 0.2).all() for i in range(2))
+
+
+def test_nms_none_graph_gives_the_candidates(tmp_path, scenes):
+    res = export_onnx("d0", tmp_path, weights=str(WEIGHTS), nms=None)
+    ov = OpenVinoRunner(res.onnx_path, cache_dir=False)
+    assert ov.nms is None
+    x, _, _ = preprocess(scenes[:1], 256)
+    got, ref = ov.infer(x), OnnxRuntimeRunner(res.onnx_path).infer(x)
+    assert set(got) == set(ref) == {"candidate_boxes", "candidate_scores", "candidate_classes"}
+    np.testing.assert_allclose(got["candidate_scores"], ref["candidate_scores"], atol=SCORE_ATOL, rtol=0)
+    top = ref["candidate_scores"][0] > 0.05  # below, near-equal scores may swap places; above they are distinct
+    np.testing.assert_array_equal(got["candidate_classes"][0][top], ref["candidate_classes"][0][top])
+    np.testing.assert_allclose(got["candidate_boxes"][0][top], ref["candidate_boxes"][0][top], atol=BOX_ATOL)
+
+
+def test_cut_keeps_only_the_candidate_graph(graph):
+    proto = onnx.load(str(graph))
+    cut, settings, names = cut_at_nms(proto)
+    assert names == list(nms_op.INPUTS) and settings.method == "gaussian"
+    assert [o.name for o in cut.graph.output] == names
+    assert not any(n.domain == nms_op.DOMAIN for n in cut.graph.node)
+    assert not any(o.domain == nms_op.DOMAIN for o in cut.opset_import)
+    assert any(n.domain == nms_op.DOMAIN for n in proto.graph.node)  # the loaded graph itself is untouched
+    onnx.checker.check_model(cut, full_check=True)
+
+
+def test_threads_hint_and_cache_dir(graph, tmp_path):
+    cache = tmp_path / "ovcache"
+    first = OpenVinoRunner(graph, threads=1, cache_dir=cache)
+    assert first.property("INFERENCE_NUM_THREADS") == 1
+    assert str(first.property("PERFORMANCE_HINT")) in ("LATENCY", "PerformanceMode.LATENCY")
+    assert first.property("LOADED_FROM_CACHE") is False
+    assert list(cache.glob("*.blob"))
+    second = OpenVinoRunner(graph, threads=1, cache_dir=cache)
+    assert second.property("LOADED_FROM_CACHE") is True
+    third = create_runner("openvino", onnx_path=str(graph), threads=2, cache_dir=False, hint="THROUGHPUT")
+    assert third.property("INFERENCE_NUM_THREADS") == 2 and third.property("LOADED_FROM_CACHE") is False
+    assert first.load_ms > 0
+
+
+def test_user_errors(graph, tmp_path):
+    with pytest.raises(EdetError, match="not found"):
+        OpenVinoRunner(tmp_path / "missing.onnx")
+    with pytest.raises(EdetError, match="hint"):
+        OpenVinoRunner(graph, hint="FASTEST")
+    with pytest.raises(EdetError, match="needs an ONNX graph"):
+        create_runner("openvino")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf at all")
+    write_metadata(bad, read_metadata(graph))
+    with pytest.raises(EdetError, match="cannot read"):
+        OpenVinoRunner(bad)
+    ov = OpenVinoRunner(graph, cache_dir=False)
+    with pytest.raises(EdetError, match="expected uint8"):
+        ov.infer(np.zeros((1, 128, 128, 3), np.uint8))
+    with pytest.raises(EdetError, match="outside"):
+        ov.infer(np.zeros((5, 256, 256, 3), np.uint8))
+
+
+def test_cli_detect_and_eval_with_openvino(graph, scenes, shapes_dir, tmp_path, capsys):
+    outs = {}
+    for backend in ("openvino", "onnxruntime"):
+        dst = tmp_path / f"{backend}.json"
+        assert main(["detect", *map(str, scenes[:2]), "--onnx", str(graph), "--backend", backend,
+                     "--min-score", "0.3", "--json", str(dst)]) == 0
+        outs[backend] = json.loads(dst.read_text())
+    capsys.readouterr()
+    for a, b in zip(outs["openvino"], outs["onnxruntime"]):
+        assert [d["label"] for d in a["detections"]] == [d["label"] for d in b["detections"]]
+        np.testing.assert_allclose([d["box"] for d in a["detections"]], [d["box"] for d in b["detections"]],
+                                   atol=0.01)
+    assert main(["detect", str(scenes[0]), "--onnx", str(graph), "--backend", "torch"]) == 2
+    assert "--onnx runs on the" in capsys.readouterr().err
+    stats = {}
+    for backend in ("openvino", "onnxruntime"):
+        dst = tmp_path / f"eval_{backend}.json"
+        assert main(["eval", "--onnx", str(graph), "--backend", backend, "--data", str(shapes_dir),
+                     "--report", str(dst)]) == 0
+        stats[backend] = json.loads(dst.read_text())["stats"]
+    assert stats["onnxruntime"]["AP"] > 0.5  # the bundled model on real scenes
+    assert stats["openvino"] == pytest.approx(stats["onnxruntime"], abs=1e-4)
