@@ -1,5 +1,6 @@
 """Accuracy per precision on the shapes validation split, all through ONNX Runtime on the exact graphs TensorRT
-would get: FP32, FP16, and INT8 for each calibration method, with and without the sensitivity exclusions.
+would get: FP32, FP16, and INT8 (Q/DQ on the FP16 twin) for each calibration method, with and without the
+sensitivity exclusions; each row with its precision census (share of multiply-adds in int8 / fp16 / fp32).
 
     python benchmarks/precision_accuracy.py [--data build/shapes] [--calib-images 300]
 
@@ -19,6 +20,7 @@ from edet_deploy.data import CocoDataset, generate_shapes  # noqa: E402
 from edet_deploy.detector import Detector  # noqa: E402
 from edet_deploy.eval import evaluate  # noqa: E402
 from edet_deploy.export import export_onnx  # noqa: E402
+from edet_deploy.precision.census import census  # noqa: E402
 from edet_deploy.precision.convert import to_fp16, to_int8  # noqa: E402
 from edet_deploy.precision.sensitivity import sensitivity_sweep  # noqa: E402
 
@@ -53,8 +55,11 @@ def main(argv=None) -> int:
     rows = []
     for name, graph in graphs.items():
         rep = evaluate(Detector.from_onnx(graph), val)
-        rows.append({"graph": name, **rep["stats"], "seconds": rep["seconds"]})
-        print(f"{name:32s} mAP {rep['stats']['AP']:.4f} AP50 {rep['stats']['AP50']:.4f}", flush=True)
+        c = census(graph)
+        rows.append({"graph": name, **rep["stats"], "seconds": rep["seconds"],
+                     "census": {p: round(c[p], 4) for p in ("int8", "fp16", "fp32")}, "gmacs": c["gmacs"]})
+        print(f"{name:32s} mAP {rep['stats']['AP']:.4f} AP50 {rep['stats']['AP50']:.4f} "
+              f"int8/fp16/fp32 {c['int8']:.3f}/{c['fp16']:.3f}/{c['fp32']:.3f}", flush=True)
     base = rows[0]["AP"]
     for r in rows:
         r["delta_mAP_points"] = round((r["AP"] - base) * 100, 2)
@@ -66,16 +71,21 @@ def main(argv=None) -> int:
     lines = ["# Accuracy per precision (ONNX Runtime, CPU)\n",
              f"Model: bundled shapes D0 ({WEIGHTS.name}, input 256); {report['split']}; calibration on "
              f"{args.calib_images} images of the calib split; machine {m['cpu']}, {m['cores']} cores, {m['date']}. "
-             f"Every graph is the one TensorRT would get (soft-NMS node inside, run here by ONNX Runtime).\n",
-             "| graph | mAP@[.5:.95] | AP50 | AP75 | APs | APm | APl | delta vs FP32 (points) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"Every graph is the one TensorRT would get (soft-NMS node inside, run here by ONNX Runtime). INT8 graphs "
+             f"are the FP16 twin plus Q/DQ on the inputs of Convs (and on the residual inputs of the Adds TensorRT "
+             f"fuses into them), fp16 scales, opset 19. Census: share of the {rows[0]['gmacs']:.3g} GMAC per image "
+             f"that TensorRT 11 would run in int8 / fp16 / fp32 (read from the graph's types).\n",
+             "| graph | mAP@[.5:.95] | AP50 | AP75 | APs | APm | APl | delta vs FP32 (points) | "
+             "census int8 / fp16 / fp32 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        cen = " / ".join(f"{100 * r['census'][p]:.1f}%" for p in ("int8", "fp16", "fp32"))
         lines.append(f"| {r['graph']} | {r['AP']:.4f} | {r['AP50']:.4f} | {r['AP75']:.4f} | {r['APs']:.4f} | "
-                     f"{r['APm']:.4f} | {r['APl']:.4f} | {r['delta_mAP_points']:+.2f} |")
+                     f"{r['APm']:.4f} | {r['APl']:.4f} | {r['delta_mAP_points']:+.2f} | {cen} |")
     lines += ["", f"Sensitivity sweep (entropy, {args.sensitivity_images} val images per trial): INT8 of all blocks "
-              f"{sens['int8_all_mAP']:.4f} vs FP32 {sens['fp32_mAP']:.4f}; kept in float: "
+              f"{sens['int8_all_mAP']:.4f} vs FP32 {sens['fp32_mAP']:.4f}; kept in FP16: "
               f"{', '.join(sens['kept_in_float']) or 'none'}.", "",
-              "| block kept in float | convs | mAP | recovered |", "|---|---:|---:|---:|"]
+              "| block kept in FP16 | convs | mAP | recovered |", "|---|---:|---:|---:|"]
     for b in sens["blocks"]:
         lines.append(f"| {b['block']} | {b['convs']} | {b['mAP_with_block_in_float']:.4f} | {b['recovered']:+.4f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

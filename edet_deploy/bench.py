@@ -108,7 +108,12 @@ class Result:
     pipeline_throughput_img_s: float = 0.0
     peak_rss_mb: float = 0.0
     iterations: int = 0
+    # The paper's COCO AP of the FP32 architecture: only FP32 rows carry it (no FP16/INT8 COCO AP is measured here).
     published_coco_ap: Optional[float] = None
+    # Precision census of the graph that ran: share of multiply-adds in int8 / fp16 / fp32 (precision/census.py).
+    census_int8: Optional[float] = None
+    census_fp16: Optional[float] = None
+    census_fp32: Optional[float] = None
 
 
 def time_loop(fn: Callable[[int], None], warmup: int, iters: int, seconds: Optional[float]) -> List[float]:
@@ -181,7 +186,8 @@ class Bench:
         from .configs import get_config
         cfg = get_config(model)
         r = Result(model, backend, precision, batch, image_size=cfg.image_size,
-                   threads=self.threads or os.cpu_count() or 1, published_coco_ap=cfg.published.get("coco_ap"))
+                   threads=self.threads or os.cpu_count() or 1,
+                   published_coco_ap=cfg.published.get("coco_ap") if precision == "fp32" else None)
         reason = self.skip_reason(backend, precision, cfg.image_size)
         if reason:
             r.status, r.reason = "skipped", reason
@@ -221,6 +227,16 @@ class Bench:
             return "FP16 has no fast CPU kernels in ONNX Runtime; its accuracy is checked, its speed belongs to TensorRT"
         return ""
 
+    @staticmethod
+    def _census(r: Result, graph: Path) -> None:
+        from .precision.census import census
+        try:
+            c = census(graph)
+        except Exception as e:  # noqa: BLE001 - a census that cannot be read must not cost the timing
+            logger.warning("no precision census for %s: %s", graph, e)
+            return
+        r.census_int8, r.census_fp16, r.census_fp32 = (round(c[p], 4) for p in ("int8", "fp16", "fp32"))
+
     def _measure(self, r: Result, model: str, backend: str, precision: str, batch: int, max_batch: int) -> None:
         from .backends import create_runner
         from .detector import Detector
@@ -232,16 +248,19 @@ class Bench:
             t = time.perf_counter()
             runner = create_runner("torch", model_name=model, threads=self.threads)
         elif backend in ("onnxruntime", "openvino"):
-            graph = str(self.graph(model, precision, max_batch))
+            graph = self.graph(model, precision, max_batch)
+            self._census(r, graph)
             # No OpenVINO model cache here: load_ms is the cold compilation a first start pays.
             extra = {"cache_dir": False} if backend == "openvino" else {}
             t = time.perf_counter()
-            runner = create_runner(backend, onnx_path=graph, threads=self.threads, **extra)
+            runner = create_runner(backend, onnx_path=str(graph), threads=self.threads, **extra)
         else:
             from .trt.builder import build_engine
             plan = self.out / "engines" / f"{model}_{precision}_b{max_batch}.plan"
+            graph = self.graph(model, precision, max_batch)
+            self._census(r, graph)
             if not plan.is_file():
-                build_engine(self.graph(model, precision, max_batch), plan, f"1:{max_batch}:{max_batch}")
+                build_engine(graph, plan, f"1:{max_batch}:{max_batch}")
             t = time.perf_counter()
             runner = create_runner("tensorrt", engine_path=str(plan))
         r.load_ms = round((time.perf_counter() - t) * 1000, 2)
@@ -382,8 +401,11 @@ def markdown_table(report: Dict) -> str:
              "Latency in ms (model = graph alone on preprocessed input; pipeline = JPEG decode + preprocess + "
              "model + postprocess). First inference is excluded from percentiles and shown separately.\n",
              "Load = building the runner (graph load and compilation, no cache); first inf. = the first call after.\n",
+             "Census: share of the graph's multiply-adds in int8 / fp16 / fp32 under TensorRT's strong typing "
+             "(read from the graph's types; torch rows run FP32 eager).\n",
              "| model | backend | precision | batch | model p50 | p90 | p99 | pipeline p50 | img/s | load ms | "
-             "first inf. | peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "first inf. | peak RSS MB | census int8/fp16/fp32 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | "
@@ -392,13 +414,19 @@ def markdown_table(report: Dict) -> str:
         lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['model_p50_ms']:.1f} | "
                      f"{r['model_p90_ms']:.1f} | {r['model_p99_ms']:.1f} | {r['pipeline_p50_ms']:.1f} | "
                      f"{r['throughput_img_s']:.2f} | {r.get('load_ms', 0):.0f} | {r['first_inference_ms']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+                     f"{r['peak_rss_mb']:.0f} | {_census_cell(r)} |")
     for title, pairs in RATIOS:
         ratios = speedups(report, *pairs)
         if ratios:
             lines += ["", f"{title} (model p50, same run; > 1 = faster):", ""]
             lines += [f"- {k}: {v:.2f}x" for k, v in ratios.items()]
     return "\n".join(lines) + "\n"
+
+
+def _census_cell(r: Dict) -> str:
+    if r.get("census_int8") is None:
+        return "-"
+    return "/".join(f"{100 * r[f'census_{p}']:.0f}%" for p in ("int8", "fp16", "fp32"))
 
 
 # (title, (backend, precision) measured, (backend, precision) it is compared against)
@@ -448,7 +476,9 @@ def plot_latency(report: Dict, path: Path) -> None:
 
 
 def plot_accuracy_latency(report: Dict, path: Path) -> None:
-    """In the style of the EfficientDet paper's figure: published COCO AP against measured latency."""
+    """In the style of the EfficientDet paper's figure: published COCO AP against measured latency. Only FP32
+    rows are plotted: the published AP is the FP32 model's, and FP16/INT8 COCO AP is not measured here (their
+    measured accuracy on the shapes set is benchmarks/results/precision_accuracy.md)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -457,14 +487,17 @@ def plot_accuracy_latency(report: Dict, path: Path) -> None:
     order = list(VARIANTS)
     fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
     for label, rows in sorted(_series(report).items()):
-        rows = sorted((r for r in rows if r["published_coco_ap"] is not None), key=lambda r: order.index(r["model"]))
+        rows = sorted((r for r in rows if r["published_coco_ap"] is not None and r["precision"] == "fp32"),
+                      key=lambda r: order.index(r["model"]))
+        if not rows:
+            continue
         xs, ys = [r["model_p50_ms"] for r in rows], [r["published_coco_ap"] for r in rows]
         ax.plot(xs, ys, marker="o", label=label)
         for r, x, y in zip(rows, xs, ys):
             ax.annotate(r["model"].upper(), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("measured latency p50, batch 1 (ms, log scale)")
-    ax.set_ylabel("COCO AP (published, test-dev)")
+    ax.set_ylabel("COCO AP (published FP32, test-dev)")
     ax.set_title("Accuracy vs latency on this machine")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

@@ -79,6 +79,8 @@ def _check(p: argparse.ArgumentParser):
             print(line)
         for f in findings:
             print(f)
+        from .precision.census import census_line
+        print(census_line(path))
         print(f"{path}: {'OK, nothing TensorRT would reject' if not findings else f'{len(findings)} problem(s)'}")
         return 0 if not findings else 1
     return run
@@ -378,9 +380,11 @@ def _calibrate(p: argparse.ArgumentParser):
             exclude += rep["exclude_patterns"]
         res = to_int8(args.onnx, args.data, args.out, args.num_images, args.method, exclude, args.cache_dir)
         info = res.metadata["int8"]
-        print(f"wrote {res.onnx_path}: {info['quantized_convs']} convs INT8, {len(info['excluded_convs'])} float, "
+        print(f"wrote {res.onnx_path}: {info['quantized_convs']} convs INT8, {len(info['excluded_convs'])} FP16, "
               f"{info['qdq_nodes']} Q/DQ nodes, {'cached ranges' if info['cache_hit'] else 'calibrated'} "
               f"in {info['seconds']} s")
+        from .precision.census import format_census
+        print(format_census(res.metadata["census"]))
         return 0
     return run
 

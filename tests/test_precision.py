@@ -12,6 +12,7 @@ from edet_deploy.backends.onnxrt import OnnxRuntimeRunner
 from edet_deploy.data import CocoDataset, generate_shapes
 from edet_deploy.export import export_onnx
 from edet_deploy.trt.check import check_trt_compat
+from edet_deploy.precision.census import census
 from edet_deploy.precision.convert import to_fp16, to_int8
 from edet_deploy.precision.int8 import check_qdq, strip_nms
 from edet_deploy.preprocess import preprocess
@@ -69,6 +70,8 @@ def test_fp16_graph(fp32, shapes):
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     assert all(types.get(n.output[0]) == TensorProto.FLOAT for n in decode if n.op_type != "TopK")
     assert check_trt_compat(model) == [] and res.metadata["precision"] == "fp16"
+    c = census(model)  # no overflow on these images: every multiply-add in fp16
+    assert c["fp16"] == 1.0 and c["int8"] == c["fp32"] == 0.0 and not res.metadata["fp16"]["kept_fp32"]
     x = _batch(shapes)
     ref, got = OnnxRuntimeRunner(fp32).infer(x), OnnxRuntimeRunner(res.onnx_path).infer(x)
     # Stated tolerance: confident detections keep their class, IoU >= 0.98, score within 0.01.
@@ -88,28 +91,63 @@ def _kept_fraction(ref, got, min_score=0.5, iou=0.7, score_tol=0.25):
     return kept / total
 
 
-def test_int8_qdq_structure_cache_and_accuracy(fp32, shapes, tmp_path):
-    res = to_int8(fp32, shapes, tmp_path / "q.onnx", num_images=24, method="minmax", cache_dir=tmp_path / "c")
+def _qdq_consumers(model):
+    """(op of each DQ activation consumer, Q input producer op) pairs of a graph."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    pairs = []
+    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+        (dq,) = consumers[q.output[0]]
+        src = producer.get(q.input[0])
+        pairs += [(c.op_type, src.op_type if src is not None else None) for c in consumers[dq.output[0]]]
+    return pairs
+
+
+def test_int8_on_fp16_structure_cache_and_accuracy(fp32, shapes, tmp_path):
+    res = to_int8(fp32, shapes, tmp_path / "q.onnx", num_images=24, method="minmax", cache_dir=tmp_path / "c",
+                  progress=False)
     info = res.metadata["int8"]
-    assert not info["cache_hit"] and info["quantized_convs"] > 200
+    assert not info["cache_hit"] and info["quantized_convs"] > 200 and info["opset"] == 19
     model = onnx.load(str(res.onnx_path))
+    assert next(o.version for o in model.opset_import if o.domain == "") >= 19  # fp16 scales need opset 19
     counts = check_qdq(strip_nms(model)[0])
     assert counts["per_channel_convs"] == info["quantized_convs"] == counts["convs"]
     assert check_trt_compat(model) == []
-    again = to_int8(fp32, shapes, tmp_path / "q2.onnx", num_images=24, method="minmax", cache_dir=tmp_path / "c")
+    # INT8 on top of FP16: activation scales are float16 (the activations' type), weights int8 per channel,
+    # and every float network tensor is float16; decode and NMS inputs stay float32.
+    inits = {i.name: i for i in model.graph.initializer}
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert qs and all(inits[q.input[1]].data_type == TensorProto.FLOAT16 for q in qs)
+    assert all(inits[q.input[2]].data_type == TensorProto.INT8 for q in qs)
+    # Placement: Q/DQ feed Conv inputs or the residual input of an Add fused into a Conv, never anything else
+    # (no Conv-output quantization: the heads' logits and box codes reach sigmoid / decode in fp16).
+    pairs = _qdq_consumers(model)
+    assert {c for c, _ in pairs} == {"Conv", "Add"}
+    assert 0 < sum(c == "Add" for c, _ in pairs) == info["residual_adds"]
+    # Census of the default INT8 twin: every multiply-add in int8, none in fp32 (the method does not change it).
+    c = census(model)
+    assert c["int8"] >= 0.9 and c["fp32"] == 0.0 and res.metadata["census"]["int8"] == c["int8"]
+    again = to_int8(fp32, shapes, tmp_path / "q2.onnx", num_images=24, method="minmax", cache_dir=tmp_path / "c",
+                    progress=False)
     assert again.metadata["int8"]["cache_hit"] and again.metadata["int8"]["seconds"] < info["seconds"]
     assert check_qdq(strip_nms(onnx.load(str(tmp_path / "q2.onnx")))[0]) == counts  # same ranges, same graph
-    # Exclusions keep those convs in float. The box head is what the sensitivity sweep keeps in float for this
-    # model (all-INT8 box regression moves boxes by several pixels at 256 px); with it excluded, confident
-    # detections survive INT8 (a sanity bound from 24 calibration images; the accuracy cost is measured as mAP
-    # in benchmarks/precision_accuracy.py).
+    # Exclusions keep those convs in FP16 (not FP32) and reuse the cached ranges.
     ex = to_int8(fp32, shapes, tmp_path / "q3.onnx", num_images=24, method="minmax", cache_dir=tmp_path / "c",
-                 exclude=["/model/box_net/*"])
+                 exclude=["/model/box_net/*"], progress=False)
     excluded = ex.metadata["int8"]["excluded_convs"]
     assert len(excluded) == 40 and all("/model/box_net/" in n for n in excluded)
-    assert ex.metadata["int8"]["cache_hit"]  # exclusions reuse the same calibration ranges
+    assert ex.metadata["int8"]["cache_hit"]
+    c3 = census(onnx.load(str(ex.onnx_path)))
+    assert 0 < c3["fp16"] < 0.5 and c3["fp32"] == 0.0 and c3["int8"] + c3["fp16"] == pytest.approx(1.0)
+    check_qdq(strip_nms(onnx.load(str(ex.onnx_path)))[0])
+    # With the box head in FP16 (what the sensitivity sweep keeps out of INT8 for this model), confident
+    # detections survive INT8: a sanity bound from 24 calibration images; the accuracy cost is measured as mAP
+    # in benchmarks/precision_accuracy.py.
     ex = to_int8(fp32, shapes, tmp_path / "q4.onnx", num_images=24, method="percentile", cache_dir=tmp_path / "c",
-                 exclude=["/model/box_net/*"])
+                 exclude=["/model/box_net/*"], progress=False)
     x = _batch(shapes)
     ref = OnnxRuntimeRunner(fp32).infer(x)
     ort_int8 = OnnxRuntimeRunner(ex.onnx_path).infer(x)
@@ -122,6 +160,131 @@ def test_int8_qdq_structure_cache_and_accuracy(fp32, shapes, tmp_path):
     ov_int8 = OpenVinoRunner(ex.onnx_path, cache_dir=False).infer(x)
     kept_ort, kept_ov = _kept_fraction(ref, ort_int8), _kept_fraction(ref, ov_int8)
     assert kept_ort == 1.0 and kept_ov >= 0.9, (kept_ort, kept_ov)
+
+
+def _tiny(tmp_path):
+    """x -> Conv a (1x1) -> Conv b (1x1) -> Add(b, a) -> y: a residual block small enough to compute by hand."""
+    from onnx import helper, numpy_helper
+    rng = np.random.default_rng(3)
+    wa, wb = rng.normal(size=(6, 4, 1, 1)).astype(np.float32), rng.normal(size=(6, 6, 1, 1)).astype(np.float32)
+    ba = rng.normal(size=6).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="/model/a/Conv"),
+         helper.make_node("Conv", ["a", "wb"], ["b"], name="/model/b/Conv"),
+         helper.make_node("Add", ["b", "a"], ["y"], name="/model/add/Add")],
+        "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 5, 5])],
+        [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(ba, "ba"), numpy_helper.from_array(wb, "wb")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), wa, ba, wb
+
+
+def test_qdq_insertion_matches_a_hand_computed_reference(tmp_path):
+    """Our Q/DQ (fp16 scales, opset 19) run by ONNX Runtime equals int8 fake quantization computed in numpy."""
+    import onnxruntime as ort
+    from edet_deploy.precision.fp16 import convert_to_fp16
+    from edet_deploy.precision.qdq import insert_qdq
+
+    model, wa, ba, wb = _tiny(tmp_path)
+    x = np.random.default_rng(4).normal(size=(1, 4, 5, 5)).astype(np.float32)
+    a_ref = np.einsum("oi,nihw->nohw", wa[:, :, 0, 0], x) + ba[None, :, None, None]
+    amax = {"x": float(np.abs(x).max()), "a": float(np.abs(a_ref).max())}
+    half = convert_to_fp16(model, prefix="/model/")
+    q, counts = insert_qdq(half, ["/model/a/Conv", "/model/b/Conv"], amax, {"wa": wa, "wb": wb})
+    assert counts["residual_adds"] == 1 and counts["qdq_activations"] == 2  # `a` shares one pair: Conv b + Add
+    onnx.checker.check_model(q, full_check=True)
+    assert check_qdq(q)["per_channel_convs"] == 2
+
+    def fq(v, scale):  # symmetric int8 fake quantization
+        return np.clip(np.round(v / scale), -128, 127) * scale
+
+    def fq_w(w):
+        s = (np.abs(w.reshape(len(w), -1)).max(1) / 127).astype(np.float16).astype(np.float32)[:, None, None, None]
+        return np.clip(np.round(w / s), -127, 127) * s
+
+    sx = np.float16(amax["x"] / 127).astype(np.float32)
+    sa = np.float16(amax["a"] / 127).astype(np.float32)
+    a = np.einsum("oi,nihw->nohw", fq_w(wa)[:, :, 0, 0], fq(x.astype(np.float16).astype(np.float32), sx))
+    a = a + ba.astype(np.float16).astype(np.float32)[None, :, None, None]
+    aq = fq(a.astype(np.float16).astype(np.float32), sa)
+    y_ref = np.einsum("oi,nihw->nohw", fq_w(wb)[:, :, 0, 0], aq) + aq
+    sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"x": x})
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, y_ref, rtol=2e-2, atol=2e-2 * np.abs(y_ref).max())
+    # and quantization did something: the float result differs by more than the tolerance somewhere
+    y_float = np.einsum("oi,nihw->nohw", wb[:, :, 0, 0], a_ref) + a_ref
+    assert np.abs(y_float - y_ref).max() > 1e-3
+
+
+def test_check_qdq_rejects_output_quantization_and_asymmetry(tmp_path):
+    from onnx import helper, numpy_helper
+    from edet_deploy.precision.fp16 import convert_to_fp16
+    from edet_deploy.precision.qdq import insert_qdq, qdq_violations
+
+    model, wa, ba, wb = _tiny(tmp_path)
+    good, _ = insert_qdq(convert_to_fp16(model, prefix="/model/"), ["/model/a/Conv", "/model/b/Conv"],
+                         {"x": 1.0, "a": 4.0}, {"wa": wa, "wb": wb})
+    assert qdq_violations(good) == []
+    # Conv-output quantization: Conv b -> Q -> DQ -> Add (what the previous INT8 graphs did to the heads)
+    bad = onnx.ModelProto.FromString(good.SerializeToString())
+    add = next(n for n in bad.graph.node if n.op_type == "Add")
+    conv_out = next(i for i in add.input if "DequantizeLinear" not in i)
+    bad.graph.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float16), "s_out"),
+                                  numpy_helper.from_array(np.array(0, np.int8), "z_out")])
+    nodes = list(bad.graph.node)
+    i = nodes.index(add)
+    nodes[i:i] = [helper.make_node("QuantizeLinear", [conv_out, "s_out", "z_out"], ["qo"], name="Q_out"),
+                  helper.make_node("DequantizeLinear", ["qo", "s_out", "z_out"], ["dqo"], name="DQ_out")]
+    del bad.graph.node[:]
+    bad.graph.node.extend(nodes)
+    add.input[list(add.input).index(conv_out)] = "dqo"
+    found = qdq_violations(bad)
+    assert any("not their outputs" in p for p in found), found
+    with pytest.raises(EdetError, match="Q/DQ rule violation"):
+        check_qdq(bad)
+    # An asymmetric zero point
+    asym = onnx.ModelProto.FromString(good.SerializeToString())
+    zp = next(i for i in asym.graph.initializer if i.name.endswith("zero_point") and not i.dims)
+    zp.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), zp.name))
+    with pytest.raises(EdetError, match="zero point must be int8 0"):
+        check_qdq(asym)
+    # A per-tensor weight scale
+    pt = onnx.ModelProto.FromString(good.SerializeToString())
+    s = next(i for i in pt.graph.initializer if i.name == "wa_scale")
+    s.CopyFrom(numpy_helper.from_array(np.array(0.01, np.float16), "wa_scale"))
+    assert any("per-channel" in p for p in qdq_violations(pt))
+
+
+def test_census_matches_pytorch_mac_count(fp32):
+    """MACs per image counted from the ONNX graph equal those counted on the PyTorch model with hooks."""
+    import torch
+    from edet_deploy.model import create_model
+
+    model = create_model("d0", num_classes=4, weights=str(WEIGHTS), image_size=256).eval()
+    total = []
+
+    def hook(m, inp, out):
+        total.append(out[0].numel() * (m.in_channels // m.groups) * int(np.prod(m.kernel_size)))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 256, 256))
+    for h in handles:
+        h.remove()
+    c = census(onnx.load(str(fp32)))
+    assert c["macs"]["fp32"] == sum(total) and c["fp32"] == 1.0 and c["int8"] == 0.0
+
+
+def test_calibrate_and_check_print_the_census(fp32, shapes, tmp_path, capsys):
+    from edet_deploy.cli import main
+    out = tmp_path / "cli.onnx"
+    assert main(["calibrate", str(fp32), "--data", str(shapes), "--num-images", "4", "--method", "minmax",
+                 "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    text = capsys.readouterr().out
+    assert "precision census" in text and "int8 100.0%" in text and "fp32 0.0%" in text
+    assert main(["check", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "precision census" in text and "int8 100.0%" in text and "OK" in text
 
 
 def test_calibration_refuses_bad_data(fp32, tmp_path):

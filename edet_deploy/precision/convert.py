@@ -10,7 +10,8 @@ from ..errors import EdetError
 from ..export.onnx_export import ExportResult, attach_nms, save_graph
 from ..io import sha256_file
 from ..metadata import read_metadata
-from .int8 import calibration_images, check_qdq, quantize_candidates, strip_nms
+from .census import census
+from .int8 import METHODS, calibration_images, check_qdq, quantize_candidates, strip_nms
 
 
 def _load(onnx_path: str | Path):
@@ -30,36 +31,47 @@ def _finish(candidate, settings, meta, out: Path) -> ExportResult:
     return save_graph(proto, out, meta)
 
 
+def _overflow_keep(candidate, meta, data, num_images: int) -> set:
+    """Network nodes whose FP32 values exceed half the FP16 range on a few images of `data`: they stay FP32."""
+    from ..preprocess import decode_image, letterbox
+    from .fp16 import overflow_nodes
+
+    feeds = [{"images": letterbox(decode_image(p), meta["image_size"])[0][None]}
+             for p in calibration_images(data, num_images)]
+    return overflow_nodes(candidate, feeds)
+
+
 def to_fp16(onnx_path: str | Path, out: Optional[str | Path] = None, data: Optional[str | Path] = None,
             num_images: int = 8) -> ExportResult:
     """FP16 twin of a graph. With `data`, network nodes whose FP32 values exceed half the FP16 range on those
     images stay FP32."""
-    from ..preprocess import decode_image, letterbox
-    from .fp16 import convert_to_fp16, overflow_nodes
+    from .fp16 import convert_to_fp16
 
     path, meta, candidate, settings = _load(onnx_path)
-    keep = set()
-    if data is not None:
-        feeds = [{"images": letterbox(decode_image(p), meta["image_size"])[0][None]}
-                 for p in calibration_images(data, num_images)]
-        keep = overflow_nodes(candidate, feeds)
+    keep = _overflow_keep(candidate, meta, data, num_images) if data is not None else set()
     converted = convert_to_fp16(candidate, keep)
     meta = dict(meta, precision="fp16", source={"onnx": str(path), "sha256": sha256_file(path)},
-                fp16={"kept_fp32": sorted(keep)})
+                fp16={"kept_fp32": sorted(keep)}, census=census(converted))
     return _finish(converted, settings, meta, Path(out) if out else path.with_name(path.stem + ".fp16.onnx"))
 
 
 def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] = None, num_images: int = 500,
-            method: str = "entropy", exclude: Iterable[str] = (), cache_dir: Optional[str | Path] = None
-            ) -> ExportResult:
-    """INT8 (explicit Q/DQ) twin of a graph, calibrated on `num_images` images of `data`."""
+            method: str = "entropy", exclude: Iterable[str] = (), cache_dir: Optional[str | Path] = None,
+            progress: bool = True) -> ExportResult:
+    """INT8 twin of a graph: its FP16 twin plus Q/DQ calibrated on `num_images` images of `data` (the FP16
+    overflow check uses the first 8 of them, as `convert --fp16 --data` does)."""
     path, meta, candidate, settings = _load(onnx_path)
     if not meta.get("batch", {}).get("dynamic") and meta.get("batch", {}).get("max", 1) != 1:
         raise EdetError("calibrate a batch-1 or dynamic-batch export")
+    if method not in METHODS:
+        raise EdetError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     images = calibration_images(data, num_images)
     cache = Path(cache_dir) if cache_dir else path.parent / ".calibration_cache"
-    quantized, info = quantize_candidates(candidate, images, method, exclude, cache, int(meta["image_size"]))
+    keep = _overflow_keep(candidate, meta, data, min(8, num_images))
+    quantized, info = quantize_candidates(candidate, images, method, exclude, cache, int(meta["image_size"]),
+                                          keep, progress)
     info.update(check_qdq(quantized))
-    meta = dict(meta, precision="int8", source={"onnx": str(path), "sha256": sha256_file(path)}, int8=info)
+    meta = dict(meta, precision="int8", source={"onnx": str(path), "sha256": sha256_file(path)}, int8=info,
+                fp16={"kept_fp32": sorted(keep)}, census=census(quantized))
     return _finish(quantized, settings, meta,
                    Path(out) if out else path.with_name(f"{path.stem}.int8-{method}.onnx"))

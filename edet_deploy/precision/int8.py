@@ -1,6 +1,7 @@
-"""INT8 calibration into explicit Q/DQ (what TensorRT 11 accepts: symmetric, zero point 0, per-channel
-weights), with ONNX Runtime's quantization tools on CPU, on the graph without the custom op; the soft-NMS node
-is re-attached afterwards. Calibration ranges are cached, so a second run with the same inputs is instant."""
+"""INT8 twin for TensorRT 11's strong typing: the FP16 twin plus explicit Q/DQ (symmetric, zero point 0,
+per-channel weights) placed as TensorRT recommends (see qdq.py), so whatever is not int8 runs in fp16.
+Calibration runs ONNX Runtime's calibrators on CPU on the FP32 graph without the custom op; the soft-NMS node is
+re-attached afterwards. Ranges are cached, so a second run with the same inputs is instant."""
 from __future__ import annotations
 
 import fnmatch
@@ -12,18 +13,22 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..errors import EdetError
 from ..log import logger
 from ..nms import NmsSettings
 from ..nms import op as nms_op
 from .fp16 import NETWORK_PREFIX
+from .qdq import check_qdq, plan_qdq, qdq_violations  # noqa: F401 - check_qdq is part of this module's API
 
 METHODS = ("entropy", "percentile", "minmax")
 QUANTIZED_OPS = ("Conv",)
-# Entropy calibration as TensorRT does it: a 2048-bin histogram searched for the 128-bin window of least KL
-# divergence. ONNX Runtime's defaults (128 bins for both) leave no window to search: entropy would equal min-max.
-CALIB_OPTIONS = {"CalibNumBins": 2048, "CalibNumQuantizedBins": 128}
+# Entropy calibration as TensorRT does it: a fine histogram searched for the clipping window of least KL
+# divergence to its int8 version. ONNX Runtime's defaults (128 bins for both) leave no window to search, and its
+# symmetric histogram spans [-t, t], so the quantized bins count both signs: 255 of them model int8's
+# [-127, 127] (128 would model a 7-bit quantizer and clip too hard).
+CALIB_OPTIONS = {"CalibNumBins": 2048, "CalibNumQuantizedBins": 255}
 
 
 def strip_nms(proto: onnx.ModelProto) -> Tuple[onnx.ModelProto, Optional[NmsSettings]]:
@@ -53,15 +58,23 @@ def strip_nms(proto: onnx.ModelProto) -> Tuple[onnx.ModelProto, Optional[NmsSett
 class ImageReader:
     """ONNX Runtime CalibrationDataReader over letterboxed images, one per batch."""
 
-    def __init__(self, paths: Sequence[Path], size: int):
+    def __init__(self, paths: Sequence[Path], size: int, progress: bool = False):
         self.paths, self.size, self.i = list(paths), size, 0
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=len(self.paths), desc="calibration", unit="img", leave=False)
 
     def get_next(self):
         from ..preprocess import decode_image, letterbox
         if self.i >= len(self.paths):
+            if self.bar is not None:
+                self.bar.close()
             return None
         img, _ = letterbox(decode_image(self.paths[self.i]), self.size)
         self.i += 1
+        if self.bar is not None:
+            self.bar.update(1)
         return {"images": img[None]}
 
     def rewind(self) -> None:
@@ -111,91 +124,93 @@ def network_nodes(proto: onnx.ModelProto, exclude: Iterable[str] = ()) -> Tuple[
     return include, excluded
 
 
-def cache_key(candidate: onnx.ModelProto, images: Sequence[Path], method: str) -> str:
+def cache_key(candidate: onnx.ModelProto, images: Sequence[Path], method: str, tensors: Sequence[str]) -> str:
     h = hashlib.sha256(candidate.SerializeToString())
     h.update(method.encode())
     h.update(json.dumps(CALIB_OPTIONS, sort_keys=True).encode())
+    h.update("\n".join(sorted(tensors)).encode())
     for p in images:
         h.update(str(Path(p).resolve()).encode())
         h.update(str(Path(p).stat().st_size).encode())
     return h.hexdigest()[:20]
 
 
-def quantize_candidates(candidate: onnx.ModelProto, images: Sequence[Path], method: str = "entropy",
-                        exclude: Iterable[str] = (), cache_dir: Optional[Path] = None, image_size: int = 512
-                        ) -> Tuple[onnx.ModelProto, Dict]:
-    """Q/DQ-quantize the network Convs of a candidate graph. Returns (model, info)."""
-    import tempfile
+def calibration_tensors(candidate: onnx.ModelProto) -> List[str]:
+    """Activation tensors any Q/DQ placement of this graph can need: the inputs of every network Conv and the
+    residual inputs of fusible Adds (all Convs quantized). Exclusions pick a subset, so one cache serves all."""
+    include, _ = network_nodes(candidate)
+    return sorted(plan_qdq(candidate.graph, include).activations)
 
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, cache_dir: Optional[Path],
+              image_size: int, progress: bool = True) -> Tuple[Dict[str, float], bool, Optional[Path]]:
+    """|max| per activation tensor ({name: amax}), from the cache when the same graph, images and method were
+    calibrated before. Returns (ranges, cache hit, cache file)."""
+    import tempfile
+    from unittest import mock
+
+    from onnxruntime.quantization.calibrate import CalibraterBase, CalibrationMethod, create_calibrator
+
+    from ..io import write_json
+
+    tensors = calibration_tensors(candidate)
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"ranges-{method}-{cache_key(candidate, images, method, tensors)}.json"
+        if cache.is_file():
+            return {k: float(v) for k, v in json.loads(cache.read_text())["amax"].items()}, True, cache
+    wanted = set(tensors)
+    select = CalibraterBase.select_tensors_to_calibrate
+
+    def only_wanted(self, model):  # ORT calibrates inputs *and* outputs of an op type; we need the inputs
+        found, infos = select(self, model)
+        return found & wanted, infos
+
+    calib_method = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
+                    "minmax": CalibrationMethod.MinMax}[method]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "candidate.onnx"
+        onnx.save(candidate, str(src))
+        # Calibrate here rather than inside quantize_static, which does not pass the histogram sizes on.
+        with mock.patch.object(CalibraterBase, "select_tensors_to_calibrate", only_wanted):
+            calibrator = create_calibrator(src, ["Conv", "Add"], str(Path(tmp) / "augmented.onnx"), calib_method,
+                                           extra_options={"symmetric": True, "percentile": 99.999,
+                                                          "num_bins": CALIB_OPTIONS["CalibNumBins"],
+                                                          "num_quantized_bins": CALIB_OPTIONS["CalibNumQuantizedBins"]})
+        calibrator.collect_data(ImageReader(images, image_size, progress))
+        data = calibrator.compute_data()
+        del calibrator
+    amax = {}
+    for name in tensors:
+        lo, hi = data.data[name].range_value
+        amax[name] = float(max(abs(float(np.asarray(lo).max())), abs(float(np.asarray(hi).max()))))
+    if cache is not None:
+        write_json(cache, {"method": method, "num_images": len(images), "amax": amax})
+    return amax, False, cache
+
+
+def quantize_candidates(candidate: onnx.ModelProto, images: Sequence[Path], method: str = "entropy",
+                        exclude: Iterable[str] = (), cache_dir: Optional[Path] = None, image_size: int = 512,
+                        keep_fp32: Iterable[str] = (), progress: bool = True) -> Tuple[onnx.ModelProto, Dict]:
+    """The INT8 twin of a candidate graph: its FP16 twin (nodes in `keep_fp32` stay FP32) with Q/DQ on the
+    inputs of the network Convs not excluded, and on the residual inputs of the Adds TensorRT fuses with them.
+    Returns (model, info)."""
+    from .fp16 import convert_to_fp16
+    from .qdq import insert_qdq
 
     if method not in METHODS:
         raise EdetError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     include, excluded = network_nodes(candidate, exclude)
-    key = cache_key(candidate, images, method)
     t = time.perf_counter()
-    calib_method = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
-                    "minmax": CalibrationMethod.MinMax}[method]
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp) / "ranges.json"
-        if cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            cache = cache_dir / f"calib-{method}-{key}.json"
-        hit = cache.is_file()
-        if not hit:
-            # Calibrate here rather than inside quantize_static, which does not pass the histogram sizes on.
-            src = Path(tmp) / "candidate.onnx"
-            onnx.save(candidate, str(src))
-            calibrator = create_calibrator(src, list(QUANTIZED_OPS), str(Path(tmp) / "augmented.onnx"),
-                                           calib_method, extra_options={
-                                               "symmetric": True, "percentile": 99.999,
-                                               "num_bins": CALIB_OPTIONS["CalibNumBins"],
-                                               "num_quantized_bins": CALIB_OPTIONS["CalibNumQuantizedBins"]})
-            calibrator.collect_data(ImageReader(images, image_size))
-            save_tensors_data(calibrator.compute_data(), cache)
-            del calibrator
-        out = Path(tmp) / "q.onnx"
-        # Biases stay float: TensorRT fuses them itself and wants Q/DQ on activations and weights only.
-        quantize_static(candidate, str(out), None, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=include,
-                        calibrate_method=calib_method, calibration_cache_path=str(cache),
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                       "QuantizeBias": False})
-        quantized = onnx.load(str(out))
+    amax, hit, cache = calibrate(candidate, images, method, cache_dir, image_size, progress)
+    fp32_weights = {i.name: numpy_helper.to_array(i) for i in candidate.graph.initializer}
+    half = convert_to_fp16(candidate, keep_fp32)
+    quantized, counts = insert_qdq(half, include, amax, fp32_weights)
     info = {"method": method, "num_images": len(images), "quantized_convs": len(include),
-            "excluded_convs": excluded, "cache": str(cache) if cache_dir is not None else None, "cache_hit": hit,
+            "excluded_convs": excluded, "residual_adds": counts["residual_adds"],
+            "qdq_activations": counts["qdq_activations"], "opset": counts["opset"], "base": "fp16",
+            "kept_fp32": sorted(keep_fp32), "cache": str(cache) if cache is not None else None, "cache_hit": hit,
             "seconds": round(time.perf_counter() - t, 1)}
-    logger.info("INT8: %d convs quantized, %d kept in float (%s, %s)", len(include), len(excluded), method,
+    logger.info("INT8: %d convs quantized, %d kept in fp16 (%s, %s)", len(include), len(excluded), method,
                 "cached ranges" if hit else f"{len(images)} calibration images")
     return quantized, info
-
-
-def check_qdq(proto: onnx.ModelProto) -> Dict[str, int]:
-    """Verify the Q/DQ structure TensorRT needs: zero points all 0 (int8), every quantized Conv weight
-    per-channel (one scale per output channel). Raises EdetError otherwise; returns counts."""
-    from onnx import numpy_helper
-
-    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    for n in qdq:
-        if len(n.input) < 3 or n.input[2] not in inits:
-            raise EdetError(f"{n.name}: Q/DQ without a constant zero point")
-        zp = inits[n.input[2]]
-        if zp.dtype != np.int8 or np.any(zp != 0):
-            raise EdetError(f"{n.name}: zero point must be int8 0 (symmetric), got {zp.dtype} {zp.ravel()[:4]}")
-    per_channel = 0
-    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
-    for conv in convs:
-        w = producer.get(conv.input[1])
-        if w is None or w.op_type != "DequantizeLinear":
-            continue
-        scale = inits.get(w.input[1])
-        weight = inits.get(w.input[0])
-        axis = next((a.i for a in w.attribute if a.name == "axis"), 1)
-        if scale is None or weight is None or scale.size != weight.shape[0] or axis != 0:
-            raise EdetError(f"{conv.name}: weight is not per-channel quantized")
-        per_channel += 1
-    return {"qdq_nodes": len(qdq), "per_channel_convs": per_channel, "convs": len(convs)}

@@ -1,6 +1,7 @@
 """INT8 sensitivity: which blocks cost the most mAP when quantized. Each block (backbone stage, BiFPN cell,
-class head, box head) is kept in float in turn, the rest quantized, and mAP measured on a small set; the blocks
-that recover the most are kept in float until the loss against FP32 is within the budget."""
+class head, box head) is kept in float (FP16: the INT8 twin is built on the FP16 one) in turn, the rest
+quantized, and mAP measured on a small set; the blocks that recover the most are kept in float until the loss
+against FP32 is within the budget."""
 from __future__ import annotations
 
 import re
