@@ -73,13 +73,13 @@ def register():
                      candidate_classes: trtp.TensorDesc, method: str, sigma: float, iou_threshold: float,
                      score_threshold: float, max_detections: int, class_agnostic: int,
                      outputs: T[trtp.TensorDesc], tactic: int):
-        import torch
+        from .compat import gpu_properties
 
         settings = settings_from_attrs(method, sigma, iou_threshold, score_threshold, max_detections,
                                        class_agnostic)
-        major, minor = torch.cuda.get_device_capability()
+        major, minor = gpu_properties()[1].split(".")  # no torch in the serving image that builds engines
         n = candidate_scores.shape_expr[1]
-        launch = aot_launch(int(n), settings, major * 10 + minor)
+        launch = aot_launch(int(n), settings, int(major) * 10 + int(minor))
         params = trtp.KernelLaunchParams()
         params.grid_x = candidate_scores.shape_expr[0]  # one program per image
         params.block_x = launch["block_x"]
