@@ -11,8 +11,8 @@ from .errors import EdetError
 
 
 def add_nms_args(p: argparse.ArgumentParser) -> None:
-    from .export.graph import DEFAULT_PRE_NMS_TOP_K
     from .nms import METHODS, NmsSettings
+    from .nms.settings import DEFAULT_PRE_NMS_TOP_K
     d = NmsSettings()
     g = p.add_argument_group("soft-NMS (inside the graph)")
     g.add_argument("--nms", default=d.method, choices=[*METHODS, "none"],
