@@ -1,12 +1,15 @@
-"""Triton load test, once per CPU engine backend (OpenVINO and ONNX Runtime): generates the CPU repository
-for the bundled D0 model with that engine, starts the embedded server, sends real images (the shapes
-validation split) at concurrency 1, 2, 4, 8, 16, and compares with the in-process pipeline of the same backend
-on the same images. The ensemble-vs-in-process ratio is measured in a sandwich (in-process, ensemble,
-in-process again), so the shared CPU's drift hits both sides alike. Writes JSON, CSV and markdown to
-benchmarks/results/triton_load.*
+"""Triton load test, all in one run: the in-process pipeline, then the embedded server on CPU with
 
-    python benchmarks/triton_load.py [--engine-backends openvino,onnxruntime] [--requests 20]
-    python benchmarks/triton_load.py --url HOST:PORT --engine-backends openvino   # a server you started
+  * "before": the old engine batching (preferred_batch_size [1, 2, 4, 8], 500 us window, 500 us on pre/post),
+  * "after":  no preferred sizes, the engine's window swept over --delays (the default marked), pre/post 0 us,
+
+each at concurrency 1, 2, 4, 8, 16 with real images (the shapes validation split), reporting the mean engine
+batch per concurrency; then, on the default "after" configuration, the decoded-image input (client decodes,
+server only letterboxes) against JPEG-in at concurrency 1 and 16. Writes benchmarks/results/triton_load.*
+
+    python benchmarks/triton_load.py [--repo model_repository] [--requests 20] [--delays 0,1000,2000,4000]
+
+The ONNX graph is the one `make repo` puts in model_repository/efficientdet_d0_engine/1/.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import argparse
 import csv
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,163 +25,213 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edet_deploy.bench import machine_info, percentiles  # noqa: E402
 from edet_deploy.triton.load import perf_analyzer_command, run_load  # noqa: E402
+from edet_deploy.triton.repo import ENGINE_QUEUE_DELAY_US, perf_input_path  # noqa: E402
+
+MODEL = "efficientdet_d0"
 
 
-def stub_memory(repo: str = "") -> dict:
-    """Resident memory (MB) of each Python-backend stub process of the repository `repo` (a path fragment; other
-    servers on the machine are not ours), by model (one process per instance)."""
+def stub_memory(repo: Path) -> dict:
+    """Resident memory (MB) of each Python-backend stub process of `repo`'s server (other servers on a shared
+    machine excluded), by model (one process per instance)."""
     import subprocess
     out = subprocess.run(["ps", "-eo", "rss,args"], capture_output=True, text=True).stdout.splitlines()[1:]
     mem: dict = {}
     for line in out:
         rss, _, cmd = line.strip().partition(" ")
-        if "triton_python_backend_stub" in cmd and repo in cmd:
+        if "triton_python_backend_stub" in cmd and str(Path(repo).resolve()) in cmd:
             model = next((part.split("/")[-3] for part in cmd.split() if "/1/model.py" in part), "?")
             mem.setdefault(model, []).append(round(int(rss) / 1024, 1))
     return mem
 
 
-def export_graph(repo: Path, out: Path) -> Path:
-    """The graph the repository serves (make repo), else the bundled model exported with a dynamic batch."""
-    served = repo / "efficientdet_d0_engine" / "1" / "model.onnx"
-    if served.is_file():
-        return served
-    from edet_deploy.demo import ASSET
-    from edet_deploy.export import export_onnx
-    path = out / "export" / "efficientdet_d0.onnx"
-    if path.is_file() and path.with_suffix(".json").is_file():
-        return path
-    return export_onnx("d0", out / "export", weights=str(ASSET), dynamic_batch=8).onnx_path
+def in_process_p50(local, blobs, n: int = 30) -> dict:
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        local.detect([blobs[i % len(blobs)]])
+        times.append((time.perf_counter() - t) * 1000)
+    return percentiles(times)
 
 
-def interleaved(local, url: str, blobs, n: int) -> dict:
-    """In-process pipeline and ensemble at concurrency 1 on the same images, in blocks: in-process, ensemble,
-    in-process again (the sandwich evens out the shared CPU's drift). Not call by call: both runtimes keep their
-    worker threads spinning for a moment after each call, which would slow whichever runs next."""
-    from edet_deploy.triton.client import TritonDetectorClient
-    client = TritonDetectorClient(url, "efficientdet_d0", "grpc")
-    for b in blobs[:3]:
-        local.detect([b])
-        client.detect([b])
-
-    def block(fn, count: int) -> list:
-        out = []
-        for i in range(count):
-            blob = blobs[i % len(blobs)]
-            t = time.perf_counter()
-            fn([blob])
-            out.append((time.perf_counter() - t) * 1000)
-        return out
-    t_local = block(local.detect, n // 2)
-    t_remote = block(client.detect, n)
-    t_local += block(local.detect, n - n // 2)
-    client.close()
-    a, b = percentiles(t_local), percentiles(t_remote)
-    return {"in_process": {k: round(v, 2) for k, v in a.items()}, "ensemble_c1": {k: round(v, 2) for k, v in b.items()},
-            "ratio_p50": round(b["p50"] / a["p50"], 3)}
-
-
-def run_backend(backend: str, graph: Path, blobs, args, conc) -> dict:
-    from edet_deploy.detector import Detector
-    from edet_deploy.triton.repo import generate_repository
+def serve_and_load(repo: Path, runs: list, log: Path, local, blobs) -> tuple:
+    """Start a server on `repo`, measure the in-process pipeline while it idles (the shared CPU's load drifts:
+    the concurrency-1 ratio compares numbers taken a minute, not a quarter of an hour, apart), run each
+    (label, kwargs) load, stop. Returns ({label: rows}, in-process percentiles, stub memory)."""
     from edet_deploy.triton.server import TritonServer, free_port
 
-    server = None
-    if args.url is None:
-        repo = generate_repository(Path(args.work) / f"repo_{backend}", variant="d0", onnx=str(graph),
-                                   engine_backend=backend)
-        server = TritonServer(repo, free_port(), free_port(), free_port(),
-                              log_file=Path(args.work) / f"tritonserver_{backend}.log").start()
-        url = server.grpc_url
-    else:
-        url = args.url
+    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=log).start()
     try:
-        local = Detector.from_onnx(graph, backend=backend)
-        inter = interleaved(local, url, blobs, args.interleaved)
-        rows = run_load(url, blobs, concurrencies=conc, requests_per_client=args.requests)
-        stubs = stub_memory(f"repo_{backend}/" if args.url is None else "")
-        local.runner.close()
+        for _, kw in runs:  # warm every stub (first requests import decoders, fill caches): not measured
+            run_load(server.grpc_url, **{**kw, "concurrencies": [2], "requests_per_client": 3})
+        inproc = in_process_p50(local, blobs)
+        out = {label: run_load(server.grpc_url, **kw) for label, kw in runs}
+        mem = stub_memory(repo)
     finally:
-        if server:
-            server.stop()
-    return {"engine_backend": backend, "url": url, **inter, "load": rows, "stub_rss_mb": stubs}
+        server.stop()
+    return out, inproc, mem
 
 
-def write_csv(path: Path, runs: dict) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["engine_backend", "concurrency", "requests", "errors", "p50_ms", "p90_ms", "p99_ms",
-                    "throughput_img_s", "pre_queue_ms", "pre_compute_ms", "engine_queue_ms", "engine_compute_ms",
-                    "engine_mean_batch", "post_queue_ms", "post_compute_ms"])
-        for backend, run in runs.items():
-            for r in run["load"]:
-                s = r["server"]
-                g = lambda m, k: s.get(f"efficientdet_d0_{m}", {}).get(k, "")  # noqa: E731
-                w.writerow([backend, r["concurrency"], r["requests"], r["errors"], r["p50_ms"], r["p90_ms"],
-                            r["p99_ms"], r["throughput_img_s"], g("preprocess", "queue_ms"),
-                            g("preprocess", "compute_ms"), g("engine", "queue_ms"), g("engine", "compute_ms"),
-                            g("engine", "mean_batch"), g("postprocess", "queue_ms"), g("postprocess", "compute_ms")])
+def engine(row: dict, key: str):
+    return row["server"].get(f"{MODEL}_engine", {}).get(key, "")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repo", default="model_repository", help="its engine's model.onnx is served, if present")
-    ap.add_argument("--engine-backends", default="openvino,onnxruntime")
-    ap.add_argument("--url", help="use a running server (grpc host:port; one engine backend) instead of starting one")
+    ap.add_argument("--repo", default="model_repository", help="repository whose ONNX graph is served")
     ap.add_argument("--images", default="build/shapes", help="COCO-format dataset whose val images are sent")
     ap.add_argument("--num-images", type=int, default=32)
     ap.add_argument("--requests", type=int, default=20, help="requests per client per concurrency level")
-    ap.add_argument("--interleaved", type=int, default=60, help="in-process/ensemble pairs for the c=1 ratio")
     ap.add_argument("--concurrency", default="1,2,4,8,16")
-    ap.add_argument("--work", default="build/triton_load", help="generated repositories and server logs")
+    ap.add_argument("--delays", default="0,1000,2000,4000", help="engine windows (us) tried without preferred sizes")
     ap.add_argument("--out", default="benchmarks/results/triton_load")
     args = ap.parse_args(argv)
 
     from edet_deploy.data import CocoDataset, generate_shapes
+    from edet_deploy.detector import Detector
+    from edet_deploy.errors import EdetError
+    from edet_deploy.preprocess import decode_image
+    from edet_deploy.triton.repo import generate_repository
 
-    backends = [b.strip() for b in args.engine_backends.split(",") if b.strip()]
-    if args.url and len(backends) != 1:
-        ap.error("--url serves one engine: name it with --engine-backends")
+    onnx = Path(args.repo) / f"{MODEL}_engine" / "1" / "model.onnx"
+    if not onnx.is_file():
+        raise EdetError(f"{onnx} is missing: run `make repo` first")
     if not Path(args.images).exists():
         generate_shapes(args.images, {"val": args.num_images}, progress=False)
     ds = CocoDataset(args.images, "val")
     blobs = [ds.image_path(i).read_bytes() for i in range(min(args.num_images, len(ds)))]
+    decoded = [decode_image(b) for b in blobs]  # the decoded-input client's frames, decoded ahead of time
     conc = [int(c) for c in args.concurrency.split(",")]
-    graph = export_graph(Path(args.repo), Path(args.work))
-    runs = {b: run_backend(b, graph, blobs, args, conc) for b in backends}
-    report = {"machine": machine_info(None), "protocol": "grpc", "images": len(blobs), "graph": str(graph),
-              "runs": runs,
-              "perf_analyzer_equivalent": perf_analyzer_command("efficientdet_d0", "HOST:PORT", "grpc", conc)}
+    delays = sorted({int(d) for d in args.delays.split(",")} | {ENGINE_QUEUE_DELAY_US})
+    enc = {"images": blobs, "model": MODEL, "concurrencies": conc, "requests_per_client": args.requests}
+    composing = [f"{MODEL}_preprocess", f"{MODEL}_engine", f"{MODEL}_postprocess"]
+
+    # In-process reference on the same graph and images, measured in the same run (beside each server).
+    local = Detector.from_onnx(onnx)
+    for b in blobs[:3]:
+        local.detect([b])
+
+    configs, stubs = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        plans = [("before", {"preferred_batch_sizes": (1, 2, 4, 8), "queue_delay_us": 500,
+                             "stage_queue_delay_us": 500})]
+        plans += [(f"after_{d}us", {"queue_delay_us": d}) for d in delays]
+        for label, kw in plans:
+            default = label == f"after_{ENGINE_QUEUE_DELAY_US}us"
+            formats = ("encoded", "decoded") if default else ("encoded",)
+            repo = generate_repository(tmp / label, variant="d0", onnx=str(onnx), input_formats=formats,
+                                       tuning_images=blobs[:2], **kw)
+            runs = [("encoded", enc)]
+            if default:
+                runs.append(("decoded", {**enc, "images": decoded, "model": f"{MODEL}_decoded",
+                                         "concurrencies": [c for c in (1, 16) if c in conc] or conc[:1],
+                                         "input_format": "decoded",
+                                         "composing": [f"{MODEL}_preprocess_decoded", *composing[1:]]}))
+            print(f"{label}: serving {repo} ...", flush=True)
+            rows, inproc, mem = serve_and_load(repo, runs, tmp / f"{label}.log", local, blobs)
+            first = next(r for r in rows["encoded"] if r["concurrency"] == conc[0])
+            configs[label] = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+                              "default": default, "rows": rows["encoded"],
+                              "in_process": {k: round(v, 2) for k, v in inproc.items()},
+                              "c1_vs_in_process_p50": round(first["p50_ms"] / inproc["p50"], 3)}
+            if default:
+                configs[label]["decoded_rows"] = rows["decoded"]
+                stubs = mem
+            for r in rows["encoded"]:
+                print(f"  c{r['concurrency']}: p50 {r['p50_ms']} ms, {r['throughput_img_s']} img/s, "
+                      f"engine batch {engine(r, 'mean_batch')}, errors {r['errors']}", flush=True)
+
+    chosen = configs[f"after_{ENGINE_QUEUE_DELAY_US}us"]
+    inproc = chosen["in_process"]
+    by_c = lambda rows, c: next(r for r in rows if r["concurrency"] == c)  # noqa: E731
+    c1 = by_c(chosen["rows"], conc[0])
+    # The rule the default follows: the smallest window giving mean engine batch > 1.5 at concurrency 4 with
+    # p50 at concurrency 1 within 1.3x of in-process (ratios from this one run).
+    ok = [d for d in delays if 4 in conc and 1 in conc
+          and (engine(by_c(configs[f"after_{d}us"]["rows"], 4), "mean_batch") or 0) > 1.5
+          and configs[f"after_{d}us"]["c1_vs_in_process_p50"] <= 1.3]
+    report = {"machine": machine_info(None), "protocol": "grpc", "images": len(blobs),
+              "in_process": inproc,
+              "engine_queue_delay_us_default": ENGINE_QUEUE_DELAY_US, "delays_meeting_targets": ok,
+              "ensemble_vs_in_process_p50": round(c1["p50_ms"] / inproc["p50"], 3), "configs": configs,
+              "load": chosen["rows"], "decoded_vs_encoded": chosen["decoded_rows"], "stub_rss_mb": stubs,
+              "perf_analyzer_equivalent": perf_analyzer_command(MODEL, "127.0.0.1:8001", "grpc", conc,
+                                                                perf_input_path(args.repo, MODEL))}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    write_csv(out.with_suffix(".csv"), runs)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["config", "input", "concurrency", "requests", "errors", "p50_ms", "p90_ms", "p99_ms",
+                    "throughput_img_s", "pre_queue_ms", "pre_compute_ms", "engine_queue_ms", "engine_compute_ms",
+                    "engine_mean_batch", "post_queue_ms", "post_compute_ms"])
+        for label, cfg in configs.items():
+            for inp, rows in (("encoded", cfg["rows"]), ("decoded", cfg.get("decoded_rows", []))):
+                for r in rows:
+                    s = r["server"]
+                    pre = f"{MODEL}_preprocess" + ("_decoded" if inp == "decoded" else "")
+                    g = lambda m, k: s.get(m, {}).get(k, "")  # noqa: E731
+                    w.writerow([label, inp, r["concurrency"], r["requests"], r["errors"], r["p50_ms"], r["p90_ms"],
+                                r["p99_ms"], r["throughput_img_s"], g(pre, "queue_ms"), g(pre, "compute_ms"),
+                                g(f"{MODEL}_engine", "queue_ms"), g(f"{MODEL}_engine", "compute_ms"),
+                                g(f"{MODEL}_engine", "mean_batch"), g(f"{MODEL}_postprocess", "queue_ms"),
+                                g(f"{MODEL}_postprocess", "compute_ms")])
+
     m = report["machine"]
-    lines = [f"# Triton load test (embedded tritonserver on CPU)\n",
-             f"Machine: {m['cpu']}, {m['cores']} cores shared with other work, no GPU; {m['date']}. Ensemble "
-             f"efficientdet_d0 (bundled D0, 256 px) over gRPC, {len(blobs)} real images, closed loop, "
-             f"{args.requests} requests per client; one run per CPU engine backend.\n",
-             "Ensemble at concurrency 1 vs the in-process pipeline of the same backend (decode + letterbox + graph + "
-             f"soft-NMS + mapping), {args.interleaved} calls each, in-process / ensemble / in-process blocks, p50:\n",
-             "| engine backend | in-process p50 ms | ensemble c=1 p50 ms | ensemble / in-process |", "|---|---:|---:|---:|"]
-    for b, run in runs.items():
-        lines.append(f"| {b} | {run['in_process']['p50']:.1f} | {run['ensemble_c1']['p50']:.1f} | "
-                     f"**{run['ratio_p50']:.2f}x** |")
-    for b, run in runs.items():
-        lines += ["", f"## Engine: {b}\n",
-                  "| concurrency | requests | errors | p50 ms | p90 ms | p99 ms | img/s | engine queue ms | engine compute ms "
-                  "| engine mean batch | preprocess ms | postprocess ms |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in run["load"]:
-            s = r["server"]
-            e, p, q = (s.get(f"efficientdet_d0_{k}", {}) for k in ("engine", "preprocess", "postprocess"))
-            lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p90_ms']} | "
-                         f"{r['p99_ms']} | {r['throughput_img_s']} | {e.get('queue_ms', '')} | "
-                         f"{e.get('compute_ms', '')} | {e.get('mean_batch', '')} | {p.get('compute_ms', '')} | "
-                         f"{q.get('compute_ms', '')} |")
-        lines += ["", "Resident memory of the Python-backend stubs (MB, one process per instance): " +
-                  "; ".join(f"{k}: {v}" for k, v in run["stub_rss_mb"].items())]
-    lines += ["", f"Where perf_analyzer runs: `{report['perf_analyzer_equivalent']}`"]
+    labels = list(configs)
+    head = lambda lab: "before (preferred 1,2,4,8; 500 us)" if lab == "before" else (  # noqa: E731
+        f"after {configs[lab]['settings']['queue_delay_us']} us" + (" (default)" if configs[lab]["default"] else ""))
+    lines = ["# Triton load test (embedded tritonserver on CPU)\n",
+             f"Machine: {m['cpu']}, {m['cores']} cores (shared, noisy), no GPU; {m['date']}. Ensemble {MODEL} over "
+             f"gRPC, {len(blobs)} real images, closed loop, {args.requests} requests per client; every number "
+             f"below comes from this one run.\n",
+             f"In-process pipeline (same graph, same images, measured beside each server while it idles): p50 "
+             f"{inproc['p50']:.1f} ms next to the default configuration, whose p50 at concurrency 1 is "
+             f"{c1['p50_ms']:.1f} ms = **{report['ensemble_vs_in_process_p50']:.2f}x** in-process.\n",
+             "## Engine batching before / after\n",
+             "Mean engine batch (requests per engine execution) at each concurrency. \"before\" is the old config "
+             "(preferred_batch_size [1, 2, 4, 8]: batch 1 is always \"preferred\", so the scheduler never waits); "
+             "\"after\" has no preferred sizes and the given max_queue_delay_microseconds on the engine, 0 on "
+             "pre/post-processing.\n",
+             "| concurrency | " + " | ".join(head(lab) for lab in labels) + " |",
+             "|---:|" + "---:|" * len(labels)]
+    for c in conc:
+        lines.append(f"| {c} | " + " | ".join(str(engine(by_c(configs[lab]["rows"], c), "mean_batch"))
+                                             for lab in labels) + " |")
+    lines += ["", "p50 latency (ms) of the same runs:\n", "| concurrency | " + " | ".join(head(lab) for lab in labels)
+              + " |", "|---:|" + "---:|" * len(labels)]
+    for c in conc:
+        lines.append(f"| {c} | " + " | ".join(str(by_c(configs[lab]["rows"], c)["p50_ms"]) for lab in labels) + " |")
+    lines.append("| in-process p50 | " + " | ".join(str(configs[lab]["in_process"]["p50"]) for lab in labels) + " |")
+    lines.append("| c1 / in-process | " + " | ".join(f"{configs[lab]['c1_vs_in_process_p50']:.2f}x" for lab in labels)
+                 + " |")
+    lines += ["", f"Windows meeting both targets (engine batch > 1.5 at concurrency 4, p50 at concurrency 1 <= 1.3x "
+              f"in-process): {', '.join(f'{d} us' for d in ok) or 'none in this run'}; the default is "
+              f"{ENGINE_QUEUE_DELAY_US} us (`ENGINE_QUEUE_DELAY_US` in edet_deploy/triton/repo.py).\n",
+              "## Default configuration\n",
+              "| concurrency | requests | errors | p50 ms | p90 ms | p99 ms | img/s | engine queue ms | engine compute ms "
+              "| engine mean batch | preprocess ms | postprocess ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in chosen["rows"]:
+        s = r["server"]
+        e, p, q = (s.get(f"{MODEL}_{k}", {}) for k in ("engine", "preprocess", "postprocess"))
+        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p90_ms']} | "
+                     f"{r['p99_ms']} | {r['throughput_img_s']} | {e.get('queue_ms', '')} | {e.get('compute_ms', '')} | "
+                     f"{e.get('mean_batch', '')} | {p.get('compute_ms', '')} | {q.get('compute_ms', '')} |")
+    lines += ["", "## Decoded input vs JPEG-in (default configuration)\n",
+              f"`{MODEL}_decoded` takes uint8 RGB [H, W, 3] the client already decoded (frames decoded before the "
+              f"run, as a camera pipeline has them); `{MODEL}` takes the JPEG bytes.\n",
+              "| concurrency | input | p50 ms | p99 ms | img/s | preprocess compute ms | request bytes (mean) |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+    nbytes = {"JPEG": sum(len(b) for b in blobs) / len(blobs), "decoded": sum(d.nbytes for d in decoded) / len(decoded)}
+    for c in [r["concurrency"] for r in chosen["decoded_rows"] if r["concurrency"] in conc]:
+        for name, rows, pre in (("JPEG", chosen["rows"], f"{MODEL}_preprocess"),
+                                ("decoded", chosen["decoded_rows"], f"{MODEL}_preprocess_decoded")):
+            r = by_c(rows, c)
+            lines.append(f"| {c} | {name} | {r['p50_ms']} | {r['p99_ms']} | {r['throughput_img_s']} | "
+                         f"{r['server'].get(pre, {}).get('compute_ms', '')} | {nbytes[name]:.0f} |")
+    lines += ["", "Resident memory of the Python-backend stubs (MB, one process per instance): " +
+              "; ".join(f"{k}: {v}" for k, v in stubs.items()),
+              "", f"Where perf_analyzer runs (input data written by `triton-repo`): `{report['perf_analyzer_equivalent']}`"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

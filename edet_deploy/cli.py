@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_EXPORT_MODULES = {"torch", "torchvision", "timm", "onnxsim", "safetensors"}  # the [export] extra
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -68,6 +71,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args.handler(args) or 0)
     except EdetError as e:
         print(f"edet-deploy {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        # The serving install has no PyTorch: commands that build models say what to install.
+        if (e.name or "").split(".")[0] not in _EXPORT_MODULES:
+            raise
+        print(f"edet-deploy {args.command}: error: needs {e.name}, which the serving install leaves out: "
+              f"pip install 'edet-deploy[export]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

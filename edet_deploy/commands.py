@@ -11,8 +11,8 @@ from .errors import EdetError
 
 
 def add_nms_args(p: argparse.ArgumentParser) -> None:
-    from .export.graph import DEFAULT_PRE_NMS_TOP_K
     from .nms import METHODS, NmsSettings
+    from .nms.settings import DEFAULT_PRE_NMS_TOP_K
     d = NmsSettings()
     g = p.add_argument_group("soft-NMS (inside the graph)")
     g.add_argument("--nms", default=d.method, choices=[*METHODS, "none"],
@@ -257,6 +257,13 @@ def _triton_repo(p: argparse.ArgumentParser):
     p.add_argument("--engine-instances", type=int, default=1)
     p.add_argument("--cuda-graphs", action="store_true", help="GPU target: capture CUDA graphs in the engine")
     p.add_argument("--no-copy", action="store_true", help="write configs and model.py shims only")
+    p.add_argument("--tensorrt-version", help="GPU target: TensorRT of the Triton image that will serve the plan "
+                   "(default: the installed one); a plan from another version is refused")
+    p.add_argument("--input-format", default="encoded",
+                   help="ensemble input(s), comma-separated: encoded (JPEG/PNG bytes -> <name>), decoded (uint8 "
+                        "RGB decoded by the client -> <name>_decoded)")
+    p.add_argument("--queue-delay-us", type=int, help="engine dynamic-batching window (default: "
+                   "the value benchmarks/triton_load.py chose)")
     p.add_argument("--out", default="model_repository")
 
     def run(args) -> int:
@@ -270,7 +277,9 @@ def _triton_repo(p: argparse.ArgumentParser):
                                    precision=args.precision, target=args.target, max_batch_size=args.max_batch,
                                    copy_artifact=not args.no_copy, preprocess_instances=args.preprocess_instances,
                                    engine_instances=args.engine_instances, cuda_graphs=args.cuda_graphs,
-                                   engine_backend=args.engine_backend)
+                                   engine_backend=args.engine_backend, tensorrt_version=args.tensorrt_version,
+                                   input_formats=tuple(f.strip() for f in args.input_format.split(",") if f.strip()),
+                                   **({} if args.queue_delay_us is None else {"queue_delay_us": args.queue_delay_us}))
         print(f"wrote Triton repository {repo} (configs validated)")
         return 0
     return run
@@ -317,11 +326,13 @@ def _client(p: argparse.ArgumentParser):
     p.add_argument("--url", default="127.0.0.1:8000", help="host:port (8000 http, 8001 grpc by default)")
     p.add_argument("--protocol", default="http", choices=["http", "grpc"])
     p.add_argument("--model", default="efficientdet_d0", help="ensemble name")
+    p.add_argument("--input-format", default="encoded", choices=["encoded", "decoded"],
+                   help="decoded: decode here and send uint8 RGB (to the <name>_decoded ensemble)")
     p.add_argument("--min-score", type=float, default=0.3)
 
     def run(args) -> int:
         from .triton.client import TritonDetectorClient
-        client = TritonDetectorClient(args.url, args.model, args.protocol)
+        client = TritonDetectorClient(args.url, args.model, args.protocol, input_format=args.input_format)
         for path in args.images:
             if not Path(path).is_file():
                 raise EdetError(f"image not found: {path}")

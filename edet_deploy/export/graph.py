@@ -15,9 +15,8 @@ import torch.nn as nn
 from ..anchors import anchors_for, level_sizes
 from ..box_coding import decode_boxes
 from ..errors import EdetError
+from ..nms.settings import DEFAULT_PRE_NMS_TOP_K, TRT_MAX_TOPK  # noqa: F401 (re-exported)
 
-TRT_MAX_TOPK = 3840  # TensorRT's TopK limit
-DEFAULT_PRE_NMS_TOP_K = 1000
 CANDIDATE_OUTPUTS = ("candidate_boxes", "candidate_scores", "candidate_classes")
 
 

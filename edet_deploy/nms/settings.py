@@ -10,6 +10,9 @@ from ..errors import EdetError
 
 METHODS = ("hard", "linear", "gaussian")
 METHOD_IDS = {name: i for i, name in enumerate(METHODS)}  # integer codes used by kernels and graph attributes
+# Candidates kept by TopK before NMS (here, not in export/graph.py, so the CLI builds without torch).
+TRT_MAX_TOPK = 3840  # TensorRT's TopK limit
+DEFAULT_PRE_NMS_TOP_K = 1000
 
 
 @dataclass(frozen=True)

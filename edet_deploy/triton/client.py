@@ -1,4 +1,6 @@
-"""A small client for the generated ensemble (HTTP or gRPC), returning `Detections` like the in-process path."""
+"""A small client for the generated ensemble (HTTP or gRPC), returning `Detections` like the in-process path.
+input_format="decoded" talks to the `<name>_decoded` ensemble: images are decoded here and sent as uint8 RGB,
+which takes JPEG decoding off the server's Python preprocessing."""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -7,15 +9,19 @@ import numpy as np
 
 from ..errors import EdetError
 from ..postprocess import Detections
+from ..preprocess import ImageSource, decode_image
 
 OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
 
 
 class TritonDetectorClient:
     def __init__(self, url: str = "127.0.0.1:8000", model: str = "efficientdet_d0", protocol: str = "http",
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, input_format: str = "encoded"):
+        if input_format not in ("encoded", "decoded"):
+            raise EdetError(f"input format must be encoded or decoded, got {input_format!r}")
         self.protocol = protocol
         self.model = model
+        self.input_format = input_format
         try:
             if protocol == "http":
                 import tritonclient.http as tc
@@ -30,10 +36,19 @@ class TritonDetectorClient:
         self.tc = tc
         self.class_names: Sequence[str] = []
 
-    def infer_raw(self, encoded: Sequence[bytes]) -> dict:
-        """Send encoded images (one request, batch = len(encoded)) and return the outputs by name."""
-        data = np.array([[bytes(b)] for b in encoded], dtype=object)
-        inp = self.tc.InferInput("IMAGE", list(data.shape), "BYTES")
+    def infer_raw(self, encoded: Sequence[ImageSource]) -> dict:
+        """Send images (one request, batch = len(encoded)) and return the outputs by name. Encoded format:
+        JPEG/PNG bytes; decoded format: anything `decode_image` reads (bytes, paths, HxWx3 uint8 arrays),
+        all of one size."""
+        if self.input_format == "decoded":
+            arrays = [decode_image(x, name=f"image {i}") for i, x in enumerate(encoded)]
+            if len({a.shape for a in arrays}) > 1:
+                raise EdetError("decoded images in one request must share a size: send them one per request")
+            data = np.stack(arrays)
+            inp = self.tc.InferInput("IMAGE", list(data.shape), "UINT8")
+        else:
+            data = np.array([[bytes(b)] for b in encoded], dtype=object)
+            inp = self.tc.InferInput("IMAGE", list(data.shape), "BYTES")
         inp.set_data_from_numpy(data)
         try:
             result = self.client.infer(self.model, [inp])
@@ -43,7 +58,7 @@ class TritonDetectorClient:
                  (result.get_response()["outputs"] if self.protocol == "http" else result.get_response().outputs)]
         return {n: result.as_numpy(n) for n in names}
 
-    def detect(self, encoded: Sequence[bytes], min_score: float = 0.0) -> List[Detections]:
+    def detect(self, encoded: Sequence[ImageSource], min_score: float = 0.0) -> List[Detections]:
         out = self.infer_raw(encoded)
         dets = []
         for i in range(len(encoded)):

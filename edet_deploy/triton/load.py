@@ -42,9 +42,10 @@ def server_split(before: Dict, after: Dict) -> Dict[str, Dict[str, float]]:
     return split
 
 
-def run_load(url: str, images: Sequence[bytes], model: str = "efficientdet_d0", protocol: str = "grpc",
+def run_load(url: str, images: Sequence, model: str = "efficientdet_d0", protocol: str = "grpc",
              concurrencies: Sequence[int] = (1, 2, 4, 8, 16), requests_per_client: int = 20,
-             composing: Optional[Sequence[str]] = None) -> List[Dict]:
+             composing: Optional[Sequence[str]] = None, input_format: str = "encoded") -> List[Dict]:
+    """images: encoded bytes, or (input_format="decoded") uint8 RGB arrays decoded beforehand."""
     from .client import TritonDetectorClient
 
     if not images:
@@ -61,7 +62,7 @@ def run_load(url: str, images: Sequence[bytes], model: str = "efficientdet_d0", 
         lock = threading.Lock()
 
         def worker(k: int) -> None:
-            client = TritonDetectorClient(url, model, protocol)
+            client = TritonDetectorClient(url, model, protocol, input_format=input_format)
             try:
                 for i in range(requests_per_client):
                     blob = images[(k * 7 + i) % len(images)]
@@ -93,7 +94,9 @@ def run_load(url: str, images: Sequence[bytes], model: str = "efficientdet_d0", 
     return rows
 
 
-def perf_analyzer_command(model: str, url: str, protocol: str, concurrencies: Sequence[int]) -> str:
-    return (f"perf_analyzer -m {model} -u {url} -i {protocol} --input-data images.json "
+def perf_analyzer_command(model: str, url: str, protocol: str, concurrencies: Sequence[int],
+                          input_data: str | Path = "model_repository/efficientdet_d0.perf_input.json") -> str:
+    """The equivalent perf_analyzer run; `input_data` is the JSON `triton-repo` writes beside the models."""
+    return (f"perf_analyzer -m {model} -u {url} -i {protocol} --input-data {input_data} "
             f"--concurrency-range {min(concurrencies)}:{max(concurrencies)}:2 --percentile=99 "
             f"--collect-metrics -f perf.csv")

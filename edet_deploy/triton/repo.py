@@ -6,11 +6,13 @@ Configs are built as Triton `ModelConfig` protobufs (tritonclient ships the sche
 they always parse; `validate_repository` re-reads them and cross-checks the ensemble wiring."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import EdetError
 from ..io import atomic_path
@@ -31,6 +33,14 @@ from edet_deploy.triton.models.{module} import TritonPythonModel  # noqa: E402,F
 ENSEMBLE_INPUT = "IMAGE"
 ENGINE_BACKENDS = ("openvino", "onnxruntime")  # CPU engine runners; each has models/engine_<backend>.py
 DET_OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
+# Ensemble inputs: "encoded" = JPEG/PNG bytes (BYTES [1]); "decoded" = an RGB image the client already decoded
+# (UINT8 [H, W, 3], any size: the server only letterboxes it). Ensemble names: <name> and <name>_decoded.
+INPUT_FORMATS = ("encoded", "decoded")
+# The engine's dynamic-batching window, chosen with benchmarks/triton_load.py (results/triton_load.md): long
+# enough that closed-loop clients at concurrency >= 4 meet in one engine batch, short enough to cost little at
+# concurrency 1 (a lone request waits the whole window). No preferred_batch_size: with 1 "preferred", the
+# scheduler never waits (Triton's docs advise leaving it unset for most models).
+ENGINE_QUEUE_DELAY_US = 2000
 
 
 def _pb():
@@ -55,12 +65,23 @@ class RepoSpec:
     engine_instances: int = 1
     postprocess_instances: int = 1
     cuda_graphs: bool = False
-    queue_delay_us: int = 500
+    queue_delay_us: int = ENGINE_QUEUE_DELAY_US  # the engine's batching window
+    preferred_batch_sizes: Tuple[int, ...] = ()
+    stage_queue_delay_us: int = 0  # pre/post-processing: batch whatever is queued, never wait
+    input_formats: Tuple[str, ...] = ("encoded",)
+    plan: Dict[str, str] = field(default_factory=dict)  # GPU: TensorRT version, GPU, compute capability
     extra: Dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return f"efficientdet_{self.variant}"
+
+    def ensemble_name(self, input_format: str) -> str:
+        return self.name if input_format == "encoded" else f"{self.name}_{input_format}"
+
+    def preprocess_name(self, input_format: str) -> str:
+        suffix = "" if input_format == "encoded" else f"_{input_format}"
+        return f"{self.name}_preprocess{suffix}"
 
 
 def _tensor(pb, name: str, dtype: str, dims: List[int]):
@@ -77,32 +98,45 @@ def _det_outputs(pb, k: int, prefix: str = "") -> list:
             _output(pb, prefix + "detection_classes", "INT32", [k])]
 
 
+def _image_input(pb, input_format: str):
+    if input_format == "encoded":
+        return _tensor(pb, ENSEMBLE_INPUT, "STRING", [1])
+    return _tensor(pb, ENSEMBLE_INPUT, "UINT8", [-1, -1, 3])
+
+
 def build_configs(spec: RepoSpec) -> Dict[str, object]:
-    """The four ModelConfig protobufs of a repository, by model name."""
+    """The ModelConfig protobufs of a repository, by model name: per input format a preprocess model and an
+    ensemble, one engine and one postprocess shared by all."""
     pb = _pb()
     s, k, mb = spec.image_size, spec.max_detections, spec.max_batch_size
-    names = {"pre": f"{spec.name}_preprocess", "engine": f"{spec.name}_engine", "post": f"{spec.name}_postprocess"}
+    if not spec.input_formats or any(f not in INPUT_FORMATS for f in spec.input_formats):
+        raise EdetError(f"input formats must be among {', '.join(INPUT_FORMATS)}, got "
+                        f"{', '.join(spec.input_formats) or 'none'}")
+    names = {"engine": f"{spec.name}_engine", "post": f"{spec.name}_postprocess"}
 
     def params(d: Dict[str, str]) -> Dict[str, object]:
         return {key: pb.ModelParameter(string_value=str(v)) for key, v in d.items()}
 
     cpu = pb.ModelInstanceGroup.KIND_CPU
     gpu = pb.ModelInstanceGroup.KIND_GPU
-    pre = pb.ModelConfig(
-        name=names["pre"], backend="python", max_batch_size=mb,
-        input=[_tensor(pb, ENSEMBLE_INPUT, "STRING", [1])],
-        output=[_output(pb, "images", "UINT8", [s, s, 3]), _output(pb, "scale", "FP32", [1]),
-                _output(pb, "orig_size", "INT32", [2])],
-        instance_group=[pb.ModelInstanceGroup(count=spec.preprocess_instances, kind=cpu)],
-        dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.queue_delay_us),
-        parameters=params({"image_size": s}))
+
+    def preprocess(input_format: str):
+        return pb.ModelConfig(
+            name=spec.preprocess_name(input_format), backend="python", max_batch_size=mb,
+            input=[_image_input(pb, input_format)],
+            output=[_output(pb, "images", "UINT8", [s, s, 3]), _output(pb, "scale", "FP32", [1]),
+                    _output(pb, "orig_size", "INT32", [2])],
+            instance_group=[pb.ModelInstanceGroup(count=spec.preprocess_instances, kind=cpu)],
+            dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.stage_queue_delay_us),
+            parameters=params({"image_size": s, "input_format": input_format}))
     warmup = pb.ModelWarmup(name="zeros", batch_size=1, inputs={"images": pb.ModelWarmup.Input(
         data_type=pb.TYPE_UINT8, dims=[s, s, 3], zero_data=True)})
     engine = pb.ModelConfig(
         name=names["engine"], max_batch_size=mb, input=[_tensor(pb, "images", "UINT8", [s, s, 3])],
         output=_det_outputs(pb, k),
         dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.queue_delay_us,
-                                                 preferred_batch_size=[b for b in (1, 2, 4, 8) if b <= mb]),
+                                                 preferred_batch_size=[b for b in spec.preferred_batch_sizes
+                                                                       if b <= mb]),
         model_warmup=[warmup])
     if spec.target == "gpu":
         engine.platform = "tensorrt_plan"
@@ -110,6 +144,9 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
         engine.instance_group.append(pb.ModelInstanceGroup(count=spec.engine_instances, kind=gpu))
         if spec.cuda_graphs:
             engine.optimization.cuda.graphs = True
+        # What the plan was built with, readable from the server (`GET /v2/models/<engine>/config`).
+        for key, value in params({k: v for k, v in spec.plan.items() if v}).items():
+            engine.parameters[key].CopyFrom(value)
     else:
         engine.backend = "python"
         engine.instance_group.append(pb.ModelInstanceGroup(count=spec.engine_instances, kind=cpu))
@@ -125,25 +162,33 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
                _tensor(pb, "raw_detection_scores", "FP32", [k]), _tensor(pb, "raw_detection_classes", "INT32", [k]),
                _tensor(pb, "scale", "FP32", [1]), _tensor(pb, "orig_size", "INT32", [2])],
         output=post_out, instance_group=[pb.ModelInstanceGroup(count=spec.postprocess_instances, kind=cpu)],
-        dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.queue_delay_us),
+        dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.stage_queue_delay_us),
         parameters=params({"class_names": json.dumps(spec.class_names)}))
 
     Step = pb.ModelEnsembling.Step
-    steps = [
-        Step(model_name=names["pre"], model_version=-1, input_map={ENSEMBLE_INPUT: ENSEMBLE_INPUT},
-             output_map={"images": "preprocessed_images", "scale": "scale", "orig_size": "orig_size"}),
-        Step(model_name=names["engine"], model_version=-1, input_map={"images": "preprocessed_images"},
-             output_map={o: f"raw_{o}" for o in DET_OUTPUTS}),
-        Step(model_name=names["post"], model_version=-1,
-             input_map={**{f"raw_{o}": f"raw_{o}" for o in DET_OUTPUTS}, "scale": "scale", "orig_size": "orig_size"},
-             output_map={o.name: o.name for o in post_out}),
-    ]
-    ensemble = pb.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=mb,
-                              input=[_tensor(pb, ENSEMBLE_INPUT, "STRING", [1])],
-                              output=[_output(pb, o.name, pb.DataType.Name(o.data_type)[5:], list(o.dims))
-                                      for o in post_out],
-                              ensemble_scheduling=pb.ModelEnsembling(step=steps))
-    return {spec.name: ensemble, names["pre"]: pre, names["engine"]: engine, names["post"]: post}
+    configs: Dict[str, object] = {}
+    for input_format in spec.input_formats:
+        pre = preprocess(input_format)
+        steps = [
+            Step(model_name=pre.name, model_version=-1, input_map={ENSEMBLE_INPUT: ENSEMBLE_INPUT},
+                 output_map={"images": "preprocessed_images", "scale": "scale", "orig_size": "orig_size"}),
+            Step(model_name=names["engine"], model_version=-1, input_map={"images": "preprocessed_images"},
+                 output_map={o: f"raw_{o}" for o in DET_OUTPUTS}),
+            Step(model_name=names["post"], model_version=-1,
+                 input_map={**{f"raw_{o}": f"raw_{o}" for o in DET_OUTPUTS}, "scale": "scale",
+                            "orig_size": "orig_size"},
+                 output_map={o.name: o.name for o in post_out}),
+        ]
+        name = spec.ensemble_name(input_format)
+        configs[name] = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=mb,
+                                       input=[_image_input(pb, input_format)],
+                                       output=[_output(pb, o.name, pb.DataType.Name(o.data_type)[5:], list(o.dims))
+                                               for o in post_out],
+                                       ensemble_scheduling=pb.ModelEnsembling(step=steps))
+        configs[pre.name] = pre
+    configs[names["engine"]] = engine
+    configs[names["post"]] = post
+    return configs
 
 
 def config_text(config) -> str:
@@ -153,10 +198,15 @@ def config_text(config) -> str:
 
 def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = None, engine: Optional[str] = None,
                         precision: str = "fp32", target: str = "cpu", max_batch_size: int = 8,
-                        copy_artifact: bool = True, engine_backend: Optional[str] = None, **spec_kwargs) -> Path:
+                        copy_artifact: bool = True, engine_backend: Optional[str] = None,
+                        tensorrt_version: Optional[str] = None, tuning_images: Optional[Sequence[bytes]] = None,
+                        **spec_kwargs) -> Path:
     """Write the repository. CPU targets need the ONNX graph (exported with a dynamic batch up to
     max_batch_size) and run it in `engine_backend` (default: the CPU default backend); GPU targets the
-    TensorRT plan. `copy_artifact=False` writes configs and shims only."""
+    TensorRT plan, built by the TensorRT of the server that will load it: `tensorrt_version` (that of the
+    target Triton image), else the installed one. `copy_artifact=False` writes configs and shims only. Beside
+    the models: perf_analyzer input data per ensemble (from `tuning_images`, encoded images; default:
+    generated scenes) and a Model Analyzer config."""
     from ..backends import DEFAULT_CPU_BACKEND
     from ..metadata import read_metadata
 
@@ -182,13 +232,25 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
     if not batch.get("dynamic") or int(batch.get("max", 1)) < max_batch_size:
         raise EdetError(f"{artifact} must have a dynamic batch of at least {max_batch_size} "
                         f"(export with --dynamic-batch {max_batch_size})")
+    if target == "gpu":
+        from ..trt.compat import check_plan_tensorrt, installed_tensorrt_version, plan_info
+
+        source = "the target Triton image (--tensorrt-version)"
+        if tensorrt_version is None:
+            tensorrt_version, source = installed_tensorrt_version(), "this machine"
+        if tensorrt_version is None:
+            raise EdetError("--target gpu: state the TensorRT version of the Triton image that will serve the plan "
+                            "(--tensorrt-version, e.g. 11.4 for nvcr.io/nvidia/tritonserver:26.10-py3)")
+        check_plan_tensorrt(meta, tensorrt_version, source, plan=str(artifact))
+        spec_kwargs = {**spec_kwargs, "plan": plan_info(meta)}
     spec = RepoSpec(variant=variant, image_size=int(meta["image_size"]), max_detections=int(meta["nms"]["max_detections"]),
                     class_names=list(meta.get("class_names") or []), precision=precision, target=target,
                     max_batch_size=max_batch_size, engine_backend=engine_backend if target == "cpu" else "tensorrt",
                     **spec_kwargs)
     configs = build_configs(spec)
     out = Path(out)
-    modules = {f"{spec.name}_preprocess": "preprocess", f"{spec.name}_postprocess": "postprocess"}
+    modules = {spec.preprocess_name(f): "preprocess" for f in spec.input_formats}
+    modules[f"{spec.name}_postprocess"] = "postprocess"
     if target == "cpu":
         modules[f"{spec.name}_engine"] = f"engine_{engine_backend}"
     for name, config in configs.items():
@@ -206,8 +268,79 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
             shutil.copyfile(artifact, tmp)
         with atomic_path(dst.with_suffix(".json")) as tmp:
             tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    write_tuning_files(out, spec, tuning_images)
     validate_repository(out)
     return out
+
+
+def perf_input_path(repo: str | Path, ensemble: str) -> Path:
+    """perf_analyzer --input-data file for `ensemble` (top-level files are ignored by Triton's repository scan)."""
+    return Path(repo) / f"{ensemble}.perf_input.json"
+
+
+def default_tuning_images(n: int = 4, seed: int = 0) -> List[bytes]:
+    """A few generated scenes of different sizes, JPEG-encoded (real images, not random tensors)."""
+    import numpy as np
+
+    from ..data.shapes import render_image
+
+    rng = np.random.default_rng(seed)
+    sizes = [(256, 256), (240, 320), (320, 240), (288, 384)]
+    blobs = []
+    for i in range(n):
+        img, _ = render_image(rng, sizes[i % len(sizes)])
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        blobs.append(buf.getvalue())
+    return blobs
+
+
+def perf_input_data(input_format: str, images: Sequence[bytes]) -> Dict:
+    """perf_analyzer's real-input JSON: one entry per image, a batch-1 request each. BYTES elements are a
+    4-byte little-endian length followed by the bytes (perf_analyzer's STRING serialization)."""
+    from ..preprocess import decode_image
+
+    data = []
+    for blob in images:
+        if input_format == "encoded":
+            raw, shape = len(blob).to_bytes(4, "little") + bytes(blob), [1]
+        else:
+            img = decode_image(blob)
+            raw, shape = img.tobytes(), list(img.shape)
+        data.append({ENSEMBLE_INPUT: {"content": {"b64": base64.b64encode(raw).decode()}, "shape": shape}})
+    return {"data": data}
+
+
+def write_tuning_files(repo: str | Path, spec: RepoSpec, images: Optional[Sequence[bytes]] = None) -> List[Path]:
+    """perf_analyzer input data per ensemble and a Model Analyzer config (quick search over the ensemble's
+    members), so NVIDIA's tuning tools run on this repository as it is."""
+    repo = Path(repo)
+    images = list(images) if images else default_tuning_images()
+    written = []
+    for fmt in spec.input_formats:
+        path = perf_input_path(repo, spec.ensemble_name(fmt))
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(perf_input_data(fmt, images)) + "\n")
+        written.append(path)
+    lines = ["# Generated by edet-deploy triton-repo. Model Analyzer (SDK image nvcr.io/nvidia/tritonserver:<yy.mm>-py3-sdk):",
+             f"#   model-analyzer profile -f {repo}/model_analyzer.yaml",
+             "# Paths are as given to triton-repo: run from the same directory.",
+             f"model_repository: {repo}",
+             "run_config_search_mode: quick  # ensembles are searched by quick mode (member configs)",
+             "triton_launch_mode: docker",
+             "triton_docker_image: edet-deploy-triton:latest  # deploy/Dockerfile: Triton + the Python models",
+             f"output_model_repository_path: {repo}_analyzer_models",
+             "override_output_model_repository: true",
+             f"export_path: {repo}_analyzer_results",
+             "profile_models:"]
+    for fmt in spec.input_formats:
+        lines += [f"  {spec.ensemble_name(fmt)}:", "    perf_analyzer_flags:",
+                  f"      input-data: {perf_input_path(repo, spec.ensemble_name(fmt))}"]
+    path = repo / "model_analyzer.yaml"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    written.append(path)
+    return written
 
 
 def load_configs(repo: str | Path) -> Dict[str, object]:

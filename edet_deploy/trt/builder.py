@@ -74,14 +74,14 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
     if cache is not None:
         with atomic_path(timing_cache) as tmp:
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    import torch
-    props = torch.cuda.get_device_properties(0)
+    from .compat import gpu_properties
+    gpu_name, capability = gpu_properties()  # torch-free: the serving image has no torch
     io = [{"name": network.get_input(i).name, "shape": list(network.get_input(i).shape),
            "dtype": str(network.get_input(i).dtype)} for i in range(network.num_inputs)] + \
          [{"name": network.get_output(i).name, "shape": list(network.get_output(i).shape),
            "dtype": str(network.get_output(i).dtype)} for i in range(network.num_outputs)]
-    sidecar = dict(meta, tensorrt={"version": trt.__version__, "gpu": props.name,
-                                   "compute_capability": f"{props.major}.{props.minor}",
+    sidecar = dict(meta, tensorrt={"version": trt.__version__, "gpu": gpu_name,
+                                   "compute_capability": capability,
                                    "batch_profile": [lo, opt, hi], "io": io, "tf32": tf32,
                                    "build_seconds": round(time.perf_counter() - t0, 1),
                                    "onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path)},
@@ -119,13 +119,12 @@ def _Logger(trt, verbose: bool = False):
 
 def check_plan_matches_machine(sidecar: Dict) -> None:
     """A plan only runs with the TensorRT version and GPU architecture it was built for."""
+    from .compat import check_plan_tensorrt, gpu_properties
+
     trt = __import__("tensorrt")
-    import torch
     built = sidecar.get("tensorrt") or {}
-    if built.get("version") != trt.__version__:
-        raise EdetError(f"engine built with TensorRT {built.get('version')}, this machine has {trt.__version__}: "
-                        f"rebuild it with `edet-deploy build`")
-    major, minor = torch.cuda.get_device_capability()
-    if built.get("compute_capability") != f"{major}.{minor}":
+    check_plan_tensorrt(sidecar, trt.__version__, "this machine")
+    capability = gpu_properties()[1]
+    if built.get("compute_capability") != capability:
         raise EdetError(f"engine built for compute capability {built.get('compute_capability')}, this GPU is "
-                        f"{major}.{minor}: rebuild it here")
+                        f"{capability}: rebuild it here")

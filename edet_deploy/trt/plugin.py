@@ -83,14 +83,12 @@ def jit_soft_nms(inputs, outputs, settings: NmsSettings, stream: int) -> None:
 
 
 def target_arch() -> int:
-    """sm_XY of the GPU the engine is being built on (a plan only runs on the architecture it was built for)."""
-    import torch
+    """sm_XY of the GPU the engine is being built on (a plan only runs on the architecture it was built for);
+    asked without torch, which the serving image that builds engines does not have."""
+    from .compat import gpu_properties
 
-    if not torch.cuda.is_available():
-        from ..errors import EdetError
-        raise EdetError("building the soft-NMS plugin's kernel needs a CUDA GPU (the plan is tied to it)")
-    major, minor = torch.cuda.get_device_capability()
-    return major * 10 + minor
+    major, minor = gpu_properties()[1].split(".")
+    return int(major) * 10 + int(minor)
 
 
 def register():

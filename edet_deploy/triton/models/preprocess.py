@@ -1,4 +1,6 @@
-"""Triton model `<name>_preprocess`: encoded image bytes -> letterboxed uint8 tensor, scale, original size."""
+"""Triton model `<name>_preprocess`: encoded image bytes -> letterboxed uint8 tensor, scale, original size.
+With the parameter input_format=decoded (`<name>_preprocess_decoded`) the input is an RGB uint8 [H, W, 3]
+image the client decoded already: only the letterbox runs here."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,15 +16,20 @@ class TritonPythonModel:
         params = parameters(args)
         self.size = int(params["image_size"])
         self.max_pixels = int(params.get("max_pixels", MAX_IMAGE_PIXELS))
+        self.decoded = params.get("input_format", "encoded") == "decoded"
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                blobs = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+                tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+                # decoded: a batch of same-sized images [B, H, W, 3]; encoded: B byte strings
+                items = list(tensor) if self.decoded else [as_bytes(b) for b in tensor.reshape(-1)]
                 images, scales, sizes = [], [], []
-                for i, blob in enumerate(blobs):
-                    img = decode_image(as_bytes(blob), self.max_pixels, name=f"IMAGE[{i}]")
+                for i, item in enumerate(items):
+                    if self.decoded and item.size > self.max_pixels * 3:
+                        raise EdetError(f"IMAGE[{i}]: {item.shape[0]}x{item.shape[1]} is too large")
+                    img = decode_image(item, self.max_pixels, name=f"IMAGE[{i}]")
                     boxed, scale = letterbox(img, self.size)
                     images.append(boxed)
                     scales.append([scale])

@@ -1,0 +1,187 @@
+"""Triton load test, once per CPU engine backend (OpenVINO and ONNX Runtime): generates the CPU repository
+for the bundled D0 model with that engine, starts the embedded server, sends real images (the shapes
+validation split) at concurrency 1, 2, 4, 8, 16, and compares with the in-process pipeline of the same backend
+on the same images. The ensemble-vs-in-process ratio is measured in a sandwich (in-process, ensemble,
+in-process again), so the shared CPU's drift hits both sides alike. Writes JSON, CSV and markdown to
+benchmarks/results/triton_engines.*
+
+    python benchmarks/triton_engines.py [--engine-backends openvino,onnxruntime] [--requests 20]
+    python benchmarks/triton_engines.py --url HOST:PORT --engine-backends openvino   # a server you started
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edet_deploy.bench import machine_info, percentiles  # noqa: E402
+from edet_deploy.triton.load import perf_analyzer_command, run_load  # noqa: E402
+
+
+def stub_memory(repo: str = "") -> dict:
+    """Resident memory (MB) of each Python-backend stub process of the repository `repo` (a path fragment; other
+    servers on the machine are not ours), by model (one process per instance)."""
+    import subprocess
+    out = subprocess.run(["ps", "-eo", "rss,args"], capture_output=True, text=True).stdout.splitlines()[1:]
+    mem: dict = {}
+    for line in out:
+        rss, _, cmd = line.strip().partition(" ")
+        if "triton_python_backend_stub" in cmd and repo in cmd:
+            model = next((part.split("/")[-3] for part in cmd.split() if "/1/model.py" in part), "?")
+            mem.setdefault(model, []).append(round(int(rss) / 1024, 1))
+    return mem
+
+
+def export_graph(repo: Path, out: Path) -> Path:
+    """The graph the repository serves (make repo), else the bundled model exported with a dynamic batch."""
+    served = repo / "efficientdet_d0_engine" / "1" / "model.onnx"
+    if served.is_file():
+        return served
+    from edet_deploy.demo import ASSET
+    from edet_deploy.export import export_onnx
+    path = out / "export" / "efficientdet_d0.onnx"
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return path
+    return export_onnx("d0", out / "export", weights=str(ASSET), dynamic_batch=8).onnx_path
+
+
+def interleaved(local, url: str, blobs, n: int) -> dict:
+    """In-process pipeline and ensemble at concurrency 1 on the same images, in blocks: in-process, ensemble,
+    in-process again (the sandwich evens out the shared CPU's drift). Not call by call: both runtimes keep their
+    worker threads spinning for a moment after each call, which would slow whichever runs next."""
+    from edet_deploy.triton.client import TritonDetectorClient
+    client = TritonDetectorClient(url, "efficientdet_d0", "grpc")
+    for b in blobs[:3]:
+        local.detect([b])
+        client.detect([b])
+
+    def block(fn, count: int) -> list:
+        out = []
+        for i in range(count):
+            blob = blobs[i % len(blobs)]
+            t = time.perf_counter()
+            fn([blob])
+            out.append((time.perf_counter() - t) * 1000)
+        return out
+    t_local = block(local.detect, n // 2)
+    t_remote = block(client.detect, n)
+    t_local += block(local.detect, n - n // 2)
+    client.close()
+    a, b = percentiles(t_local), percentiles(t_remote)
+    return {"in_process": {k: round(v, 2) for k, v in a.items()}, "ensemble_c1": {k: round(v, 2) for k, v in b.items()},
+            "ratio_p50": round(b["p50"] / a["p50"], 3)}
+
+
+def run_backend(backend: str, graph: Path, blobs, args, conc) -> dict:
+    from edet_deploy.detector import Detector
+    from edet_deploy.triton.repo import generate_repository
+    from edet_deploy.triton.server import TritonServer, free_port
+
+    server = None
+    if args.url is None:
+        repo = generate_repository(Path(args.work) / f"repo_{backend}", variant="d0", onnx=str(graph),
+                                   engine_backend=backend)
+        server = TritonServer(repo, free_port(), free_port(), free_port(),
+                              log_file=Path(args.work) / f"tritonserver_{backend}.log").start()
+        url = server.grpc_url
+    else:
+        url = args.url
+    try:
+        local = Detector.from_onnx(graph, backend=backend)
+        inter = interleaved(local, url, blobs, args.interleaved)
+        rows = run_load(url, blobs, concurrencies=conc, requests_per_client=args.requests)
+        stubs = stub_memory(f"repo_{backend}/" if args.url is None else "")
+        local.runner.close()
+    finally:
+        if server:
+            server.stop()
+    return {"engine_backend": backend, "url": url, **inter, "load": rows, "stub_rss_mb": stubs}
+
+
+def write_csv(path: Path, runs: dict) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["engine_backend", "concurrency", "requests", "errors", "p50_ms", "p90_ms", "p99_ms",
+                    "throughput_img_s", "pre_queue_ms", "pre_compute_ms", "engine_queue_ms", "engine_compute_ms",
+                    "engine_mean_batch", "post_queue_ms", "post_compute_ms"])
+        for backend, run in runs.items():
+            for r in run["load"]:
+                s = r["server"]
+                g = lambda m, k: s.get(f"efficientdet_d0_{m}", {}).get(k, "")  # noqa: E731
+                w.writerow([backend, r["concurrency"], r["requests"], r["errors"], r["p50_ms"], r["p90_ms"],
+                            r["p99_ms"], r["throughput_img_s"], g("preprocess", "queue_ms"),
+                            g("preprocess", "compute_ms"), g("engine", "queue_ms"), g("engine", "compute_ms"),
+                            g("engine", "mean_batch"), g("postprocess", "queue_ms"), g("postprocess", "compute_ms")])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", default="model_repository", help="its engine's model.onnx is served, if present")
+    ap.add_argument("--engine-backends", default="openvino,onnxruntime")
+    ap.add_argument("--url", help="use a running server (grpc host:port; one engine backend) instead of starting one")
+    ap.add_argument("--images", default="build/shapes", help="COCO-format dataset whose val images are sent")
+    ap.add_argument("--num-images", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=20, help="requests per client per concurrency level")
+    ap.add_argument("--interleaved", type=int, default=60, help="in-process/ensemble pairs for the c=1 ratio")
+    ap.add_argument("--concurrency", default="1,2,4,8,16")
+    ap.add_argument("--work", default="build/triton_engines", help="generated repositories and server logs")
+    ap.add_argument("--out", default="benchmarks/results/triton_engines")
+    args = ap.parse_args(argv)
+
+    from edet_deploy.data import CocoDataset, generate_shapes
+
+    backends = [b.strip() for b in args.engine_backends.split(",") if b.strip()]
+    if args.url and len(backends) != 1:
+        ap.error("--url serves one engine: name it with --engine-backends")
+    if not Path(args.images).exists():
+        generate_shapes(args.images, {"val": args.num_images}, progress=False)
+    ds = CocoDataset(args.images, "val")
+    blobs = [ds.image_path(i).read_bytes() for i in range(min(args.num_images, len(ds)))]
+    conc = [int(c) for c in args.concurrency.split(",")]
+    graph = export_graph(Path(args.repo), Path(args.work))
+    runs = {b: run_backend(b, graph, blobs, args, conc) for b in backends}
+    report = {"machine": machine_info(None), "protocol": "grpc", "images": len(blobs), "graph": str(graph),
+              "runs": runs,
+              "perf_analyzer_equivalent": perf_analyzer_command("efficientdet_d0", "HOST:PORT", "grpc", conc)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_csv(out.with_suffix(".csv"), runs)
+    m = report["machine"]
+    lines = [f"# Triton load test (embedded tritonserver on CPU)\n",
+             f"Machine: {m['cpu']}, {m['cores']} cores shared with other work, no GPU; {m['date']}. Ensemble "
+             f"efficientdet_d0 (bundled D0, 256 px) over gRPC, {len(blobs)} real images, closed loop, "
+             f"{args.requests} requests per client; one run per CPU engine backend.\n",
+             "Ensemble at concurrency 1 vs the in-process pipeline of the same backend (decode + letterbox + graph + "
+             f"soft-NMS + mapping), {args.interleaved} calls each, in-process / ensemble / in-process blocks, p50:\n",
+             "| engine backend | in-process p50 ms | ensemble c=1 p50 ms | ensemble / in-process |", "|---|---:|---:|---:|"]
+    for b, run in runs.items():
+        lines.append(f"| {b} | {run['in_process']['p50']:.1f} | {run['ensemble_c1']['p50']:.1f} | "
+                     f"**{run['ratio_p50']:.2f}x** |")
+    for b, run in runs.items():
+        lines += ["", f"## Engine: {b}\n",
+                  "| concurrency | requests | errors | p50 ms | p90 ms | p99 ms | img/s | engine queue ms | engine compute ms "
+                  "| engine mean batch | preprocess ms | postprocess ms |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in run["load"]:
+            s = r["server"]
+            e, p, q = (s.get(f"efficientdet_d0_{k}", {}) for k in ("engine", "preprocess", "postprocess"))
+            lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p90_ms']} | "
+                         f"{r['p99_ms']} | {r['throughput_img_s']} | {e.get('queue_ms', '')} | "
+                         f"{e.get('compute_ms', '')} | {e.get('mean_batch', '')} | {p.get('compute_ms', '')} | "
+                         f"{q.get('compute_ms', '')} |")
+        lines += ["", "Resident memory of the Python-backend stubs (MB, one process per instance): " +
+                  "; ".join(f"{k}: {v}" for k, v in run["stub_rss_mb"].items())]
+    lines += ["", f"Where perf_analyzer runs: `{report['perf_analyzer_equivalent']}`"]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
