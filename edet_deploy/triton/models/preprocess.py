@@ -5,7 +5,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from edet_deploy.errors import EdetError
-from edet_deploy.preprocess import MAX_IMAGE_PIXELS, decode_image, letterbox
+from edet_deploy.preprocess import (MAX_ENCODED_BYTES, MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, check_request_pixels,
+                                   letterbox, open_image, to_rgb)
 from edet_deploy.triton.models.common import as_bytes, error_response, parameters
 
 
@@ -14,15 +15,24 @@ class TritonPythonModel:
         params = parameters(args)
         self.size = int(params["image_size"])
         self.max_pixels = int(params.get("max_pixels", MAX_IMAGE_PIXELS))
+        self.max_request_pixels = int(params.get("max_request_pixels", MAX_REQUEST_PIXELS))
+        self.max_request_bytes = int(params.get("max_request_bytes", MAX_ENCODED_BYTES))
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
                 blobs = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+                total = sum(len(as_bytes(b)) for b in blobs)
+                if total > self.max_request_bytes:
+                    raise EdetError(f"request too large: {total} bytes of images; the limit is "
+                                    f"{self.max_request_bytes}")
+                # Every header first: the request's pixel budget is checked before anything is decoded.
+                opened = [open_image(as_bytes(b), self.max_pixels, name=f"IMAGE[{i}]") for i, b in enumerate(blobs)]
+                check_request_pixels(opened, self.max_request_pixels)
                 images, scales, sizes = [], [], []
-                for i, blob in enumerate(blobs):
-                    img = decode_image(as_bytes(blob), self.max_pixels, name=f"IMAGE[{i}]")
+                for i, pil in enumerate(opened):
+                    img = to_rgb(pil, f"IMAGE[{i}]")
                     boxed, scale = letterbox(img, self.size)
                     images.append(boxed)
                     scales.append([scale])
