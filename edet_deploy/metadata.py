@@ -82,3 +82,17 @@ def verify_checksum(artifact: str | os.PathLike, meta: Dict[str, Any]) -> None:
         raise EdetError(f"{artifact} does not match its metadata {sidecar_path(artifact).name} ({key} "
                         f"{str(expected)[:12]}..., file {actual[:12]}...): tampered or from another export; "
                         f"export it again")
+    if artifact.suffix == ".onnx":
+        # The checksum covers the graph; the copy of the metadata embedded in it covers the sidecar's other
+        # fields (class names, input size, NMS settings): an edited sidecar is refused, not believed.
+        import onnx
+        try:
+            props = {p.key: p.value for p in onnx.load(str(artifact), load_external_data=False).metadata_props}
+            embedded = json.loads(props[ONNX_PROP]) if ONNX_PROP in props else None
+        except Exception as e:  # noqa: BLE001 - protobuf raises its own types for garbage files
+            raise EdetError(f"cannot read {artifact} as an ONNX graph ({type(e).__name__})") from None
+        if embedded is not None:
+            changed = sorted(k for k in set(embedded) | set(meta) - {key} if embedded.get(k) != meta.get(k))
+            if changed:
+                raise EdetError(f"{sidecar_path(artifact)} disagrees with the metadata inside {artifact.name} "
+                                f"({', '.join(changed[:5])}): edited by hand? export it again")
