@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     conc = [int(c) for c in args.concurrency.split(",")]
     server = None
     if args.url is None:
-        server = TritonServer(args.repo, free_port(), free_port(), free_port()).start()
+        # The load test reads the statistics API (restricted by default): open it for this server only.
+        server = TritonServer(args.repo, free_port(), free_port(), free_port(), open_apis=["statistics"]).start()
         url = server.grpc_url
     else:
         url = args.url
