@@ -158,7 +158,7 @@ def served(repo, tmp_path_factory):
     s.proc.wait(120)
 
 
-def test_stub_kill_each_kind_recovers_then_sighup_stops_cleanly(repo, tmp_path, picture):
+def test_stub_kill_each_kind_and_server_crash_recover_then_sighup_stops_cleanly(repo, tmp_path, picture):
     s = Serve(repo, tmp_path)
     try:
         status, body = infer(s.url, [picture])
@@ -187,6 +187,21 @@ def test_stub_kill_each_kind_recovers_then_sighup_stops_cleanly(repo, tmp_path, 
             assert np.allclose(scores(body), reference, atol=1e-5)
             assert any(st.model == stub.model and st.pid != stub.pid for st in s.stubs())
         assert s.proc.poll() is None
+        # tritonserver itself crashes: serve starts it again on the same ports.
+        os.kill(s.server_pid, signal.SIGSEGV)
+        t0, recovered, seen_not_ready = time.monotonic(), None, False
+        while time.monotonic() - t0 < 2 * RECOVERY_BOUND and recovered is None:
+            time.sleep(0.2)
+            code = ready(s.url)
+            seen_not_ready |= code != 200
+            if code == 200 and seen_not_ready:
+                status, body = infer(s.url, [picture])
+                if status == 200:
+                    recovered = time.monotonic() - t0
+        print(f"tritonserver: restarted (ready + correct answer) {recovered and round(recovered, 2)} s after SIGSEGV")
+        assert recovered is not None and np.allclose(scores(body), reference, atol=1e-5)
+        assert s.proc.poll() is None
+        s.server_pid = s.triton_pid()
         family, regions = s.family(), s.shm()
         assert regions  # the Python backend's regions carry our prefix
         s.proc.send_signal(signal.SIGHUP)  # what a closed terminal sends: a graceful stop

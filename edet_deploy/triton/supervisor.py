@@ -10,8 +10,9 @@ every `poll` seconds. When a stub is gone it
    routing here; then
 2. loads it again (fresh stubs, fresh shared memory); readiness returns to 200 when the model is READY.
 
-If a load fails, or a model needs more than `max_recoveries` recoveries within `recovery_window` seconds,
-or tritonserver itself exits, `serve` stops and exits non-zero with one line. SIGTERM, SIGINT and SIGHUP stop
+If tritonserver itself dies (it segfaults, e.g., on a large form-encoded POST body), it is started again on
+the same ports. If a load or restart fails, or a model (or the server) needs more than `max_recoveries`
+recoveries within `recovery_window` seconds, `serve` stops and exits non-zero with one line. SIGTERM, SIGINT and SIGHUP stop
 it gracefully (see `TritonServer.stop`); the server dies with `serve` (PR_SET_PDEATHSIG)."""
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Deque, Dict, List, Optional, Sequence
 
+from ..errors import EdetError
 from ..log import logger
 from .server import TritonServer
 
@@ -114,13 +116,7 @@ class Supervisor:
     def recover(self, model: str, dead: Sequence[str]) -> float:
         """Unload (readiness drops) and load `model` again; returns the seconds it took."""
         t0 = time.monotonic()
-        window = self.history[model]
-        while window and t0 - window[0] > self.recovery_window:
-            window.popleft()
-        if len(window) >= self.max_recoveries:
-            raise RecoveryFailed(f"model {model} lost a stub {len(window) + 1} times within "
-                                 f"{self.recovery_window:.0f} s; giving up")
-        window.append(t0)
+        self._count(model, f"model {model} lost a stub")
         self.on_event(f"stub(s) {', '.join(dead)} of model {model} died; reloading {model}")
         status, body = self.server.admin(f"/v2/repository/models/{model}/unload", timeout=self.load_timeout)
         if status != 200:
@@ -137,11 +133,38 @@ class Supervisor:
         self.on_event(f"model {model} reloaded in {seconds:.1f} s")
         return seconds
 
+    def _count(self, key: str, what: str) -> None:
+        now = time.monotonic()
+        window = self.history[key]
+        while window and now - window[0] > self.recovery_window:
+            window.popleft()
+        if len(window) >= self.max_recoveries:
+            raise RecoveryFailed(f"{what} {len(window) + 1} times within {self.recovery_window:.0f} s; giving up")
+        window.append(now)
+
+    def restart_server(self, code: int) -> float:
+        """tritonserver itself died (a crash in its HTTP layer, the OOM killer): start it again on the same
+        ports. Nothing listens meanwhile, so readiness probes fail."""
+        t0 = time.monotonic()
+        self._count("tritonserver", f"tritonserver exited unexpectedly (status {code})")
+        self.on_event(f"tritonserver exited unexpectedly with status {code}; restarting it")
+        self.server.stop()  # reaps what is left of its process group, removes its shared memory
+        try:
+            self.server.start(timeout=self.load_timeout)
+        except EdetError as e:
+            raise RecoveryFailed(f"tritonserver exited with status {code} and could not be restarted: {e}") from None
+        self.snapshot()
+        seconds = time.monotonic() - t0
+        self.recoveries.append({"model": "tritonserver", "dead": [f"status {code}"], "seconds": round(seconds, 3)})
+        self.on_event(f"tritonserver restarted in {seconds:.1f} s")
+        return seconds
+
     def check_once(self) -> None:
-        """One round: raise RecoveryFailed when the server is gone or a model cannot be recovered."""
+        """One round: raise RecoveryFailed when the server or a model cannot be recovered."""
         code = self.server.proc.poll()
         if code is not None:
-            raise RecoveryFailed(f"tritonserver exited unexpectedly with status {code}")
+            self.restart_server(code)
+            return
         for model, dead in self.missing().items():
             self.recover(model, dead)
 
