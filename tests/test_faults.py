@@ -334,7 +334,7 @@ def test_oversized_and_bomb_refused_without_stalling_good_requests(served, pictu
     heavy = io.BytesIO()
     Image.new("L", (6000, 6000)).save(heavy, format="PNG")  # 36 MP: over the 24 MP per-image budget
     under = encode(np.zeros((3500, 4000, 3), np.uint8), "PNG")  # 14 MP: passes alone, 8 of them exceed 100 MP
-    oversized = b"\x89PNG\r\n\x1a\n" + b"\0" * (80 << 20)  # 80 MiB body: over the 64 MiB request limit
+    oversized = b"\x89PNG\r\n\x1a\n" + b"\0" * (200 << 20)  # 200 MiB body: over the 64 MiB request limit
     assert infer(served.url, [picture])[0] == 200
     rss0, shm0 = _rss_mib(served.server_pid), _shm_mib(served)
 
@@ -369,12 +369,21 @@ def test_oversized_and_bomb_refused_without_stalling_good_requests(served, pictu
         worker.join(300)
     time.sleep(1)
     rss1, shm1 = _rss_mib(served.server_pid), _shm_mib(served)
+    # The supervisor replaces the instances whose shared memory swelled: memory back to its baseline.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rss2, shm2 = _rss_mib(served.server_pid), _shm_mib(served)
+        if shm2 <= shm0 + 16 and rss2 <= rss0 + 64:
+            break
+        time.sleep(1)
     lat = np.array([t for t, st in latencies])
     assert len(lat) and all(st == 200 for _, st in latencies)
     print(f"\ngood requests: idle p50 {np.median(idle) * 1e3:.0f} ms p99 {np.percentile(idle, 99) * 1e3:.0f} ms; "
           f"during refused bombs/oversized p50 {np.median(lat) * 1e3:.0f} ms p99 "
           f"{np.percentile(lat, 99) * 1e3:.0f} ms (n={len(lat)}); refusals took {[round(x, 2) for x in refused]} s; "
-          f"tritonserver RSS {rss0:.0f} -> {rss1:.0f} MiB, our /dev/shm {shm0:.0f} -> {shm1:.0f} MiB")
+          f"tritonserver RSS {rss0:.0f} -> {rss1:.0f} -> {rss2:.0f} MiB, our /dev/shm {shm0:.0f} -> {shm1:.0f} -> "
+          f"{shm2:.0f} MiB (baseline, after the refusals, after the supervisor's recycle)")
+    assert shm2 <= shm0 + 16 and rss2 <= rss0 + 64
     assert lat.max() < STALL_BOUND
     assert max(refused[:3]) < STALL_BOUND
     assert ready(served.url) == 200

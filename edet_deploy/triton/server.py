@@ -207,8 +207,8 @@ class TritonServer:
         except OSError:
             return False
 
-    def admin(self, path: str, body: bytes = b"{}", timeout: float = 300.0) -> tuple:
-        """POST to a restricted endpoint with the admin key: (status, body text)."""
+    def admin(self, path: str, body: Optional[bytes] = b"{}", timeout: float = 300.0) -> tuple:
+        """POST (GET when body is None) to a restricted endpoint with the admin key: (status, body text)."""
         req = urllib.request.Request(f"http://{self.http_url}{path}", data=body, headers=self.admin_headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:

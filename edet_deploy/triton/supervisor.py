@@ -10,12 +10,17 @@ every `poll` seconds. When a stub is gone it
    routing here; then
 2. loads it again (fresh stubs, fresh shared memory); readiness returns to 200 when the model is READY.
 
+A stub whose shared-memory region grew past a high-water mark (an oversized request is copied in before the
+model can refuse it, and the region never shrinks) has its model's instances replaced without downtime, which
+returns that memory, and tritonserver's own memory tied to those requests, to the baseline.
+
 If tritonserver itself dies (it segfaults, e.g., on a large form-encoded POST body), it is started again on
 the same ports. If a load or restart fails, or a model (or the server) needs more than `max_recoveries`
 recoveries within `recovery_window` seconds, `serve` stops and exits non-zero with one line. SIGTERM, SIGINT and SIGHUP stop
 it gracefully (see `TritonServer.stop`); the server dies with `serve` (PR_SET_PDEATHSIG)."""
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -86,7 +91,7 @@ class Supervisor:
     """Keeps every model instance of a started `TritonServer` alive (see the module docstring)."""
 
     def __init__(self, server: TritonServer, poll: float = 0.25, load_timeout: float = 300.0,
-                 max_recoveries: int = 5, recovery_window: float = 300.0,
+                 max_recoveries: int = 5, recovery_window: float = 300.0, shm_high_water_mib: int = 128,
                  on_event: Optional[Callable[[str], None]] = None):
         self.server = server
         self.poll = poll
@@ -97,6 +102,10 @@ class Supervisor:
         self.expected: Dict[str, set] = {}  # model -> instance names that must have a live stub
         self.history: Dict[str, Deque[float]] = defaultdict(deque)
         self.recoveries: List[Dict] = []  # what happened, for reports and tests
+        # Legitimate requests stay well below: <= 64 MiB of encoded images in, a D7 batch of 8 (54 MiB) out.
+        self.shm_high_water = int(shm_high_water_mib) << 20
+        self.recycled: set = set()
+        self.generation = 0
 
     def snapshot(self) -> Dict[str, set]:
         """Record the instances alive now (call once the server is ready)."""
@@ -159,6 +168,43 @@ class Supervisor:
         self.on_event(f"tritonserver restarted in {seconds:.1f} s")
         return seconds
 
+    def swollen(self) -> Dict[str, List[str]]:
+        """Models whose stubs' shared-memory regions grew past `shm_high_water` bytes (an oversized request
+        was copied in before the model could refuse it; Python-backend regions never shrink), by region."""
+        found: Dict[str, List[str]] = defaultdict(list)
+        for stub in stub_processes(self.server.proc.pid):
+            if stub.region in self.recycled:
+                continue
+            try:
+                size = (Path("/dev/shm") / stub.region).stat().st_blocks * 512
+            except OSError:
+                continue
+            if size > self.shm_high_water:
+                found[stub.model].append(stub.region)
+        return dict(found)
+
+    def recycle(self, model: str, regions: Sequence[str]) -> float:
+        """Replace a model's instances without downtime: a load with a changed config (a generation
+        parameter the models ignore) makes Triton start new instances, switch to them, then end the old ones,
+        whose shared memory (and the server memory tied to their requests) goes with them."""
+        t0 = time.monotonic()
+        self.recycled.update(regions)  # the old stubs live on briefly: do not recycle them twice
+        status, body = self.server.admin(f"/v2/models/{model}/config", None, timeout=self.load_timeout)
+        if status != 200:
+            raise RecoveryFailed(f"cannot read the config of model {model}: HTTP {status} {body.strip()}")
+        config = json.loads(body)
+        self.generation += 1
+        config.setdefault("parameters", {})["edet_generation"] = {"string_value": str(self.generation)}
+        self.on_event(f"model {model}'s shared memory grew past {self.shm_high_water >> 20} MiB; replacing its instances")
+        status, body = self.server.admin(f"/v2/repository/models/{model}/load",
+                                         json.dumps({"parameters": {"config": json.dumps(config)}}).encode(),
+                                         timeout=self.load_timeout)
+        if status != 200:
+            raise RecoveryFailed(f"cannot reload model {model} to release its memory: HTTP {status} {body.strip()}")
+        seconds = time.monotonic() - t0
+        self.recoveries.append({"model": model, "recycled": list(regions), "seconds": round(seconds, 3)})
+        return seconds
+
     def check_once(self) -> None:
         """One round: raise RecoveryFailed when the server or a model cannot be recovered."""
         code = self.server.proc.poll()
@@ -167,6 +213,8 @@ class Supervisor:
             return
         for model, dead in self.missing().items():
             self.recover(model, dead)
+        for model, regions in self.swollen().items():
+            self.recycle(model, regions)
 
     def run(self, stop: threading.Event) -> None:
         """Watch until `stop` is set; raises RecoveryFailed."""
