@@ -92,7 +92,7 @@ def verify_checksum(artifact: str | os.PathLike, meta: Dict[str, Any]) -> None:
         except Exception as e:  # noqa: BLE001 - protobuf raises its own types for garbage files
             raise EdetError(f"cannot read {artifact} as an ONNX graph ({type(e).__name__})") from None
         if embedded is not None:
-            changed = sorted(k for k in set(embedded) | set(meta) - {key} if embedded.get(k) != meta.get(k))
+            changed = sorted(k for k in (set(embedded) | set(meta)) - {key} if embedded.get(k) != meta.get(k))
             if changed:
                 raise EdetError(f"{sidecar_path(artifact)} disagrees with the metadata inside {artifact.name} "
                                 f"({', '.join(changed[:5])}): edited by hand? export it again")

@@ -169,6 +169,7 @@ def save_graph(proto: onnx.ModelProto, onnx_path: Path, meta: Dict) -> ExportRes
     check_graph(proto)
     del proto.metadata_props[:]
     proto.producer_name, proto.producer_version = "edet-deploy", __version__
+    meta = {k: v for k, v in meta.items() if k != "onnx_sha256"}  # a source graph's checksum (convert) is stale
     helper.set_model_props(proto, {ONNX_PROP: json.dumps(meta)})
     data = proto.SerializeToString()
     meta = dict(meta, onnx_sha256=hashlib.sha256(data).hexdigest())
