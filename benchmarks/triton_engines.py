@@ -86,7 +86,7 @@ def run_backend(backend: str, graph: Path, blobs, args, conc) -> dict:
     if args.url is None:
         repo = generate_repository(Path(args.work) / f"repo_{backend}", variant="d0", onnx=str(graph),
                                    engine_backend=backend)
-        server = TritonServer(repo, free_port(), free_port(), free_port(),
+        server = TritonServer(repo, free_port(), free_port(), free_port(), open_apis=["statistics"],
                               log_file=Path(args.work) / f"tritonserver_{backend}.log").start()
         url = server.grpc_url
     else:

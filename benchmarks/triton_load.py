@@ -59,7 +59,8 @@ def serve_and_load(repo: Path, runs: list, log: Path, local, blobs) -> tuple:
     (label, kwargs) load, stop. Returns ({label: rows}, in-process percentiles, stub memory)."""
     from edet_deploy.triton.server import TritonServer, free_port
 
-    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=log).start()
+    # the load test reads the statistics API (restricted by default): open it for this server only
+    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=log, open_apis=["statistics"]).start()
     try:
         for _, kw in runs:  # warm every stub (first requests import decoders, fill caches): not measured
             run_load(server.grpc_url, **{**kw, "concurrencies": [2], "requests_per_client": 3})

@@ -70,7 +70,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except EdetError as e:
-        print(f"edet-deploy {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message carries
+        print(f"edet-deploy {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: our bug, keep the traceback
+            raise
+        # An output (or input) path that cannot be created, written or read: the user's to fix.
+        print(f"edet-deploy {args.command}: error: cannot access {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         # The serving install has no PyTorch: commands that build models say what to install.

@@ -264,22 +264,28 @@ def _triton_repo(p: argparse.ArgumentParser):
                         "RGB decoded by the client -> <name>_decoded)")
     p.add_argument("--queue-delay-us", type=int, help="engine dynamic-batching window (default: "
                    "the value benchmarks/triton_load.py chose)")
+    p.add_argument("--force", action="store_true", help="write into an --out holding models or files edet-deploy "
+                                                         "did not generate")
     p.add_argument("--out", default="model_repository")
 
     def run(args) -> int:
+        import tempfile
         from .triton.repo import generate_repository
         onnx = args.onnx
-        if args.target == "cpu" and not onnx:
-            from .export import export_onnx
-            onnx = str(export_onnx(args.model, Path(args.out).parent / "build" / "triton_export", weights=args.weights,
-                                   dynamic_batch=args.max_batch).onnx_path)
-        repo = generate_repository(args.out, variant=get_variant(args.model), onnx=onnx, engine=args.engine,
-                                   precision=args.precision, target=args.target, max_batch_size=args.max_batch,
-                                   copy_artifact=not args.no_copy, preprocess_instances=args.preprocess_instances,
-                                   engine_instances=args.engine_instances, cuda_graphs=args.cuda_graphs,
-                                   engine_backend=args.engine_backend, tensorrt_version=args.tensorrt_version,
-                                   input_formats=tuple(f.strip() for f in args.input_format.split(",") if f.strip()),
-                                   **({} if args.queue_delay_us is None else {"queue_delay_us": args.queue_delay_us}))
+        with tempfile.TemporaryDirectory(prefix="edet-triton-export-") as tmp:
+            if args.target == "cpu" and not onnx:  # a temporary export: the repository keeps its own copy
+                if args.max_batch < 1:
+                    raise EdetError("--max-batch must be >= 1")
+                from .export import export_onnx
+                onnx = str(export_onnx(args.model, tmp, weights=args.weights, dynamic_batch=args.max_batch).onnx_path)
+            repo = generate_repository(
+                args.out, variant=get_variant(args.model), onnx=onnx, engine=args.engine, precision=args.precision,
+                target=args.target, max_batch_size=args.max_batch, copy_artifact=not args.no_copy,
+                preprocess_instances=args.preprocess_instances, engine_instances=args.engine_instances,
+                cuda_graphs=args.cuda_graphs, engine_backend=args.engine_backend, force=args.force,
+                tensorrt_version=args.tensorrt_version,
+                input_formats=tuple(f.strip() for f in args.input_format.split(",") if f.strip()),
+                **({} if args.queue_delay_us is None else {"queue_delay_us": args.queue_delay_us}))
         print(f"wrote Triton repository {repo} (configs validated)")
         return 0
     return run
@@ -290,7 +296,7 @@ def get_variant(name: str) -> str:
     return canonical_name(name)
 
 
-@command("serve", "run the embedded Triton server (CPU) on a repository until Ctrl-C / SIGTERM")
+@command("serve", "run the embedded Triton server (CPU) on a repository, supervised, until Ctrl-C / SIGTERM / SIGHUP")
 def _serve(p: argparse.ArgumentParser):
     p.add_argument("--repo", default="model_repository")
     p.add_argument("--http-port", type=int, default=8000)
@@ -298,25 +304,17 @@ def _serve(p: argparse.ArgumentParser):
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--address", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server)")
     p.add_argument("--log-file", help="tritonserver's log (default: discarded)")
+    p.add_argument("--grace-period", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT/SIGHUP: seconds in-flight requests may take to finish")
+    p.add_argument("--open-api", action="append", default=[], metavar="GROUP",
+                   help="leave a restricted Triton API group open to every client (shared-memory, model-config, "
+                        "statistics, trace, logging, or all; default: only inference, health and metadata)")
+    p.add_argument("--force", action="store_true", help="serve a repository holding models edet-deploy did not generate")
 
     def run(args) -> int:
-        import signal
-        import threading
-        from .triton.server import TritonServer
-        server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.address,
-                              log_file=args.log_file)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        server.start()
-        print(f"serving {args.repo}: http {server.http_url}, grpc {server.grpc_url}, "
-              f"metrics http://{args.address}:{args.metrics_port}/metrics (Ctrl-C to stop)", flush=True)
-        try:
-            while not stop.is_set() and server.proc.poll() is None:
-                stop.wait(0.5)
-        finally:
-            server.stop()
-        return 0 if stop.is_set() else 1
+        from .triton.supervisor import serve
+        return serve(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.address, args.log_file,
+                     args.grace_period, [g for v in args.open_api for g in v.split(",") if g], args.force)
     return run
 
 

@@ -7,66 +7,134 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .configs import MEAN_RGB
 from .errors import EdetError
 
-# Refuse images above this many pixels before decoding them (decompression-bomb protection): 8192 x 8192.
-MAX_IMAGE_PIXELS = 8192 * 8192
+# Bounded cost per image and per request, checked from the headers before any pixel is decoded
+# (decompression-bomb protection: a few KB of PNG can declare gigapixels).
+MAX_IMAGE_PIXELS = 6000 * 4000  # 24 MP: larger photos buy nothing at EfficientDet's <= 1536 px input
+MAX_REQUEST_PIXELS = 100_000_000  # all images of one request together
 MAX_ENCODED_BYTES = 64 * 1024 * 1024
+# Pillow may open only these (some of the formats it knows call external programs or have fragile parsers).
+# GIF (and animated WebP/TIFF): the first frame.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image]
 
 
-def decode_image(src: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> np.ndarray:
-    """Decode a file path, encoded bytes, a PIL image or an HxWx3 / HxW array into uint8 RGB HxWx3."""
-    label = name or (str(src) if isinstance(src, (str, os.PathLike)) else type(src).__name__)
-    if isinstance(src, np.ndarray):
-        return _from_array(src, label)
-    if isinstance(src, Image.Image):
-        return _from_pil(src, label, max_pixels)
+def _read_source(src: ImageSource, label: str) -> bytes:
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if not path.is_file():
             raise EdetError(f"image not found: {path}")
-        if path.stat().st_size > MAX_ENCODED_BYTES:
-            raise EdetError(f"{path}: file larger than {MAX_ENCODED_BYTES >> 20} MiB")
-        data = path.read_bytes()
+        try:
+            if path.stat().st_size > MAX_ENCODED_BYTES:
+                raise EdetError(f"{path}: file larger than {MAX_ENCODED_BYTES >> 20} MiB")
+            data = path.read_bytes()
+        except OSError as e:
+            raise EdetError(f"cannot read {path}: {e.strerror}") from None
     else:
         data = bytes(src)
     if not data:
         raise EdetError(f"{label}: empty image data")
     if len(data) > MAX_ENCODED_BYTES:
         raise EdetError(f"{label}: encoded image larger than {MAX_ENCODED_BYTES >> 20} MiB")
+    return data
+
+
+def open_image(src: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
+    """Open encoded bytes or a file lazily: format and size come from the header, nothing is decoded yet.
+    Refuses formats outside ALLOWED_FORMATS and images above `max_pixels`."""
+    label = name or (str(src) if isinstance(src, (str, os.PathLike)) else type(src).__name__)
+    data = _read_source(src, label)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            return _from_pil(img, label, max_pixels)
-    except EdetError:
-        raise
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise EdetError(f"{label}: image too large (decompression-bomb protection: {e})") from None
-    except UnidentifiedImageError as e:
-        raise EdetError(f"{label}: not a decodable image ({type(e).__name__})") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+    except UnidentifiedImageError:
+        raise EdetError(f"{label}: not a decodable image (accepted: {', '.join(ALLOWED_FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError, struct.error) as e:  # truncated or corrupt header
         raise EdetError(f"{label}: corrupt image ({e})") from None
+    _check_size(img, label, max_pixels)
+    return img
 
 
-def _from_pil(img: Image.Image, label: str, max_pixels: int) -> np.ndarray:
+def _check_size(img: Image.Image, label: str, max_pixels: int) -> int:
     w, h = img.size  # from the header: checked before any pixel is decoded
     if w <= 0 or h <= 0:
         raise EdetError(f"{label}: image has no pixels")
     if w * h > max_pixels:
         raise EdetError(f"{label}: image too large ({w}x{h} = {w * h} pixels; the limit is {max_pixels})")
-    img.load()
-    if img.mode != "RGB":
+    return w * h
+
+
+def check_request_pixels(images: Sequence[Image.Image], max_request_pixels: int = MAX_REQUEST_PIXELS) -> int:
+    """Refuse a request whose opened (not yet decoded) images declare more pixels together than the budget."""
+    total = sum(img.size[0] * img.size[1] for img in images)
+    if total > max_request_pixels:
+        raise EdetError(f"request too large: its {len(images)} image(s) declare {total} pixels together; "
+                        f"the limit is {max_request_pixels}")
+    return total
+
+
+def decode_image(src: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> np.ndarray:
+    """Decode a file path, encoded bytes, a PIL image or an HxWx3 / HxW array into uint8 RGB HxWx3.
+
+    The EXIF orientation is applied: the result (and every box computed on it) is in the frame a viewer
+    displays, not the stored one. 16-bit and float images are scaled to 8 bits; grayscale, palette and alpha
+    images become RGB (alpha dropped)."""
+    label = name or (str(src) if isinstance(src, (str, os.PathLike)) else type(src).__name__)
+    if isinstance(src, np.ndarray):
+        return _from_array(src, label)
+    if isinstance(src, Image.Image):
+        _check_size(src, label, max_pixels)
+        return to_rgb(src, label)
+    return to_rgb(open_image(src, max_pixels, label), label)
+
+
+def to_rgb(img: Image.Image, label: str = "image") -> np.ndarray:
+    """Decode an opened image (first frame) into uint8 RGB in its displayed orientation."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except EdetError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise EdetError(f"{label}: image too large (decompression-bomb protection: {e})") from None
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError) as e:  # truncated or corrupt data
+        raise EdetError(f"{label}: corrupt image ({e})") from None
+    return _pil_to_rgb(img, label)
+
+
+def _pil_to_rgb(img: Image.Image, label: str) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # Scale, never clip: Pillow's own I/F -> RGB conversion clips 16-bit values at 255.
+        arr = np.asarray(img).astype(np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif mode == "I":  # 32-bit integer; PNG/TIFF 16-bit grayscale arrives in this mode too
+            top = float(arr.max()) if arr.size else 0.0
+            arr = arr / 257.0 if top > 255 and top <= 65535 else (arr * (255.0 / top) if top > 65535 else arr)
+        else:  # float: [0, 1] is the usual convention, else values are taken as 0..255
+            finite = arr[np.isfinite(arr)]
+            top = float(finite.max()) if finite.size else 0.0
+            arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0) * (255.0 if top <= 1.0 else 1.0)
+        gray = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(img, dtype=np.uint8)
 
@@ -97,7 +165,7 @@ def letterbox(image: np.ndarray, size: int, fill: Sequence[float] = MEAN_RGB) ->
 
 def preprocess(images: Iterable[ImageSource], size: int, max_pixels: int = MAX_IMAGE_PIXELS
                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode and letterbox images into the graph input.
+    """Decode and letterbox images into the graph input (original size = the displayed, EXIF-rotated frame).
     Returns (batch uint8 [B,S,S,3], scales float32 [B], original sizes int32 [B,2] as (height, width))."""
     batch: List[np.ndarray] = []
     scales, sizes = [], []

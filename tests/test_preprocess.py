@@ -83,3 +83,60 @@ def test_reverse_mapping_and_clipping():
                              "detection_scores": np.array([[0.9, 0.5]]), "detection_classes": np.array([[2, 0]])},
                             scales, sizes, ["a", "b", "c"])
     assert len(dets[0]) == 1 and dets[0].to_records()[0]["label"] == "c"
+
+
+def test_exif_orientation_applied():
+    # Stored 40 wide x 20 high with orientation 6 (rotate 90 CW to display): displayed 20 wide x 40 high.
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = 255  # a white band on the stored left edge ends up on the displayed top
+    img = Image.fromarray(stored)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    out = decode_image(buf.getvalue())
+    assert out.shape == (40, 20, 3)
+    assert out[:8].mean() > 200 and out[-20:].mean() < 50
+    _, _, sizes = preprocess([buf.getvalue()], 64)
+    assert sizes.tolist() == [[40, 20]]  # boxes come back in the displayed frame
+
+
+def test_16bit_and_float_scaled_not_clipped():
+    ramp = np.arange(0, 65536, 256, dtype=np.uint16).reshape(16, 16)
+    for fmt in ("PNG", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray(ramp).save(buf, format=fmt)
+        out = decode_image(buf.getvalue())
+        np.testing.assert_array_equal(out[:, :, 0], np.round(ramp / 257.0).astype(np.uint8))
+    buf = io.BytesIO()
+    Image.fromarray((ramp / 65535.0).astype(np.float32)).save(buf, format="TIFF")
+    out = decode_image(buf.getvalue())
+    assert out[0, 0, 0] == 0 and out[15, 15, 0] == 254 and out.dtype == np.uint8
+
+
+def test_palette_gif_webp_bmp_first_frame():
+    rgb = np.random.default_rng(1).integers(0, 255, (12, 18, 3), dtype=np.uint8)
+    for fmt in ("BMP", "WEBP"):
+        assert decode_image(encode(rgb, fmt)).shape == (12, 18, 3)
+    frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)).convert("P") for v in (10, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    assert decode_image(buf.getvalue()).mean() < 50  # the first frame
+
+
+@pytest.mark.parametrize("fmt", ["PCX", "TGA", "PPM"])
+def test_formats_outside_the_allowlist_refused(fmt):
+    data = encode(np.zeros((8, 8, 3), np.uint8), fmt)
+    with pytest.raises(EdetError, match="not a decodable image"):
+        decode_image(data)
+
+
+def test_request_pixel_budget_checked_from_headers():
+    from edet_deploy.preprocess import check_request_pixels, open_image
+    big = io.BytesIO()
+    Image.new("L", (5000, 4000)).save(big, format="PNG")  # 20 MP each, under the per-image limit
+    opened = [open_image(big.getvalue()) for _ in range(6)]
+    assert all(im._im is None for im in opened)  # nothing decoded yet
+    with pytest.raises(EdetError, match="request too large"):
+        check_request_pixels(opened)
+    assert check_request_pixels(opened[:2]) == 40_000_000

@@ -1,6 +1,7 @@
 """PyTorch -> ONNX: one detection graph for every runtime (ONNX Runtime on CPU, TensorRT on GPU)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -17,7 +18,7 @@ from ..configs import get_config
 from ..errors import EdetError
 from ..io import atomic_path, sha256_file
 from ..log import logger
-from ..metadata import FORMAT, ONNX_PROP, write_metadata
+from ..metadata import FORMAT, ONNX_PROP, sidecar_path, write_metadata
 from ..nms import NmsSettings, op as nms_op
 from .graph import CANDIDATE_OUTPUTS, DEFAULT_PRE_NMS_TOP_K, TRT_MAX_TOPK, CandidateGraph
 
@@ -168,9 +169,18 @@ def save_graph(proto: onnx.ModelProto, onnx_path: Path, meta: Dict) -> ExportRes
     check_graph(proto)
     del proto.metadata_props[:]
     proto.producer_name, proto.producer_version = "edet-deploy", __version__
+    meta = {k: v for k, v in meta.items() if k != "onnx_sha256"}  # a source graph's checksum (convert) is stale
     helper.set_model_props(proto, {ONNX_PROP: json.dumps(meta)})
-    with atomic_path(onnx_path) as tmp:
-        onnx.save(proto, str(tmp))
-    meta = dict(meta, onnx_sha256=sha256_file(onnx_path))
+    data = proto.SerializeToString()
+    meta = dict(meta, onnx_sha256=hashlib.sha256(data).hexdigest())
+    # Never a graph beside a sidecar of another export: drop the old sidecar first (until the new one lands,
+    # readers use the copy embedded in the graph, which always matches it), then graph, then sidecar.
+    sidecar = sidecar_path(onnx_path)
+    try:
+        sidecar.unlink(missing_ok=True)
+        with atomic_path(onnx_path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as e:
+        raise EdetError(f"cannot write {onnx_path}: {e.strerror}") from None
     meta_path = write_metadata(onnx_path, meta)
     return ExportResult(onnx_path, meta_path, meta)

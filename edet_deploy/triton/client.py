@@ -22,6 +22,7 @@ class TritonDetectorClient:
         self.protocol = protocol
         self.model = model
         self.input_format = input_format
+        self.url = url
         try:
             if protocol == "http":
                 import tritonclient.http as tc
@@ -53,7 +54,12 @@ class TritonDetectorClient:
         try:
             result = self.client.infer(self.model, [inp])
         except self.tc.InferenceServerException as e:
+            if e.status() in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED") or "failed to connect" in (e.message() or ""):
+                raise EdetError(f"cannot reach a Triton server at {self.url} over {self.protocol}: "
+                                f"{(e.message() or '').splitlines()[0] if e.message() else e}") from None
             raise EdetError(f"server rejected the request: {e.message()}") from None
+        except (OSError, ConnectionError) as e:  # HTTP client: refused, reset, unresolvable host
+            raise EdetError(f"cannot reach a Triton server at {self.url} over {self.protocol}: {e}") from None
         names = [o["name"] if isinstance(o, dict) else o.name for o in
                  (result.get_response()["outputs"] if self.protocol == "http" else result.get_response().outputs)]
         return {n: result.as_numpy(n) for n in names}

@@ -2,8 +2,11 @@
 Python backend, run on CPU. Bound to 127.0.0.1 unless told otherwise."""
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -11,7 +14,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from ..errors import EdetError
 from ..log import logger
@@ -74,26 +77,80 @@ def server_env(paths: TritonPaths) -> dict:
     return env
 
 
+# Triton's API groups (--http-restricted-api / --grpc-restricted-protocol, 2.51). Only inference, health and
+# metadata stay open by default: the shared-memory API let two local requests abort the server, and
+# model-repository would let any client load or unload models.
+RESTRICTABLE_APIS = ("shared-memory", "model-config", "model-repository", "statistics", "trace", "logging")
+ADMIN_HEADER = "edet-admin-key"
+SHM_PREFIX = "edet_triton_"  # + serve's pid + "_": the Python backend names its /dev/shm regions with it
+
+
+def port_in_use(address: str, port: int) -> bool:
+    """True when something already listens on (address, port) or the port cannot be bound there."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        if s.connect_ex((address if address not in ("0.0.0.0", "") else "127.0.0.1", port)) == 0:
+            return True
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton binds: TIME_WAIT is no conflict
+        try:
+            s.bind((address, port))
+        except OSError:
+            return True
+    return False
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """preexec_fn: the kernel sends SIGKILL to tritonserver when the process that started it dies (even by
+    SIGKILL, when no handler of ours can run); its Python stubs notice their parent is gone and exit."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class TritonServer:
     """Start `tritonserver` on a repository, wait until ready; `stop()` (or the context manager) shuts it down
-    with SIGTERM and reaps the Python stubs."""
+    with SIGTERM (in-flight requests drain for up to `grace_period` s), reaps the Python stubs and removes
+    the server's /dev/shm regions.
+
+    Models are loaded with explicit model control so that only this process (holding `admin_key`) can
+    unload/reload them (the supervisor does, after a stub dies); `open_apis` names restricted API groups to
+    leave open to every client (default: none; "all" opens every group)."""
 
     def __init__(self, repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  address: str = "127.0.0.1", log_verbose: int = 0, extra_args: Optional[List[str]] = None,
-                 log_file: Optional[str | Path] = None):
-        from .repo import validate_repository
+                 log_file: Optional[str | Path] = None, grace_period: float = 30.0,
+                 open_apis: Sequence[str] = (), force: bool = False):
+        from .repo import validate_repository, verify_served_repository
 
         self.repo = Path(repo)
         validate_repository(self.repo)
+        verify_served_repository(self.repo, force=force)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.address = address
+        self.grace_period = float(grace_period)
+        if self.grace_period < 0:
+            raise EdetError(f"the grace period must be >= 0 s, got {grace_period}")
+        opened = set(RESTRICTABLE_APIS) if "all" in open_apis else set(open_apis)
+        unknown = opened - set(RESTRICTABLE_APIS)
+        if unknown:
+            raise EdetError(f"unknown API group(s) {sorted(unknown)}; choose from {', '.join(RESTRICTABLE_APIS)}, all")
+        # The supervisor always needs model-repository; it sends the key, nobody else knows it.
+        restricted = [a for a in RESTRICTABLE_APIS if a not in opened or a == "model-repository"]
+        self.admin_key = secrets.token_hex(16)
+        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(3)}_"
         paths = find_triton()
+        restriction = f"{','.join(restricted)}:{ADMIN_HEADER}={self.admin_key}"
         self.cmd = [str(paths.binary), f"--model-repository={self.repo.resolve()}",
                     f"--backend-directory={paths.backends}", f"--http-port={http_port}",
                     f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}", f"--http-address={address}",
                     f"--grpc-address={address}", f"--metrics-address={address}", "--allow-metrics=true",
                     "--allow-gpu-metrics=false", "--strict-readiness=true", f"--log-verbose={log_verbose}",
-                    "--exit-timeout-secs=5", *(extra_args or [])]
+                    "--model-control-mode=explicit", "--load-model=*",
+                    f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}",
+                    f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+                    f"--exit-timeout-secs={max(1, int(round(self.grace_period)))}", *(extra_args or [])]
         self.env = server_env(paths)
         self.log_file = Path(log_file) if log_file else None
         self.proc: Optional[subprocess.Popen] = None
@@ -106,19 +163,29 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"{self.address}:{self.grpc_port}"
 
+    @property
+    def admin_headers(self) -> Dict[str, str]:
+        return {ADMIN_HEADER: self.admin_key}
+
     def start(self, timeout: float = 180.0) -> "TritonServer":
+        for name, port in (("http", self.http_port), ("grpc", self.grpc_port), ("metrics", self.metrics_port)):
+            if port_in_use(self.address, port):
+                raise EdetError(f"{name} port {port} on {self.address} is already in use; choose another "
+                                f"(--{name}-port) or stop what listens there")
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         logger.info("starting tritonserver on %s (http %d, grpc %d, metrics %d)", self.address, self.http_port,
                     self.grpc_port, self.metrics_port)
         # A new session: stop() can signal the server and every stub it forked.
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd="/")
+                                     start_new_session=True, cwd="/", preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = self._log_tail()
-                raise EdetError(f"tritonserver exited with code {self.proc.returncode} during start-up{tail}")
-            if self.ready():
+                code = self.proc.returncode
+                self.cleanup_shm()
+                raise EdetError(f"tritonserver exited with code {code} during start-up{self._log_tail()}")
+            # Ready and still alive: the answer came from our server, not from another one on the port.
+            if self.ready() and self.proc.poll() is None:
                 logger.info("tritonserver ready")
                 return self
             time.sleep(0.5)
@@ -126,10 +193,12 @@ class TritonServer:
         raise EdetError(f"tritonserver was not ready within {timeout:.0f} s{self._log_tail()}")
 
     def _log_tail(self) -> str:
+        """The last error line of the server's log, on the same line (user errors are one line)."""
         if self.log_file and self.log_file.is_file():
-            lines = self.log_file.read_text(errors="replace").splitlines()[-15:]
-            return ":\n" + "\n".join(lines)
-        return ""
+            lines = [ln.strip() for ln in self.log_file.read_text(errors="replace").splitlines() if ln.strip()]
+            errors = [ln for ln in lines if ln.startswith("E")] or lines[-1:]
+            return f": {errors[-1]}" if errors else ""
+        return " (see --log-file)"
 
     def ready(self) -> bool:
         try:
@@ -138,23 +207,58 @@ class TritonServer:
         except OSError:
             return False
 
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
+    def admin(self, path: str, body: Optional[bytes] = b"{}", timeout: float = 300.0) -> tuple:
+        """POST (GET when body is None) to a restricted endpoint with the admin key: (status, body text)."""
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=body, headers=self.admin_headers)
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        finally:
-            try:  # stubs left in the group (normally none): end them too
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read().decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
+
+    def shm_regions(self) -> List[Path]:
+        return sorted(Path("/dev/shm").glob(self.shm_prefix + "*"))
+
+    def cleanup_shm(self) -> List[str]:
+        """Remove what is left of this server's /dev/shm regions (unique prefix: no other server's)."""
+        removed = []
+        for region in self.shm_regions():
+            try:
+                region.unlink()
+                removed.append(region.name)
+            except FileNotFoundError:
+                pass
+        if removed:
+            logger.info("removed %d leftover shared-memory region(s)", len(removed))
+        return removed
+
+    def stop(self, timeout: Optional[float] = None) -> Optional[int]:
+        """SIGTERM to tritonserver (it refuses new requests and drains in-flight ones for up to the grace
+        period), then SIGKILL for whatever of the process group is left; returns the server's exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            wait = self.grace_period + 30.0 if timeout is None else timeout
+            try:
+                self.proc.send_signal(signal.SIGTERM)  # the server only: it stops its own stubs in order
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not stop within %.0f s; killing it", wait)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        # Stubs left in the group (normally none): end them too. Then wait until none is left, so that
+        # the regions they map are not recreated after cleanup.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
-                pass
-        logger.info("tritonserver stopped")
+                break
+            time.sleep(0.05)
+        self.cleanup_shm()
+        logger.info("tritonserver stopped (exit status %s)", self.proc.returncode)
+        return self.proc.returncode
 
     def __enter__(self) -> "TritonServer":
         return self.start()

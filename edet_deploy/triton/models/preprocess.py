@@ -1,13 +1,15 @@
 """Triton model `<name>_preprocess`: encoded image bytes -> letterboxed uint8 tensor, scale, original size.
 With the parameter input_format=decoded (`<name>_preprocess_decoded`) the input is an RGB uint8 [H, W, 3]
-image the client decoded already: only the letterbox runs here."""
+image the client decoded already: only the letterbox runs here. Either way the request's byte and pixel
+budgets are checked before any decoding (headers only for encoded images)."""
 from __future__ import annotations
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from edet_deploy.errors import EdetError
-from edet_deploy.preprocess import MAX_IMAGE_PIXELS, decode_image, letterbox
+from edet_deploy.preprocess import (MAX_ENCODED_BYTES, MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, check_request_pixels,
+                                   decode_image, letterbox, open_image, to_rgb)
 from edet_deploy.triton.models.common import as_bytes, error_response, parameters
 
 
@@ -16,20 +18,38 @@ class TritonPythonModel:
         params = parameters(args)
         self.size = int(params["image_size"])
         self.max_pixels = int(params.get("max_pixels", MAX_IMAGE_PIXELS))
+        self.max_request_pixels = int(params.get("max_request_pixels", MAX_REQUEST_PIXELS))
+        self.max_request_bytes = int(params.get("max_request_bytes", MAX_ENCODED_BYTES))
         self.decoded = params.get("input_format", "encoded") == "decoded"
+
+    def _decoded(self, tensor: np.ndarray) -> list:
+        """A batch of same-sized RGB images [B, H, W, 3], budgets checked on the shape alone."""
+        if tensor.ndim != 4 or tensor.shape[-1] != 3:
+            raise EdetError(f"IMAGE must be uint8 [B, H, W, 3], got {list(tensor.shape)}")
+        b, h, w, _ = tensor.shape
+        if h * w > self.max_pixels:
+            raise EdetError(f"IMAGE: {h}x{w} is too large (limit {self.max_pixels} pixels per image)")
+        if b * h * w > self.max_request_pixels:
+            raise EdetError(f"request too large: {b * h * w} pixels; the limit is {self.max_request_pixels}")
+        return [decode_image(item, self.max_pixels, name=f"IMAGE[{i}]") for i, item in enumerate(tensor)]
+
+    def _encoded(self, tensor: np.ndarray) -> list:
+        blobs = [as_bytes(b) for b in tensor.reshape(-1)]
+        total = sum(len(b) for b in blobs)
+        if total > self.max_request_bytes:
+            raise EdetError(f"request too large: {total} bytes of images; the limit is {self.max_request_bytes}")
+        # Every header first: the request's pixel budget is checked before anything is decoded.
+        opened = [open_image(b, self.max_pixels, name=f"IMAGE[{i}]") for i, b in enumerate(blobs)]
+        check_request_pixels(opened, self.max_request_pixels)
+        return [to_rgb(pil, f"IMAGE[{i}]") for i, pil in enumerate(opened)]
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
                 tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
-                # decoded: a batch of same-sized images [B, H, W, 3]; encoded: B byte strings
-                items = list(tensor) if self.decoded else [as_bytes(b) for b in tensor.reshape(-1)]
                 images, scales, sizes = [], [], []
-                for i, item in enumerate(items):
-                    if self.decoded and item.size > self.max_pixels * 3:
-                        raise EdetError(f"IMAGE[{i}]: {item.shape[0]}x{item.shape[1]} is too large")
-                    img = decode_image(item, self.max_pixels, name=f"IMAGE[{i}]")
+                for img in (self._decoded(tensor) if self.decoded else self._encoded(tensor)):
                     boxed, scale = letterbox(img, self.size)
                     images.append(boxed)
                     scales.append([scale])

@@ -1,0 +1,389 @@
+"""Fault injection against the real `edet-deploy serve` (tritonserver 2.51 from nvidia-pytriton, CPU, Python
+backend): dead stubs, killed or hung-up `serve`, SIGTERM under load, the shared-memory attack, a taken port,
+oversized and decompression-bomb requests. All traffic goes to 127.0.0.1; every request loop is bounded in
+count and time. Bounds are generous: the machine is 2 shared cores."""
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("tritonclient")
+pytest.importorskip("pytriton")
+
+from edet_deploy.export import export_onnx  # noqa: E402
+from edet_deploy.triton.repo import generate_repository  # noqa: E402
+from edet_deploy.triton.server import SHM_PREFIX, free_port  # noqa: E402
+from edet_deploy.triton.supervisor import stub_processes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 400  # seconds for serve to print its "serving" line on a loaded 2-core machine
+RECOVERY_BOUND = 90  # seconds from a stub kill to ready + a correct answer
+STALL_BOUND = 20  # seconds a good request may take while bad ones are refused (idle: well under 1 s)
+
+
+def encode(arr, fmt="JPEG"):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    torch.manual_seed(0)
+    res = export_onnx("d0", d / "export", image_size=256, dynamic_batch=8)
+    return generate_repository(d / "repo", variant="d0", onnx=str(res.onnx_path), max_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def picture():
+    return encode(np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+
+
+class Serve:
+    """`python -m edet_deploy serve` as a child process, as a user would run it."""
+
+    def __init__(self, repo, tmp, grace=30.0):
+        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
+        self.log = Path(tmp) / f"serve-{self.http}.log"
+        self.stderr = open(Path(tmp) / f"serve-{self.http}.err", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edet_deploy", "serve", "--repo", str(repo), "--http-port", str(self.http),
+             "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--log-file", str(self.log),
+             "--grace-period", str(grace)], cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        line = ""
+        while time.monotonic() < deadline and "serving" not in line:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                break
+        if "serving" not in line:
+            self.kill()
+            self.stderr.seek(0)
+            raise AssertionError(f"serve did not start: {self.stderr.read()[-2000:]}")
+        self.server_pid = self.triton_pid()
+
+    def triton_pid(self):
+        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        pids = [int(ln.split()[0]) for ln in out.stdout.splitlines() if "tritonserver" in ln]
+        assert len(pids) == 1, out.stdout
+        return pids[0]
+
+    @property
+    def url(self):
+        return f"127.0.0.1:{self.http}"
+
+    def stubs(self):
+        return stub_processes(self.server_pid)
+
+    def family(self):
+        return [self.proc.pid, self.server_pid, *[s.pid for s in self.stubs()]]
+
+    def shm(self):
+        return sorted(p.name for p in Path("/dev/shm").glob(f"{SHM_PREFIX}{self.proc.pid}_*"))
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def http(url, path, data=None, headers=None, timeout=60.0):
+    req = urllib.request.Request(f"http://{url}{path}", data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (OSError, TimeoutError) as e:  # refused, reset, timed out: not an answer
+        return None, repr(e).encode()
+
+
+def infer(url, payloads, timeout=120.0):
+    """One request (batch = len(payloads)) through the binary tensor extension; returns (status, body)."""
+    blob = b"".join(len(p).to_bytes(4, "little") + p for p in payloads)
+    header = json.dumps({"inputs": [{"name": "IMAGE", "shape": [len(payloads), 1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(blob)}}],
+                         "outputs": [{"name": "num_detections", "parameters": {"binary_data": False}},
+                                     {"name": "detection_scores", "parameters": {"binary_data": False}}]}).encode()
+    return http(url, "/v2/models/efficientdet_d0/infer", header + blob,
+                {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+                timeout)
+
+
+def scores(body):
+    out = {o["name"]: o["data"] for o in json.loads(body)["outputs"]}
+    return out["detection_scores"][:5]
+
+
+def ready(url):
+    return http(url, "/v2/health/ready", timeout=2.0)[0]
+
+
+def gone(pids, timeout):
+    """Wait until none of `pids` is alive (zombies count as dead); returns those still alive."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                        alive.append(pid)
+            except OSError:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def served(repo, tmp_path_factory):
+    s = Serve(repo, tmp_path_factory.mktemp("served"))
+    yield s
+    s.proc.send_signal(signal.SIGTERM)
+    s.proc.wait(120)
+
+
+def test_stub_kill_each_kind_and_server_crash_recover_then_sighup_stops_cleanly(repo, tmp_path, picture):
+    s = Serve(repo, tmp_path)
+    try:
+        status, body = infer(s.url, [picture])
+        assert status == 200
+        reference = scores(body)
+        kinds = {}
+        for stub in s.stubs():
+            kinds.setdefault(stub.model.rsplit("_", 1)[1], stub)
+        assert set(kinds) == {"preprocess", "engine", "postprocess"}
+        for kind, stub in kinds.items():
+            os.kill(stub.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            seen_not_ready, recovered = False, None
+            while time.monotonic() - t0 < RECOVERY_BOUND:
+                code = ready(s.url)
+                seen_not_ready |= code != 200
+                if code == 200 and seen_not_ready:
+                    status, body = infer(s.url, [picture])
+                    if status == 200:
+                        recovered = time.monotonic() - t0
+                        break
+                time.sleep(0.1)
+            print(f"\n{kind}: recovered (ready + correct answer) {recovered and round(recovered, 2)} s after SIGKILL")
+            assert seen_not_ready, f"readiness stayed 200 while the {kind} stub was dead"
+            assert recovered is not None, f"no recovery within {RECOVERY_BOUND} s after killing the {kind} stub"
+            assert np.allclose(scores(body), reference, atol=1e-5)
+            assert any(st.model == stub.model and st.pid != stub.pid for st in s.stubs())
+        assert s.proc.poll() is None
+        # tritonserver itself crashes: serve starts it again on the same ports.
+        os.kill(s.server_pid, signal.SIGSEGV)
+        t0, recovered, seen_not_ready = time.monotonic(), None, False
+        while time.monotonic() - t0 < 2 * RECOVERY_BOUND and recovered is None:
+            time.sleep(0.2)
+            code = ready(s.url)
+            seen_not_ready |= code != 200
+            if code == 200 and seen_not_ready:
+                status, body = infer(s.url, [picture])
+                if status == 200:
+                    recovered = time.monotonic() - t0
+        print(f"tritonserver: restarted (ready + correct answer) {recovered and round(recovered, 2)} s after SIGSEGV")
+        assert recovered is not None and np.allclose(scores(body), reference, atol=1e-5)
+        assert s.proc.poll() is None
+        s.server_pid = s.triton_pid()
+        family, regions = s.family(), s.shm()
+        assert regions  # the Python backend's regions carry our prefix
+        s.proc.send_signal(signal.SIGHUP)  # what a closed terminal sends: a graceful stop
+        assert s.proc.wait(120) == 0
+        assert gone(family, 30) == []
+        assert s.shm() == []
+    finally:
+        s.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL])
+def test_killed_serve_leaves_no_orphans(repo, tmp_path, sig):
+    s = Serve(repo, tmp_path)
+    try:
+        family = s.family()
+        assert len(family) == 2 + 4
+        s.proc.send_signal(sig)
+        s.proc.wait(30)
+        alive = gone(family, 30)
+        assert alive == [], f"orphans after {sig.name} of serve: {alive}"
+        deadline = time.monotonic() + 10
+        while s.shm() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        print(f"\n/dev/shm regions left after {sig.name} of serve: {s.shm()}")
+    finally:
+        s.kill()
+        for region in s.shm():  # whatever a killed serve could not clean up: not left to other tests
+            (Path("/dev/shm") / region).unlink(missing_ok=True)
+
+
+def test_sigterm_under_load_drains_in_flight_requests(repo, tmp_path, picture):
+    s = Serve(repo, tmp_path, grace=60)
+    batch = [picture] * 4
+    records, lock = [], threading.Lock()
+    sigterm_at = []
+    stop_at = time.monotonic() + 240
+
+    def client():
+        for _ in range(200):  # bounded in count and time
+            if time.monotonic() > stop_at or (sigterm_at and time.monotonic() > sigterm_at[0] + 5):
+                return
+            t0 = time.monotonic()
+            status, _ = infer(s.url, batch, timeout=120)
+            with lock:
+                records.append((t0, time.monotonic(), status))
+            if status is None and sigterm_at:  # the server has stopped listening: done
+                return
+
+    try:
+        family, regions = s.family(), s.shm()
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and sum(r[2] == 200 for r in records) < 6:
+            time.sleep(0.1)
+        sigterm_at.append(time.monotonic())
+        s.proc.send_signal(signal.SIGTERM)
+        code = s.proc.wait(180)
+        shutdown = time.monotonic() - sigterm_at[0]
+        for t in threads:
+            t.join(180)
+        t_sig = sigterm_at[0]
+        in_flight = [r for r in records if r[0] < t_sig - 0.05 < r[1]]
+        before = [r for r in records if r[1] <= t_sig]
+        after = [r for r in records if r[0] > t_sig]
+        print(f"\nSIGTERM under load: {len(in_flight)} in flight, answered "
+              f"{sum(r[2] == 200 for r in in_flight)}; serve exited {code} after {shutdown:.1f} s; "
+              f"{len(after)} requests sent after SIGTERM answered {sorted({str(r[2]) for r in after})}")
+        assert all(r[2] == 200 for r in before)
+        assert in_flight and all(r[2] == 200 for r in in_flight), in_flight
+        assert code == 0
+        assert shutdown < 60 + 30
+        assert gone(family, 30) == []
+        assert regions and s.shm() == []
+    finally:
+        s.kill()
+
+
+def test_shared_memory_and_admin_apis_refused(served):
+    region = sorted(p.name for p in Path("/dev/shm").glob(f"{SHM_PREFIX}{served.proc.pid}_*"))[0]
+    # The attack: register the Python backend's own IPC region as client shared memory.
+    status, body = http(served.url, f"/v2/systemsharedmemory/region/x/register",
+                        json.dumps({"key": "/" + region, "offset": 0, "byte_size": 1024}).encode())
+    assert status == 403 and b"restricted" in body
+    for path, data in [("/v2/systemsharedmemory/status", None), ("/v2/logging", b'{"log_verbose_level": 1}'),
+                       ("/v2/trace/setting", None), ("/v2/repository/index", b"{}"),
+                       ("/v2/repository/models/efficientdet_d0/unload", b"{}"),
+                       ("/v2/models/efficientdet_d0/config", None)]:
+        assert http(served.url, path, data)[0] == 403, path
+    import tritonclient.grpc as grpcclient
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc}")
+    try:
+        with pytest.raises(grpcclient.InferenceServerException, match="restricted"):
+            client.register_system_shared_memory("x", "/" + region, 1024)
+        with pytest.raises(grpcclient.InferenceServerException, match="restricted"):
+            client.unload_model("efficientdet_d0_engine")
+        assert client.is_server_ready() and client.get_model_metadata("efficientdet_d0").name == "efficientdet_d0"
+    finally:
+        client.close()
+    assert ready(served.url) == 200 and served.proc.poll() is None
+
+
+def test_port_taken_is_a_clear_error(repo):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "edet_deploy", "serve", "--repo", str(repo), "--http-port",
+                              str(port), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    err = [ln for ln in out.stderr.splitlines() if not ln.startswith(("INFO", "WARNING"))]
+    assert out.returncode == 2 and len(err) == 1, out.stderr
+    assert f"http port {port} on 127.0.0.1 is already in use" in err[0]
+    assert "serving" not in out.stdout
+
+
+def _rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(ln for ln in f if ln.startswith("VmRSS")).split()[1]) / 1024
+
+
+def _shm_mib(s):
+    return sum((Path("/dev/shm") / r).stat().st_blocks * 512 for r in s.shm()) / 2**20
+
+
+def test_oversized_and_bomb_refused_without_stalling_good_requests(served, picture):
+    bomb = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(bomb, format="PNG")  # 400 MP declared in a ~400 KB file
+    heavy = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(heavy, format="PNG")  # 36 MP: over the 24 MP per-image budget
+    under = encode(np.zeros((3500, 4000, 3), np.uint8), "PNG")  # 14 MP: passes alone, 8 of them exceed 100 MP
+    oversized = b"\x89PNG\r\n\x1a\n" + b"\0" * (200 << 20)  # 200 MiB body: over the 64 MiB request limit
+    assert infer(served.url, [picture])[0] == 200
+    rss0, shm0 = _rss_mib(served.server_pid), _shm_mib(served)
+
+    latencies, stop = [], threading.Event()
+
+    def good():
+        for _ in range(400):
+            if stop.is_set():
+                return
+            t0 = time.monotonic()
+            status, _ = infer(served.url, [picture])
+            latencies.append((time.monotonic() - t0, status))
+
+    idle = []
+    for _ in range(10):
+        t0 = time.monotonic()
+        assert infer(served.url, [picture])[0] == 200
+        idle.append(time.monotonic() - t0)
+    worker = threading.Thread(target=good)
+    worker.start()
+    try:
+        refused = []
+        for payloads, match in [([bomb.getvalue()], b"too large"), ([heavy.getvalue()], b"too large"),
+                                ([under] * 8, b"request too large"), ([oversized], b"request too large"),
+                                ([bomb.getvalue()] * 4, b"too large")]:
+            t0 = time.monotonic()
+            status, body = infer(served.url, payloads)
+            refused.append(time.monotonic() - t0)
+            assert status == 400 and match in body, (status, body[:200])
+    finally:
+        stop.set()
+        worker.join(300)
+    time.sleep(1)
+    rss1, shm1 = _rss_mib(served.server_pid), _shm_mib(served)
+    # The supervisor replaces the instances whose shared memory swelled: memory back to its baseline.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rss2, shm2 = _rss_mib(served.server_pid), _shm_mib(served)
+        if shm2 <= shm0 + 16 and rss2 <= rss0 + 64:
+            break
+        time.sleep(1)
+    lat = np.array([t for t, st in latencies])
+    assert len(lat) and all(st == 200 for _, st in latencies)
+    print(f"\ngood requests: idle p50 {np.median(idle) * 1e3:.0f} ms p99 {np.percentile(idle, 99) * 1e3:.0f} ms; "
+          f"during refused bombs/oversized p50 {np.median(lat) * 1e3:.0f} ms p99 "
+          f"{np.percentile(lat, 99) * 1e3:.0f} ms (n={len(lat)}); refusals took {[round(x, 2) for x in refused]} s; "
+          f"tritonserver RSS {rss0:.0f} -> {rss1:.0f} -> {rss2:.0f} MiB, our /dev/shm {shm0:.0f} -> {shm1:.0f} -> "
+          f"{shm2:.0f} MiB (baseline, after the refusals, after the supervisor's recycle)")
+    assert shm2 <= shm0 + 16 and rss2 <= rss0 + 64
+    assert lat.max() < STALL_BOUND
+    assert max(refused[:3]) < STALL_BOUND
+    assert ready(served.url) == 200
