@@ -166,7 +166,8 @@ def test_check_reports_what_tensorrt_rejects(tmp_path):
     assert any("Pad" in f and "pads must be a constant" in f for f in findings)
     assert any("exceeds TensorRT's TopK limit" in f for f in findings)
     assert any("Unique" in f and "not supported" in f for f in findings)
-    assert any("invalid plugin attributes" in f for f in findings)
+    # the parser would create the plugin without sigma, ... (the node has only `method`): the build would fail
+    assert any("soft_nms" in f and "missing" in f and "sigma" in f for f in findings)
 
 
 def test_matches_effdet_detbench_with_hard_nms(tmp_path):

@@ -71,16 +71,15 @@ def test_parity_with_onnxruntime_real_images(graph, scenes, tmp_path):
 
 
 def _with_nms(graph: Path, out: Path, **attrs) -> Path:
-    """The same graph with other soft-NMS attributes on its node (the metadata JSON left as it was: the node
-    is what both runtimes must read)."""
+    """The same graph with other soft-NMS attributes on its node (the metadata's NMS settings left as they
+    were: the node is what both runtimes must read), saved with a matching checksum."""
     proto = onnx.load(str(graph))
     node = next(n for n in proto.graph.node if n.domain == nms_op.DOMAIN)
     settings = NmsSettings(**{**nms_op.settings_from_node(node).to_dict(), **attrs})
     del node.attribute[:]
     node.attribute.extend(nms_op.make_node(settings).attribute)
-    onnx.save(proto, str(out))
-    write_metadata(out, read_metadata(graph))
-    return out
+    from edet_deploy.export.onnx_export import save_graph
+    return save_graph(proto, out, read_metadata(graph)).onnx_path
 
 
 @pytest.mark.parametrize("attrs", [dict(method="hard", iou_threshold=0.5, max_detections=7),
@@ -147,7 +146,7 @@ def test_user_errors(graph, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all")
     write_metadata(bad, read_metadata(graph))
-    with pytest.raises(EdetError, match="cannot read"):
+    with pytest.raises(EdetError, match="cannot read|does not match its metadata"):
         OpenVinoRunner(bad)
     ov = OpenVinoRunner(graph, cache_dir=False)
     with pytest.raises(EdetError, match="expected uint8"):
