@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .cli import command
+from .contract import artifact_name
 from .errors import EdetError
 
 
@@ -323,7 +324,7 @@ def _client(p: argparse.ArgumentParser):
     p.add_argument("images", nargs="+")
     p.add_argument("--url", default="127.0.0.1:8000", help="host:port (8000 http, 8001 grpc by default)")
     p.add_argument("--protocol", default="http", choices=["http", "grpc"])
-    p.add_argument("--model", default="efficientdet_d0", help="ensemble name")
+    p.add_argument("--model", default=artifact_name("d0"), help="ensemble name")
     p.add_argument("--input-format", default="encoded", choices=["encoded", "decoded"],
                    help="decoded: decode here and send uint8 RGB (to the <name>_decoded ensemble)")
     p.add_argument("--min-score", type=float, default=0.3)
