@@ -5,40 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
 from .errors import EdetError
 from .log import logger
 
-COMMANDS: Dict[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
-
-
-def command(name: str, help: str):
-    """Register `fn(parser) -> handler` as subcommand `name`."""
-    def deco(fn):
-        COMMANDS[name] = (help, fn)
-        return fn
-    return deco
-
-
-@command("models", "list the supported EfficientDet variants")
-def _models(p: argparse.ArgumentParser):
-    def run(args) -> int:
-        from .configs import VARIANTS
-        print(f"{'model':5s} {'input':>6s} {'backbone':20s} {'W_bifpn':>7s} {'D_bifpn':>7s} {'D_head':>6s} "
-              f"{'fusion':8s} {'params':>8s} {'FLOPs':>8s} {'COCO AP':>7s}")
-        for cfg in VARIANTS.values():
-            pub = cfg.published
-            print(f"{cfg.name:5s} {cfg.image_size:6d} {cfg.backbone:20s} {cfg.fpn_channels:7d} {cfg.fpn_repeats:7d} "
-                  f"{cfg.head_repeats:6d} {cfg.fusion:8s} {pub['params_m']:7.1f}M {pub['flops_b']:7.1f}B "
-                  f"{pub['coco_ap']:7.1f}")
-        return 0
-    return run
-
 
 def build_parser() -> argparse.ArgumentParser:
-    # Import the modules that register the remaining subcommands.
-    from . import commands  # noqa: F401
+    # The registry lives in commands.py (cli -> commands, never back), so there is no import cycle.
+    from .commands import COMMANDS
 
     parser = argparse.ArgumentParser(
         prog="edet-deploy",

@@ -1,14 +1,41 @@
-"""Subcommands beyond `models`. Each imports its heavy dependencies inside the handler."""
+"""The subcommands and their registry. Each imports its heavy dependencies inside the handler."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable, Dict, Tuple
 
-from .cli import command
 from .contract import artifact_name
 from .errors import EdetError
+
+Handler = Callable[[argparse.Namespace], int]
+# name -> (help, fn): `fn(parser)` declares the subcommand's options and returns its handler.
+COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {}
+
+
+def command(name: str, help: str) -> Callable:
+    """Register `fn(parser) -> handler` as subcommand `name`."""
+    def deco(fn):
+        COMMANDS[name] = (help, fn)
+        return fn
+    return deco
+
+
+@command("models", "list the supported EfficientDet variants")
+def _models(p: argparse.ArgumentParser):
+    def run(args) -> int:
+        from .configs import VARIANTS
+        print(f"{'model':5s} {'input':>6s} {'backbone':20s} {'W_bifpn':>7s} {'D_bifpn':>7s} {'D_head':>6s} "
+              f"{'fusion':8s} {'params':>8s} {'FLOPs':>8s} {'COCO AP':>7s}")
+        for cfg in VARIANTS.values():
+            pub = cfg.published
+            print(f"{cfg.name:5s} {cfg.image_size:6d} {cfg.backbone:20s} {cfg.fpn_channels:7d} {cfg.fpn_repeats:7d} "
+                  f"{cfg.head_repeats:6d} {cfg.fusion:8s} {pub['params_m']:7.1f}M {pub['flops_b']:7.1f}B "
+                  f"{pub['coco_ap']:7.1f}")
+        return 0
+    return run
 
 
 def add_nms_args(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
-"""The graph contract has one home (edet_deploy/contract.py)."""
+"""The graph contract has one home (edet_deploy/contract.py) and the package's imports form no cycle."""
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -59,3 +60,71 @@ def test_cache_dir(monkeypatch, tmp_path):
     assert contract.cache_dir() == tmp_path
     monkeypatch.delenv("EDET_DEPLOY_CACHE")
     assert contract.cache_dir() == Path.home() / ".cache" / "edet_deploy"
+
+
+def _module_name(path: Path) -> str:
+    parts = ["edet_deploy", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict:
+    """module -> the package modules it imports (module level and inside functions)."""
+    modules = {_module_name(p): p for p in _sources()}
+    graph = {}
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[:len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                # `from pkg import mod` imports the submodule when there is one
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            for name in names:
+                while name and name not in modules:  # a name inside a module -> that module
+                    name = name.rpartition(".")[0]
+                if name and name != mod:
+                    deps.add(name)
+        graph[mod] = deps
+    return graph
+
+
+def _cycle(graph: dict):
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state and (found := visit(d)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_import_graph_has_no_cycle():
+    graph = _import_graph()
+    assert "edet_deploy.contract" in graph["edet_deploy.nms.op"]
+    # Importing a package runs its __init__: a parent package's edges count for its children's importers,
+    # which the walk covers because `from .nms import x` resolves to edet_deploy.nms (its __init__).
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
