@@ -3,12 +3,39 @@ stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 from typing import List, Optional
 
 from .errors import EdetError
 from .log import logger
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default once. Unlike argparse.ArgumentDefaultsHelpFormatter it skips defaults that say
+    nothing (None, False, empty), defers to a help text that already states its default, and also shows the
+    default of an option declared without help."""
+
+    @staticmethod
+    def shows_default(action: argparse.Action) -> bool:
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, (str, list, tuple)) and not d):
+            return False
+        return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if "%(default)" in help or "default" in help.lower() or not self.shows_default(action):
+            return help
+        return f"{help} (default: %(default)s)".strip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not (action.help and action.help.strip()) and action.help is not argparse.SUPPRESS \
+                and self.shows_default(action):
+            action = copy.copy(action)  # argparse prints no help line for an option without help
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, fn) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=DefaultsHelpFormatter)
         sp.set_defaults(handler=fn(sp))
     return parser
 

@@ -279,7 +279,7 @@ def _triton_repo(p: argparse.ArgumentParser):
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--engine-backend", choices=["openvino", "onnxruntime"],
-                   help="--target cpu: the runner of the engine model (default: the CPU default backend)")
+                   help="--target cpu: the runner of the engine model (default: the CPU backend `detect` uses)")
     p.add_argument("--max-batch", type=int, default=8, help="max_batch_size of every model in the ensemble")
     p.add_argument("--preprocess-instances", type=int, default=2)
     p.add_argument("--engine-instances", type=int, default=1)
@@ -349,7 +349,7 @@ def _serve(p: argparse.ArgumentParser):
 @command("client", "send images to a running Triton ensemble and print the detections")
 def _client(p: argparse.ArgumentParser):
     p.add_argument("images", nargs="+")
-    p.add_argument("--url", default="127.0.0.1:8000", help="host:port (8000 http, 8001 grpc by default)")
+    p.add_argument("--url", default="127.0.0.1:8000", help="host:port (Triton listens on 8000 for http, 8001 for grpc)")
     p.add_argument("--protocol", default="http", choices=["http", "grpc"])
     p.add_argument("--model", default=artifact_name("d0"), help="ensemble name")
     p.add_argument("--input-format", default="encoded", choices=["encoded", "decoded"],
