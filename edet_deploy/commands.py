@@ -25,8 +25,16 @@ def command(name: str, help: str) -> Callable:
 
 @command("models", "list the supported EfficientDet variants")
 def _models(p: argparse.ArgumentParser):
+    p.add_argument("--json", action="store_true", help="print the table as a JSON list on stdout")
+
     def run(args) -> int:
         from .configs import VARIANTS
+        if args.json:
+            print(json.dumps([{"model": c.name, "image_size": c.image_size, "backbone": c.backbone,
+                               "fpn_channels": c.fpn_channels, "fpn_repeats": c.fpn_repeats,
+                               "head_repeats": c.head_repeats, "fusion": c.fusion, **c.published}
+                              for c in VARIANTS.values()], indent=2))
+            return 0
         print(f"{'model':5s} {'input':>6s} {'backbone':20s} {'W_bifpn':>7s} {'D_bifpn':>7s} {'D_head':>6s} "
               f"{'fusion':8s} {'params':>8s} {'FLOPs':>8s} {'COCO AP':>7s}")
         for cfg in VARIANTS.values():
@@ -92,6 +100,7 @@ def _export(p: argparse.ArgumentParser):
 @command("check", "check an ONNX graph for what TensorRT's parser would reject (no TensorRT needed)")
 def _check(p: argparse.ArgumentParser):
     p.add_argument("onnx", help="ONNX graph")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the report")
 
     def run(args) -> int:
         from .trt.check import check_trt_compat
@@ -102,14 +111,22 @@ def _check(p: argparse.ArgumentParser):
             findings = check_trt_compat(path)
         except Exception as e:  # noqa: BLE001 - a malformed file is the user's problem
             raise EdetError(f"cannot read {path} as ONNX: {e}") from None
+        from .precision.census import census, format_census
         from .trt.check import plugin_report
-        for line in plugin_report(path):
+        plugins, precision = plugin_report(path), census(path)
+        # The last line (and exit status 0 = clean, 1 = problems, 2 = unusable input) is what scripts read.
+        summary = f"{path}: {'OK, nothing TensorRT would reject' if not findings else f'{len(findings)} problem(s)'}"
+        if args.json:
+            print(json.dumps({"path": str(path), "ok": not findings,
+                              "problems": [dict(vars(f), text=str(f)) for f in findings], "plugins": plugins,
+                              "precision": precision, "summary": summary}, indent=2))
+            return 0 if not findings else 1
+        for line in plugins:
             print(line)
         for f in findings:
             print(f)
-        from .precision.census import census_line
-        print(census_line(path))
-        print(f"{path}: {'OK, nothing TensorRT would reject' if not findings else f'{len(findings)} problem(s)'}")
+        print(format_census(precision))
+        print(summary)
         return 0 if not findings else 1
     return run
 
