@@ -155,11 +155,12 @@ class Bench:
 
     # -- artifacts ------------------------------------------------------------------------------------------
     def graph(self, model: str, precision: str, max_batch: int) -> Path:
+        from .contract import artifact_name
         from .export import export_onnx
         from .precision.convert import to_fp16, to_int8
 
         d = self.out / "graphs" / model
-        fp32 = d / f"efficientdet_{model}.onnx"
+        fp32 = d / f"{artifact_name(model)}.onnx"
         if not fp32.is_file():
             import torch
             torch.manual_seed(0)
@@ -167,11 +168,11 @@ class Bench:
         if precision == "fp32":
             return fp32
         if precision == "fp16":
-            p = d / f"efficientdet_{model}.fp16.onnx"
+            p = d / f"{artifact_name(model, 'fp16')}.onnx"
             return p if p.is_file() else to_fp16(fp32, p).onnx_path
         # Latency does not depend on the calibration's quality: a quick min-max calibration on a few images
         # (accuracy per calibration method is benchmarks/precision_accuracy.py's job).
-        p = d / f"efficientdet_{model}.int8-minmax.onnx"
+        p = d / f"{artifact_name(model, 'int8-minmax')}.onnx"
         return p if p.is_file() else to_int8(fp32, self.calibration_data(), p, self.calib_images,
                                              method="minmax").onnx_path
 

@@ -3,42 +3,44 @@ stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
 from .errors import EdetError
 from .log import logger
 
-COMMANDS: Dict[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default once. Unlike argparse.ArgumentDefaultsHelpFormatter it skips defaults that say
+    nothing (None, False, empty), defers to a help text that already states its default, and also shows the
+    default of an option declared without help."""
 
-def command(name: str, help: str):
-    """Register `fn(parser) -> handler` as subcommand `name`."""
-    def deco(fn):
-        COMMANDS[name] = (help, fn)
-        return fn
-    return deco
+    @staticmethod
+    def shows_default(action: argparse.Action) -> bool:
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, (str, list, tuple)) and not d):
+            return False
+        return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
 
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if "%(default)" in help or "default" in help.lower() or not self.shows_default(action):
+            return help
+        return f"{help} (default: %(default)s)".strip()
 
-@command("models", "list the supported EfficientDet variants")
-def _models(p: argparse.ArgumentParser):
-    def run(args) -> int:
-        from .configs import VARIANTS
-        print(f"{'model':5s} {'input':>6s} {'backbone':20s} {'W_bifpn':>7s} {'D_bifpn':>7s} {'D_head':>6s} "
-              f"{'fusion':8s} {'params':>8s} {'FLOPs':>8s} {'COCO AP':>7s}")
-        for cfg in VARIANTS.values():
-            pub = cfg.published
-            print(f"{cfg.name:5s} {cfg.image_size:6d} {cfg.backbone:20s} {cfg.fpn_channels:7d} {cfg.fpn_repeats:7d} "
-                  f"{cfg.head_repeats:6d} {cfg.fusion:8s} {pub['params_m']:7.1f}M {pub['flops_b']:7.1f}B "
-                  f"{pub['coco_ap']:7.1f}")
-        return 0
-    return run
+    def _format_action(self, action: argparse.Action) -> str:
+        if not (action.help and action.help.strip()) and action.help is not argparse.SUPPRESS \
+                and self.shows_default(action):
+            action = copy.copy(action)  # argparse prints no help line for an option without help
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Import the modules that register the remaining subcommands.
-    from . import commands  # noqa: F401
+    # The registry lives in commands.py (cli -> commands, never back), so there is no import cycle.
+    from .commands import COMMANDS
 
     parser = argparse.ArgumentParser(
         prog="edet-deploy",
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, fn) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=DefaultsHelpFormatter)
         sp.set_defaults(handler=fn(sp))
     return parser
 

@@ -1,13 +1,49 @@
-"""Subcommands beyond `models`. Each imports its heavy dependencies inside the handler."""
+"""The subcommands and their registry. Each imports its heavy dependencies inside the handler."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable, Dict, Tuple
 
-from .cli import command
+from .contract import artifact_name
 from .errors import EdetError
+
+Handler = Callable[[argparse.Namespace], int]
+# name -> (help, fn): `fn(parser)` declares the subcommand's options and returns its handler.
+COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], Handler]]] = {}
+
+
+def command(name: str, help: str) -> Callable:
+    """Register `fn(parser) -> handler` as subcommand `name`."""
+    def deco(fn):
+        COMMANDS[name] = (help, fn)
+        return fn
+    return deco
+
+
+@command("models", "list the supported EfficientDet variants")
+def _models(p: argparse.ArgumentParser):
+    p.add_argument("--json", action="store_true", help="print the table as a JSON list on stdout")
+
+    def run(args) -> int:
+        from .configs import VARIANTS
+        if args.json:
+            print(json.dumps([{"model": c.name, "image_size": c.image_size, "backbone": c.backbone,
+                               "fpn_channels": c.fpn_channels, "fpn_repeats": c.fpn_repeats,
+                               "head_repeats": c.head_repeats, "fusion": c.fusion, **c.published}
+                              for c in VARIANTS.values()], indent=2))
+            return 0
+        print(f"{'model':5s} {'input':>6s} {'backbone':20s} {'W_bifpn':>7s} {'D_bifpn':>7s} {'D_head':>6s} "
+              f"{'fusion':8s} {'params':>8s} {'FLOPs':>8s} {'COCO AP':>7s}")
+        for cfg in VARIANTS.values():
+            pub = cfg.published
+            print(f"{cfg.name:5s} {cfg.image_size:6d} {cfg.backbone:20s} {cfg.fpn_channels:7d} {cfg.fpn_repeats:7d} "
+                  f"{cfg.head_repeats:6d} {cfg.fusion:8s} {pub['params_m']:7.1f}M {pub['flops_b']:7.1f}B "
+                  f"{pub['coco_ap']:7.1f}")
+        return 0
+    return run
 
 
 def add_nms_args(p: argparse.ArgumentParser) -> None:
@@ -64,6 +100,7 @@ def _export(p: argparse.ArgumentParser):
 @command("check", "check an ONNX graph for what TensorRT's parser would reject (no TensorRT needed)")
 def _check(p: argparse.ArgumentParser):
     p.add_argument("onnx", help="ONNX graph")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the report")
 
     def run(args) -> int:
         from .trt.check import check_trt_compat
@@ -74,14 +111,22 @@ def _check(p: argparse.ArgumentParser):
             findings = check_trt_compat(path)
         except Exception as e:  # noqa: BLE001 - a malformed file is the user's problem
             raise EdetError(f"cannot read {path} as ONNX: {e}") from None
+        from .precision.census import census, format_census
         from .trt.check import plugin_report
-        for line in plugin_report(path):
+        plugins, precision = plugin_report(path), census(path)
+        # The last line (and exit status 0 = clean, 1 = problems, 2 = unusable input) is what scripts read.
+        summary = f"{path}: {'OK, nothing TensorRT would reject' if not findings else f'{len(findings)} problem(s)'}"
+        if args.json:
+            print(json.dumps({"path": str(path), "ok": not findings,
+                              "problems": [dict(vars(f), text=str(f)) for f in findings], "plugins": plugins,
+                              "precision": precision, "summary": summary}, indent=2))
+            return 0 if not findings else 1
+        for line in plugins:
             print(line)
         for f in findings:
             print(f)
-        from .precision.census import census_line
-        print(census_line(path))
-        print(f"{path}: {'OK, nothing TensorRT would reject' if not findings else f'{len(findings)} problem(s)'}")
+        print(format_census(precision))
+        print(summary)
         return 0 if not findings else 1
     return run
 
@@ -251,7 +296,7 @@ def _triton_repo(p: argparse.ArgumentParser):
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--engine-backend", choices=["openvino", "onnxruntime"],
-                   help="--target cpu: the runner of the engine model (default: the CPU default backend)")
+                   help="--target cpu: the runner of the engine model (default: the CPU backend `detect` uses)")
     p.add_argument("--max-batch", type=int, default=8, help="max_batch_size of every model in the ensemble")
     p.add_argument("--preprocess-instances", type=int, default=2)
     p.add_argument("--engine-instances", type=int, default=1)
@@ -321,9 +366,9 @@ def _serve(p: argparse.ArgumentParser):
 @command("client", "send images to a running Triton ensemble and print the detections")
 def _client(p: argparse.ArgumentParser):
     p.add_argument("images", nargs="+")
-    p.add_argument("--url", default="127.0.0.1:8000", help="host:port (8000 http, 8001 grpc by default)")
+    p.add_argument("--url", default="127.0.0.1:8000", help="host:port (Triton listens on 8000 for http, 8001 for grpc)")
     p.add_argument("--protocol", default="http", choices=["http", "grpc"])
-    p.add_argument("--model", default="efficientdet_d0", help="ensemble name")
+    p.add_argument("--model", default=artifact_name("d0"), help="ensemble name")
     p.add_argument("--input-format", default="encoded", choices=["encoded", "decoded"],
                    help="decoded: decode here and send uint8 RGB (to the <name>_decoded ensemble)")
     p.add_argument("--min-score", type=float, default=0.3)

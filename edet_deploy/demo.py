@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .contract import artifact_name
+
 ASSET = Path(__file__).parent / "assets" / "shapes_d0.safetensors"
 
 
@@ -87,7 +89,7 @@ def _serve_and_query(model, onnx_path, images, local, out: Path) -> int:
     try:
         print(f"   ready in {time.perf_counter() - t:.1f} s: http {server.http_url}, grpc {server.grpc_url}")
         for url, proto in ((server.http_url, "http"), (server.grpc_url, "grpc")):
-            client = TritonDetectorClient(url, f"efficientdet_{model}", proto)
+            client = TritonDetectorClient(url, artifact_name(model), proto)
             remote = client.detect([p.read_bytes() for p in images], min_score=0.4)
             client.close()
             same = all(len(a) == len(b) and np.allclose(a.scores, b.scores, atol=1e-4) for a, b in zip(remote, local))

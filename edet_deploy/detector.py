@@ -10,14 +10,13 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 
 from .backends import CPU_GRAPH_BACKENDS, DEFAULT_CPU_BACKEND, Runner, create_runner
+from .contract import artifact_name, cache_dir
 from .errors import EdetError
 from .log import logger
 from .postprocess import Detections, split_detections
 from .preprocess import ImageSource, preprocess
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("EDET_DEPLOY_CACHE", Path.home() / ".cache" / "edet_deploy"))
 
 
 class Detector:
@@ -83,7 +82,7 @@ def cached_export(name: str, weights: Optional[str] = None, **export_kwargs) -> 
                "version": __version__, **{k: repr(v) for k, v in sorted(export_kwargs.items())}}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     out_dir = cache_dir() / f"{variant}-{key}"
-    path = out_dir / f"efficientdet_{variant}.onnx"
+    path = out_dir / f"{artifact_name(variant)}.onnx"
     if path.is_file() and path.with_suffix(".json").is_file():
         return path
     if not weights:

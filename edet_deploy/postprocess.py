@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-OUTPUT_NAMES = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
+from .contract import DETECTION_BOXES, DETECTION_CLASSES, DETECTION_SCORES, NUM_DETECTIONS
 
 
 def to_original_pixels(boxes: np.ndarray, scales: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -44,13 +44,13 @@ class Detections:
 def split_detections(outputs: Dict[str, np.ndarray], scales: np.ndarray, sizes: np.ndarray,
                      class_names: Optional[Sequence[str]] = None, min_score: float = 0.0) -> List[Detections]:
     """Turn the four batched graph outputs into per-image Detections in original pixels."""
-    num = np.asarray(outputs["num_detections"]).reshape(-1)
-    boxes = to_original_pixels(outputs["detection_boxes"], scales, sizes)
+    num = np.asarray(outputs[NUM_DETECTIONS]).reshape(-1)
+    boxes = to_original_pixels(outputs[DETECTION_BOXES], scales, sizes)
     result = []
     for i, n in enumerate(num):
         n = int(n)
-        scores = np.asarray(outputs["detection_scores"][i, :n], np.float32)
+        scores = np.asarray(outputs[DETECTION_SCORES][i, :n], np.float32)
         keep = scores >= min_score
         result.append(Detections(boxes[i, :n][keep], scores[keep],
-                                 np.asarray(outputs["detection_classes"][i, :n], np.int64)[keep], class_names))
+                                 np.asarray(outputs[DETECTION_CLASSES][i, :n], np.int64)[keep], class_names))
     return result

@@ -29,6 +29,10 @@ def pictures(tmp_path_factory):
 def test_models_and_help(capsys):
     assert main(["models"]) == 0
     assert "d7x" in capsys.readouterr().out
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows][-2:] == ["d7", "d7x"] and rows[0]["image_size"] == 512
+    assert rows[0]["coco_ap"] == 34.6
     with pytest.raises(SystemExit) as e:
         main(["detect", "--help"])
     assert e.value.code == 0
@@ -61,5 +65,27 @@ def test_detect_bad_inputs_one_line_exit_2(onnx_graph, pictures, capsys, name, m
 
 def test_check_command(onnx_graph, tmp_path, capsys):
     assert main(["check", str(onnx_graph)]) == 0
-    assert "OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK" in out and out.splitlines()[-1] == f"{onnx_graph}: OK, nothing TensorRT would reject"
+    assert main(["check", str(onnx_graph), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["problems"] == [] and report["summary"].endswith("OK, nothing TensorRT "
+                                                                                           "would reject")
+    assert report["plugins"] and 0 <= report["precision"]["fp32"] <= 1
     assert main(["check", str(tmp_path / "none.onnx")]) == 2
+
+
+def test_check_problems_summary_and_json(tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    u = helper.make_tensor_value_info("u", TensorProto.FLOAT, None)
+    path = tmp_path / "unique.onnx"
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Unique", ["x"], ["u"])], "g", [x], [u])),
+              str(path))
+    assert main(["check", str(path)]) == 1  # scripts: 0 clean, 1 problems, 2 unusable input
+    assert capsys.readouterr().out.splitlines()[-1] == f"{path}: 1 problem(s)"
+    assert main(["check", str(path), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and report["summary"] == f"{path}: 1 problem(s)"
+    assert report["problems"][0]["op"] == "Unique" and "not supported" in report["problems"][0]["text"]

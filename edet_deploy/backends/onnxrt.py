@@ -9,6 +9,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ..contract import INPUT_NAME
 from ..errors import EdetError
 from ..metadata import read_metadata
 from ..nms import op as nms_op
@@ -100,5 +101,5 @@ class OnnxRuntimeRunner(Runner):
 
     def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         images = self.check_input(images)
-        outputs = self.session.run(self.output_names, {"images": images})
+        outputs = self.session.run(self.output_names, {INPUT_NAME: images})
         return dict(zip(self.output_names, outputs))

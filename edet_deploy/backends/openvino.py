@@ -27,7 +27,7 @@ _CANDIDATE_TYPES = (1, 1, 6)  # onnx.TensorProto FLOAT, FLOAT, INT32: the soft_n
 
 def default_cache_dir() -> Path:
     """Compiled-model cache beside the exports (EDET_DEPLOY_CACHE, else ~/.cache/edet_deploy)."""
-    from ..detector import cache_dir
+    from ..contract import cache_dir
     return cache_dir() / "openvino"
 
 

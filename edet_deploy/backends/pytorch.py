@@ -48,8 +48,8 @@ class TorchRunner(Runner):
         return boxes.numpy(), scores.numpy(), classes.numpy()
 
     def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        from ..contract import OUTPUTS
         from ..nms.fast import batched_soft_nms
-        from ..nms.op import OUTPUTS
 
         boxes, scores, classes = self.candidates(images)
         if self.nms is None:

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 
 from .. import __version__
 from ..configs import get_config
+from ..contract import INPUT_DTYPE, INPUT_LAYOUT, INPUT_NAME, OUTPUT_SPECS, artifact_name
 from ..errors import EdetError
 from ..io import atomic_path, sha256_file
 from ..log import logger
@@ -31,7 +32,7 @@ class ExportResult:
 
 
 def graph_name(variant: str, nms: bool = True) -> str:
-    return f"efficientdet_{variant}" + ("" if nms else "_nonms")
+    return artifact_name(variant, nms=nms)
 
 
 def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None, num_classes: Optional[int] = None,
@@ -70,10 +71,10 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
     size = cfg.image_size
     example = torch.zeros(batch if dynamic_batch is None else min(2, dynamic_batch), size, size, 3, dtype=torch.uint8)
     buf = io.BytesIO()
-    dyn = {"images": {0: "batch"}, **{o: {0: "batch"} for o in CANDIDATE_OUTPUTS}} if dynamic_batch else None
+    dyn = {INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in CANDIDATE_OUTPUTS}} if dynamic_batch else None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer chatter about constant folding and list outputs
-        torch.onnx.export(graph, (example,), buf, opset_version=opset, dynamo=False, input_names=["images"],
+        torch.onnx.export(graph, (example,), buf, opset_version=opset, dynamo=False, input_names=[INPUT_NAME],
                           output_names=list(CANDIDATE_OUTPUTS), dynamic_axes=dyn, do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
     logger.info("traced %s in %.1f s (%d nodes)", cfg.name, time.perf_counter() - t0, len(proto.graph.node))
@@ -86,7 +87,7 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
         "format": FORMAT, "producer": f"edet-deploy {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "variant": cfg.name, "image_size": size, "num_classes": cfg.num_classes, "class_names": class_names,
         "mean": list(cfg.mean), "std": list(cfg.std), "precision": "fp32", "opset": opset,
-        "input": {"name": "images", "dtype": "uint8", "layout": "NHWC",
+        "input": {"name": INPUT_NAME, "dtype": INPUT_DTYPE, "layout": INPUT_LAYOUT,
                   "shape": ["batch" if dynamic_batch else batch, size, size, 3]},
         "batch": {"dynamic": bool(dynamic_batch), "max": dynamic_batch or batch},
         "outputs": [o.name for o in proto.graph.output],
@@ -142,13 +143,11 @@ def attach_nms(proto: onnx.ModelProto, settings: NmsSettings) -> onnx.ModelProto
     b = batch_dim.dim_param or batch_dim.dim_value
     k = settings.max_detections
     graph.node.append(nms_op.make_node(settings))
-    shapes = {"num_detections": [b, 1], "detection_boxes": [b, k, 4], "detection_scores": [b, k],
-              "detection_classes": [b, k]}
     # Keep the candidate tensors' types as value_info so shape inference and tools still see them.
     graph.value_info.extend(graph.output)
     del graph.output[:]
-    for name in nms_op.OUTPUTS:
-        graph.output.append(helper.make_tensor_value_info(name, nms_op.OUTPUT_TYPES[name], shapes[name]))
+    for spec in OUTPUT_SPECS:
+        graph.output.append(helper.make_tensor_value_info(spec.name, spec.onnx_type, list(spec.shape(b, k))))
     if not any(o.domain == nms_op.DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(nms_op.DOMAIN, nms_op.OP_VERSION))
     return proto

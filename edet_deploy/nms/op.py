@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from typing import Dict
 
+from ..contract import OUTPUT_SPECS, OUTPUTS  # noqa: F401  (OUTPUTS: re-exported, the node's output order)
 from .settings import NmsSettings
 
 OP_TYPE = "soft_nms"
 DOMAIN = "edet"
 OP_VERSION = 1
 INPUTS = ("candidate_boxes", "candidate_scores", "candidate_classes")
-OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
-# ONNX element types of the outputs (onnx.TensorProto values: INT32 = 6, FLOAT = 1)
-OUTPUT_TYPES = {"num_detections": 6, "detection_boxes": 1, "detection_scores": 1, "detection_classes": 6}
+# ONNX element types of the outputs (onnx.TensorProto values)
+OUTPUT_TYPES = {s.name: s.onnx_type for s in OUTPUT_SPECS}
 ATTRIBUTE_TYPES = {"method": str, "sigma": float, "iou_threshold": float, "score_threshold": float,
                    "max_detections": int, "class_agnostic": int}
 # Attributes for TensorRT's parser, not settings of the op: onnx-tensorrt reads `aot` (1 = STRICT_AOT,
@@ -82,8 +82,7 @@ def register_onnx_schema() -> None:
     schema = defs.OpSchema(
         OP_TYPE, DOMAIN, OP_VERSION, doc=__doc__ or "",
         inputs=[P("candidate_boxes", "T"), P("candidate_scores", "T"), P("candidate_classes", "I")],
-        outputs=[P("num_detections", "I"), P("detection_boxes", "T"), P("detection_scores", "T"),
-                 P("detection_classes", "I")],
+        outputs=[P(s.name, "I" if s.dtype == "int32" else "T") for s in OUTPUT_SPECS],
         type_constraints=[("T", ["tensor(float)"], "boxes and scores"), ("I", ["tensor(int32)"], "counts, classes")],
         attributes=[defs.OpSchema.Attribute(k, attr_kind[t], "", required=False)
                     for k, t in {**ATTRIBUTE_TYPES, **TRT_ATTRIBUTE_TYPES}.items()],

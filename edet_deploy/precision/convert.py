@@ -6,6 +6,7 @@ from typing import Iterable, Optional
 
 import onnx
 
+from ..contract import INPUT_NAME
 from ..errors import EdetError
 from ..export.onnx_export import ExportResult, attach_nms, save_graph
 from ..io import sha256_file
@@ -36,7 +37,7 @@ def _overflow_keep(candidate, meta, data, num_images: int) -> set:
     from ..preprocess import decode_image, letterbox
     from .fp16 import overflow_nodes
 
-    feeds = [{"images": letterbox(decode_image(p), meta["image_size"])[0][None]}
+    feeds = [{INPUT_NAME: letterbox(decode_image(p), meta["image_size"])[0][None]}
              for p in calibration_images(data, num_images)]
     return overflow_nodes(candidate, feeds)
 

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..contract import INPUT_NAME
 from ..errors import EdetError
 from ..log import logger
 from ..nms import NmsSettings
@@ -75,7 +76,7 @@ class ImageReader:
         self.i += 1
         if self.bar is not None:
             self.bar.update(1)
-        return {"images": img[None]}
+        return {INPUT_NAME: img[None]}
 
     def rewind(self) -> None:
         self.i = 0

@@ -7,15 +7,14 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from ..contract import (DETECTION_BOXES, DETECTION_CLASSES, DETECTION_SCORES, NUM_DETECTIONS, artifact_name)
 from ..errors import EdetError
 from ..postprocess import Detections
 from ..preprocess import ImageSource, decode_image
 
-OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
-
 
 class TritonDetectorClient:
-    def __init__(self, url: str = "127.0.0.1:8000", model: str = "efficientdet_d0", protocol: str = "http",
+    def __init__(self, url: str = "127.0.0.1:8000", model: str = artifact_name("d0"), protocol: str = "http",
                  timeout: float = 60.0, input_format: str = "encoded"):
         if input_format not in ("encoded", "decoded"):
             raise EdetError(f"input format must be encoded or decoded, got {input_format!r}")
@@ -68,18 +67,18 @@ class TritonDetectorClient:
         out = self.infer_raw(encoded)
         dets = []
         for i in range(len(encoded)):
-            n = int(out["num_detections"][i].reshape(-1)[0])
-            scores = out["detection_scores"][i, :n]
+            n = int(out[NUM_DETECTIONS][i].reshape(-1)[0])
+            scores = out[DETECTION_SCORES][i, :n]
             keep = scores >= min_score
             labels = out.get("detection_labels")
             names: Optional[list] = None
             if labels is not None:
-                classes = out["detection_classes"][i, :n]
+                classes = out[DETECTION_CLASSES][i, :n]
                 mapping = {int(c): (lab.decode() if isinstance(lab, bytes) else str(lab))
                            for c, lab in zip(classes, labels[i, :n])}
                 names = [mapping.get(c, str(c)) for c in range(max(mapping) + 1)] if mapping else None
-            dets.append(Detections(out["detection_boxes"][i, :n][keep], scores[keep],
-                                   out["detection_classes"][i, :n][keep].astype(np.int64), names))
+            dets.append(Detections(out[DETECTION_BOXES][i, :n][keep], scores[keep],
+                                   out[DETECTION_CLASSES][i, :n][keep].astype(np.int64), names))
         return dets
 
     def server_ready(self) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..bench import percentiles
+from ..contract import member_names
 from ..errors import EdetError
 
 
@@ -53,7 +54,7 @@ def run_load(url: str, images: Sequence, model: str = "efficientdet_d0", protoco
     probe = TritonDetectorClient(url, model, protocol)
     if not probe.server_ready():
         raise EdetError(f"no ready Triton server at {url} ({protocol})")
-    composing = list(composing or [f"{model}_preprocess", f"{model}_engine", f"{model}_postprocess"])
+    composing = list(composing or member_names(model))
     rows = []
     for conc in concurrencies:
         before = _stats(probe.client, [model, *composing])

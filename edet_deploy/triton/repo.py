@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .. import contract
 from ..errors import EdetError
 from ..io import atomic_path
 
@@ -32,7 +33,7 @@ from edet_deploy.triton.models.{module} import TritonPythonModel  # noqa: E402,F
 '''
 ENSEMBLE_INPUT = "IMAGE"
 ENGINE_BACKENDS = ("openvino", "onnxruntime")  # CPU engine runners; each has models/engine_<backend>.py
-DET_OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
+DET_OUTPUTS = contract.OUTPUTS
 # Ensemble inputs: "encoded" = JPEG/PNG bytes (BYTES [1]); "decoded" = an RGB image the client already decoded
 # (UINT8 [H, W, 3], any size: the server only letterboxes it). Ensemble names: <name> and <name>_decoded.
 INPUT_FORMATS = ("encoded", "decoded")
@@ -74,14 +75,13 @@ class RepoSpec:
 
     @property
     def name(self) -> str:
-        return f"efficientdet_{self.variant}"
+        return contract.artifact_name(self.variant)
 
     def ensemble_name(self, input_format: str) -> str:
-        return self.name if input_format == "encoded" else f"{self.name}_{input_format}"
+        return contract.ensemble_name(self.name, input_format)
 
     def preprocess_name(self, input_format: str) -> str:
-        suffix = "" if input_format == "encoded" else f"_{input_format}"
-        return f"{self.name}_preprocess{suffix}"
+        return contract.preprocess_name(self.name, input_format)
 
 
 def _tensor(pb, name: str, dtype: str, dims: List[int]):
@@ -92,10 +92,9 @@ def _output(pb, name: str, dtype: str, dims: List[int]):
     return pb.ModelOutput(name=name, data_type=getattr(pb, f"TYPE_{dtype}"), dims=dims)
 
 
-def _det_outputs(pb, k: int, prefix: str = "") -> list:
-    return [_output(pb, prefix + "num_detections", "INT32", [1]), _output(pb, prefix + "detection_boxes", "FP32", [k, 4]),
-            _output(pb, prefix + "detection_scores", "FP32", [k]),
-            _output(pb, prefix + "detection_classes", "INT32", [k])]
+def _det_outputs(pb, k: int, prefix: str = "", make=_output) -> list:
+    # Triton dims leave out the batch dimension (max_batch_size > 0).
+    return [make(pb, prefix + s.name, s.triton_type, list(s.shape(0, k))[1:]) for s in contract.OUTPUT_SPECS]
 
 
 def _image_input(pb, input_format: str):
@@ -112,7 +111,7 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
     if not spec.input_formats or any(f not in INPUT_FORMATS for f in spec.input_formats):
         raise EdetError(f"input formats must be among {', '.join(INPUT_FORMATS)}, got "
                         f"{', '.join(spec.input_formats) or 'none'}")
-    names = {"engine": f"{spec.name}_engine", "post": f"{spec.name}_postprocess"}
+    names = {"engine": contract.engine_name(spec.name), "post": contract.postprocess_name(spec.name)}
 
     def params(d: Dict[str, str]) -> Dict[str, object]:
         return {key: pb.ModelParameter(string_value=str(v)) for key, v in d.items()}
@@ -129,10 +128,10 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
             instance_group=[pb.ModelInstanceGroup(count=spec.preprocess_instances, kind=cpu)],
             dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.stage_queue_delay_us),
             parameters=params({"image_size": s, "input_format": input_format}))
-    warmup = pb.ModelWarmup(name="zeros", batch_size=1, inputs={"images": pb.ModelWarmup.Input(
+    warmup = pb.ModelWarmup(name="zeros", batch_size=1, inputs={contract.INPUT_NAME: pb.ModelWarmup.Input(
         data_type=pb.TYPE_UINT8, dims=[s, s, 3], zero_data=True)})
     engine = pb.ModelConfig(
-        name=names["engine"], max_batch_size=mb, input=[_tensor(pb, "images", "UINT8", [s, s, 3])],
+        name=names["engine"], max_batch_size=mb, input=[_tensor(pb, contract.INPUT_NAME, "UINT8", [s, s, 3])],
         output=_det_outputs(pb, k),
         dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.queue_delay_us,
                                                  preferred_batch_size=[b for b in spec.preferred_batch_sizes
@@ -158,8 +157,7 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
         post_out.append(_output(pb, "detection_labels", "STRING", [k]))
     post = pb.ModelConfig(
         name=names["post"], backend="python", max_batch_size=mb,
-        input=[_tensor(pb, "raw_num_detections", "INT32", [1]), _tensor(pb, "raw_detection_boxes", "FP32", [k, 4]),
-               _tensor(pb, "raw_detection_scores", "FP32", [k]), _tensor(pb, "raw_detection_classes", "INT32", [k]),
+        input=[*_det_outputs(pb, k, "raw_", _tensor),
                _tensor(pb, "scale", "FP32", [1]), _tensor(pb, "orig_size", "INT32", [2])],
         output=post_out, instance_group=[pb.ModelInstanceGroup(count=spec.postprocess_instances, kind=cpu)],
         dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.stage_queue_delay_us),
@@ -172,7 +170,7 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
         steps = [
             Step(model_name=pre.name, model_version=-1, input_map={ENSEMBLE_INPUT: ENSEMBLE_INPUT},
                  output_map={"images": "preprocessed_images", "scale": "scale", "orig_size": "orig_size"}),
-            Step(model_name=names["engine"], model_version=-1, input_map={"images": "preprocessed_images"},
+            Step(model_name=names["engine"], model_version=-1, input_map={contract.INPUT_NAME: "preprocessed_images"},
                  output_map={o: f"raw_{o}" for o in DET_OUTPUTS}),
             Step(model_name=names["post"], model_version=-1,
                  input_map={**{f"raw_{o}": f"raw_{o}" for o in DET_OUTPUTS}, "scale": "scale",
@@ -254,7 +252,7 @@ def check_graph_file(path: str | Path) -> None:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises its own types for garbage files
         raise EdetError(f"{path} is not a readable ONNX graph ({type(e).__name__})") from None
-    if [i.name for i in proto.graph.input] != ["images"]:
+    if [i.name for i in proto.graph.input] != [contract.INPUT_NAME]:
         raise EdetError(f"{path} is not an edet-deploy detection graph (inputs {[i.name for i in proto.graph.input]})")
 
 
@@ -327,9 +325,9 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
                     **spec_kwargs)
     configs = build_configs(spec)
     modules = {spec.preprocess_name(f): "preprocess" for f in spec.input_formats}
-    modules[f"{spec.name}_postprocess"] = "postprocess"
+    modules[contract.postprocess_name(spec.name)] = "postprocess"
     if target == "cpu":
-        modules[f"{spec.name}_engine"] = f"engine_{engine_backend}"
+        modules[contract.engine_name(spec.name)] = f"engine_{engine_backend}"
     for name, config in configs.items():
         version = out / name / "1"
         version.mkdir(parents=True, exist_ok=True)
@@ -338,7 +336,7 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
         if name in modules:
             with atomic_path(version / "model.py") as tmp:
                 tmp.write_text(SHIM.format(module=modules[name]))
-    engine_dir = out / f"{spec.name}_engine" / "1"
+    engine_dir = out / contract.engine_name(spec.name) / "1"
     if copy_artifact:
         dst = engine_dir / ("model.plan" if target == "gpu" else "model.onnx")
         key = CHECKSUM_KEYS[dst.suffix]

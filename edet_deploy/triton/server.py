@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..contract import cache_dir
 from ..errors import EdetError
 from ..log import logger
 
@@ -49,7 +50,7 @@ def find_triton() -> TritonPaths:
     if not binary.is_file() or not stub.is_file():
         raise EdetError(f"nvidia-pytriton at {root} lacks tritonserver or the Python {version} backend stub")
     # Triton expects <backend-dir>/python/{libtriton_python.so, triton_python_backend_utils.py, stub}.
-    backends = Path(os.environ.get("EDET_DEPLOY_CACHE", Path.home() / ".cache" / "edet_deploy")) / f"triton-backends-{version}"
+    backends = cache_dir() / f"triton-backends-{version}"
     python_dir = backends / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     for src in [*(root / "backends" / "python").iterdir(), stub]:

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from ..contract import INPUT_NAME
 from ..errors import EdetError
 from ..io import atomic_path, sha256_file, write_json
 from ..log import logger
@@ -63,7 +64,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
         config.set_timing_cache(cache, ignore_mismatch=False)
     s = int(meta["image_size"])
     profile = builder.create_optimization_profile()
-    profile.set_shape("images", (lo, s, s, 3), (opt, s, s, 3), (hi, s, s, 3))
+    profile.set_shape(INPUT_NAME, (lo, s, s, 3), (opt, s, s, 3), (hi, s, s, 3))
     config.add_optimization_profile(profile)
     logger.info("building %s (batch %d:%d:%d, %s) ...", onnx_path.name, lo, opt, hi, meta.get("precision"))
     plan = builder.build_serialized_network(network, config)

@@ -15,6 +15,7 @@ import inspect
 import re
 from typing import Dict, List, Tuple, Union
 
+from ..contract import OUTPUT_SPECS
 from ..nms import op as nms_op
 from ..nms.settings import NmsSettings
 
@@ -24,16 +25,12 @@ PLUGIN_VERSION = "1"  # QDP creators are always version "1"
 ATTRIBUTES: Tuple[str, ...] = tuple(nms_op.ATTRIBUTE_TYPES)
 _registered = False  # tensorrt.plugin refuses a second registration of the same id
 
-# (output name, dtype name, shape as a function of (batch, candidates, K))
-_OUTPUT_LAYOUT = (("num_detections", "int32", lambda b, n, k: (b, 1)),
-                  ("detection_boxes", "float32", lambda b, n, k: (b, k, 4)),
-                  ("detection_scores", "float32", lambda b, n, k: (b, k)),
-                  ("detection_classes", "int32", lambda b, n, k: (b, k)))
 
 
 def output_specs(batch, num_candidates, max_detections) -> List[Tuple[str, str, tuple]]:
     """[(name, dtype, shape)] of the plugin's outputs; works with ints or TensorRT shape expressions."""
-    return [(name, dtype, shape(batch, num_candidates, max_detections)) for name, dtype, shape in _OUTPUT_LAYOUT]
+    # No output's shape depends on the candidate count; the argument stays for the plugin's signature.
+    return [(s.name, s.dtype, s.shape(batch, max_detections)) for s in OUTPUT_SPECS]
 
 
 def settings_from_attrs(method: Union[str, int], sigma: float, iou_threshold: float, score_threshold: float,

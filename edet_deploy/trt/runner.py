@@ -15,6 +15,7 @@ from typing import Any, Dict
 import numpy as np
 
 from ..backends.base import Runner
+from ..contract import INPUT_NAME
 from ..errors import EdetError
 from ..metadata import read_metadata
 
@@ -66,13 +67,13 @@ class TensorRTRunner(Runner):
     def _bind(self, batch: int) -> Dict[str, Any]:
         """Set the context's input shape and tensor addresses for `batch` (buffers made once per size)."""
         torch, s = self.torch, self.image_size
-        if not self.context.set_input_shape("images", (batch, s, s, 3)):
+        if not self.context.set_input_shape(INPUT_NAME, (batch, s, s, 3)):
             lo, _, hi = self.batch_profile
             raise EdetError(f"batch {batch} is outside the engine's optimization profile {lo}..{hi}; rebuild with "
                             f"`edet-deploy build --batch MIN:OPT:MAX`")
         bufs = self._buffers.get(batch)
         if bufs is None:
-            bufs = {"images": torch.empty((batch, s, s, 3), dtype=torch.uint8, device="cuda")}
+            bufs = {INPUT_NAME: torch.empty((batch, s, s, 3), dtype=torch.uint8, device="cuda")}
             for name in self.outputs:
                 shape = tuple(self.context.get_tensor_shape(name))
                 bufs[name] = torch.empty(shape, dtype=self._dtypes[self.engine.get_tensor_dtype(name)],
@@ -110,7 +111,7 @@ class TensorRTRunner(Runner):
         images = self.check_input(images)
         b = images.shape[0]
         bufs = self._buffers.get(b) or self._bind(b)
-        bufs["images"].copy_(self.torch.from_numpy(images))
+        bufs[INPUT_NAME].copy_(self.torch.from_numpy(images))
         return bufs
 
     def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from edet_deploy.contract import DETECTION_BOXES, DETECTION_CLASSES, DETECTION_SCORES, NUM_DETECTIONS
 from edet_deploy.postprocess import to_original_pixels
 from edet_deploy.triton.models.common import error_response, parameters
 
@@ -21,14 +22,14 @@ class TritonPythonModel:
         for request in requests:
             try:
                 get = lambda name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()  # noqa: E731
-                num = get("raw_num_detections")
-                classes = get("raw_detection_classes")
-                boxes = to_original_pixels(get("raw_detection_boxes"), get("scale").reshape(-1),
+                num = get(f"raw_{NUM_DETECTIONS}")
+                classes = get(f"raw_{DETECTION_CLASSES}")
+                boxes = to_original_pixels(get(f"raw_{DETECTION_BOXES}"), get("scale").reshape(-1),
                                            get("orig_size"))
-                out = [pb_utils.Tensor("num_detections", num.astype(np.int32)),
-                       pb_utils.Tensor("detection_boxes", boxes),
-                       pb_utils.Tensor("detection_scores", get("raw_detection_scores").astype(np.float32)),
-                       pb_utils.Tensor("detection_classes", classes.astype(np.int32))]
+                out = [pb_utils.Tensor(NUM_DETECTIONS, num.astype(np.int32)),
+                       pb_utils.Tensor(DETECTION_BOXES, boxes),
+                       pb_utils.Tensor(DETECTION_SCORES, get(f"raw_{DETECTION_SCORES}").astype(np.float32)),
+                       pb_utils.Tensor(DETECTION_CLASSES, classes.astype(np.int32))]
                 if self.with_labels:
                     idx = np.clip(classes, 0, len(self.names) - 1)
                     labels = self.names[idx]

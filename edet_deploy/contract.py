@@ -1,0 +1,84 @@
+"""The detection graph's contract, written once: input and output tensors, artifact names, the cache folder and
+the Triton member names. The exporter, the ONNX schema, the TensorRT plugin, the Triton generator and models,
+the client, postprocessing and the runners import these instead of spelling them out (numpy and stdlib only,
+so the serving install and Triton's Python models can import it).
+
+Outputs: num_detections [B,1] int32, detection_boxes [B,K,4] float32 (x1,y1,x2,y2, input pixels),
+detection_scores [B,K] float32, detection_classes [B,K] int32; K = max_detections."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Tuple
+
+# Graph input: uint8 RGB, resized and padded with the mean colour.
+INPUT_NAME = "images"
+INPUT_DTYPE = "uint8"
+INPUT_LAYOUT = "NHWC"
+
+# ONNX element types by numpy dtype name (onnx.TensorProto values, so this module needs no onnx import).
+ONNX_TYPES = {"float32": 1, "uint8": 2, "int32": 6}
+# Triton config data types by numpy dtype name.
+TRITON_TYPES = {"float32": "FP32", "uint8": "UINT8", "int32": "INT32"}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: Callable  # (batch, K) -> shape; works with ints, dim names or TensorRT shape expressions
+
+    @property
+    def onnx_type(self) -> int:
+        return ONNX_TYPES[self.dtype]
+
+    @property
+    def triton_type(self) -> str:
+        return TRITON_TYPES[self.dtype]
+
+
+OUTPUT_SPECS: Tuple[OutputSpec, ...] = (
+    OutputSpec("num_detections", "int32", lambda b, k: (b, 1)),
+    OutputSpec("detection_boxes", "float32", lambda b, k: (b, k, 4)),
+    OutputSpec("detection_scores", "float32", lambda b, k: (b, k)),
+    OutputSpec("detection_classes", "int32", lambda b, k: (b, k)),
+)
+OUTPUTS: Tuple[str, ...] = tuple(s.name for s in OUTPUT_SPECS)
+NUM_DETECTIONS, DETECTION_BOXES, DETECTION_SCORES, DETECTION_CLASSES = OUTPUTS
+
+
+def artifact_name(variant: str, precision: str = "fp32", nms: bool = True) -> str:
+    """File stem (and Triton model name) of a variant's graph: efficientdet_d0, efficientdet_d0.fp16,
+    efficientdet_d0.int8-minmax; `_nonms` for a graph that stops at the candidates."""
+    name = f"efficientdet_{variant}" + ("" if nms else "_nonms")
+    return name if precision == "fp32" else f"{name}.{precision}"
+
+
+def cache_dir() -> Path:
+    """Where exports, compiled models and Triton backends are cached (EDET_DEPLOY_CACHE, else
+    ~/.cache/edet_deploy)."""
+    return Path(os.environ.get("EDET_DEPLOY_CACHE", Path.home() / ".cache" / "edet_deploy"))
+
+
+# Triton: the ensemble <name> (encoded input) and <name>_decoded run <name>_preprocess[_decoded] ->
+# <name>_engine -> <name>_postprocess.
+def ensemble_name(name: str, input_format: str = "encoded") -> str:
+    return name if input_format == "encoded" else f"{name}_{input_format}"
+
+
+def preprocess_name(name: str, input_format: str = "encoded") -> str:
+    return f"{name}_preprocess" + ("" if input_format == "encoded" else f"_{input_format}")
+
+
+def engine_name(name: str) -> str:
+    return f"{name}_engine"
+
+
+def postprocess_name(name: str) -> str:
+    return f"{name}_postprocess"
+
+
+def member_names(name: str) -> Tuple[str, str, str]:
+    """The models the encoded ensemble `name` composes, in order."""
+    return preprocess_name(name), engine_name(name), postprocess_name(name)

@@ -1,0 +1,130 @@
+"""The graph contract has one home (edet_deploy/contract.py) and the package's imports form no cycle."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+import edet_deploy
+from edet_deploy import contract
+
+PACKAGE = Path(edet_deploy.__file__).parent
+
+
+def _sources():
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("name", contract.OUTPUTS)
+def test_output_names_written_only_in_contract(name):
+    pattern = re.compile(rf"""["']{name}["']""")
+    holders = [str(p.relative_to(PACKAGE)) for p in _sources() if pattern.search(p.read_text())]
+    assert holders == ["contract.py"]
+
+
+def test_output_specs_match_design():
+    shapes = {s.name: (s.dtype, s.shape("B", 100)) for s in contract.OUTPUT_SPECS}
+    assert shapes == {"num_detections": ("int32", ("B", 1)), "detection_boxes": ("float32", ("B", 100, 4)),
+                      "detection_scores": ("float32", ("B", 100)), "detection_classes": ("int32", ("B", 100))}
+    assert (contract.INPUT_NAME, contract.INPUT_DTYPE, contract.INPUT_LAYOUT) == ("images", "uint8", "NHWC")
+
+
+def test_consumers_use_the_contract():
+    from edet_deploy.nms import op
+    from edet_deploy.trt import plugin
+
+    assert op.OUTPUTS == contract.OUTPUTS
+    assert op.OUTPUT_TYPES == {"num_detections": 6, "detection_boxes": 1, "detection_scores": 1,
+                               "detection_classes": 6}
+    assert plugin.output_specs("b", 500, 7) == [("num_detections", "int32", ("b", 1)),
+                                                ("detection_boxes", "float32", ("b", 7, 4)),
+                                                ("detection_scores", "float32", ("b", 7)),
+                                                ("detection_classes", "int32", ("b", 7))]
+
+
+def test_names():
+    assert contract.artifact_name("d0") == "efficientdet_d0"
+    assert contract.artifact_name("d3", "fp16") == "efficientdet_d3.fp16"
+    assert contract.artifact_name("d0", "int8-minmax") == "efficientdet_d0.int8-minmax"
+    assert contract.artifact_name("d0", nms=False) == "efficientdet_d0_nonms"
+    assert contract.member_names("efficientdet_d0") == ("efficientdet_d0_preprocess", "efficientdet_d0_engine",
+                                                        "efficientdet_d0_postprocess")
+    assert contract.ensemble_name("m", "decoded") == "m_decoded"
+    assert contract.preprocess_name("m", "decoded") == "m_preprocess_decoded"
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDET_DEPLOY_CACHE", str(tmp_path))
+    assert contract.cache_dir() == tmp_path
+    monkeypatch.delenv("EDET_DEPLOY_CACHE")
+    assert contract.cache_dir() == Path.home() / ".cache" / "edet_deploy"
+
+
+def _module_name(path: Path) -> str:
+    parts = ["edet_deploy", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict:
+    """module -> the package modules it imports (module level and inside functions)."""
+    modules = {_module_name(p): p for p in _sources()}
+    graph = {}
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[:len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                # `from pkg import mod` imports the submodule when there is one
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            for name in names:
+                while name and name not in modules:  # a name inside a module -> that module
+                    name = name.rpartition(".")[0]
+                if name and name != mod:
+                    deps.add(name)
+        graph[mod] = deps
+    return graph
+
+
+def _cycle(graph: dict):
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state and (found := visit(d)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_import_graph_has_no_cycle():
+    graph = _import_graph()
+    assert "edet_deploy.contract" in graph["edet_deploy.nms.op"]
+    # Importing a package runs its __init__: a parent package's edges count for its children's importers,
+    # which the walk covers because `from .nms import x` resolves to edet_deploy.nms (its __init__).
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
