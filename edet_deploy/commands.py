@@ -107,13 +107,15 @@ def _check(p: argparse.ArgumentParser):
         path = Path(args.onnx)
         if not path.is_file():
             raise EdetError(f"ONNX graph not found: {path}")
+        import onnx
         try:
-            findings = check_trt_compat(path)
+            model = onnx.load(str(path))  # once: the three reports below read the same graph
+            findings = check_trt_compat(model)
         except Exception as e:  # noqa: BLE001 - a malformed file is the user's problem
             raise EdetError(f"cannot read {path} as ONNX: {e}") from None
         from .precision.census import census, format_census
         from .trt.check import plugin_report
-        plugins, precision = plugin_report(path), census(path)
+        plugins, precision = plugin_report(model), census(model)
         # The last line (and exit status 0 = clean, 1 = problems, 2 = unusable input) is what scripts read.
         summary = f"{path}: {'OK, nothing TensorRT would reject' if not findings else f'{len(findings)} problem(s)'}"
         if args.json:

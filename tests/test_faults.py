@@ -133,6 +133,21 @@ def ready(url):
     return http(url, "/v2/health/ready", timeout=2.0)[0]
 
 
+def await_recovery(url, picture, bound: float, interval: float):
+    """Poll after a kill until readiness has gone non-200 and come back with a correct answer, or `bound` s pass.
+    Returns (seen_not_ready, seconds to recovery or None, last answer's body)."""
+    t0, seen_not_ready, body = time.monotonic(), False, None
+    while time.monotonic() - t0 < bound:
+        code = ready(url)
+        seen_not_ready |= code != 200
+        if code == 200 and seen_not_ready:
+            status, body = infer(url, [picture])
+            if status == 200:
+                return seen_not_ready, time.monotonic() - t0, body
+        time.sleep(interval)
+    return seen_not_ready, None, body
+
+
 def gone(pids, timeout):
     """Wait until none of `pids` is alive (zombies count as dead); returns those still alive."""
     deadline = time.monotonic() + timeout
@@ -170,17 +185,7 @@ def test_stub_kill_each_kind_and_server_crash_recover_then_sighup_stops_cleanly(
         assert set(kinds) == {"preprocess", "engine", "postprocess"}
         for kind, stub in kinds.items():
             os.kill(stub.pid, signal.SIGKILL)
-            t0 = time.monotonic()
-            seen_not_ready, recovered = False, None
-            while time.monotonic() - t0 < RECOVERY_BOUND:
-                code = ready(s.url)
-                seen_not_ready |= code != 200
-                if code == 200 and seen_not_ready:
-                    status, body = infer(s.url, [picture])
-                    if status == 200:
-                        recovered = time.monotonic() - t0
-                        break
-                time.sleep(0.1)
+            seen_not_ready, recovered, body = await_recovery(s.url, picture, RECOVERY_BOUND, 0.1)
             print(f"\n{kind}: recovered (ready + correct answer) {recovered and round(recovered, 2)} s after SIGKILL")
             assert seen_not_ready, f"readiness stayed 200 while the {kind} stub was dead"
             assert recovered is not None, f"no recovery within {RECOVERY_BOUND} s after killing the {kind} stub"
@@ -189,15 +194,7 @@ def test_stub_kill_each_kind_and_server_crash_recover_then_sighup_stops_cleanly(
         assert s.proc.poll() is None
         # tritonserver itself crashes: serve starts it again on the same ports.
         os.kill(s.server_pid, signal.SIGSEGV)
-        t0, recovered, seen_not_ready = time.monotonic(), None, False
-        while time.monotonic() - t0 < 2 * RECOVERY_BOUND and recovered is None:
-            time.sleep(0.2)
-            code = ready(s.url)
-            seen_not_ready |= code != 200
-            if code == 200 and seen_not_ready:
-                status, body = infer(s.url, [picture])
-                if status == 200:
-                    recovered = time.monotonic() - t0
+        seen_not_ready, recovered, body = await_recovery(s.url, picture, 2 * RECOVERY_BOUND, 0.2)
         print(f"tritonserver: restarted (ready + correct answer) {recovered and round(recovered, 2)} s after SIGSEGV")
         assert recovered is not None and np.allclose(scores(body), reference, atol=1e-5)
         assert s.proc.poll() is None

@@ -52,6 +52,15 @@ def served(tmp_path_factory):
     server.stop()
 
 
+def _assert_same_as_local(remote, local):
+    """The ensemble's detections equal the in-process pipeline's, image by image."""
+    assert len(remote) == len(local)
+    for got, ref in zip(remote, local):
+        assert len(got) == len(ref) == 100
+        assert_same_detections(got.boxes, got.scores, got.classes, ref.boxes, ref.scores, ref.classes,
+                               box_atol=1e-2, score_atol=1e-5)
+
+
 def test_http_and_grpc_match_in_process(served, pictures):
     server, onnx_path = served
     local = Detector.from_onnx(onnx_path).detect(pictures)
@@ -60,10 +69,7 @@ def test_http_and_grpc_match_in_process(served, pictures):
         remote = client.detect(pictures)  # one request, batch of 3
         remote += [client.detect([p])[0] for p in pictures]  # and one request each
         client.close()
-        for got, ref in zip(remote, local + local):
-            assert len(got) == len(ref) == 100
-            assert_same_detections(got.boxes, got.scores, got.classes, ref.boxes, ref.scores, ref.classes,
-                                   box_atol=1e-2, score_atol=1e-5)
+        _assert_same_as_local(remote, local + local)
 
 
 def test_concurrent_clients(served, pictures):
@@ -174,10 +180,7 @@ def test_other_engine_backend_matches_in_process(tmp_path, served, pictures, eng
         client.close()
     finally:
         server.stop()
-    for got, ref in zip(remote, local + local):
-        assert len(got) == len(ref) == 100
-        assert_same_detections(got.boxes, got.scores, got.classes, ref.boxes, ref.scores, ref.classes,
-                               box_atol=1e-2, score_atol=1e-5)
+    _assert_same_as_local(remote, local + local)
 
 
 def test_engine_backend_choice(served, tmp_path):

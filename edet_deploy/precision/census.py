@@ -99,7 +99,3 @@ def format_census(c: Dict) -> str:
     parts += [f"{p} {100 * c[p]:.1f}%" for p in c["macs"] if p not in PRECISIONS and c["macs"][p]]
     return (f"precision census (share of multiply-adds): {' | '.join(parts)} of {c['gmacs']:.3g} GMAC per image "
             f"({sum(c['nodes'].values())} weighted layers)")
-
-
-def census_line(model: Union[onnx.ModelProto, str, Path]) -> str:
-    return format_census(census(model))
