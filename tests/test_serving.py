@@ -68,6 +68,7 @@ def test_serving_path_runs_where_torch_cannot_import(graph, tmp_path):
         # everything a serving process touches
         import edet_deploy.triton.models.common, edet_deploy.triton.client, edet_deploy.triton.load
         import edet_deploy.triton.server, edet_deploy.trt.compat, edet_deploy.metadata, edet_deploy.nms
+        import edet_deploy.trt.check  # what `edet-deploy check` needs: TensorRT's rules, no torch
         from edet_deploy.backends.onnxrt import OnnxRuntimeRunner
         from edet_deploy.preprocess import preprocess
         from edet_deploy.postprocess import split_detections

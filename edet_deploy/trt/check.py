@@ -13,7 +13,7 @@ import numpy as np
 
 from ..nms import op as nms_op
 from . import parser_rules
-from ..export.graph import TRT_MAX_TOPK
+from ..nms.settings import TRT_MAX_TOPK
 
 SUPPORTED_OPS: Set[str] = set("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization BlackmanWindow Cast
