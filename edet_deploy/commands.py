@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
+from .cli_args import JsonOutArgs, NmsArgs, ProgressArgs, SourceArgs, detection_report
 from .contract import artifact_name
 from .errors import EdetError
 
@@ -46,30 +47,6 @@ def _models(p: argparse.ArgumentParser):
     return run
 
 
-def add_nms_args(p: argparse.ArgumentParser) -> None:
-    from .nms import METHODS, NmsSettings
-    from .nms.settings import DEFAULT_PRE_NMS_TOP_K
-    d = NmsSettings()
-    g = p.add_argument_group("soft-NMS (inside the graph)")
-    g.add_argument("--nms", default=d.method, choices=[*METHODS, "none"],
-                   help="suppression method; 'none' stops the graph at decoded candidates")
-    g.add_argument("--sigma", type=float, default=d.sigma, help="gaussian sigma (the paper's, not TF's doubled one)")
-    g.add_argument("--iou-threshold", type=float, default=d.iou_threshold, help="IoU threshold of linear / hard")
-    g.add_argument("--score-threshold", type=float, default=d.score_threshold)
-    g.add_argument("--max-detections", type=int, default=d.max_detections)
-    g.add_argument("--class-agnostic", action="store_true", help="let boxes of different classes suppress each other")
-    g.add_argument("--pre-nms-top-k", type=int, default=DEFAULT_PRE_NMS_TOP_K,
-                   help="candidates kept by TopK before NMS (TensorRT allows at most 3840)")
-
-
-def nms_settings(args):
-    from .nms import NmsSettings
-    if args.nms == "none":
-        return None
-    return NmsSettings(args.nms, args.sigma, args.iou_threshold, args.score_threshold, args.max_detections,
-                       args.class_agnostic)
-
-
 @command("export", "export a variant to an ONNX detection graph (+ metadata JSON)")
 def _export(p: argparse.ArgumentParser):
     p.add_argument("--model", default="d0", help="d0..d7, d7x (also efficientdet-d0, tf_efficientdet_d0)")
@@ -81,14 +58,17 @@ def _export(p: argparse.ArgumentParser):
     b.add_argument("--dynamic-batch", type=int, metavar="MAX", help="dynamic batch dimension up to MAX")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--out", default="build/export", help="output directory")
-    add_nms_args(p)
+    nms, progress = NmsArgs(), ProgressArgs()
+    nms.add_to(p)
+    progress.add_to(p)
 
     def run(args) -> int:
         from .export import export_onnx
         from .trt.check import check_trt_compat
         res = export_onnx(args.model, args.out, weights=args.weights, num_classes=args.num_classes,
                           image_size=args.image_size, batch=args.batch, dynamic_batch=args.dynamic_batch,
-                          opset=args.opset, nms=nms_settings(args), pre_nms_top_k=args.pre_nms_top_k)
+                          opset=args.opset, nms=nms.build(args), pre_nms_top_k=args.pre_nms_top_k,
+                          progress=progress.build(args))
         problems = check_trt_compat(res.onnx_path)
         print(f"wrote {res.onnx_path} and {res.metadata_path}")
         for f in problems:
@@ -133,50 +113,13 @@ def _check(p: argparse.ArgumentParser):
     return run
 
 
-def add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="d0", help="variant (with --weights or random init)")
-    p.add_argument("--weights", help="checkpoint (ours or effdet's)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--onnx", help="exported graph (its metadata JSON beside it)")
-    src.add_argument("--engine", help="TensorRT plan from `edet-deploy build` (its JSON sidecar beside it); "
-                                      "runs on the tensorrt backend (NVIDIA GPU + TensorRT 11)")
-    from .backends import CPU_GRAPH_BACKENDS, DEFAULT_CPU_BACKEND
-    p.add_argument("--backend", choices=[*CPU_GRAPH_BACKENDS, "torch", "tensorrt"],
-                   help=f"runtime (default: tensorrt with --engine, else {DEFAULT_CPU_BACKEND}); onnxruntime / "
-                        f"openvino export --model/--weights once into a cache when --onnx is absent")
-    p.add_argument("--cuda-graph", action="store_true", help="tensorrt: replay CUDA graphs (one per batch size)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-
-
-def source_backend(args) -> str:
-    from .backends import DEFAULT_CPU_BACKEND
-    return args.backend or ("tensorrt" if args.engine else DEFAULT_CPU_BACKEND)
-
-
-def make_detector(args, min_score: float = 0.0):
-    from .detector import Detector
-    backend = source_backend(args)
-    if args.engine:
-        if backend != "tensorrt":
-            raise EdetError("--engine runs on the tensorrt backend")
-        return Detector.from_engine(args.engine, cuda_graph=args.cuda_graph, min_score=min_score)
-    if backend == "tensorrt":
-        raise EdetError("the tensorrt backend needs --engine (a plan from `edet-deploy build`)")
-    if args.onnx:
-        from .backends import CPU_GRAPH_BACKENDS
-        if backend not in CPU_GRAPH_BACKENDS:
-            raise EdetError(f"--onnx runs on the {' or '.join(CPU_GRAPH_BACKENDS)} backend")
-        return Detector.from_onnx(args.onnx, backend=backend, threads=args.threads, min_score=min_score)
-    return Detector.from_model(args.model, args.weights, backend=backend, threads=args.threads,
-                               min_score=min_score)
-
-
 @command("detect", "detect objects in images and print them (original pixel coordinates)")
 def _detect(p: argparse.ArgumentParser):
     p.add_argument("images", nargs="+", help="JPEG/PNG/... files")
-    add_source_args(p)
+    source, json_out = SourceArgs(), JsonOutArgs()
+    source.add_to(p)
     p.add_argument("--min-score", type=float, default=0.3, help="hide detections below this score")
-    p.add_argument("--json", help="write all detections as JSON")
+    json_out.add_to(p)
     p.add_argument("--draw", help="draw the detections of the first image to this PNG/JPEG (or a directory "
                                   "for all images)")
 
@@ -184,19 +127,14 @@ def _detect(p: argparse.ArgumentParser):
         from .preprocess import decode_image
         for path in args.images:  # fail early, before the model is built
             decode_image(path)
-        detector = make_detector(args, args.min_score)
-        results = detector.detect(args.images)
-        report = []
-        for path, det in zip(args.images, results):
-            print(f"{path}: {len(det)} detection(s)")
-            for r in det.to_records():
-                x1, y1, x2, y2 = r["box"]
-                print(f"  {r['label']:>12s}  {r['score']:.3f}  [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}]")
-            report.append({"image": str(path), "detections": det.to_records()})
-        if args.json:
-            from .io import write_json
-            write_json(args.json, report)
-            print(f"wrote {args.json}")
+        results = source.build(args, args.min_score).detect(args.images)
+        if not json_out.to_stdout(args):
+            for path, det in zip(args.images, results):
+                print(f"{path}: {len(det)} detection(s)")
+                for r in det.to_records():
+                    x1, y1, x2, y2 = r["box"]
+                    print(f"  {r['label']:>12s}  {r['score']:.3f}  [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}]")
+        json_out.write(args, detection_report(args.images, results))
         if args.draw:
             from .visualize import draw_detections
             out = Path(args.draw)
@@ -204,7 +142,7 @@ def _detect(p: argparse.ArgumentParser):
                        [(img, det, out / (Path(img).stem + "_det.png")) for img, det in zip(args.images, results)])
             for img, det, dst in targets:
                 draw_detections(img, det, dst)
-                print(f"drew {dst}")
+                print(f"drew {dst}", file=sys.stderr if json_out.to_stdout(args) else sys.stdout)
         return 0
     return run
 
@@ -266,7 +204,8 @@ def _train(p: argparse.ArgumentParser):
 
 @command("eval", "COCO mAP (pycocotools) of a graph or checkpoint on a COCO-format split; writes a JSON report")
 def _eval(p: argparse.ArgumentParser):
-    add_source_args(p)
+    source = SourceArgs()
+    source.add_to(p)
     p.add_argument("--data", required=True, help="dataset dir (instances_<split>.json + images)")
     p.add_argument("--split", default="val")
     p.add_argument("--max-images", type=int)
@@ -277,11 +216,11 @@ def _eval(p: argparse.ArgumentParser):
         from .eval import evaluate
         from .io import write_json
         dataset = CocoDataset(args.data, args.split)
-        report = evaluate(make_detector(args), dataset, args.max_images)
-        report["source"] = args.engine or args.onnx or f"{args.model}:{args.weights or 'random-init'}"
+        report = evaluate(source.build(args), dataset, args.max_images)
+        report["source"] = source.describe(args)
         for k, v in report["stats"].items():
             print(f"{k:6s} {v:.4f}")
-        dst = args.report or str(Path(args.data) / f"eval_{args.split}_{source_backend(args)}.json")
+        dst = args.report or str(Path(args.data) / f"eval_{args.split}_{source.backend(args)}.json")
         write_json(dst, report)
         print(f"wrote {dst}")
         return 0
@@ -316,31 +255,18 @@ def _triton_repo(p: argparse.ArgumentParser):
     p.add_argument("--out", default="model_repository")
 
     def run(args) -> int:
-        import tempfile
-        from .triton.repo import generate_repository
-        onnx = args.onnx
-        with tempfile.TemporaryDirectory(prefix="edet-triton-export-") as tmp:
-            if args.target == "cpu" and not onnx:  # a temporary export: the repository keeps its own copy
-                if args.max_batch < 1:
-                    raise EdetError("--max-batch must be >= 1")
-                from .export import export_onnx
-                onnx = str(export_onnx(args.model, tmp, weights=args.weights, dynamic_batch=args.max_batch).onnx_path)
-            repo = generate_repository(
-                args.out, variant=get_variant(args.model), onnx=onnx, engine=args.engine, precision=args.precision,
-                target=args.target, max_batch_size=args.max_batch, copy_artifact=not args.no_copy,
-                preprocess_instances=args.preprocess_instances, engine_instances=args.engine_instances,
-                cuda_graphs=args.cuda_graphs, engine_backend=args.engine_backend, force=args.force,
-                tensorrt_version=args.tensorrt_version,
-                input_formats=tuple(f.strip() for f in args.input_format.split(",") if f.strip()),
-                **({} if args.queue_delay_us is None else {"queue_delay_us": args.queue_delay_us}))
+        from .triton.repo import generate_repository_from_model
+        repo = generate_repository_from_model(
+            args.out, model=args.model, weights=args.weights, onnx=args.onnx, engine=args.engine,
+            precision=args.precision, target=args.target, max_batch_size=args.max_batch,
+            copy_artifact=not args.no_copy, preprocess_instances=args.preprocess_instances,
+            engine_instances=args.engine_instances, cuda_graphs=args.cuda_graphs,
+            engine_backend=args.engine_backend, force=args.force, tensorrt_version=args.tensorrt_version,
+            input_formats=tuple(f.strip() for f in args.input_format.split(",") if f.strip()),
+            **({} if args.queue_delay_us is None else {"queue_delay_us": args.queue_delay_us}))
         print(f"wrote Triton repository {repo} (configs validated)")
         return 0
     return run
-
-
-def get_variant(name: str) -> str:
-    from .configs import canonical_name
-    return canonical_name(name)
 
 
 @command("serve", "run the embedded Triton server (CPU) on a repository, supervised, until Ctrl-C / SIGTERM / SIGHUP")
@@ -374,18 +300,24 @@ def _client(p: argparse.ArgumentParser):
     p.add_argument("--input-format", default="encoded", choices=["encoded", "decoded"],
                    help="decoded: decode here and send uint8 RGB (to the <name>_decoded ensemble)")
     p.add_argument("--min-score", type=float, default=0.3)
+    json_out = JsonOutArgs()
+    json_out.add_to(p)
 
     def run(args) -> int:
         from .triton.client import TritonDetectorClient
         client = TritonDetectorClient(args.url, args.model, args.protocol, input_format=args.input_format)
+        results = []
         for path in args.images:
             if not Path(path).is_file():
                 raise EdetError(f"image not found: {path}")
             det = client.detect([Path(path).read_bytes()], args.min_score)[0]
-            print(f"{path}: {len(det)} detection(s)")
-            for r in det.to_records():
-                print(f"  {r['label']:>12s}  {r['score']:.3f}  {r['box']}")
+            results.append(det)
+            if not json_out.to_stdout(args):
+                print(f"{path}: {len(det)} detection(s)")
+                for r in det.to_records():
+                    print(f"  {r['label']:>12s}  {r['score']:.3f}  {r['box']}")
         client.close()
+        json_out.write(args, detection_report(args.images, results))
         return 0
     return run
 
@@ -420,21 +352,20 @@ def _calibrate(p: argparse.ArgumentParser):
     p.add_argument("--eval-images", type=int, default=100, help="val images per sensitivity trial")
     p.add_argument("--max-loss", type=float, default=0.005, help="sensitivity: acceptable mAP loss vs FP32")
     p.add_argument("--out", help="default: <name>.int8-<method>.onnx beside the input")
+    progress = ProgressArgs()
+    progress.add_to(p)
 
     def run(args) -> int:
-        from .precision.convert import to_int8
-        exclude = list(args.exclude)
-        if args.sensitivity:
-            from .io import write_json
-            from .precision.sensitivity import sensitivity_sweep
-            rep = sensitivity_sweep(args.onnx, args.data, args.method, args.num_images, args.eval_images,
-                                    args.max_loss)
-            dst = Path(args.onnx).with_name(Path(args.onnx).stem + f".sensitivity-{args.method}.json")
-            write_json(dst, rep)
+        from .precision.convert import calibrate_int8
+        made = calibrate_int8(args.onnx, args.data, args.out, args.num_images, args.method, args.exclude,
+                              args.cache_dir, args.sensitivity, args.eval_images, args.max_loss,
+                              progress.build(args))
+        if made.sweep is not None:
+            rep = made.sweep
             print(f"FP32 mAP {rep['fp32_mAP']:.4f}, INT8 all {rep['int8_all_mAP']:.4f}, keeping "
-                  f"{rep['kept_in_float'] or 'nothing'} in float -> {rep['int8_with_exclusions_mAP']:.4f} ({dst})")
-            exclude += rep["exclude_patterns"]
-        res = to_int8(args.onnx, args.data, args.out, args.num_images, args.method, exclude, args.cache_dir)
+                  f"{rep['kept_in_float'] or 'nothing'} in float -> {rep['int8_with_exclusions_mAP']:.4f} "
+                  f"({made.sweep_path})")
+        res = made.graph
         info = res.metadata["int8"]
         print(f"wrote {res.onnx_path}: {info['quantized_convs']} convs INT8, {len(info['excluded_convs'])} FP16, "
               f"{info['qdq_nodes']} Q/DQ nodes, {'cached ranges' if info['cache_hit'] else 'calibrated'} "
@@ -455,12 +386,14 @@ def _build(p: argparse.ArgumentParser):
     p.add_argument("--trt-verbose", action="store_true", help="show TensorRT's info messages, not only warnings")
     p.add_argument("--no-tf32", action="store_true",
                    help="FP32 layers in full FP32 (TensorRT otherwise runs FP32 convolutions as TF32)")
+    progress = ProgressArgs()
+    progress.add_to(p)
 
     def run(args) -> int:
         from .trt.builder import build_engine, parse_batch
         parse_batch(args.batch)
         sidecar = build_engine(args.onnx, args.out, args.batch, args.timing_cache, args.workspace,
-                               verbose=args.trt_verbose, tf32=not args.no_tf32)
+                               verbose=args.trt_verbose, tf32=not args.no_tf32, progress=progress.build(args))
         print(f"wrote {args.out} ({sidecar['precision']}, TensorRT {sidecar['tensorrt']['version']}, "
               f"{sidecar['tensorrt']['gpu']}, {sidecar['tensorrt']['build_seconds']} s)")
         return 0

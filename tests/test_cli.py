@@ -89,3 +89,58 @@ def test_check_problems_summary_and_json(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False and report["summary"] == f"{path}: 1 problem(s)"
     assert report["problems"][0]["op"] == "Unique" and "not supported" in report["problems"][0]["text"]
+
+
+def test_detect_json_to_stdout_matches_the_file(onnx_graph, pictures, tmp_path, capsys):
+    images = [str(pictures / "a.jpg"), str(pictures / "b.png")]
+    out_json = tmp_path / "d.json"
+    common = [*images, "--onnx", str(onnx_graph), "--min-score", "0.1", "--backend", "onnxruntime"]
+    assert main(["detect", *common, "--json", str(out_json)]) == 0
+    capsys.readouterr()
+    assert main(["detect", *common, "--json", "-", "--draw", str(tmp_path / "drawn.png")]) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)  # stdout holds the JSON and nothing else ("drew" goes to stderr)
+    assert printed == json.loads(out_json.read_text())
+    assert [r["image"] for r in printed] == images and "drew" in captured.err
+    assert set(printed[0]["detections"][0]) == {"box", "score", "class_id", "label"}
+
+
+def test_client_json_to_stdout(pictures, monkeypatch, capsys):
+    from edet_deploy.postprocess import Detections
+    from edet_deploy.triton import client as triton_client
+
+    class FakeClient:  # the server's answer; what is tested is the command's JSON
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def detect(self, encoded, min_score=0.0):
+            return [Detections(np.array([[1, 2, 30, 40]], np.float32), np.array([0.9], np.float32),
+                               np.array([3]), ["a", "b", "c", "square"])]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(triton_client, "TritonDetectorClient", FakeClient)
+    images = [str(pictures / "a.jpg"), str(pictures / "b.png")]
+    assert main(["client", *images, "--json", "-"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == [{"image": img, "detections": [{"class_id": 3, "label": "square", "score": 0.9,
+                                                      "box": [1.0, 2.0, 30.0, 40.0]}]} for img in images]
+    assert main(["client", images[0]]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{images[0]}: 1 detection(s)"
+
+
+def test_nms_args_build():
+    import argparse
+
+    from edet_deploy.cli_args import NmsArgs
+    from edet_deploy.nms import NmsSettings
+
+    nms = NmsArgs()
+    p = argparse.ArgumentParser()
+    nms.add_to(p)
+    assert nms.build(p.parse_args([])) == NmsSettings()
+    assert nms.build(p.parse_args(["--nms", "none"])) is None
+    built = nms.build(p.parse_args(["--nms", "hard", "--iou-threshold", "0.6", "--score-threshold", "0.2",
+                                    "--max-detections", "50", "--class-agnostic"]))
+    assert built == NmsSettings("hard", NmsSettings().sigma, 0.6, 0.2, 50, True)

@@ -23,6 +23,8 @@ from ..metadata import FORMAT, ONNX_PROP, sidecar_path, write_metadata
 from ..nms import NmsSettings, op as nms_op
 from .graph import CANDIDATE_OUTPUTS, DEFAULT_PRE_NMS_TOP_K, TRT_MAX_TOPK, CandidateGraph
 
+LARGE_IMAGE_SIZE = 896  # D3's input: from here on an export takes minutes, worth a progress bar
+
 
 @dataclass
 class ExportResult:
@@ -39,11 +41,12 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
                 image_size: Optional[int] = None, batch: int = 1, dynamic_batch: Optional[int] = None,
                 opset: int = 17, nms: Optional[NmsSettings] = NmsSettings(),
                 pre_nms_top_k: int = DEFAULT_PRE_NMS_TOP_K, class_names: Optional[Sequence[str]] = None,
-                simplify: bool = True, filename: Optional[str] = None) -> ExportResult:
+                simplify: bool = True, filename: Optional[str] = None, progress: bool = False) -> ExportResult:
     """Export a variant to `out_dir/<filename or efficientdet_dN>.onnx` plus its metadata JSON.
 
     `nms=None` stops at the decoded candidates (`--nms none`). Weights may be ours (their metadata supplies
-    class count, input size and class names) or effdet's; without weights the network is randomly initialised."""
+    class count, input size and class names) or effdet's; without weights the network is randomly initialised.
+    `progress` shows a bar of the export's stages on stderr for the large variants (D3 and up: minutes)."""
     import torch
 
     from ..model import create_model
@@ -64,13 +67,20 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
     if not 13 <= opset <= 21:
         raise EdetError(f"opset {opset} is not supported (13..21)")
 
+    from tqdm import tqdm
+
     t0 = time.perf_counter()
+    bar = tqdm(total=4, desc=f"export {name}", unit="stage", leave=False,
+               disable=not progress or get_config(name).image_size < LARGE_IMAGE_SIZE)
+    bar.set_postfix_str("build model")
     model = create_model(name, num_classes=num_classes, weights=weights, image_size=image_size)
     cfg = model.config
     graph = CandidateGraph(model, pre_nms_top_k).eval()
     size = cfg.image_size
     example = torch.zeros(batch if dynamic_batch is None else min(2, dynamic_batch), size, size, 3, dtype=torch.uint8)
     buf = io.BytesIO()
+    bar.update(1)
+    bar.set_postfix_str("trace")
     dyn = {INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in CANDIDATE_OUTPUTS}} if dynamic_batch else None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer chatter about constant folding and list outputs
@@ -78,10 +88,14 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
                           output_names=list(CANDIDATE_OUTPUTS), dynamic_axes=dyn, do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
     logger.info("traced %s in %.1f s (%d nodes)", cfg.name, time.perf_counter() - t0, len(proto.graph.node))
+    bar.update(1)
+    bar.set_postfix_str("simplify")
     if simplify:
         proto = simplify_graph(proto)
     if nms is not None:
         proto = attach_nms(proto, nms)
+    bar.update(1)
+    bar.set_postfix_str("save")
 
     meta = {
         "format": FORMAT, "producer": f"edet-deploy {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -97,6 +111,8 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
     out_dir = Path(out_dir)
     onnx_path = out_dir / f"{filename or graph_name(cfg.name, nms is not None)}.onnx"
     result = save_graph(proto, onnx_path, meta)
+    bar.update(1)
+    bar.close()
     logger.info("exported %s (%.1f s)", onnx_path, time.perf_counter() - t0)
     return result
 

@@ -353,6 +353,25 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
     return out
 
 
+def generate_repository_from_model(out: str | Path, *, model: str, weights: Optional[str] = None,
+                                   onnx: Optional[str] = None, target: str = "cpu", max_batch_size: int = 8,
+                                   **kwargs) -> Path:
+    """`generate_repository` for `edet-deploy triton-repo`: a CPU target without a graph first exports `model`
+    (with `weights`) into a hidden temporary folder, which goes away since the repository keeps its own copy."""
+    import tempfile
+
+    from ..configs import canonical_name
+
+    with tempfile.TemporaryDirectory(prefix="edet-triton-export-") as tmp:
+        if target == "cpu" and not onnx:
+            if max_batch_size < 1:
+                raise EdetError("--max-batch must be >= 1")
+            from ..export import export_onnx
+            onnx = str(export_onnx(model, tmp, weights=weights, dynamic_batch=max_batch_size).onnx_path)
+        return generate_repository(out, variant=canonical_name(model), onnx=onnx, target=target,
+                                   max_batch_size=max_batch_size, **kwargs)
+
+
 def perf_input_path(repo: str | Path, ensemble: str) -> Path:
     """perf_analyzer --input-data file for `ensemble` (top-level files are ignored by Triton's repository scan)."""
     return Path(repo) / f"{ensemble}.perf_input.json"

@@ -27,8 +27,9 @@ def parse_batch(spec: str) -> Tuple[int, int, int]:
 
 
 def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timing_cache: Optional[str] = None,
-                 workspace_gb: float = 4.0, verbose: bool = False, tf32: bool = True) -> Dict:
-    """Parse, build, write the plan atomically plus its JSON sidecar; returns the sidecar."""
+                 workspace_gb: float = 4.0, verbose: bool = False, tf32: bool = True, progress: bool = False) -> Dict:
+    """Parse, build, write the plan atomically plus its JSON sidecar; returns the sidecar. `progress` shows
+    TensorRT's build phases as bars on stderr (a build takes minutes)."""
     from . import require_tensorrt
     from .plugin import register
 
@@ -66,8 +67,13 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (lo, s, s, 3), (opt, s, s, 3), (hi, s, s, 3))
     config.add_optimization_profile(profile)
+    monitor = _ProgressMonitor(trt) if progress and hasattr(trt, "IProgressMonitor") else None
+    if monitor is not None:
+        config.progress_monitor = monitor
     logger.info("building %s (batch %d:%d:%d, %s) ...", onnx_path.name, lo, opt, hi, meta.get("precision"))
     plan = builder.build_serialized_network(network, config)
+    if monitor is not None:
+        monitor.close()
     if plan is None:
         raise EdetError("TensorRT failed to build the engine (see the log above)")
     with atomic_path(out) as tmp:
@@ -116,6 +122,37 @@ def _Logger(trt, verbose: bool = False):
             if verbose or level >= 30:
                 logger.log(level, "[TensorRT] %s", msg)
     return Logger()
+
+
+def _ProgressMonitor(trt):
+    """TensorRT's IProgressMonitor as one tqdm bar per build phase (nested phases stack their bars)."""
+    from tqdm import tqdm
+
+    class ProgressMonitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.bars: Dict[str, tqdm] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.bars[phase_name] = tqdm(total=num_steps, desc=phase_name, leave=False, position=len(self.bars))
+
+        def step_complete(self, phase_name, step):
+            bar = self.bars.get(phase_name)
+            if bar is not None:
+                bar.n = step + 1
+                bar.refresh()
+            return True  # never cancel the build
+
+        def phase_finish(self, phase_name):
+            bar = self.bars.pop(phase_name, None)
+            if bar is not None:
+                bar.close()
+
+        def close(self):
+            for bar in self.bars.values():
+                bar.close()
+            self.bars.clear()
+    return ProgressMonitor()
 
 
 def check_plan_matches_machine(sidecar: Dict) -> None:

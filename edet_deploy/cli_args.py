@@ -1,0 +1,141 @@
+"""Argument groups shared by subcommands: each declares its flags once and builds the object they describe, so
+handlers do not repeat flags or construction (the pattern of Polygraphy's tools). Imports neither commands nor
+cli, which import this module."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, Any, Optional
+
+from .errors import EdetError
+
+if TYPE_CHECKING:
+    from .detector import Detector
+    from .nms import NmsSettings
+
+
+class NmsArgs:
+    """The soft-NMS options of the exported graph; `build` gives the NmsSettings (None for `--nms none`)."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Declare the options, their defaults taken from NmsSettings so the two cannot drift."""
+        from .nms import METHODS, NmsSettings
+        from .nms.settings import DEFAULT_PRE_NMS_TOP_K
+        d = NmsSettings()
+        g = parser.add_argument_group("soft-NMS (inside the graph)")
+        g.add_argument("--nms", default=d.method, choices=[*METHODS, "none"],
+                       help="suppression method; 'none' stops the graph at decoded candidates")
+        g.add_argument("--sigma", type=float, default=d.sigma,
+                       help="gaussian sigma (the paper's, not TF's doubled one)")
+        g.add_argument("--iou-threshold", type=float, default=d.iou_threshold, help="IoU threshold of linear / hard")
+        g.add_argument("--score-threshold", type=float, default=d.score_threshold)
+        g.add_argument("--max-detections", type=int, default=d.max_detections)
+        g.add_argument("--class-agnostic", action="store_true",
+                       help="let boxes of different classes suppress each other")
+        g.add_argument("--pre-nms-top-k", type=int, default=DEFAULT_PRE_NMS_TOP_K,
+                       help="candidates kept by TopK before NMS (TensorRT allows at most 3840)")
+
+    def build(self, args: argparse.Namespace) -> Optional["NmsSettings"]:
+        """The settings the options describe; None when the graph should stop before NMS."""
+        from .nms import NmsSettings
+        if args.nms == "none":
+            return None
+        return NmsSettings(args.nms, args.sigma, args.iou_threshold, args.score_threshold, args.max_detections,
+                           args.class_agnostic)
+
+
+class SourceArgs:
+    """Where a detector comes from (`--onnx F | --engine P | --model d0 --weights W`) and what runs it
+    (`--backend`); `build` gives the Detector."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Declare the source and runtime options."""
+        from .backends import CPU_GRAPH_BACKENDS, DEFAULT_CPU_BACKEND
+        parser.add_argument("--model", default="d0", help="variant (with --weights or random init)")
+        parser.add_argument("--weights", help="checkpoint (ours or effdet's)")
+        src = parser.add_mutually_exclusive_group()
+        src.add_argument("--onnx", help="exported graph (its metadata JSON beside it)")
+        src.add_argument("--engine", help="TensorRT plan from `edet-deploy build` (its JSON sidecar beside it); "
+                                          "runs on the tensorrt backend (NVIDIA GPU + TensorRT 11)")
+        parser.add_argument("--backend", choices=[*CPU_GRAPH_BACKENDS, "torch", "tensorrt"],
+                            help=f"runtime (default: tensorrt with --engine, else {DEFAULT_CPU_BACKEND}); "
+                                 f"onnxruntime / openvino export --model/--weights once into a cache when --onnx "
+                                 f"is absent")
+        parser.add_argument("--cuda-graph", action="store_true",
+                            help="tensorrt: replay CUDA graphs (one per batch size)")
+        parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+
+    @staticmethod
+    def backend(args: argparse.Namespace) -> str:
+        """The runtime in effect: --backend, else what the source implies."""
+        from .backends import DEFAULT_CPU_BACKEND
+        return args.backend or ("tensorrt" if args.engine else DEFAULT_CPU_BACKEND)
+
+    @staticmethod
+    def describe(args: argparse.Namespace) -> str:
+        """One string naming the source, for reports."""
+        return args.engine or args.onnx or f"{args.model}:{args.weights or 'random-init'}"
+
+    def build(self, args: argparse.Namespace, min_score: float = 0.0) -> "Detector":
+        """The Detector; a source and backend that do not go together is the user's error."""
+        from .detector import Detector
+        backend = self.backend(args)
+        if args.engine:
+            if backend != "tensorrt":
+                raise EdetError("--engine runs on the tensorrt backend")
+            return Detector.from_engine(args.engine, cuda_graph=args.cuda_graph, min_score=min_score)
+        if backend == "tensorrt":
+            raise EdetError("the tensorrt backend needs --engine (a plan from `edet-deploy build`)")
+        if args.onnx:
+            from .backends import CPU_GRAPH_BACKENDS
+            if backend not in CPU_GRAPH_BACKENDS:
+                raise EdetError(f"--onnx runs on the {' or '.join(CPU_GRAPH_BACKENDS)} backend")
+            return Detector.from_onnx(args.onnx, backend=backend, threads=args.threads, min_score=min_score)
+        return Detector.from_model(args.model, args.weights, backend=backend, threads=args.threads,
+                                   min_score=min_score)
+
+
+class ProgressArgs:
+    """`--no-progress`; bars go to stderr and only to a terminal, so piped and tested outputs stay clean."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Declare the option."""
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    @staticmethod
+    def build(args: argparse.Namespace) -> bool:
+        """Whether to show progress bars."""
+        return not args.no_progress and sys.stderr.isatty()
+
+
+class JsonOutArgs:
+    """`--json PATH` for the commands that report detections: PATH gets the JSON, and `-` prints it on stdout
+    instead of the report (as `check --json` and `models --json` do)."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Declare the option."""
+        parser.add_argument("--json", metavar="PATH",
+                            help="write all detections as JSON to PATH; '-' prints only the JSON on stdout")
+
+    @staticmethod
+    def to_stdout(args: argparse.Namespace) -> bool:
+        """True when the JSON replaces the human-readable report on stdout."""
+        return args.json == "-"
+
+    def write(self, args: argparse.Namespace, report: Any) -> None:
+        """Emit `report` where --json points (nothing without --json)."""
+        if not args.json:
+            return
+        if self.to_stdout(args):
+            print(json.dumps(report, indent=2))
+            return
+        from .io import write_json
+        write_json(args.json, report)
+        print(f"wrote {args.json}")
+
+
+def detection_report(images, results) -> list:
+    """The JSON of `detect` and `client`: one entry per image with its detections (box, score, class_id,
+    label)."""
+    return [{"image": str(path), "detections": det.to_records()} for path, det in zip(images, results)]
