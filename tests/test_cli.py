@@ -94,7 +94,7 @@ def test_check_problems_summary_and_json(tmp_path, capsys):
 def test_detect_json_to_stdout_matches_the_file(onnx_graph, pictures, tmp_path, capsys):
     images = [str(pictures / "a.jpg"), str(pictures / "b.png")]
     out_json = tmp_path / "d.json"
-    common = [*images, "--onnx", str(onnx_graph), "--min-score", "0.1", "--backend", "onnxruntime"]
+    common = [*images, "--onnx", str(onnx_graph), "--min-score", "0", "--backend", "onnxruntime"]
     assert main(["detect", *common, "--json", str(out_json)]) == 0
     capsys.readouterr()
     assert main(["detect", *common, "--json", "-", "--draw", str(tmp_path / "drawn.png")]) == 0
