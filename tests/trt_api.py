@@ -15,7 +15,7 @@ TRT_API = (
     "Logger", "Runtime", "deserialize_cuda_engine", "create_execution_context", "get_tensor_name",
     "num_io_tensors", "get_tensor_mode", "TensorIOMode", "OUTPUT", "set_input_shape", "get_tensor_shape",
     "get_tensor_dtype", "set_tensor_address", "execute_async_v3", "float32", "float16", "int32", "uint8", "int64",
-    "serialize",
+    "serialize", "IProgressMonitor", "progress_monitor", "phase_start", "step_complete", "phase_finish",
 )
 # tensorrt.plugin names (pure Python in the bindings wheel)
 TRT_PLUGIN_API = ("register", "aot_impl", "impl", "TensorDesc", "Tensor", "from_shape_expr", "KernelLaunchParams",
