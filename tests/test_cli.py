@@ -144,3 +144,27 @@ def test_nms_args_build():
     built = nms.build(p.parse_args(["--nms", "hard", "--iou-threshold", "0.6", "--score-threshold", "0.2",
                                     "--max-detections", "50", "--class-agnostic"]))
     assert built == NmsSettings("hard", NmsSettings().sigma, 0.6, 0.2, 50, True)
+
+
+def test_progress_only_on_a_terminal(monkeypatch):
+    import argparse
+    import sys
+
+    from edet_deploy.cli_args import ProgressArgs
+
+    progress = ProgressArgs()
+    p = argparse.ArgumentParser()
+    progress.add_to(p)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert progress.build(p.parse_args([])) and not progress.build(p.parse_args(["--no-progress"]))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert not progress.build(p.parse_args([]))
+
+
+def test_triton_repo_from_model_checks_max_batch_before_exporting(tmp_path):
+    from edet_deploy import EdetError
+    from edet_deploy.triton.repo import generate_repository_from_model
+
+    with pytest.raises(EdetError, match=">= 1"):
+        generate_repository_from_model(tmp_path / "repo", model="d0", max_batch_size=0)
+    assert not (tmp_path / "repo").exists()

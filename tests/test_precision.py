@@ -1,5 +1,6 @@
 """FP16 and INT8 graphs: structure TensorRT needs, they run in ONNX Runtime, and their detections on real
 images (the bundled shapes model on generated shapes) stay close to FP32."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from edet_deploy import EdetError
 from edet_deploy.backends.onnxrt import OnnxRuntimeRunner
 from edet_deploy.data import CocoDataset, generate_shapes
 from edet_deploy.export import export_onnx
+from edet_deploy.metadata import read_metadata
 from edet_deploy.trt.check import check_trt_compat
 from edet_deploy.precision.census import census
 from edet_deploy.precision.convert import to_fp16, to_int8
@@ -285,6 +287,26 @@ def test_calibrate_and_check_print_the_census(fp32, shapes, tmp_path, capsys):
     assert main(["check", str(out)]) == 0
     text = capsys.readouterr().out
     assert "precision census" in text and "int8 100.0%" in text and "OK" in text
+
+
+def test_calibrate_sensitivity_keeps_the_chosen_blocks(fp32, shapes, tmp_path, capsys, monkeypatch):
+    """The sweep itself (dozens of INT8 builds) is replaced; what is tested is what `calibrate --sensitivity`
+    does with its answer: the report beside the graph, its line, and the chosen block kept out of INT8."""
+    from edet_deploy.cli import main
+    from edet_deploy.precision import sensitivity
+    sweep = {"fp32_mAP": 0.5, "int8_all_mAP": 0.4, "kept_in_float": ["box_net"], "int8_with_exclusions_mAP": 0.48,
+             "exclude_patterns": [sensitivity.pattern_for("box_net")]}
+    monkeypatch.setattr(sensitivity, "sensitivity_sweep", lambda *a, **k: sweep)
+    out = tmp_path / "s.onnx"
+    assert main(["calibrate", str(fp32), "--data", str(shapes), "--num-images", "4", "--method", "minmax",
+                 "--sensitivity", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    report = fp32.with_name(fp32.stem + ".sensitivity-minmax.json")
+    assert json.loads(report.read_text()) == sweep
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"FP32 mAP 0.5000, INT8 all 0.4000, keeping ['box_net'] in float -> 0.4800 ({report})"
+    excluded = read_metadata(out)["int8"]["excluded_convs"]
+    assert excluded and all("/box_net/" in n for n in excluded)
+    report.unlink()
 
 
 def test_calibration_refuses_bad_data(fp32, tmp_path):
