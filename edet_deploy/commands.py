@@ -356,7 +356,7 @@ def _calibrate(p: argparse.ArgumentParser):
     progress.add_to(p)
 
     def run(args) -> int:
-        from .precision.convert import calibrate_int8
+        from .precision.sensitivity import calibrate_int8
         made = calibrate_int8(args.onnx, args.data, args.out, args.num_images, args.method, args.exclude,
                               args.cache_dir, args.sensitivity, args.eval_images, args.max_loss,
                               progress.build(args))

@@ -1,9 +1,8 @@
 """From an exported FP32 detection graph to its FP16 or INT8 twin, metadata included."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Iterable, Optional
 
 import onnx
 
@@ -77,31 +76,3 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
                 fp16={"kept_fp32": sorted(keep)}, census=census(quantized))
     return _finish(quantized, settings, meta,
                    Path(out) if out else path.with_name(f"{path.stem}.int8-{method}.onnx"))
-
-
-@dataclass
-class Int8Result:
-    """What `calibrate_int8` made: the INT8 graph, and with a sensitivity sweep its report and where it went."""
-    graph: ExportResult
-    sweep: Optional[Dict] = None
-    sweep_path: Optional[Path] = None
-
-
-def calibrate_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] = None, num_images: int = 500,
-                   method: str = "entropy", exclude: Iterable[str] = (), cache_dir: Optional[str | Path] = None,
-                   sensitivity: bool = False, eval_images: int = 100, max_loss: float = 0.005,
-                   progress: bool = True) -> Int8Result:
-    """`edet-deploy calibrate`: with `sensitivity`, first sweep for the blocks that cost the most mAP in INT8
-    (report written beside the graph; its per-block table goes to stdout) and keep them in float too; then
-    `to_int8`, with a bar per calibration image when `progress`."""
-    exclude = list(exclude)
-    sweep = sweep_path = None
-    if sensitivity:
-        from ..io import write_json
-        from .sensitivity import sensitivity_sweep
-        sweep = sensitivity_sweep(onnx_path, data, method, num_images, eval_images, max_loss)
-        sweep_path = Path(onnx_path).with_name(Path(onnx_path).stem + f".sensitivity-{method}.json")
-        write_json(sweep_path, sweep)
-        exclude += sweep["exclude_patterns"]
-    graph = to_int8(onnx_path, data, out, num_images, method, exclude, cache_dir, progress)
-    return Int8Result(graph, sweep, sweep_path)

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
 
 import onnx
 
 from ..log import logger
 from .fp16 import NETWORK_PREFIX
+
+if TYPE_CHECKING:
+    from ..export.onnx_export import ExportResult
 
 
 def block_of(node_name: str) -> str:
@@ -78,3 +82,31 @@ def sensitivity_sweep(onnx_path: str | Path, data: str | Path, method: str = "en
     return {"fp32_mAP": round(fp32, 5), "int8_all_mAP": round(full, 5), "method": method,
             "eval_images": eval_images, "blocks": rows, "kept_in_float": chosen,
             "exclude_patterns": [pattern_for(b) for b in chosen], "int8_with_exclusions_mAP": round(current, 5)}
+
+
+@dataclass
+class Int8Result:
+    """What `calibrate_int8` made: the INT8 graph, and with a sensitivity sweep its report and where it went."""
+    graph: "ExportResult"
+    sweep: Optional[Dict] = None
+    sweep_path: Optional[Path] = None
+
+
+def calibrate_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] = None, num_images: int = 500,
+                   method: str = "entropy", exclude: Iterable[str] = (), cache_dir: Optional[str | Path] = None,
+                   sensitivity: bool = False, eval_images: int = 100, max_loss: float = 0.005,
+                   progress: bool = True) -> Int8Result:
+    """`edet-deploy calibrate`: with `sensitivity`, first sweep for the blocks that cost the most mAP in INT8
+    (report written beside the graph; its per-block table goes to stdout) and keep them in float too; then
+    `to_int8`, with a bar per calibration image when `progress`."""
+    from .convert import to_int8
+    exclude = list(exclude)
+    sweep = sweep_path = None
+    if sensitivity:
+        from ..io import write_json
+        sweep = sensitivity_sweep(onnx_path, data, method, num_images, eval_images, max_loss)
+        sweep_path = Path(onnx_path).with_name(Path(onnx_path).stem + f".sensitivity-{method}.json")
+        write_json(sweep_path, sweep)
+        exclude += sweep["exclude_patterns"]
+    graph = to_int8(onnx_path, data, out, num_images, method, exclude, cache_dir, progress)
+    return Int8Result(graph, sweep, sweep_path)
