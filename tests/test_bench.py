@@ -5,7 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from edet_deploy.bench import percentiles, run_bench, time_loop
+from edet_deploy.bench import run_bench, time_loop
+from edet_deploy.measure import percentiles
 
 
 def test_percentiles_and_loop():
@@ -52,7 +53,7 @@ def _machine(cpu, date):
 
 
 def test_merge_keeps_other_rows_and_never_compares_across_runs():
-    from edet_deploy.bench import markdown_table, merge_reports, speedups
+    from edet_deploy.reports import markdown_table, merge_reports, speedups
     base = {"machine": _machine("EPYC", "day 1"), "results": [
         _row("d0", "torch", "fp32", 120), _row("d0", "onnxruntime", "fp32", 80), _row("d3", "onnxruntime", "fp32", 400)]}
     new = {"machine": _machine("Xeon", "day 2"), "results": [
