@@ -22,7 +22,6 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edet_deploy.nms import batched_soft_nms, batched_soft_nms_reference  # noqa: E402
 
 
@@ -81,7 +80,7 @@ def main(argv=None) -> int:
                          "time_vs_fast": round(ms / fast, 2)})
             print(f"N={n:5d}  {name:34s} {ms:10.3f} ms   {ms / fast:8.1f}x the fast path", flush=True)
 
-    from edet_deploy.bench import machine_info
+    from edet_deploy.measure import machine_info
     cpu = machine_info(1)["cpu"]
     header = (f"# Soft-NMS timings\n\nMachine: {cpu}, {os.cpu_count()} cores, one thread used; "
               f"{time.strftime('%Y-%m-%d')}. One image, 90 classes, K = 100, gaussian sigma 0.5, score threshold "

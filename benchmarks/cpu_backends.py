@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from edet_deploy.bench import Bench, machine_info, percentiles  # noqa: E402
-from edet_deploy.backends import create_runner  # noqa: E402
-from edet_deploy.configs import parse_model_list  # noqa: E402
+from edet_deploy.backends import create_runner
+from edet_deploy.bench import Bench
+from edet_deploy.configs import parse_model_list
+from edet_deploy.measure import machine_info, percentiles
 
 
 def cpu_flags() -> list:

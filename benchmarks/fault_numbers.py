@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def encode(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
@@ -93,8 +91,8 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/faults.json")
     args = ap.parse_args()
 
-    from edet_deploy.bench import machine_info
-    from edet_deploy.triton.server import TritonServer, free_port
+    from edet_deploy.measure import free_port, machine_info
+    from edet_deploy.triton.server import TritonServer
     from edet_deploy.triton.supervisor import Supervisor
 
     repo = args.repo

@@ -105,15 +105,14 @@ class Acceptance:
                              "model), FP16 twin, INT8 twin calibrated on 64 images")
     def graphs(self):
         from edet_deploy.data import CocoDataset, generate_shapes
-        from edet_deploy.export import export_onnx
-        from edet_deploy.precision.convert import to_fp16, to_int8
+        from edet_deploy.precision.convert import graph_for
 
         self.data = generate_shapes(self.out.parent / "shapes", {"val": 64, "calib": 64}, progress=False)
         self.val = CocoDataset(self.data, "val")
         weights = str(DEMO) if self.variant == "d0" and DEMO.is_file() else None
-        fp32 = export_onnx(self.variant, self.out, weights=weights, dynamic_batch=8).onnx_path
-        self.graph_paths = {"fp32": fp32, "fp16": to_fp16(fp32).onnx_path,
-                            "int8": to_int8(fp32, self.data, num_images=64).onnx_path}
+        self.graph_paths = {p: graph_for(self.variant, p, self.out, weights=weights, dynamic_batch=8,
+                                         data=self.data if p == "int8" else None, num_images=64, reuse=False)
+                            for p in PRECISIONS}
 
     @step("build", "edet-deploy build --batch 1:8:8 for fp32 (--no-tf32, for the comparison) / fp16 / int8, "
                    "TensorRT's full log kept in build_<precision>.log")
@@ -254,7 +253,7 @@ class Acceptance:
                      f"events around the engine) p50/p90/p99 over {LATENCY_ITERS} runs, with and without CUDA graphs")
     def latency(self):
         from edet_deploy.trt.runner import TensorRTRunner
-        from edet_deploy.bench import percentiles
+        from edet_deploy.measure import percentiles
         from edet_deploy.preprocess import preprocess
 
         for p, plan in self.plans.items():
@@ -323,7 +322,7 @@ def main(argv=None) -> int:
     from edet_deploy.trt import require_tensorrt
     require_tensorrt()
     import torch
-    from edet_deploy.bench import machine_info
+    from edet_deploy.measure import machine_info
 
     out.mkdir(parents=True, exist_ok=True)
     machine = dict(machine_info(None), gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)

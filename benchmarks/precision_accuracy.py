@@ -13,16 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from edet_deploy.bench import machine_info  # noqa: E402
-from edet_deploy.data import CocoDataset, generate_shapes  # noqa: E402
-from edet_deploy.detector import Detector  # noqa: E402
-from edet_deploy.eval import evaluate  # noqa: E402
-from edet_deploy.export import export_onnx  # noqa: E402
-from edet_deploy.precision.census import census  # noqa: E402
-from edet_deploy.precision.convert import to_fp16, to_int8  # noqa: E402
-from edet_deploy.precision.sensitivity import sensitivity_sweep  # noqa: E402
+from edet_deploy.data import CocoDataset, generate_shapes
+from edet_deploy.detector import Detector
+from edet_deploy.eval import evaluate
+from edet_deploy.measure import machine_info
+from edet_deploy.precision.census import census
+from edet_deploy.precision.convert import graph_for
+from edet_deploy.precision.sensitivity import sensitivity_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "edet_deploy" / "assets" / "shapes_d0.safetensors"
@@ -40,18 +37,18 @@ def main(argv=None) -> int:
         generate_shapes(args.data)
     val = CocoDataset(args.data, "val")
     work = Path(args.work)
-    fp32 = export_onnx("d0", work, weights=str(WEIGHTS)).onnx_path
-    graphs = {"fp32": fp32, "fp16": to_fp16(fp32, work / "d0.fp16.onnx", args.data).onnx_path}
+    fp32 = graph_for("d0", "fp32", work, weights=str(WEIGHTS), reuse=False)
+    graphs = {"fp32": fp32, "fp16": graph_for("d0", "fp16", work, data=args.data, reuse=False)}
     t = time.perf_counter()
     sens = sensitivity_sweep(fp32, args.data, "entropy", args.calib_images, args.sensitivity_images,
                              work_dir=work / "sensitivity")
     print(f"sensitivity sweep {time.perf_counter() - t:.0f} s: keep {sens['kept_in_float']}", flush=True)
     for method in ("entropy", "percentile", "minmax"):
-        graphs[f"int8 {method}"] = to_int8(fp32, args.data, work / f"d0.int8-{method}.onnx", args.calib_images,
-                                           method).onnx_path
-        graphs[f"int8 {method} + sensitivity"] = to_int8(
-            fp32, args.data, work / f"d0.int8-{method}-sens.onnx", args.calib_images, method,
-            sens["exclude_patterns"]).onnx_path
+        graphs[f"int8 {method}"] = graph_for("d0", "int8", work, data=args.data, num_images=args.calib_images,
+                                             method=method, reuse=False)
+        graphs[f"int8 {method} + sensitivity"] = graph_for(
+            "d0", "int8", work, data=args.data, num_images=args.calib_images, method=method,
+            exclude=sens["exclude_patterns"], tag="-sens", reuse=False)
     rows = []
     for name, graph in graphs.items():
         rep = evaluate(Detector.from_onnx(graph), val)

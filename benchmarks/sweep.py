@@ -11,16 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from edet_deploy.cli import main  # noqa: E402
+from edet_deploy.cli import main
 
 DEFAULTS = ["--models", "d0-d7,d7x", "--backends", "torch,onnxruntime,openvino,tensorrt", "--precisions",
             "fp32,int8", "--batch", "1", "--warmup", "1", "--seconds", "15", "--out", "benchmarks/results/sweep"]
 
 
 def merge(partial: Path, into: Path) -> None:
-    from edet_deploy.bench import merge_reports, write_reports
+    from edet_deploy.reports import merge_reports, write_reports
     base = json.loads((into / "bench.json").read_text())
     new = json.loads((partial / "bench.json").read_text())
     report = merge_reports(base, new)

@@ -17,10 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from edet_deploy.bench import machine_info, percentiles  # noqa: E402
-from edet_deploy.triton.load import perf_analyzer_command, run_load  # noqa: E402
+from edet_deploy.measure import machine_info, percentiles
+from edet_deploy.triton.load import perf_analyzer_command, run_load
 
 
 def stub_memory(repo: str = "") -> dict:
@@ -80,7 +78,8 @@ def interleaved(local, url: str, blobs, n: int) -> dict:
 def run_backend(backend: str, graph: Path, blobs, args, conc) -> dict:
     from edet_deploy.detector import Detector
     from edet_deploy.triton.repo import generate_repository
-    from edet_deploy.triton.server import TritonServer, free_port
+    from edet_deploy.measure import free_port
+    from edet_deploy.triton.server import TritonServer
 
     server = None
     if args.url is None:

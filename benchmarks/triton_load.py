@@ -21,11 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from edet_deploy.bench import machine_info, percentiles  # noqa: E402
-from edet_deploy.triton.load import perf_analyzer_command, run_load  # noqa: E402
-from edet_deploy.triton.repo import ENGINE_QUEUE_DELAY_US, perf_input_path  # noqa: E402
+from edet_deploy.measure import machine_info, percentiles
+from edet_deploy.triton.load import perf_analyzer_command, run_load
+from edet_deploy.triton.repo import ENGINE_QUEUE_DELAY_US, perf_input_path
 
 MODEL = "efficientdet_d0"
 
@@ -57,7 +55,8 @@ def serve_and_load(repo: Path, runs: list, log: Path, local, blobs) -> tuple:
     """Start a server on `repo`, measure the in-process pipeline while it idles (the shared CPU's load drifts:
     the concurrency-1 ratio compares numbers taken a minute, not a quarter of an hour, apart), run each
     (label, kwargs) load, stop. Returns ({label: rows}, in-process percentiles, stub memory)."""
-    from edet_deploy.triton.server import TritonServer, free_port
+    from edet_deploy.measure import free_port
+    from edet_deploy.triton.server import TritonServer
 
     # the load test reads the statistics API (restricted by default): open it for this server only
     server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=log, open_apis=["statistics"]).start()

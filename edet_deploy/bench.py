@@ -2,62 +2,27 @@
 
 Honest by construction: first inference (graph optimisation, numba/JIT compilation) is timed separately,
 warm-up iterations are discarded, every iteration gets a fresh input from a pool of distinct images, the
-thread count is recorded, and what cannot run here is skipped with a one-line reason."""
+thread count is recorded, and what cannot run here is skipped with a one-line reason. Report formats and plots
+are reports.py's; percentiles and machine info are measure.py's."""
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
-import platform
-import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import EdetError
 from .log import logger
+from .measure import BACKENDS, PRECISIONS, machine_info, percentiles
+from .reports import write_reports
 
-BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 # Largest input at which ONNX Runtime's INT8 calibration (all intermediate activations kept) fits this
 # workplace's 24 GiB machines; larger variants are skipped with that reason rather than killed mid-sweep.
 INT8_CALIBRATION_MAX_SIZE = int(os.environ.get("EDET_INT8_CALIB_MAX_SIZE", "1536"))
-PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def percentiles(times_ms: Sequence[float]) -> Dict[str, float]:
-    a = np.asarray(times_ms, np.float64)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "n": int(a.size)}
-
-
-def machine_info(threads: Optional[int]) -> Dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for mod in ("torch", "onnxruntime", "openvino", "numpy", "onnx", "timm", "tensorrt"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - absent optional libraries are simply not listed
-            pass
-    from . import __version__
-    gpu = None
-    try:
-        import torch
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or os.cpu_count(), "gpu": gpu,
-            "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
-            "edet_deploy": __version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 class PeakRss:
@@ -133,8 +98,9 @@ def time_loop(fn: Callable[[int], None], warmup: int, iters: int, seconds: Optio
 
 def _encoded_pool(n: int, seed: int = 0) -> List[bytes]:
     """Distinct JPEG 'photos' of different sizes for the full-pipeline timing."""
-    from .demo import sample_image
     import tempfile
+
+    from .data import sample_image
     pool = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n):
@@ -155,26 +121,14 @@ class Bench:
 
     # -- artifacts ------------------------------------------------------------------------------------------
     def graph(self, model: str, precision: str, max_batch: int) -> Path:
-        from .contract import artifact_name
-        from .export import export_onnx
-        from .precision.convert import to_fp16, to_int8
+        """The graph for one combination, made once per output folder. Latency does not depend on the
+        calibration's quality: INT8 is a quick min-max calibration on a few images (accuracy per calibration
+        method is benchmarks/precision_accuracy.py's job)."""
+        from .precision.convert import graph_for
 
-        d = self.out / "graphs" / model
-        fp32 = d / f"{artifact_name(model)}.onnx"
-        if not fp32.is_file():
-            import torch
-            torch.manual_seed(0)
-            export_onnx(model, d, dynamic_batch=max(8, max_batch))
-        if precision == "fp32":
-            return fp32
-        if precision == "fp16":
-            p = d / f"{artifact_name(model, 'fp16')}.onnx"
-            return p if p.is_file() else to_fp16(fp32, p).onnx_path
-        # Latency does not depend on the calibration's quality: a quick min-max calibration on a few images
-        # (accuracy per calibration method is benchmarks/precision_accuracy.py's job).
-        p = d / f"{artifact_name(model, 'int8-minmax')}.onnx"
-        return p if p.is_file() else to_int8(fp32, self.calibration_data(), p, self.calib_images,
-                                             method="minmax").onnx_path
+        return graph_for(model, precision, self.out / "graphs" / model, dynamic_batch=max(8, max_batch),
+                         data=self.calibration_data() if precision == "int8" else None,
+                         num_images=self.calib_images, method="minmax")
 
     def calibration_data(self) -> Path:
         if self._calib_dir is None:
@@ -241,7 +195,6 @@ class Bench:
     def _measure(self, r: Result, model: str, backend: str, precision: str, batch: int, max_batch: int) -> None:
         from .backends import create_runner
         from .detector import Detector
-        from .preprocess import preprocess
 
         if backend == "torch":
             import torch
@@ -290,6 +243,20 @@ class Bench:
         runner.close()
 
 
+def sweep_options(backends: str, precisions: str, batches: str) -> Tuple[List[str], List[str], List[int]]:
+    """The comma-separated `bench` options as lists, refused with one message before hours of sweep start."""
+    backend_list = [b.strip() for b in backends.split(",") if b.strip()]
+    precision_list = [x.strip() for x in precisions.split(",") if x.strip()]
+    bad = [b for b in backend_list if b not in BACKENDS] + [x for x in precision_list if x not in PRECISIONS]
+    if bad:
+        raise EdetError(f"unknown backend/precision {bad}")
+    try:
+        batch_list = [int(b) for b in batches.split(",")]
+    except ValueError:
+        raise EdetError(f"--batch takes integers, got {batches!r}") from None
+    return backend_list, precision_list, batch_list
+
+
 def run_bench(models: Sequence[str], backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int],
               out: str | Path, threads: Optional[int] = None, warmup: int = 3, iters: int = 20,
               seconds: Optional[float] = None, progress: bool = True) -> Dict:
@@ -318,199 +285,3 @@ def run_bench(models: Sequence[str], backends: Sequence[str], precisions: Sequen
         write_reports(report, out, plots=False)  # after every run: a crash keeps what was measured
     write_reports(report, out)
     return report
-
-
-# -- reports --------------------------------------------------------------------------------------------------
-
-def write_reports(report: Dict, out: Path, plots: bool = True) -> None:
-    from .io import atomic_path, write_json
-
-    write_json(out / "bench.json", report)
-    rows = report["results"]
-    with atomic_path(out / "bench.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            fields = list(dict.fromkeys(k for r in rows for k in r)) or ["model"]  # merged runs: union of columns
-            w = csv.DictWriter(f, fieldnames=fields, restval="")
-            w.writeheader()
-            w.writerows(rows)
-    with atomic_path(out / "bench.md") as tmp:
-        tmp.write_text(markdown_table(report))
-    if not plots:
-        return
-    try:
-        plot_latency(report, out / "latency.png")
-        plot_accuracy_latency(report, out / "accuracy_vs_latency.png")
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plots (pip install 'edet-deploy[plot]')")
-
-
-def _key(r: Dict) -> tuple:
-    return r["model"], r["backend"], r["precision"], r["batch"]
-
-
-def merge_reports(base: Dict, new: Dict) -> Dict:
-    """`base` with the rows of `new` replacing or joining its own (same model, backend, precision, batch), for
-    adding backends to a sweep too slow to rerun whole. Each part keeps its machine and date in `sources`, and
-    the markdown says which rows came from which run; ratios are only taken within one run."""
-    def sources(report: Dict) -> List[Dict]:
-        return report.get("sources") or [{"machine": report["machine"], "settings": report.get("settings"),
-                                          "rows": [list(_key(r)) for r in report["results"]]}]
-    new_keys = {_key(r) for r in new["results"]}
-    merged_sources = []
-    for src in sources(base):
-        rows = [k for k in src["rows"] if tuple(k) not in new_keys]
-        if rows:
-            merged_sources.append({**src, "rows": rows})
-    merged_sources += sources(new)
-    from .configs import VARIANTS
-    variants = list(VARIANTS)
-
-    def order(r: Dict) -> tuple:
-        return (variants.index(r["model"]) if r["model"] in variants else len(variants), r["batch"],
-                BACKENDS.index(r["backend"]) if r["backend"] in BACKENDS else len(BACKENDS),
-                PRECISIONS.index(r["precision"]) if r["precision"] in PRECISIONS else len(PRECISIONS))
-    results = sorted([r for r in base["results"] if _key(r) not in new_keys] + list(new["results"]), key=order)
-    return {"machine": new["machine"], "settings": new.get("settings"), "sources": merged_sources,
-            "results": results}
-
-
-def _same_run(report: Dict, a: tuple, b: tuple) -> bool:
-    srcs = report.get("sources")
-    if not srcs:
-        return True
-    return any([*a] in src["rows"] and [*b] in src["rows"] for src in srcs)
-
-
-def markdown_table(report: Dict) -> str:
-    m = report["machine"]
-    lines = [f"# edet-deploy benchmark\n"]
-    if report.get("sources"):
-        lines.append("Merged from several runs (rows measured together are compared; a ratio never crosses runs):\n")
-        for src in report["sources"]:
-            sm = src["machine"]
-            combos = sorted({f"{k[1]} {k[2]}" for k in src["rows"]})
-            models = sorted({k[0] for k in src["rows"]}, key=lambda x: (len(x), x))
-            lines.append(f"- {sm['cpu']}, {sm['cores']} cores, {sm['threads']} threads, {sm['date']}: "
-                         f"{', '.join(models)} x {', '.join(combos)}. Versions: "
-                         + ", ".join(f"{k} {v}" for k, v in sm["versions"].items()))
-        lines.append("")
-    else:
-        lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads used, "
-                     f"GPU: {m['gpu'] or 'none'}; {m['date']}. Versions: "
-                     + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n")
-    lines += [
-             "Latency in ms (model = graph alone on preprocessed input; pipeline = JPEG decode + preprocess + "
-             "model + postprocess). First inference is excluded from percentiles and shown separately.\n",
-             "Load = building the runner (graph load and compilation, no cache); first inf. = the first call after.\n",
-             "Census: share of the graph's multiply-adds in int8 / fp16 / fp32 under TensorRT's strong typing "
-             "(read from the graph's types; torch rows run FP32 eager).\n",
-             "| model | backend | precision | batch | model p50 | p90 | p99 | pipeline p50 | img/s | load ms | "
-             "first inf. | peak RSS MB | census int8/fp16/fp32 |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in report["results"]:
-        if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | "
-                         f"{r['status']}: {r['reason']} |||||||| ")
-            continue
-        lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['model_p50_ms']:.1f} | "
-                     f"{r['model_p90_ms']:.1f} | {r['model_p99_ms']:.1f} | {r['pipeline_p50_ms']:.1f} | "
-                     f"{r['throughput_img_s']:.2f} | {r.get('load_ms', 0):.0f} | {r['first_inference_ms']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} | {_census_cell(r)} |")
-    for title, pairs in RATIOS:
-        ratios = speedups(report, *pairs)
-        if ratios:
-            lines += ["", f"{title} (model p50, same run; > 1 = faster):", ""]
-            lines += [f"- {k}: {v:.2f}x" for k, v in ratios.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _census_cell(r: Dict) -> str:
-    if r.get("census_int8") is None:
-        return "-"
-    return "/".join(f"{100 * r[f'census_{p}']:.0f}%" for p in ("int8", "fp16", "fp32"))
-
-
-# (title, (backend, precision) measured, (backend, precision) it is compared against)
-RATIOS = [("ONNX Runtime FP32 vs eager PyTorch", (("onnxruntime", "fp32"), ("torch", "fp32"))),
-          ("OpenVINO FP32 vs ONNX Runtime FP32", (("openvino", "fp32"), ("onnxruntime", "fp32"))),
-          ("OpenVINO INT8 (Q/DQ) vs OpenVINO FP32", (("openvino", "int8"), ("openvino", "fp32")))]
-
-
-def speedups(report: Dict, subject=("onnxruntime", "fp32"), baseline=("torch", "fp32")) -> Dict[str, float]:
-    """baseline p50 / subject p50 per model and batch, where both were measured."""
-    by = {(r["model"], r["backend"], r["precision"], r["batch"]): r for r in report["results"] if r["status"] == "ok"}
-    out = {}
-    for (m, b, p, n), r in by.items():
-        if ((b, p) == tuple(subject) and (m, *baseline, n) in by
-                and _same_run(report, (m, b, p, n), (m, *baseline, n))):
-            out[f"{m} b{n}"] = by[(m, *baseline, n)]["model_p50_ms"] / r["model_p50_ms"]
-    return out
-
-
-def _series(report: Dict, batch: int = 1):
-    series: Dict[str, List[dict]] = {}
-    for r in report["results"]:
-        if r["status"] == "ok" and r["batch"] == batch:
-            series.setdefault(f"{r['backend']} {r['precision']}", []).append(r)
-    return series
-
-
-def plot_latency(report: Dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from .configs import VARIANTS
-
-    order = list(VARIANTS)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    for label, rows in sorted(_series(report).items()):
-        rows = sorted(rows, key=lambda r: order.index(r["model"]))
-        ax.plot([r["model"].upper() for r in rows], [r["model_p50_ms"] for r in rows], marker="o", label=label)
-    m = report["machine"]
-    ax.set_yscale("log")
-    ax.set_ylabel("latency p50, batch 1 (ms, log scale)")
-    ax.set_title(f"EfficientDet latency by variant ({m['cores']} cores, {m['gpu'] or 'CPU only'})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def plot_accuracy_latency(report: Dict, path: Path) -> None:
-    """In the style of the EfficientDet paper's figure: published COCO AP against measured latency. Only FP32
-    rows are plotted: the published AP is the FP32 model's, and FP16/INT8 COCO AP is not measured here (their
-    measured accuracy on the shapes set is benchmarks/results/precision_accuracy.md)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from .configs import VARIANTS
-
-    order = list(VARIANTS)
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
-    for label, rows in sorted(_series(report).items()):
-        rows = sorted((r for r in rows if r["published_coco_ap"] is not None and r["precision"] == "fp32"),
-                      key=lambda r: order.index(r["model"]))
-        if not rows:
-            continue
-        xs, ys = [r["model_p50_ms"] for r in rows], [r["published_coco_ap"] for r in rows]
-        ax.plot(xs, ys, marker="o", label=label)
-        for r, x, y in zip(rows, xs, ys):
-            ax.annotate(r["model"].upper(), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("measured latency p50, batch 1 (ms, log scale)")
-    ax.set_ylabel("COCO AP (published FP32, test-dev)")
-    ax.set_title("Accuracy vs latency on this machine")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    from .io import atomic_path
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())

@@ -414,20 +414,10 @@ def _bench(p: argparse.ArgumentParser):
     p.add_argument("--out", default="build/bench")
 
     def run(args) -> int:
-        from .bench import run_bench
+        from .bench import run_bench, sweep_options
         from .configs import parse_model_list
         warmup, iters = (1, 5) if args.quick else (args.warmup, args.iters)
-        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-        precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
-        from .bench import BACKENDS
-        bad = [b for b in backends if b not in BACKENDS] + \
-              [x for x in precisions if x not in ("fp32", "fp16", "int8")]
-        if bad:
-            raise EdetError(f"unknown backend/precision {bad}")
-        try:
-            batches = [int(b) for b in args.batch.split(",")]
-        except ValueError:
-            raise EdetError(f"--batch takes integers, got {args.batch!r}") from None
+        backends, precisions, batches = sweep_options(args.backends, args.precisions, args.batch)
         report = run_bench(parse_model_list(args.models), backends, precisions, batches, args.out, args.threads,
                            warmup, iters, args.seconds)
         ok = sum(r["status"] == "ok" for r in report["results"])

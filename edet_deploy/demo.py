@@ -14,18 +14,9 @@ from .contract import artifact_name
 ASSET = Path(__file__).parent / "assets" / "shapes_d0.safetensors"
 
 
-def sample_image(path: Path, seed: int = 0, size=(480, 640)) -> Path:
-    """A synthetic scene of the shape classes (stands in for a photo; no downloads)."""
-    from .data.shapes import render_image
-
-    img, _ = render_image(np.random.default_rng([seed, 99]), size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, quality=92)
-    return path
-
-
 def run_demo(model: str, out: Path) -> int:
     from .backends import DEFAULT_CPU_BACKEND
+    from .data import sample_image
     from .detector import Detector
     from .export import export_onnx
     from .trt.check import check_trt_compat
@@ -75,7 +66,8 @@ def _serve_and_query(model, onnx_path, images, local, out: Path) -> int:
     from .errors import EdetError
     from .triton.client import TritonDetectorClient
     from .triton.repo import generate_repository
-    from .triton.server import TritonServer, free_port
+    from .measure import free_port
+    from .triton.server import TritonServer
 
     print("== 4. Triton: generate the ensemble repository and start the embedded tritonserver (CPU)")
     try:

@@ -5,7 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from edet_deploy.bench import percentiles, run_bench, time_loop
+from edet_deploy.bench import run_bench, time_loop
+from edet_deploy.measure import percentiles
 
 
 def test_percentiles_and_loop():
@@ -52,7 +53,7 @@ def _machine(cpu, date):
 
 
 def test_merge_keeps_other_rows_and_never_compares_across_runs():
-    from edet_deploy.bench import markdown_table, merge_reports, speedups
+    from edet_deploy.reports import markdown_table, merge_reports, speedups
     base = {"machine": _machine("EPYC", "day 1"), "results": [
         _row("d0", "torch", "fp32", 120), _row("d0", "onnxruntime", "fp32", 80), _row("d3", "onnxruntime", "fp32", 400)]}
     new = {"machine": _machine("Xeon", "day 2"), "results": [
@@ -67,3 +68,23 @@ def test_merge_keeps_other_rows_and_never_compares_across_runs():
     assert "EPYC" in md and "Xeon" in md and "Merged" in md and "OpenVINO FP32 vs ONNX Runtime FP32" in md
     again = merge_reports(merged, {"machine": _machine("Xeon", "day 3"), "results": [_row("d3", "openvino", "fp32", 9)]})
     assert len(again["sources"]) == 3 and len(again["results"]) == 5
+
+
+def test_sweep_options_refuse_before_the_sweep():
+    from edet_deploy import EdetError
+    from edet_deploy.bench import sweep_options
+    assert sweep_options("torch, openvino", "fp32,int8", "1,8") == (["torch", "openvino"], ["fp32", "int8"], [1, 8])
+    with pytest.raises(EdetError, match="unknown backend/precision"):
+        sweep_options("torch,tflite", "fp32", "1")
+    with pytest.raises(EdetError, match="--batch takes integers"):
+        sweep_options("torch", "fp32", "1,x")
+
+
+def test_graph_for_refuses_before_exporting(tmp_path):
+    from edet_deploy import EdetError
+    from edet_deploy.precision.convert import graph_for
+    with pytest.raises(EdetError, match="unknown precision"):
+        graph_for("d0", "int4", tmp_path)
+    with pytest.raises(EdetError, match="calibration data"):
+        graph_for("d0", "int8", tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing was exported

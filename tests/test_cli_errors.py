@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from edet_deploy.cli import main
-from edet_deploy.triton.server import free_port
+from edet_deploy.measure import free_port
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ pytest.importorskip("pytriton")
 
 from edet_deploy.export import export_onnx  # noqa: E402
 from edet_deploy.triton.repo import generate_repository  # noqa: E402
-from edet_deploy.triton.server import SHM_PREFIX, free_port  # noqa: E402
+from edet_deploy.measure import free_port  # noqa: E402
+from edet_deploy.triton.server import SHM_PREFIX  # noqa: E402
 from edet_deploy.triton.supervisor import stub_processes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

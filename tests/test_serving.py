@@ -23,7 +23,8 @@ from tritonclient.grpc import model_config_pb2  # noqa: E402
 from edet_deploy.triton.client import TritonDetectorClient  # noqa: E402
 from edet_deploy.triton.repo import (ENGINE_QUEUE_DELAY_US, default_tuning_images, generate_repository,  # noqa: E402
                                      load_configs, perf_input_path, validate_repository)
-from edet_deploy.triton.server import TritonServer, free_port  # noqa: E402
+from edet_deploy.measure import free_port  # noqa: E402
+from edet_deploy.triton.server import TritonServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("torch", "torchvision", "timm")

@@ -25,7 +25,8 @@ from edet_deploy.triton.client import TritonDetectorClient  # noqa: E402
 from edet_deploy.backends import DEFAULT_CPU_BACKEND  # noqa: E402
 from edet_deploy.triton.repo import (ENGINE_BACKENDS, build_configs, generate_repository, RepoSpec,  # noqa: E402
                                      validate_repository)
-from edet_deploy.triton.server import TritonServer, free_port  # noqa: E402
+from edet_deploy.measure import free_port  # noqa: E402
+from edet_deploy.triton.server import TritonServer  # noqa: E402
 
 
 def encode(arr, fmt):

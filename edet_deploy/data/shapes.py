@@ -86,6 +86,14 @@ def render_image(rng: np.random.Generator, size: Tuple[int, int]) -> Tuple[Image
     return img, objects
 
 
+def sample_image(path: Path, seed: int = 0, size: Tuple[int, int] = (480, 640)) -> Path:
+    """A synthetic scene of the shape classes written as a JPEG: stands in for a photo, with no downloads."""
+    img, _ = render_image(np.random.default_rng([seed, 99]), size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, quality=92)
+    return path
+
+
 def generate_shapes(out_dir: str | Path, splits: Dict[str, int] = DEFAULT_SPLITS, seed: int = 0,
                     min_size: int = 224, max_size: int = 352, progress: bool = True) -> Path:
     """Write `images/<split>/*.jpg` and `instances_<split>.json` for each split under `out_dir`."""

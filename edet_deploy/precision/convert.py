@@ -1,4 +1,4 @@
-"""From an exported FP32 detection graph to its FP16 or INT8 twin, metadata included."""
+"""From a variant to its FP32 detection graph, and from that graph to its FP16 or INT8 twin, metadata included."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +6,9 @@ from typing import Iterable, Optional
 
 import onnx
 
-from ..contract import INPUT_NAME
+from ..contract import INPUT_NAME, artifact_name
 from ..errors import EdetError
-from ..export.onnx_export import ExportResult, attach_nms, save_graph
+from ..export.onnx_export import ExportResult, attach_nms, export_onnx, save_graph
 from ..io import sha256_file
 from ..metadata import read_metadata
 from .census import census
@@ -76,3 +76,32 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
                 fp16={"kept_fp32": sorted(keep)}, census=census(quantized))
     return _finish(quantized, settings, meta,
                    Path(out) if out else path.with_name(f"{path.stem}.int8-{method}.onnx"))
+
+
+def graph_for(model: str, precision: str, out_dir: str | Path, *, weights: Optional[str] = None,
+              dynamic_batch: Optional[int] = None, data: Optional[str | Path] = None, num_images: int = 500,
+              method: str = "entropy", exclude: Iterable[str] = (), tag: str = "", reuse: bool = True) -> Path:
+    """The graph a benchmark runs for `model` at `precision`, written once here for the bench harness, the GPU
+    acceptance and the accuracy benchmark: the FP32 export in `out_dir` (random weights seeded, so reruns
+    measure the same network), its FP16 twin (`data`: keep overflowing nodes FP32) or its INT8 twin calibrated
+    on `num_images` of `data` with `method`. `tag` tells apart INT8 twins with different `exclude`s. With
+    `reuse`, a graph already on disk is returned as it is; without, the requested one is made again (its FP32
+    source is still reused once exported)."""
+    if precision not in ("fp32", "fp16", "int8"):
+        raise EdetError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
+    if precision == "int8" and data is None:
+        raise EdetError("an INT8 graph needs calibration data")
+    out_dir = Path(out_dir)
+    fp32 = out_dir / f"{artifact_name(model)}.onnx"
+    if precision == "fp32" and not reuse or not fp32.is_file():
+        if weights is None:
+            import torch
+            torch.manual_seed(0)
+        export_onnx(model, out_dir, weights=weights, dynamic_batch=dynamic_batch)
+    if precision == "fp32":
+        return fp32
+    if precision == "fp16":
+        path = out_dir / f"{artifact_name(model, 'fp16')}.onnx"
+        return path if reuse and path.is_file() else to_fp16(fp32, path, data).onnx_path
+    path = out_dir / f"{artifact_name(model, f'int8-{method}{tag}')}.onnx"
+    return path if reuse and path.is_file() else to_int8(fp32, data, path, num_images, method, exclude).onnx_path

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..bench import percentiles
 from ..contract import member_names
 from ..errors import EdetError
+from ..measure import percentiles
 
 
 def _stats(client, models: Sequence[str]) -> Dict[str, Dict[str, int]]:

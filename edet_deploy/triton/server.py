@@ -21,14 +21,6 @@ from ..errors import EdetError
 from ..log import logger
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for servers started by tests, benchmarks and the demo)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class TritonPaths:
     binary: Path
