@@ -28,6 +28,12 @@ def merge(partial: Path, into: Path) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if "-h" in args or "--help" in args:  # never start an hours-long sweep when asked for help
+        print(__doc__)
+        sys.exit(0)
+    if len(args) % 2 and args[:1] != ["--merge-from"]:
+        print(f"sweep.py: error: options come as --flag value pairs, got {' '.join(args)}", file=sys.stderr)
+        sys.exit(2)
     if args[:1] == ["--merge-from"]:
         merge(Path(args[1]), Path(args[3]) if args[2:3] == ["--out"] else Path(DEFAULTS[-1]))
         sys.exit(0)

@@ -128,3 +128,51 @@ def test_import_graph_has_no_cycle():
     # Importing a package runs its __init__: a parent package's edges count for its children's importers,
     # which the walk covers because `from .nms import x` resolves to edet_deploy.nms (its __init__).
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def _floors() -> dict:
+    """module prefix -> floor, read from README's layering picture (the one place it is written)."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    block = readme.split("<!-- floors -->", 1)[1].split("<!-- /floors -->", 1)[0]
+    floors = {}
+    for floor, names in re.findall(r"^floor (\d+)\s+\S+\s+(.+)$", block, flags=re.M):
+        for name in names.split(","):
+            name = name.strip()
+            floors["edet_deploy" if name == "edet_deploy" else f"edet_deploy.{name}"] = int(floor)
+    return floors
+
+
+def _floor_of(module: str, floors: dict):
+    """The floor of the longest prefix naming the module or one of its packages (None: placed nowhere)."""
+    if module == "edet_deploy":
+        return floors.get(module)
+    name = module
+    while name != "edet_deploy":  # the package root's floor is its __init__'s, not a default for the rest
+        if name in floors:
+            return floors[name]
+        name = name.rpartition(".")[0]
+    return None
+
+
+def _upward_imports(graph: dict, floors: dict) -> list:
+    return sorted(f"{m} (floor {_floor_of(m, floors)}) imports {d} (floor {_floor_of(d, floors)})"
+                  for m, deps in graph.items() for d in deps
+                  if _floor_of(d, floors) > _floor_of(m, floors))
+
+
+def test_layering_checker_finds_an_upward_import():
+    floors = {"edet_deploy": 0, "edet_deploy.low": 0, "edet_deploy.high": 1, "edet_deploy.high.sub": 0}
+    assert _floor_of("edet_deploy.elsewhere", floors) is None
+    assert _upward_imports({"edet_deploy.low": {"edet_deploy.high"}}, floors)
+    assert _upward_imports({"edet_deploy.high": {"edet_deploy.low"}}, floors) == []
+    assert _upward_imports({"edet_deploy.high.sub": {"edet_deploy.high.x"}}, floors)  # longest prefix wins
+
+
+def test_imports_follow_readme_layering():
+    floors, graph = _floors(), _import_graph()
+    assert len(set(floors.values())) >= 5, "README's layering picture was not read"
+    unplaced = sorted(m for m in graph if _floor_of(m, floors) is None)
+    assert unplaced == [], f"modules on no floor of README's layering picture: {unplaced}"
+    stale = sorted(p for p in floors if p not in graph and not any(m.startswith(p + ".") for m in graph))
+    assert stale == [], f"README's layering picture names modules that do not exist: {stale}"
+    assert _upward_imports(graph, floors) == []
