@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ..contract import INPUT_NAME
 from ..errors import EdetError
@@ -42,7 +42,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
         raise EdetError(f"profile max {hi} exceeds the graph's dynamic batch {meta['batch']['max']}")
     trt = require_tensorrt()
     register()  # the edet::soft_nms plugin, for the parser to find
-    log = _Logger(trt, verbose)
+    log = trt_logger(trt, verbose)
     t0 = time.perf_counter()
     builder = trt.Builder(log)
     network = builder.create_network(network_flags(trt))
@@ -102,8 +102,9 @@ def network_flags(trt) -> int:
     return flags
 
 
-def _Logger(trt, verbose: bool = False):
-    """TensorRT's messages into our logger: warnings and errors only, unless `verbose`."""
+def trt_logger(trt: Any, verbose: bool = False) -> Any:
+    """A `trt.ILogger` for builder and runtime alike, routing TensorRT's messages into our logger: warnings and
+    errors only, unless `verbose`. (A factory: the class derives from the lazily imported `trt.ILogger`.)"""
     severity = trt.ILogger.Severity
     levels = {severity.INTERNAL_ERROR: 50, severity.ERROR: 40, severity.WARNING: 30, severity.INFO: 20}
 
