@@ -161,3 +161,13 @@ def test_typed_metadata_keeps_unknown_keys_and_names_missing_ones(tmp_path):
     assert typed.to_dict() == read_metadata(path)
     with pytest.raises(EdetError, match="metadata lacks image_size, opset"):
         ArtifactMetadata.from_dict({k: v for k, v in typed.to_dict().items() if k not in ("image_size", "opset")})
+
+
+def test_converted_graphs_are_named_by_the_contract(tmp_path):
+    from edet_deploy.precision.convert import _twin_path
+
+    typed = meta("x")
+    assert _twin_path(tmp_path / "efficientdet_d0.onnx", typed, "fp16", True).name == "efficientdet_d0.fp16.onnx"
+    assert _twin_path(tmp_path / "efficientdet_d0_nonms.onnx", typed, "int8-minmax", False).name == \
+        "efficientdet_d0_nonms.int8-minmax.onnx"
+    assert _twin_path(tmp_path / "mine.onnx", typed, "int8-entropy", True) == tmp_path / "mine.int8-entropy.onnx"
