@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .anchors import anchors_for
 from .box_coding import encode_boxes
+from .box_ops import box_area, box_iou
 from .configs import MEAN_RGB
 from .errors import EdetError
 from .log import logger
@@ -25,16 +26,6 @@ POS_IOU, NEG_IOU = 0.5, 0.4
 
 # --- targets -----------------------------------------------------------------------------------------------
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU [N, M] of x1, y1, x2, y2 boxes."""
-    lt = torch.max(a[:, None, :2], b[None, :, :2])
-    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-9)
-
-
 def assign_targets(anchors: torch.Tensor, boxes: torch.Tensor, classes: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per anchor: class label (>= 0 positive, -1 background, -2 ignored) and box regression target.
@@ -43,7 +34,7 @@ def assign_targets(anchors: torch.Tensor, boxes: torch.Tensor, classes: torch.Te
     codes = torch.zeros(anchors.shape[0], 4)
     if boxes.numel() == 0:
         return labels, codes
-    iou = box_iou(anchors, boxes)  # [A, G]
+    iou = torch.from_numpy(box_iou(anchors.numpy(), boxes.numpy(), np.float32))  # [A, G]
     best_iou, best_gt = iou.max(dim=1)
     labels[(best_iou >= NEG_IOU) & (best_iou < POS_IOU)] = -2
     forced = iou.argmax(dim=0)  # every object gets at least its best anchor
@@ -96,10 +87,8 @@ def augment(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, size: int
     crop = resized[oy:oy + size, ox:ox + size]
     out[:crop.shape[0], :crop.shape[1]] = crop
     b = boxes * scale - np.array([ox, oy, ox, oy], np.float32)
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     c = np.clip(b, 0, [crop.shape[1], crop.shape[0], crop.shape[1], crop.shape[0]])
-    kept_area = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
-    keep = (kept_area >= 0.4 * np.maximum(area, 1e-6)) & (c[:, 2] - c[:, 0] >= 2) & (c[:, 3] - c[:, 1] >= 2)
+    keep = (box_area(c) >= 0.4 * np.maximum(box_area(b), 1e-6)) & (c[:, 2] - c[:, 0] >= 2) & (c[:, 3] - c[:, 1] >= 2)
     return out, c[keep].astype(np.float32), classes[keep]
 
 

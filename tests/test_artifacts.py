@@ -1,5 +1,6 @@
 """Graph + sidecar pairs: verified on every read, never left disagreeing by an interrupted write."""
 import json
+from dataclasses import replace
 
 import onnx
 import pytest
@@ -7,7 +8,10 @@ from onnx import TensorProto, helper
 
 from edet_deploy import EdetError
 from edet_deploy.export import onnx_export
-from edet_deploy.metadata import FORMAT, read_metadata, sidecar_path
+from edet_deploy.io import sha256_file
+from edet_deploy.metadata import (FORMAT, ArtifactMetadata, build_metadata, read_artifact_metadata, read_metadata,
+                                  sidecar_path)
+from edet_deploy.nms import NmsSettings
 
 
 def tiny_graph(scale: float) -> onnx.ModelProto:
@@ -18,8 +22,12 @@ def tiny_graph(scale: float) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def meta(tag: str) -> dict:
-    return {"format": FORMAT, "variant": "d0", "tag": tag, "class_names": ["a", "b"]}
+def meta(tag: str, **fields) -> ArtifactMetadata:
+    """A tiny graph's metadata; `tag` (a key this version does not know) tells exports apart."""
+    base = build_metadata(variant="d0", image_size=64, num_classes=2, class_names=["a", "b"], mean=[0.5] * 3,
+                          std=[0.25] * 3, opset=17, batch=1, dynamic_batch=None, outputs=["y"], nms=None,
+                          pre_nms_top_k=10, weights=None)
+    return replace(base, extra={"tag": tag}, **fields)
 
 
 def test_interrupted_export_never_leaves_a_disagreeing_pair(tmp_path, monkeypatch):
@@ -64,7 +72,7 @@ def test_repository_generator_owns_what_it_writes(tmp_path):
     from edet_deploy.triton.repo import generate_repository, verify_served_repository
 
     graph = tmp_path / "g.onnx"
-    onnx_export.save_graph(tiny_graph(1.0), graph, dict(meta("x"), image_size=64, nms={"max_detections": 10},
+    onnx_export.save_graph(tiny_graph(1.0), graph, meta("x", nms={"max_detections": 10},
                                                         batch={"dynamic": True, "max": 8}))
     out = tmp_path / "repo"
     (out).mkdir()
@@ -90,3 +98,76 @@ def test_repository_generator_owns_what_it_writes(tmp_path):
     engine.write_bytes(tiny_graph(5.0).SerializeToString())
     with pytest.raises(EdetError, match="does not match"):
         verify_served_repository(out, force=True)  # checksums are checked even when forced
+
+
+def _old_export_dict(weights, created, producer):
+    """The sidecar as the exporter spelled it out before ArtifactMetadata (the same inputs as _typed_export)."""
+    return {
+        "format": FORMAT, "producer": producer, "created": created, "variant": "d0", "image_size": 256,
+        "num_classes": 3, "class_names": ["circle", "square", "triangle"], "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225], "precision": "fp32", "opset": 17,
+        "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", 256, 256, 3]},
+        "batch": {"dynamic": True, "max": 4}, "outputs": ["num_detections", "detection_boxes", "detection_scores",
+                                                          "detection_classes"],
+        "nms": NmsSettings().to_dict(), "pre_nms_top_k": 1000,
+        "weights": {"path": str(weights), "sha256": sha256_file(weights)},
+    }
+
+
+def _typed_export(weights):
+    return build_metadata(variant="d0", image_size=256, num_classes=3, class_names=("circle", "square", "triangle"),
+                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), opset=17, batch=1,
+                          dynamic_batch=4, outputs=("num_detections", "detection_boxes", "detection_scores",
+                                                    "detection_classes"),
+                          nms=NmsSettings(), pre_nms_top_k=1000, weights=weights)
+
+
+def _same_json(typed: ArtifactMetadata, old: dict) -> None:
+    """Byte-compatible: the same keys in the same order with the same values, as written to disk."""
+    assert json.dumps(typed.to_dict(), indent=2) == json.dumps(old, indent=2)
+    assert ArtifactMetadata.from_dict(old) == typed  # and the JSON reads back to the same metadata
+
+
+def test_typed_metadata_writes_what_the_dicts_wrote(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights")
+    typed = _typed_export(weights)
+    export = _old_export_dict(weights, typed.created, typed.producer)
+    _same_json(typed, export)
+    assert typed.producer.startswith("edet-deploy ") and typed.to_dict()["class_names"] == ["circle", "square",
+                                                                                           "triangle"]
+    fp32 = dict(export, onnx_sha256="a" * 64)  # save_graph's sidecar
+    _same_json(replace(typed, onnx_sha256="a" * 64), fp32)
+    # convert (INT8; FP16 is the same without `int8`), then save_graph drops the stale checksum and adds its own
+    source, info, census = {"onnx": "g.onnx", "sha256": "a" * 64}, {"method": "entropy", "images": 8}, {"fp16": 1.0}
+    old = dict(fp32, precision="int8", source=source, int8=info, fp16={"kept_fp32": ["n"]}, census=census)
+    old["outputs"] = ["num_detections"]
+    old = dict({k: v for k, v in old.items() if k != "onnx_sha256"}, onnx_sha256="b" * 64)
+    int8 = replace(typed, onnx_sha256="a" * 64, precision="int8", source=source, int8=info,
+                   fp16={"kept_fp32": ["n"]}, census=census, outputs=("num_detections",))
+    int8 = replace(replace(int8, onnx_sha256=None), onnx_sha256="b" * 64)
+    _same_json(int8, old)
+    # the TensorRT builder's sidecar: its own section, the profile's batch, the plan's checksum
+    trt = {"version": "11.4.0", "gpu": "H100", "batch_profile": [1, 2, 4], "onnx_sha256": "b" * 64}
+    _same_json(replace(int8, tensorrt=trt, batch={"dynamic": True, "max": 4, "min": 1}, plan_sha256="c" * 64),
+               dict(old, tensorrt=trt, batch={"dynamic": True, "max": 4, "min": 1}, plan_sha256="c" * 64))
+
+
+def test_typed_metadata_keeps_unknown_keys_and_names_missing_ones(tmp_path):
+    path = tmp_path / "g.onnx"
+    onnx_export.save_graph(tiny_graph(1.0), path, meta("kept"))
+    typed = read_artifact_metadata(path)
+    assert typed.extra == {"tag": "kept"} and typed.class_names == ("a", "b") and typed.onnx_sha256
+    assert typed.to_dict() == read_metadata(path)
+    with pytest.raises(EdetError, match="metadata lacks image_size, opset"):
+        ArtifactMetadata.from_dict({k: v for k, v in typed.to_dict().items() if k not in ("image_size", "opset")})
+
+
+def test_converted_graphs_are_named_by_the_contract(tmp_path):
+    from edet_deploy.precision.convert import _twin_path
+
+    typed = meta("x")
+    assert _twin_path(tmp_path / "efficientdet_d0.onnx", typed, "fp16", True).name == "efficientdet_d0.fp16.onnx"
+    assert _twin_path(tmp_path / "efficientdet_d0_nonms.onnx", typed, "int8-minmax", False).name == \
+        "efficientdet_d0_nonms.int8-minmax.onnx"
+    assert _twin_path(tmp_path / "mine.onnx", typed, "int8-entropy", True) == tmp_path / "mine.int8-entropy.onnx"

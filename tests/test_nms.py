@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from edet_deploy import EdetError
+from edet_deploy.box_ops import box_iou
 from edet_deploy.nms import METHODS, NmsSettings, batched_soft_nms, batched_soft_nms_reference, soft_nms
 from edet_deploy.nms.synthetic import clustered_case, random_cases
 
@@ -73,6 +74,47 @@ def test_kernel_compiles_to_ptx(arch):
     assert f".target sm_{arch}" in k.ptx
     p = launch_params(8, 3840)
     assert p.grid == (8, 1, 1) and p.block == (32 * k.num_warps, 1, 1) and p.block_candidates == 4096
+
+
+def _iou_pairs():
+    """Pairs of boxes (first, second) covering the IoU cases: partial overlap, nested, identical, touching,
+    disjoint, zero-area, both zero-area (empty union), fractional coordinates; plus random pairs."""
+    crafted = [[[0, 0, 10, 10], [1, 0, 11, 10]], [[0, 0, 10, 10], [2, 2, 5, 7]], [[3, 3, 9, 9], [3, 3, 9, 9]],
+               [[0, 0, 10, 10], [10, 0, 20, 10]], [[0, 0, 1, 1], [50, 50, 60, 60]], [[0, 0, 10, 10], [5, 5, 5, 9]],
+               [[5, 5, 5, 5], [5, 5, 5, 5]], [[0.3, 0.7, 12.9, 5.1], [1.1, 0.2, 7.7, 9.3]]]
+    rng = np.random.default_rng(7)
+    xy = rng.uniform(0, 100, (64, 2, 2)).astype(np.float32)
+    wh = rng.uniform(0, 40, (64, 2, 2)).astype(np.float32)
+    pairs = np.concatenate([np.asarray(crafted, np.float32), np.concatenate([xy, xy + wh], -1)])
+    return pairs  # [P, 2, 4]
+
+
+def _iou_from_linear_decay(pairs, kept_scores):
+    """Linear soft-NMS at IoU threshold 0 keeps a pair's second box (score 0.5) with 0.5 * (1 - IoU), the IoU
+    being the kernel's: check those kept scores against box_ops's IoU."""
+    iou = np.array([box_iou(p[:1], p[1:], np.float32)[0, 0] for p in pairs])
+    expected = np.float32(0.5) * (np.float32(1) - iou)
+    np.testing.assert_array_equal(kept_scores[:, 0], np.float32(1))
+    np.testing.assert_array_equal(kept_scores[:, 1], expected)
+
+
+def test_kernels_iou_is_box_ops_iou():
+    """The numba path and the GPU kernel (Triton interpreter) compute IoU in-kernel; their decays agree with
+    box_ops.box_iou (float32) bit for bit, and the reference's IoU is box_ops's."""
+    from edet_deploy.kernels.soft_nms import run_interpreted
+    from edet_deploy.nms import iou_one_to_many
+
+    pairs = _iou_pairs()
+    scores = np.tile(np.array([1.0, 0.5], np.float32), (len(pairs), 1))
+    classes = np.zeros(scores.shape, np.int32)
+    opts = dict(method="linear", iou_threshold=0.0, score_threshold=0.0, max_detections=2)
+    _iou_from_linear_decay(pairs, batched_soft_nms(pairs, scores, classes, **opts)[2])
+    got = run_interpreted(pairs, scores, classes, np.full(len(pairs), 2, np.int32), method_id=1, sigma=0.5,
+                          iou_threshold=0.0, score_threshold=0.0, max_detections=2, class_agnostic=False)
+    _iou_from_linear_decay(pairs, np.asarray(got[2]))
+    for p in pairs:
+        np.testing.assert_array_equal(iou_one_to_many(p[0], p[1:]), box_iou(p[:1], p[1:], np.float32)[0])
+    np.testing.assert_allclose(box_iou(pairs[:1, 0], pairs[:1, 1])[0, 0], 9 / 11)  # the by-hand value below
 
 
 def test_reference_semantics_by_hand():

@@ -17,7 +17,7 @@ from edet_deploy.backends.openvino import OpenVinoRunner, cut_at_nms  # noqa: E4
 from edet_deploy.cli import main  # noqa: E402
 from edet_deploy.data import CocoDataset, generate_shapes  # noqa: E402
 from edet_deploy.export import export_onnx  # noqa: E402
-from edet_deploy.metadata import read_metadata, write_metadata  # noqa: E402
+from edet_deploy.metadata import read_artifact_metadata, write_metadata  # noqa: E402
 from edet_deploy.nms import NmsSettings  # noqa: E402
 from edet_deploy.nms import op as nms_op  # noqa: E402
 from edet_deploy.preprocess import preprocess  # noqa: E402
@@ -79,7 +79,7 @@ def _with_nms(graph: Path, out: Path, **attrs) -> Path:
     del node.attribute[:]
     node.attribute.extend(nms_op.make_node(settings).attribute)
     from edet_deploy.export.onnx_export import save_graph
-    return save_graph(proto, out, read_metadata(graph)).onnx_path
+    return save_graph(proto, out, read_artifact_metadata(graph)).onnx_path
 
 
 @pytest.mark.parametrize("attrs", [dict(method="hard", iou_threshold=0.5, max_detections=7),
@@ -145,7 +145,7 @@ def test_user_errors(graph, tmp_path):
         create_runner("openvino")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all")
-    write_metadata(bad, read_metadata(graph))
+    write_metadata(bad, read_artifact_metadata(graph))
     with pytest.raises(EdetError, match="cannot read|does not match its metadata"):
         OpenVinoRunner(bad)
     ov = OpenVinoRunner(graph, cache_dir=False)

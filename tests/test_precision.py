@@ -10,6 +10,7 @@ from onnx import TensorProto
 
 from edet_deploy import EdetError
 from edet_deploy.backends.onnxrt import OnnxRuntimeRunner
+from edet_deploy.box_ops import box_iou
 from edet_deploy.data import CocoDataset, generate_shapes
 from edet_deploy.export import export_onnx
 from edet_deploy.metadata import read_metadata
@@ -40,9 +41,7 @@ def _batch(shapes, n=4):
 
 
 def _iou(a, b):
-    lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
-    inter = np.clip(rb - lt, 0, None).prod()
-    return inter / ((a[2:] - a[:2]).prod() + (b[2:] - b[:2]).prod() - inter)
+    return box_iou(a[None], b[None])[0, 0]
 
 
 def _confident_match(ref, got, min_score=0.5, iou=0.95, score_tol=0.05):

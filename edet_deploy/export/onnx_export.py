@@ -6,7 +6,7 @@ import io
 import json
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -15,11 +15,11 @@ from onnx import TensorProto, helper
 
 from .. import __version__
 from ..configs import get_config
-from ..contract import INPUT_DTYPE, INPUT_LAYOUT, INPUT_NAME, OUTPUT_SPECS, artifact_name
+from ..contract import INPUT_NAME, OUTPUT_SPECS, artifact_name
 from ..errors import EdetError
-from ..io import atomic_path, sha256_file
+from ..io import atomic_path
 from ..log import logger
-from ..metadata import FORMAT, ONNX_PROP, sidecar_path, write_metadata
+from ..metadata import ONNX_PROP, ArtifactMetadata, build_metadata, sidecar_path, write_metadata
 from ..nms import NmsSettings, op as nms_op
 from .graph import CANDIDATE_OUTPUTS, DEFAULT_PRE_NMS_TOP_K, TRT_MAX_TOPK, CandidateGraph
 
@@ -97,17 +97,10 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
     bar.update(1)
     bar.set_postfix_str("save")
 
-    meta = {
-        "format": FORMAT, "producer": f"edet-deploy {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "variant": cfg.name, "image_size": size, "num_classes": cfg.num_classes, "class_names": class_names,
-        "mean": list(cfg.mean), "std": list(cfg.std), "precision": "fp32", "opset": opset,
-        "input": {"name": INPUT_NAME, "dtype": INPUT_DTYPE, "layout": INPUT_LAYOUT,
-                  "shape": ["batch" if dynamic_batch else batch, size, size, 3]},
-        "batch": {"dynamic": bool(dynamic_batch), "max": dynamic_batch or batch},
-        "outputs": [o.name for o in proto.graph.output],
-        "nms": nms.to_dict() if nms is not None else None, "pre_nms_top_k": graph.top_k,
-        "weights": {"path": str(weights), "sha256": sha256_file(weights)} if weights else None,
-    }
+    meta = build_metadata(variant=cfg.name, image_size=size, num_classes=cfg.num_classes, class_names=class_names,
+                          mean=cfg.mean, std=cfg.std, opset=opset, batch=batch, dynamic_batch=dynamic_batch,
+                          outputs=[o.name for o in proto.graph.output], nms=nms, pre_nms_top_k=graph.top_k,
+                          weights=weights)
     out_dir = Path(out_dir)
     onnx_path = out_dir / f"{filename or graph_name(cfg.name, nms is not None)}.onnx"
     result = save_graph(proto, onnx_path, meta)
@@ -179,15 +172,15 @@ def check_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
         raise EdetError(f"exported graph fails the ONNX checker: {e}") from None
 
 
-def save_graph(proto: onnx.ModelProto, onnx_path: Path, meta: Dict) -> ExportResult:
+def save_graph(proto: onnx.ModelProto, onnx_path: Path, meta: ArtifactMetadata) -> ExportResult:
     """Check, embed metadata, and write graph + sidecar atomically (nothing half-written on failure)."""
     check_graph(proto)
     del proto.metadata_props[:]
     proto.producer_name, proto.producer_version = "edet-deploy", __version__
-    meta = {k: v for k, v in meta.items() if k != "onnx_sha256"}  # a source graph's checksum (convert) is stale
-    helper.set_model_props(proto, {ONNX_PROP: json.dumps(meta)})
+    meta = replace(meta, onnx_sha256=None)  # a source graph's checksum (convert) is stale
+    helper.set_model_props(proto, {ONNX_PROP: json.dumps(meta.to_dict())})
     data = proto.SerializeToString()
-    meta = dict(meta, onnx_sha256=hashlib.sha256(data).hexdigest())
+    meta = replace(meta, onnx_sha256=hashlib.sha256(data).hexdigest())
     # Never a graph beside a sidecar of another export: drop the old sidecar first (until the new one lands,
     # readers use the copy embedded in the graph, which always matches it), then graph, then sidecar.
     sidecar = sidecar_path(onnx_path)
@@ -198,4 +191,4 @@ def save_graph(proto: onnx.ModelProto, onnx_path: Path, meta: Dict) -> ExportRes
     except OSError as e:
         raise EdetError(f"cannot write {onnx_path}: {e.strerror}") from None
     meta_path = write_metadata(onnx_path, meta)
-    return ExportResult(onnx_path, meta_path, meta)
+    return ExportResult(onnx_path, meta_path, meta.to_dict())

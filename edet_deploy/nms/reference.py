@@ -9,19 +9,13 @@ from typing import Tuple
 
 import numpy as np
 
+from ..box_ops import box_iou
 from .settings import NmsSettings, check_boxes_scores
 
 
 def iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one x1,y1,x2,y2 box with many (float32); 0 where the union is 0."""
-    iw = np.maximum(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), np.float32(0))
-    ih = np.maximum(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), np.float32(0))
-    inter = iw * ih
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + areas - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, np.float32(0)).astype(np.float32)
+    """IoU of one x1,y1,x2,y2 box with many (float32, the kernels' arithmetic); 0 where the union is 0."""
+    return box_iou(np.asarray(box)[None], boxes, np.float32)[0]
 
 
 def soft_nms(boxes: np.ndarray, scores: np.ndarray, *, method: str = "gaussian", sigma: float = 0.5,

@@ -1,16 +1,16 @@
 """Build a strongly typed TensorRT 11 engine from an exported graph (precision is whatever the ONNX says)."""
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ..contract import INPUT_NAME
 from ..errors import EdetError
-from ..io import atomic_path, sha256_file, write_json
+from ..io import atomic_path, sha256_file
 from ..log import logger
-from ..metadata import read_metadata
+from ..metadata import read_artifact_metadata, write_metadata
 from .parser_rules import BUILD_NETWORK_FLAGS
 
 
@@ -34,16 +34,16 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
     from .plugin import register
 
     onnx_path, out = Path(onnx_path), Path(out)
-    meta = read_metadata(onnx_path)
+    meta = read_artifact_metadata(onnx_path)
     lo, opt, hi = parse_batch(batch)
-    if not meta["batch"]["dynamic"] and (lo, opt, hi) != (meta["batch"]["max"],) * 3:
-        raise EdetError(f"{onnx_path} has a fixed batch of {meta['batch']['max']}; export with --dynamic-batch "
+    if not meta.batch["dynamic"] and (lo, opt, hi) != (meta.batch["max"],) * 3:
+        raise EdetError(f"{onnx_path} has a fixed batch of {meta.batch['max']}; export with --dynamic-batch "
                         f"to build the profile {batch}")
-    if meta["batch"]["dynamic"] and hi > meta["batch"]["max"]:
-        raise EdetError(f"profile max {hi} exceeds the graph's dynamic batch {meta['batch']['max']}")
+    if meta.batch["dynamic"] and hi > meta.batch["max"]:
+        raise EdetError(f"profile max {hi} exceeds the graph's dynamic batch {meta.batch['max']}")
     trt = require_tensorrt()
     register()  # the edet::soft_nms plugin, for the parser to find
-    log = _Logger(trt, verbose)
+    log = trt_logger(trt, verbose)
     t0 = time.perf_counter()
     builder = trt.Builder(log)
     network = builder.create_network(network_flags(trt))
@@ -63,14 +63,14 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
         data = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
         cache = config.create_timing_cache(data)
         config.set_timing_cache(cache, ignore_mismatch=False)
-    s = int(meta["image_size"])
+    s = int(meta.image_size)
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (lo, s, s, 3), (opt, s, s, 3), (hi, s, s, 3))
     config.add_optimization_profile(profile)
     monitor = _ProgressMonitor(trt) if progress and hasattr(trt, "IProgressMonitor") else None
     if monitor is not None:
         config.progress_monitor = monitor
-    logger.info("building %s (batch %d:%d:%d, %s) ...", onnx_path.name, lo, opt, hi, meta.get("precision"))
+    logger.info("building %s (batch %d:%d:%d, %s) ...", onnx_path.name, lo, opt, hi, meta.precision)
     plan = builder.build_serialized_network(network, config)
     if monitor is not None:
         monitor.close()
@@ -87,15 +87,15 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
            "dtype": str(network.get_input(i).dtype)} for i in range(network.num_inputs)] + \
          [{"name": network.get_output(i).name, "shape": list(network.get_output(i).shape),
            "dtype": str(network.get_output(i).dtype)} for i in range(network.num_outputs)]
-    sidecar = dict(meta, tensorrt={"version": trt.__version__, "gpu": gpu_name,
-                                   "compute_capability": capability,
-                                   "batch_profile": [lo, opt, hi], "io": io, "tf32": tf32,
-                                   "build_seconds": round(time.perf_counter() - t0, 1),
-                                   "onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path)},
-                   batch={"dynamic": lo != hi, "max": hi, "min": lo}, plan_sha256=sha256_file(out))
-    write_json(out.with_suffix(".json"), sidecar)
-    logger.info("wrote %s in %.0f s", out, sidecar["tensorrt"]["build_seconds"])
-    return sidecar
+    sidecar = replace(meta, tensorrt={"version": trt.__version__, "gpu": gpu_name,
+                                      "compute_capability": capability,
+                                      "batch_profile": [lo, opt, hi], "io": io, "tf32": tf32,
+                                      "build_seconds": round(time.perf_counter() - t0, 1),
+                                      "onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path)},
+                      batch={"dynamic": lo != hi, "max": hi, "min": lo}, plan_sha256=sha256_file(out))
+    write_metadata(out, sidecar)
+    logger.info("wrote %s in %.0f s", out, sidecar.tensorrt["build_seconds"])
+    return sidecar.to_dict()
 
 
 def network_flags(trt) -> int:
@@ -108,8 +108,9 @@ def network_flags(trt) -> int:
     return flags
 
 
-def _Logger(trt, verbose: bool = False):
-    """TensorRT's messages into our logger: warnings and errors only, unless `verbose`."""
+def trt_logger(trt: Any, verbose: bool = False) -> Any:
+    """A `trt.ILogger` for builder and runtime alike, routing TensorRT's messages into our logger: warnings and
+    errors only, unless `verbose`. (A factory: the class derives from the lazily imported `trt.ILogger`.)"""
     severity = trt.ILogger.Severity
     levels = {severity.INTERNAL_ERROR: 50, severity.ERROR: 40, severity.WARNING: 30, severity.INFO: 20}
 

@@ -25,7 +25,7 @@ class TensorRTRunner(Runner):
 
     def __init__(self, engine_path: str | Path, cuda_graph: bool = False, verbose: bool = False):
         from . import require_tensorrt
-        from .builder import _Logger, check_plan_matches_machine
+        from .builder import check_plan_matches_machine, trt_logger
         from .plugin import register
 
         trt = require_tensorrt()
@@ -43,7 +43,7 @@ class TensorRTRunner(Runner):
         # implementation (debugging) loadable too.
         register()
         self.torch, self.trt = torch, trt
-        self.logger = _Logger(trt, verbose)
+        self.logger = trt_logger(trt, verbose)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
