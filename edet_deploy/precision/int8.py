@@ -57,20 +57,31 @@ def strip_nms(proto: onnx.ModelProto) -> Tuple[onnx.ModelProto, Optional[NmsSett
 
 
 class ImageReader:
-    """ONNX Runtime CalibrationDataReader over letterboxed images, one per batch."""
+    """ONNX Runtime CalibrationDataReader over letterboxed images, one per batch, handed out in chunks: ONNX
+    Runtime keeps every activation of every image it is given until its histograms are made (about 54 MB per
+    image for D0 at 256 px, so 500 images overflowed 24 GiB), and it merges histograms across calls."""
 
-    def __init__(self, paths: Sequence[Path], size: int, progress: bool = False):
+    def __init__(self, paths: Sequence[Path], size: int, progress: bool = False, chunk: Optional[int] = None):
         self.paths, self.size, self.i = list(paths), size, 0
+        self.chunk = chunk or len(self.paths)
+        self.end = len(self.paths) if chunk is None else 0
         self.bar = None
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=len(self.paths), desc="calibration", unit="img", leave=False)
 
-    def get_next(self):
-        from ..preprocess import decode_image, letterbox
+    def next_chunk(self) -> bool:
+        """Open the next chunk of images; False when all were read."""
         if self.i >= len(self.paths):
             if self.bar is not None:
                 self.bar.close()
+            return False
+        self.end = min(self.i + self.chunk, len(self.paths))
+        return True
+
+    def get_next(self):
+        from ..preprocess import decode_image, letterbox
+        if self.i >= self.end:
             return None
         img, _ = letterbox(decode_image(self.paths[self.i]), self.size)
         self.i += 1
@@ -80,6 +91,12 @@ class ImageReader:
 
     def rewind(self) -> None:
         self.i = 0
+
+
+def calibration_chunk(image_size: int) -> int:
+    """Images per collect_data call: about 3.5 GB of activations at any input size (16 at 512 px), at least 4
+    so that the first chunk, which fixes the histograms' bin width, sees several images."""
+    return max(4, round(16 * (512 / image_size) ** 2))
 
 
 def calibration_images(data: str | Path, num_images: int, split: str = "calib") -> List[Path]:
@@ -125,10 +142,12 @@ def network_nodes(proto: onnx.ModelProto, exclude: Iterable[str] = ()) -> Tuple[
     return include, excluded
 
 
-def cache_key(candidate: onnx.ModelProto, images: Sequence[Path], method: str, tensors: Sequence[str]) -> str:
+def cache_key(candidate: onnx.ModelProto, images: Sequence[Path], method: str, tensors: Sequence[str],
+              chunk: int) -> str:
     h = hashlib.sha256(candidate.SerializeToString())
     h.update(method.encode())
     h.update(json.dumps(CALIB_OPTIONS, sort_keys=True).encode())
+    h.update(f"chunk {chunk}".encode())  # the chunking shapes the merged histograms
     h.update("\n".join(sorted(tensors)).encode())
     for p in images:
         h.update(str(Path(p).resolve()).encode())
@@ -155,9 +174,10 @@ def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, c
     from ..io import write_json
 
     tensors = calibration_tensors(candidate)
+    chunk = calibration_chunk(image_size)
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"ranges-{method}-{cache_key(candidate, images, method, tensors)}.json"
+        cache = Path(cache_dir) / f"ranges-{method}-{cache_key(candidate, images, method, tensors, chunk)}.json"
         if cache.is_file():
             return {k: float(v) for k, v in json.loads(cache.read_text())["amax"].items()}, True, cache
     wanted = set(tensors)
@@ -178,7 +198,9 @@ def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, c
                                            extra_options={"symmetric": True, "percentile": 99.999,
                                                           "num_bins": CALIB_OPTIONS["CalibNumBins"],
                                                           "num_quantized_bins": CALIB_OPTIONS["CalibNumQuantizedBins"]})
-        calibrator.collect_data(ImageReader(images, image_size, progress))
+        reader = ImageReader(images, image_size, progress, chunk=chunk)
+        while reader.next_chunk():
+            calibrator.collect_data(reader)
         data = calibrator.compute_data()
         del calibrator
     amax = {}
