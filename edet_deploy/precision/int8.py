@@ -198,6 +198,8 @@ def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, c
                                            extra_options={"symmetric": True, "percentile": 99.999,
                                                           "num_bins": CALIB_OPTIONS["CalibNumBins"],
                                                           "num_quantized_bins": CALIB_OPTIONS["CalibNumQuantizedBins"]})
+        if method != "minmax":  # min/max merge exactly; histograms only over fixed edges
+            _seed_histograms(calibrator, ImageReader(images, image_size, chunk=chunk))
         reader = ImageReader(images, image_size, progress, chunk=chunk)
         while reader.next_chunk():
             calibrator.collect_data(reader)
@@ -210,6 +212,40 @@ def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, c
     if cache is not None:
         write_json(cache, {"method": method, "num_images": len(images), "amax": amax})
     return amax, False, cache
+
+
+def _seed_histograms(calibrator, reader: ImageReader) -> None:
+    """Give ONNX Runtime's histogram collector each tensor's final range before the first chunk. Otherwise the
+    first chunk fixes the bin width and later chunks add bins, which moved entropy calibration by a mAP point
+    (400 images: 0.734 in one call, 0.722 in chunks); over fixed edges the chunks' histograms add up exactly to
+    the one-call histogram. Costs one more inference pass over the images."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    names = [o.name for o in calibrator.infer_session.get_outputs() if o.name in calibrator.tensors_to_calibrate]
+    lo: Dict[str, float] = {}
+    hi: Dict[str, float] = {}
+    while reader.next_chunk():
+        while (inputs := reader.get_next()) is not None:
+            for name, value in zip(names, calibrator.infer_session.run(names, inputs)):
+                lo[name] = min(lo.get(name, np.inf), float(np.nanmin(value)))
+                hi[name] = max(hi.get(name, -np.inf), float(np.nanmax(value)))
+    collector = HistogramCollector(method=calibrator.method, symmetric=calibrator.symmetric,
+                                   num_bins=calibrator.num_bins, num_quantized_bins=calibrator.num_quantized_bins,
+                                   percentile=calibrator.percentile, scenario=calibrator.scenario)
+    entropy = calibrator.method in ("distribution", "entropy")
+    for name in names:
+        mn, mx = np.float32(lo[name]), np.float32(hi[name])
+        amax = np.float32(max(abs(mn), abs(mx)))
+        if amax == 0:
+            continue  # an all-zero tensor: let ONNX Runtime handle it as it does in one call
+        empty = np.zeros(0, dtype=np.float32)
+        if entropy:  # the layout of HistogramCollector.collect_value: signed, range (-amax, amax)
+            hist, edges = np.histogram(empty, calibrator.num_bins, range=(-amax, amax))
+            collector.histogram_dict[name] = (hist, edges, mn, mx, amax)
+        else:  # collect_absolute_value: |x| over (0, amax)
+            hist, edges = np.histogram(empty, calibrator.num_bins, range=(0, amax))
+            collector.histogram_dict[name] = (hist, edges.astype(np.float32), mn, mx)
+    calibrator.collector = collector
 
 
 def quantize_candidates(candidate: onnx.ModelProto, images: Sequence[Path], method: str = "entropy",
