@@ -147,7 +147,7 @@ def cache_key(candidate: onnx.ModelProto, images: Sequence[Path], method: str, t
     h = hashlib.sha256(candidate.SerializeToString())
     h.update(method.encode())
     h.update(json.dumps(CALIB_OPTIONS, sort_keys=True).encode())
-    h.update(f"chunk {chunk}".encode())  # the chunking shapes the merged histograms
+    h.update(f"chunk {chunk}, seeded histograms".encode())  # how the histograms were merged
     h.update("\n".join(sorted(tensors)).encode())
     for p in images:
         h.update(str(Path(p).resolve()).encode())
