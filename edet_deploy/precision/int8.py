@@ -61,14 +61,13 @@ class ImageReader:
     Runtime keeps every activation of every image it is given until its histograms are made (about 54 MB per
     image for D0 at 256 px, so 500 images overflowed 24 GiB), and it merges histograms across calls."""
 
-    def __init__(self, paths: Sequence[Path], size: int, progress: bool = False, chunk: Optional[int] = None):
-        self.paths, self.size, self.i = list(paths), size, 0
-        self.chunk = chunk or len(self.paths)
-        self.end = len(self.paths) if chunk is None else 0
+    def __init__(self, paths: Sequence[Path], size: int, chunk: int, progress: bool = False,
+                 desc: str = "calibration"):
+        self.paths, self.size, self.chunk, self.i, self.end = list(paths), size, chunk, 0, 0
         self.bar = None
         if progress:
             from tqdm import tqdm
-            self.bar = tqdm(total=len(self.paths), desc="calibration", unit="img", leave=False)
+            self.bar = tqdm(total=len(self.paths), desc=desc, unit="img", leave=False)
 
     def next_chunk(self) -> bool:
         """Open the next chunk of images; False when all were read."""
@@ -95,7 +94,7 @@ class ImageReader:
 
 def calibration_chunk(image_size: int) -> int:
     """Images per collect_data call: about 3.5 GB of activations at any input size (16 at 512 px), at least 4
-    so that the first chunk, which fixes the histograms' bin width, sees several images."""
+    so that the largest inputs still get few calls."""
     return max(4, round(16 * (512 / image_size) ** 2))
 
 
@@ -199,8 +198,8 @@ def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, c
                                                           "num_bins": CALIB_OPTIONS["CalibNumBins"],
                                                           "num_quantized_bins": CALIB_OPTIONS["CalibNumQuantizedBins"]})
         if method != "minmax":  # min/max merge exactly; histograms only over fixed edges
-            _seed_histograms(calibrator, ImageReader(images, image_size, chunk=chunk))
-        reader = ImageReader(images, image_size, progress, chunk=chunk)
+            _seed_histograms(calibrator, ImageReader(images, image_size, chunk, progress, "calibration ranges"))
+        reader = ImageReader(images, image_size, chunk, progress)
         while reader.next_chunk():
             calibrator.collect_data(reader)
         data = calibrator.compute_data()
