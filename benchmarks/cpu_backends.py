@@ -1,5 +1,6 @@
-"""CPU backends head to head: ONNX Runtime FP32 vs OpenVINO FP32 vs OpenVINO INT8 (the Q/DQ twin), the full
-detection graph including soft-NMS, batch 1, interleaved.
+"""CPU backends head to head: ONNX Runtime FP32 vs OpenVINO FP32 vs OpenVINO BF16 (the FP32 graph run in
+bfloat16, on CPUs with bf16 instructions) vs OpenVINO INT8 (the Q/DQ twin), the full detection graph including
+soft-NMS, batch 1, interleaved.
 
 The CPU of these machines is shared and its speed moves by 20-40% (sometimes 3x) within a minute; `bench` times
 one combination after the other, so a ratio of two of its rows carries that drift. Here every iteration runs
@@ -19,9 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from edet_deploy.backends import create_runner
+from edet_deploy.backends.openvino import cpu_has_bf16
 from edet_deploy.bench import Bench
 from edet_deploy.configs import parse_model_list
 from edet_deploy.measure import machine_info, percentiles
+from edet_deploy.reports import RATIOS
 
 
 def cpu_flags() -> list:
@@ -31,6 +34,11 @@ def cpu_flags() -> list:
         return []
     return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
                                            "amx_int8", "amx_bf16", "amx_tile"))
+
+
+def openvino_default_precision() -> str:
+    import openvino as ov
+    return str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
 
 
 def cpu_pressure() -> float:
@@ -54,15 +62,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     bench = Bench(Path(args.graphs), threads=args.threads)
-    combos = [("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "int8")]
+    combos = [("onnxruntime", "fp32"), ("openvino", "fp32")]
+    if cpu_has_bf16():
+        combos.append(("openvino", "bf16"))
+    combos.append(("openvino", "int8"))
     if args.with_ort_int8:
         combos.append(("onnxruntime", "int8"))
+    ratios = [(title, a, b) for title, (a, b) in RATIOS if a in combos and b in combos]
     rows = []
     for model in parse_model_list(args.models):
         runners = {}
         for backend, precision in combos:
-            graph = str(bench.graph(model, precision, 1))
+            graph = str(bench.graph(model, "fp32" if precision == "bf16" else precision, 1))
             extra = {"cache_dir": False} if backend == "openvino" else {}
+            if precision == "bf16":
+                extra["inference_precision"] = "bf16"
             t = time.perf_counter()
             runners[(backend, precision)] = create_runner(backend, onnx_path=graph, threads=args.threads, **extra)
             load_ms = (time.perf_counter() - t) * 1000
@@ -85,14 +99,15 @@ def main(argv=None) -> int:
         row = {"model": model, "image_size": s, "cpu_pressure_avg60": pressure,
                "p50_ms": {f"{b} {p}": round(v, 2) for (b, p), v in p50.items()},
                "p90_ms": {f"{b} {p}": round(stats[k]["p90"], 2) for k, (b, p) in zip(keys, keys)},
-               "openvino_fp32_vs_onnxruntime_fp32": round(p50[("onnxruntime", "fp32")] / p50[("openvino", "fp32")], 3),
-               "openvino_int8_vs_openvino_fp32": round(p50[("openvino", "fp32")] / p50[("openvino", "int8")], 3)}
+               "ratios": {title: round(p50[b] / p50[a], 3) for title, a, b in ratios}}
         rows.append(row)
         print(json.dumps(row), flush=True)
         for r in runners.values():
             r.close()
     m = machine_info(args.threads)
     m["cpu_flags"] = cpu_flags()
+    # What OpenVINO runs an FP32 graph in when not told: bf16 on CPUs that have it.
+    m["openvino_default_inference_precision"] = openvino_default_precision()
     report = {"machine": m, "iters": args.iters, "threads": args.threads, "batch": 1,
               "graph": "full detection graph incl. soft-NMS, random weights, min-max INT8 calibration on 4 images",
               "results": rows}
@@ -102,17 +117,18 @@ def main(argv=None) -> int:
     cols = [f"{b} {p}" for b, p in combos]
     lines = ["# CPU backends head to head (interleaved, batch 1, full graph including soft-NMS)\n",
              f"Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['cores']} cores shared with other work, "
-             f"{args.threads} threads; {m['date']}. Versions: " +
+             f"{args.threads} threads; {m['date']}. OpenVINO's default inference precision on this CPU: "
+             f"{m['openvino_default_inference_precision']} (every row here names its precision explicitly). Versions: " +
              ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n",
              f"Every iteration runs each runner once on the same image (rotating order); {args.iters} iterations; "
              "p50 in ms; ratios > 1 = the first is faster. CPU pressure = % of the last minute in which some task "
              "waited for a core (Linux PSI; 0 = nothing else running), read at the end of each model's loop.\n",
-             "| model | input | " + " | ".join(cols) + " | OpenVINO FP32 vs ORT FP32 | OpenVINO INT8 vs FP32 | "
-             "CPU pressure |", "|---|---:|" + "---:|" * (len(cols) + 3)]
+             "| model | input | " + " | ".join(cols) + " | " + " | ".join(t for t, _, _ in ratios) +
+             " | CPU pressure |", "|---|---:|" + "---:|" * (len(cols) + len(ratios) + 1)]
     for r in rows:
         lines.append(f"| {r['model'].upper()} | {r['image_size']} | " + " | ".join(f"{r['p50_ms'][c]:.1f}" for c in cols)
-                     + f" | {r['openvino_fp32_vs_onnxruntime_fp32']:.2f}x | {r['openvino_int8_vs_openvino_fp32']:.2f}x | "
-                     f"{r['cpu_pressure_avg60']:.0f}% |")
+                     + " | " + " | ".join(f"{r['ratios'][t]:.2f}x" for t, _, _ in ratios) +
+                     f" | {r['cpu_pressure_avg60']:.0f}% |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -2,7 +2,7 @@
 would get: FP32, FP16, and INT8 (Q/DQ on the FP16 twin) for each calibration method, with and without the
 sensitivity exclusions; each row with its precision census (share of multiply-adds in int8 / fp16 / fp32).
 
-    python benchmarks/precision_accuracy.py [--data build/shapes] [--calib-images 300]
+    python benchmarks/precision_accuracy.py [--data build/shapes] [--calib-images 300] [--max-loss 0.005]
 
 Writes benchmarks/results/precision_accuracy.{json,md}."""
 from __future__ import annotations
@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="build/shapes")
     ap.add_argument("--calib-images", type=int, default=300)
     ap.add_argument("--sensitivity-images", type=int, default=100)
+    ap.add_argument("--max-loss", type=float, default=0.005,
+                    help="sensitivity: mAP loss vs FP32 (on its images) at which blocks stop being kept in float")
     ap.add_argument("--work", default="build/precision")
     ap.add_argument("--out", default="benchmarks/results/precision_accuracy")
     args = ap.parse_args(argv)
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     graphs = {"fp32": fp32, "fp16": graph_for("d0", "fp16", work, data=args.data, reuse=False)}
     t = time.perf_counter()
     sens = sensitivity_sweep(fp32, args.data, "entropy", args.calib_images, args.sensitivity_images,
-                             work_dir=work / "sensitivity")
+                             max_loss=args.max_loss, work_dir=work / "sensitivity")
     print(f"sensitivity sweep {time.perf_counter() - t:.0f} s: keep {sens['kept_in_float']}", flush=True)
     for method in ("entropy", "percentile", "minmax"):
         graphs[f"int8 {method}"] = graph_for("d0", "int8", work, data=args.data, num_images=args.calib_images,
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
         r["delta_mAP_points"] = round((r["AP"] - base) * 100, 2)
     m = machine_info(None)
     report = {"machine": m, "model": str(WEIGHTS.name), "split": f"shapes val ({len(val)} images)",
-              "calibration_images": args.calib_images, "sensitivity": sens, "rows": rows}
+              "calibration_images": args.calib_images, "max_loss": args.max_loss, "sensitivity": sens, "rows": rows}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Accuracy per precision (ONNX Runtime, CPU)\n",
@@ -80,7 +82,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['graph']} | {r['AP']:.4f} | {r['AP50']:.4f} | {r['AP75']:.4f} | {r['APs']:.4f} | "
                      f"{r['APm']:.4f} | {r['APl']:.4f} | {r['delta_mAP_points']:+.2f} | {cen} |")
     lines += ["", f"Sensitivity sweep (entropy, {args.sensitivity_images} val images per trial): INT8 of all blocks "
-              f"{sens['int8_all_mAP']:.4f} vs FP32 {sens['fp32_mAP']:.4f}; kept in FP16: "
+              f"{sens['int8_all_mAP']:.4f} vs FP32 {sens['fp32_mAP']:.4f}; blocks kept in FP16, best first, until the loss "
+              f"is within {100 * args.max_loss:.2g} points: "
               f"{', '.join(sens['kept_in_float']) or 'none'}.", "",
               "| block kept in FP16 | convs | mAP | recovered |", "|---|---:|---:|---:|"]
     for b in sens["blocks"]:

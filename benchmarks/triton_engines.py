@@ -1,11 +1,11 @@
-"""Triton load test, once per CPU engine backend (OpenVINO and ONNX Runtime): generates the CPU repository
+"""Triton load test, once per CPU engine (OpenVINO, OpenVINO in bf16 where the CPU has it, ONNX Runtime): generates the CPU repository
 for the bundled D0 model with that engine, starts the embedded server, sends real images (the shapes
 validation split) at concurrency 1, 2, 4, 8, 16, and compares with the in-process pipeline of the same backend
 on the same images. The ensemble-vs-in-process ratio is measured in a sandwich (in-process, ensemble,
 in-process again), so the shared CPU's drift hits both sides alike. Writes JSON, CSV and markdown to
 benchmarks/results/triton_engines.*
 
-    python benchmarks/triton_engines.py [--engine-backends openvino,onnxruntime] [--requests 20]
+    python benchmarks/triton_engines.py [--engine-backends openvino,openvino-bf16,onnxruntime] [--requests 20]
     python benchmarks/triton_engines.py --url HOST:PORT --engine-backends openvino   # a server you started
 """
 from __future__ import annotations
@@ -75,31 +75,34 @@ def interleaved(local, url: str, blobs, n: int) -> dict:
             "ratio_p50": round(b["p50"] / a["p50"], 3)}
 
 
-def run_backend(backend: str, graph: Path, blobs, args, conc) -> dict:
+def run_backend(engine: str, graph: Path, blobs, args, conc) -> dict:
+    """`engine`: a CPU engine backend, or openvino-bf16 (the repository's --precision bf16)."""
     from edet_deploy.detector import Detector
     from edet_deploy.triton.repo import generate_repository
     from edet_deploy.measure import free_port
     from edet_deploy.triton.server import TritonServer
 
+    backend, _, precision = engine.partition("-")
+    bf16 = precision == "bf16"
     server = None
     if args.url is None:
-        repo = generate_repository(Path(args.work) / f"repo_{backend}", variant="d0", onnx=str(graph),
-                                   engine_backend=backend)
+        repo = generate_repository(Path(args.work) / f"repo_{engine}", variant="d0", onnx=str(graph),
+                                   engine_backend=backend, precision="bf16" if bf16 else "fp32")
         server = TritonServer(repo, free_port(), free_port(), free_port(), open_apis=["statistics"],
-                              log_file=Path(args.work) / f"tritonserver_{backend}.log").start()
+                              log_file=Path(args.work) / f"tritonserver_{engine}.log").start()
         url = server.grpc_url
     else:
         url = args.url
     try:
-        local = Detector.from_onnx(graph, backend=backend)
+        local = Detector.from_onnx(graph, backend=backend, bf16=bf16)
         inter = interleaved(local, url, blobs, args.interleaved)
         rows = run_load(url, blobs, concurrencies=conc, requests_per_client=args.requests)
-        stubs = stub_memory(f"repo_{backend}/" if args.url is None else "")
+        stubs = stub_memory(f"repo_{engine}/" if args.url is None else "")
         local.runner.close()
     finally:
         if server:
             server.stop()
-    return {"engine_backend": backend, "url": url, **inter, "load": rows, "stub_rss_mb": stubs}
+    return {"engine_backend": engine, "url": url, **inter, "load": rows, "stub_rss_mb": stubs}
 
 
 def write_csv(path: Path, runs: dict) -> None:
@@ -121,7 +124,8 @@ def write_csv(path: Path, runs: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", default="model_repository", help="its engine's model.onnx is served, if present")
-    ap.add_argument("--engine-backends", default="openvino,onnxruntime")
+    ap.add_argument("--engine-backends", default="openvino,openvino-bf16,onnxruntime",
+                    help="openvino | openvino-bf16 (left out on CPUs without bf16) | onnxruntime")
     ap.add_argument("--url", help="use a running server (grpc host:port; one engine backend) instead of starting one")
     ap.add_argument("--images", default="build/shapes", help="COCO-format dataset whose val images are sent")
     ap.add_argument("--num-images", type=int, default=32)
@@ -134,7 +138,11 @@ def main(argv=None) -> int:
 
     from edet_deploy.data import CocoDataset, generate_shapes
 
+    from edet_deploy.backends.openvino import cpu_has_bf16
     backends = [b.strip() for b in args.engine_backends.split(",") if b.strip()]
+    if "openvino-bf16" in backends and not cpu_has_bf16():
+        print("openvino-bf16 left out: this CPU has no bf16 instructions", file=sys.stderr)
+        backends.remove("openvino-bf16")
     if args.url and len(backends) != 1:
         ap.error("--url serves one engine: name it with --engine-backends")
     if not Path(args.images).exists():

@@ -65,6 +65,9 @@ class SourceArgs:
         parser.add_argument("--cuda-graph", action="store_true",
                             help="tensorrt: replay CUDA graphs (one per batch size)")
         parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+        parser.add_argument("--bf16", action="store_true",
+                            help="openvino: run the network in bfloat16 (CPUs with AVX512_BF16 or AMX; OpenVINO's "
+                                 "own default there). Faster, not bit-exact: accuracy in README")
 
     @staticmethod
     def backend(args: argparse.Namespace) -> str:
@@ -85,15 +88,18 @@ class SourceArgs:
             if backend != "tensorrt":
                 raise EdetError("--engine runs on the tensorrt backend")
             return Detector.from_engine(args.engine, cuda_graph=args.cuda_graph, min_score=min_score)
+        if args.bf16 and backend != "openvino":
+            raise EdetError(f"--bf16 runs on the openvino backend, not {backend}")
         if backend == "tensorrt":
             raise EdetError("the tensorrt backend needs --engine (a plan from `edet-deploy build`)")
         if args.onnx:
             from .backends import CPU_GRAPH_BACKENDS
             if backend not in CPU_GRAPH_BACKENDS:
                 raise EdetError(f"--onnx runs on the {' or '.join(CPU_GRAPH_BACKENDS)} backend")
-            return Detector.from_onnx(args.onnx, backend=backend, threads=args.threads, min_score=min_score)
+            return Detector.from_onnx(args.onnx, backend=backend, threads=args.threads, min_score=min_score,
+                                      bf16=args.bf16)
         return Detector.from_model(args.model, args.weights, backend=backend, threads=args.threads,
-                                   min_score=min_score)
+                                   min_score=min_score, bf16=args.bf16)
 
 
 class ProgressArgs:

@@ -234,7 +234,9 @@ def _triton_repo(p: argparse.ArgumentParser):
     src.add_argument("--onnx", help="ONNX graph for --target cpu (exported with --dynamic-batch >= --max-batch)")
     src.add_argument("--engine", help="TensorRT plan for --target gpu (metadata JSON beside it)")
     p.add_argument("--weights", help="with --target cpu and no --onnx: export these weights first")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
+                   help="the graph's precision; bf16: the FP32 graph run in bfloat16 by the OpenVINO CPU engine "
+                        "(CPUs with AVX512_BF16 or AMX)")
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--engine-backend", choices=["openvino", "onnxruntime"],
                    help="--target cpu: the runner of the engine model (default: the CPU backend `detect` uses)")
@@ -404,7 +406,8 @@ def _build(p: argparse.ArgumentParser):
 def _bench(p: argparse.ArgumentParser):
     p.add_argument("--models", default="d0", help="e.g. d0-d7,d7x")
     p.add_argument("--backends", default="torch,onnxruntime,openvino,tensorrt")
-    p.add_argument("--precisions", default="fp32,int8", help="fp32,fp16,int8")
+    p.add_argument("--precisions", default="fp32,int8", help="fp32,bf16,fp16,int8 (bf16: OpenVINO on CPUs with bf16 "
+                                                            "instructions)")
     p.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)

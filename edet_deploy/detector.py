@@ -31,8 +31,12 @@ class Detector:
 
     @classmethod
     def from_onnx(cls, onnx_path: str | os.PathLike, backend: str = DEFAULT_CPU_BACKEND, threads: Optional[int] = None,
-                  min_score: float = 0.0) -> "Detector":
-        return cls(create_runner(backend, onnx_path=str(onnx_path), threads=threads), min_score)
+                  min_score: float = 0.0, bf16: bool = False) -> "Detector":
+        """`bf16`: OpenVINO runs the network in bfloat16 (CPUs with bf16 instructions; the graph stays FP32)."""
+        if bf16 and backend != "openvino":
+            raise EdetError(f"bf16 runs on the openvino backend, not {backend}")
+        extra = {"inference_precision": "bf16"} if bf16 else {}
+        return cls(create_runner(backend, onnx_path=str(onnx_path), threads=threads, **extra), min_score)
 
     @classmethod
     def from_engine(cls, engine_path: str | os.PathLike, cuda_graph: bool = False,
@@ -42,13 +46,16 @@ class Detector:
 
     @classmethod
     def from_model(cls, name: str, weights: Optional[str] = None, backend: str = DEFAULT_CPU_BACKEND,
-                   threads: Optional[int] = None, min_score: float = 0.0, **export_kwargs) -> "Detector":
+                   threads: Optional[int] = None, min_score: float = 0.0, bf16: bool = False,
+                   **export_kwargs) -> "Detector":
         """From a variant and weights: `torch` runs eagerly; `onnxruntime` / `openvino` export once into the
         cache."""
         if backend == "torch":
+            if bf16:
+                raise EdetError("bf16 runs on the openvino backend, not torch")
             return cls(create_runner("torch", model_name=name, weights=weights, threads=threads), min_score)
         if backend in CPU_GRAPH_BACKENDS:
-            return cls.from_onnx(cached_export(name, weights, **export_kwargs), backend, threads, min_score)
+            return cls.from_onnx(cached_export(name, weights, **export_kwargs), backend, threads, min_score, bf16)
         raise EdetError(f"backend {backend!r} needs a prebuilt artifact (--onnx or --engine)")
 
     def detect(self, images: Iterable[ImageSource]) -> List[Detections]:

@@ -12,7 +12,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+# bf16: the FP32 graph run in bfloat16 by a runtime that offers it (OpenVINO on CPUs with bf16 instructions).
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 def percentiles(times_ms: Sequence[float]) -> Dict[str, float]:

@@ -122,6 +122,8 @@ def _census_cell(r: Dict) -> str:
 # (title, (backend, precision) measured, (backend, precision) it is compared against)
 RATIOS = [("ONNX Runtime FP32 vs eager PyTorch", (("onnxruntime", "fp32"), ("torch", "fp32"))),
           ("OpenVINO FP32 vs ONNX Runtime FP32", (("openvino", "fp32"), ("onnxruntime", "fp32"))),
+          ("OpenVINO BF16 vs ONNX Runtime FP32", (("openvino", "bf16"), ("onnxruntime", "fp32"))),
+          ("OpenVINO BF16 vs OpenVINO FP32", (("openvino", "bf16"), ("openvino", "fp32"))),
           ("OpenVINO INT8 (Q/DQ) vs OpenVINO FP32", (("openvino", "int8"), ("openvino", "fp32")))]
 
 
@@ -190,7 +192,8 @@ def plot_accuracy_latency(report: Dict, path: Path) -> None:
     ax.set_ylabel("COCO AP (published FP32, test-dev)")
     ax.set_title("Accuracy vs latency on this machine")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a sweep without FP32 rows has nothing to plot here
+        ax.legend()
     fig.tight_layout()
     _save(fig, path)
 

@@ -88,3 +88,20 @@ def test_graph_for_refuses_before_exporting(tmp_path):
     with pytest.raises(EdetError, match="calibration data"):
         graph_for("d0", "int8", tmp_path)
     assert not list(tmp_path.iterdir())  # nothing was exported
+
+
+def test_bf16_rows_run_the_fp32_graph_in_openvino(tmp_path):
+    """bf16 is OpenVINO's: its row runs (where the CPU has the instructions), other backends say why not."""
+    pytest.importorskip("openvino")
+    from edet_deploy.backends.openvino import cpu_has_bf16
+    report = run_bench(["d0"], ["onnxruntime", "openvino"], ["bf16"], [1], tmp_path, warmup=1, iters=3,
+                       progress=False)
+    rows = {r["backend"]: r for r in report["results"]}
+    assert rows["onnxruntime"]["status"] == "skipped" and "OpenVINO" in rows["onnxruntime"]["reason"]
+    ov = rows["openvino"]
+    if cpu_has_bf16():
+        assert ov["status"] == "ok" and ov["model_p50_ms"] > 0, ov
+        assert ov["census_int8"] is None  # the FP32 graph's types do not describe a bf16 run
+        assert not list((tmp_path / "graphs" / "d0").glob("*bf16*"))  # no bf16 graph file: a runtime setting
+    else:
+        assert ov["status"] == "skipped" and "bf16 instructions" in ov["reason"]

@@ -62,6 +62,18 @@ def _assert_same_as_local(remote, local):
                                box_atol=1e-2, score_atol=1e-5)
 
 
+def _served_detections(repo, pictures, tmp_path):
+    """A fresh server on `repo`: its detections for the pictures as one batch, then one request each."""
+    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=tmp_path / "triton.log").start()
+    try:
+        client = TritonDetectorClient(server.grpc_url, "efficientdet_d0", "grpc")
+        remote = client.detect(pictures) + [client.detect([p])[0] for p in pictures]
+        client.close()
+    finally:
+        server.stop()
+    return remote
+
+
 def test_http_and_grpc_match_in_process(served, pictures):
     server, onnx_path = served
     local = Detector.from_onnx(onnx_path).detect(pictures)
@@ -174,14 +186,26 @@ def test_other_engine_backend_matches_in_process(tmp_path, served, pictures, eng
                             model_config_pb2.ModelConfig())
     assert cfg.parameters["engine_backend"].string_value == engine_backend
     local = Detector.from_onnx(onnx_path, backend=engine_backend).detect(pictures)
-    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=tmp_path / "triton.log").start()
-    try:
-        client = TritonDetectorClient(server.grpc_url, "efficientdet_d0", "grpc")
-        remote = client.detect(pictures) + [client.detect([p])[0] for p in pictures]
-        client.close()
-    finally:
-        server.stop()
+    remote = _served_detections(repo, pictures, tmp_path)
     _assert_same_as_local(remote, local + local)
+
+
+def test_bf16_openvino_engine_matches_in_process_bf16(tmp_path, served, pictures):
+    """`triton-repo --precision bf16`: the OpenVINO engine runs the FP32 graph in bfloat16, served by the real
+    tritonserver; the same detections as in-process bf16 at the same batch sizes (bf16 is not f32, so the
+    reference is bf16 too)."""
+    from edet_deploy.backends.openvino import cpu_has_bf16
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions (AVX512_BF16 or AMX)")
+    _, onnx_path = served
+    repo = generate_repository(tmp_path / "repo", variant="d0", onnx=str(onnx_path), precision="bf16")
+    local = Detector.from_onnx(onnx_path, backend="openvino", bf16=True)
+    want = local.detect(pictures) + [local.detect([p])[0] for p in pictures]
+    remote = _served_detections(repo, pictures, tmp_path)
+    _assert_same_as_local(remote, want)
+    with pytest.raises(EdetError, match="bf16"):
+        generate_repository(tmp_path / "r2", variant="d0", onnx=str(onnx_path), precision="bf16",
+                            engine_backend="onnxruntime")
 
 
 def test_engine_backend_choice(served, tmp_path):

@@ -29,7 +29,7 @@ def create_runner(backend: str, *, onnx_path: Optional[str] = None, engine_path:
             raise EdetError("the openvino backend needs an ONNX graph (--onnx, or export one first)")
         from .openvino import OpenVinoRunner
         return OpenVinoRunner(onnx_path, threads=kwargs.get("threads"),
-                              **{k: v for k, v in kwargs.items() if k in ("cache_dir", "hint")})
+                              **{k: v for k, v in kwargs.items() if k in ("cache_dir", "hint", "inference_precision")})
     if backend == "torch":
         from .pytorch import TorchRunner
         return TorchRunner(**kwargs)

@@ -22,6 +22,9 @@ from ..nms import op as nms_op
 from .base import Runner
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+# What the network runs in: f32 (the parity reference) or bf16. OpenVINO itself picks bf16 by default on CPUs
+# with bf16 instructions (AVX512_BF16, AMX); we ask for it by name so a run's numerics never depend on the CPU.
+INFERENCE_PRECISIONS = ("f32", "bf16")
 _CANDIDATE_TYPES = (1, 1, 6)  # onnx.TensorProto FLOAT, FLOAT, INT32: the soft_nms node's input types
 
 
@@ -68,14 +71,25 @@ def cut_at_nms(proto) -> Tuple[object, Optional[NmsSettings], List[str]]:
     return proto, settings, list(node.input)
 
 
+def cpu_has_bf16(core=None) -> bool:
+    """Whether OpenVINO's CPU plugin can run bf16 here (it lists BF16 among its optimization capabilities)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False
+    core = core or ov.Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class OpenVinoRunner(Runner):
     name = "openvino"
 
     def __init__(self, onnx_path: str | os.PathLike, threads: Optional[int] = None,
                  cache_dir: Optional[str | os.PathLike] | bool = True, hint: str = "LATENCY",
-                 metadata: Optional[Dict] = None):
+                 metadata: Optional[Dict] = None, inference_precision: str = "f32"):
         """`cache_dir`: True = the default cache, False/None = no cache, or a directory. `threads` sets
-        INFERENCE_NUM_THREADS (default: OpenVINO's choice, every core)."""
+        INFERENCE_NUM_THREADS (default: OpenVINO's choice, every core). `inference_precision` "bf16" runs the
+        network in bfloat16 (the graph file stays FP32); it needs a CPU with bf16 instructions."""
         import onnx
 
         try:
@@ -89,6 +103,9 @@ class OpenVinoRunner(Runner):
             raise EdetError(f"unknown OpenVINO performance hint {hint!r}; choose one of {', '.join(HINTS)}")
         if threads is not None and int(threads) < 1:
             raise EdetError(f"threads must be >= 1, got {threads}")
+        if inference_precision not in INFERENCE_PRECISIONS:
+            raise EdetError(f"unknown OpenVINO inference precision {inference_precision!r}; choose one of "
+                            f"{', '.join(INFERENCE_PRECISIONS)}")
         super().__init__(metadata or read_metadata(path))
         t0 = time.perf_counter()
         try:
@@ -97,6 +114,10 @@ class OpenVinoRunner(Runner):
             raise EdetError(f"cannot read {path} as ONNX: {e}") from None
         candidate, self.nms, self.candidate_names = cut_at_nms(proto)
         self.core = ov.Core()
+        if inference_precision == "bf16" and not cpu_has_bf16(self.core):
+            raise EdetError("bf16 needs a CPU with bf16 instructions (AVX512_BF16 or AMX); OpenVINO reports "
+                            "none on this one: run f32 instead")
+        self.inference_precision = inference_precision
         if cache_dir is True:
             cache_dir = default_cache_dir()
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -107,9 +128,7 @@ class OpenVinoRunner(Runner):
             self.model = self.core.read_model(candidate.SerializeToString())
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError for graphs it cannot take
             raise EdetError(f"OpenVINO cannot read {path}: {e}") from None
-        self.config = {"PERFORMANCE_HINT": hint,
-                       # Our FP32 graph is the parity reference: no silent bf16 on CPUs that have it (AMX).
-                       "INFERENCE_PRECISION_HINT": "f32"}
+        self.config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": inference_precision}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self.path = path

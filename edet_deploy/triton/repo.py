@@ -280,6 +280,8 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
     if target == "cpu" and engine_backend not in ENGINE_BACKENDS:
         raise EdetError(f"unknown CPU engine backend {engine_backend!r}; "
                         f"choose one of {', '.join(ENGINE_BACKENDS)}")
+    if precision == "bf16" and (target != "cpu" or engine_backend != "openvino"):
+        raise EdetError("--precision bf16 is the OpenVINO CPU engine's: --target cpu --engine-backend openvino")
     artifact = engine if target == "gpu" else onnx
     if target == "gpu" and not engine:
         raise EdetError("--target gpu needs --engine model.plan (built with `edet-deploy build`)")

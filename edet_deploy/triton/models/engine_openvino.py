@@ -1,7 +1,8 @@
 """Triton model `<name>_engine` for CPU targets with `--engine-backend openvino`: the same ONNX graph, network
 and candidate selection in OpenVINO, soft-NMS in our fast CPU implementation with the node's settings.
 Compiled models go to the OpenVINO cache (parameter `cache_dir`, default ~/.cache/edet_deploy/openvino), so a
-restart does not recompile."""
+restart does not recompile. Repository precision bf16 (`triton-repo --precision bf16`) runs the FP32 graph's
+network in bfloat16."""
 from __future__ import annotations
 
 from edet_deploy.triton.models.common import EngineModel, parameters
@@ -9,9 +10,12 @@ from edet_deploy.triton.models.common import EngineModel, parameters
 
 class TritonPythonModel(EngineModel):
     def initialize(self, args):
-        self.cache_dir = parameters(args).get("cache_dir") or True
+        params = parameters(args)
+        self.cache_dir = params.get("cache_dir") or True
+        self.inference_precision = "bf16" if params.get("precision") == "bf16" else "f32"
         super().initialize(args)
 
     def make_runner(self, onnx_path: str, threads):
         from edet_deploy.backends.openvino import OpenVinoRunner
-        return OpenVinoRunner(onnx_path, threads=threads, cache_dir=self.cache_dir)
+        return OpenVinoRunner(onnx_path, threads=threads, cache_dir=self.cache_dir,
+                              inference_precision=self.inference_precision)
