@@ -358,12 +358,12 @@ def test_calibration_in_chunks_keeps_memory_bounded_and_minmax_exact(fp32, shape
     assert all(np.isclose(chunked[k], whole[k], rtol=1e-6) for k in whole)
 
 
-@pytest.mark.parametrize("method", [pytest.param("entropy", marks=pytest.mark.slow), "percentile"])
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_histogram_calibration_in_chunks_equals_one_call(fp32, shapes, monkeypatch, method):
     """Histograms seeded with each tensor's final range add up across chunks to the one-call histogram, so
     entropy / percentile thresholds do not depend on the chunking (unseeded, ONNX Runtime's first chunk fixes the
     bin width and later ones add bins: 121 of 209 percentile thresholds moved here, and entropy on 400 images
-    lost a mAP point). Entropy's threshold search takes minutes, so that case runs with the slow tests."""
+    lost a mAP point)."""
     from edet_deploy.precision import int8
 
     candidate, _ = strip_nms(onnx.load(str(fp32)))
@@ -374,3 +374,58 @@ def test_histogram_calibration_in_chunks_equals_one_call(fp32, shapes, monkeypat
     assert chunked.keys() == whole.keys()
     differ = [k for k in whole if not np.isclose(chunked[k], whole[k], rtol=1e-5)]
     assert differ == [], f"{len(differ)} of {len(whole)} thresholds moved with the chunking"
+
+
+def _kl_reference(hist, levels):
+    """TensorRT's entropy calibration as NVIDIA's reference (pytorch-quantization's `_compute_amax_entropy`)
+    describes it, written independently with numpy's digitize and plain loops: zero bin replaced by its
+    neighbour; for each end bin i, P = bins [0, i) plus the outliers in its last bin, Q = those bins digitized
+    into `levels` equal groups over [0, i) and expanded over the non-empty bins; the last i of least KL."""
+    import math
+    bins = np.asarray(hist, np.float64).copy()
+    bins[0] = bins[1]
+    best, best_kl = None, math.inf
+    for i in range(levels, len(bins) + 1):
+        group = np.digitize(np.arange(i), np.linspace(0, i, levels + 1)) - 1
+        group[bins[:i] == 0] = -1
+        q = np.zeros(i)
+        for g in set(group.tolist()) - {-1}:
+            members = group == g
+            q[members] = bins[:i][members].sum() / members.sum()
+        p = bins[:i].copy()
+        p[-1] += bins[i:].sum()
+        if np.any((p > 0) & (q == 0)):
+            continue  # infinite divergence
+        ps, qs = p / p.sum(), q / q.sum()
+        kl = sum(ps[j] * math.log(ps[j] / qs[j]) for j in range(i) if ps[j] > 0)
+        if kl <= best_kl:
+            best, best_kl = i, kl
+    return best
+
+
+@pytest.mark.parametrize("case", ["gaussian", "silu", "laplace_outlier", "sparse", "uniform"])
+def test_kl_threshold_matches_nvidias_reference(case):
+    from edet_deploy.precision.kl import kl_threshold
+    rng = np.random.default_rng(7)
+    x = {"gaussian": lambda: np.abs(rng.standard_normal(200_000)),
+         "silu": lambda: np.abs((z := 3 * rng.standard_normal(200_000)) / (1 + np.exp(-z))),
+         "laplace_outlier": lambda: np.append(np.abs(rng.laplace(size=200_000)), 60.0),
+         "sparse": lambda: np.abs(rng.integers(0, 40, 5_000)).astype(float) * 0.37,  # many empty bins
+         "uniform": lambda: rng.random(200_000)}[case]()
+    hist, edges = np.histogram(x, 300, range=(0, x.max()))
+    levels = 32
+    assert kl_threshold(hist, edges, levels) == pytest.approx(edges[_kl_reference(hist, levels)])
+
+
+def test_kl_threshold_clips_tails_and_keeps_a_uniform_range():
+    from edet_deploy.precision.kl import kl_threshold
+    rng = np.random.default_rng(3)
+    u = rng.random(500_000)
+    hist, edges = np.histogram(u, 2048, range=(0, 1))
+    assert kl_threshold(hist, edges) > 0.97  # nothing to gain by clipping a uniform distribution
+    g = np.abs(rng.standard_normal(2_000_000))
+    hist, edges = np.histogram(g, 2048, range=(0, g.max()))
+    t = kl_threshold(hist, edges)
+    assert 3.0 < t < 0.95 * g.max()  # clips the gaussian's rare tail, keeps its body
+    zeros = np.zeros(2048)
+    assert kl_threshold(zeros, np.linspace(0, 1, 2049)) == 1.0  # an empty histogram keeps its range
