@@ -38,7 +38,7 @@ def cpu_flags() -> list:
 
 def openvino_default_precision() -> str:
     import openvino as ov
-    return str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
 
 
 def cpu_pressure() -> float:

@@ -16,6 +16,7 @@ from pathlib import Path
 from edet_deploy.data import CocoDataset, generate_shapes
 from edet_deploy.detector import Detector
 from edet_deploy.eval import evaluate
+from edet_deploy.backends import REFERENCE_BACKEND
 from edet_deploy.measure import machine_info
 from edet_deploy.precision.census import census
 from edet_deploy.precision.convert import graph_for
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
             exclude=sens["exclude_patterns"], tag="-sens", reuse=False)
     rows = []
     for name, graph in graphs.items():
-        rep = evaluate(Detector.from_onnx(graph), val)
+        rep = evaluate(Detector.from_onnx(graph, backend=REFERENCE_BACKEND), val)
         c = census(graph)
         rows.append({"graph": name, **rep["stats"], "seconds": rep["seconds"],
                      "census": {p: round(c[p], 4) for p in ("int8", "fp16", "fp32")}, "gmacs": c["gmacs"]})

@@ -15,7 +15,7 @@ ASSET = Path(__file__).parent / "assets" / "shapes_d0.safetensors"
 
 
 def run_demo(model: str, out: Path) -> int:
-    from .backends import DEFAULT_CPU_BACKEND
+    from .backends import DEFAULT_CPU_BACKEND, REFERENCE_BACKEND
     from .data import sample_image
     from .detector import Detector
     from .export import export_onnx
@@ -42,8 +42,8 @@ def run_demo(model: str, out: Path) -> int:
           f"{', '.join(str(p) for p in images)}")
     det = Detector.from_onnx(res.onnx_path, backend=DEFAULT_CPU_BACKEND, min_score=0.4)
     local = det.detect(images)
-    if DEFAULT_CPU_BACKEND != "onnxruntime":
-        ref = Detector.from_onnx(res.onnx_path, backend="onnxruntime", min_score=0.4).detect(images)
+    if DEFAULT_CPU_BACKEND != REFERENCE_BACKEND:
+        ref = Detector.from_onnx(res.onnx_path, backend=REFERENCE_BACKEND, min_score=0.4).detect(images)
         same = all(len(a) == len(b) and (a.classes == b.classes).all() and np.allclose(a.scores, b.scores, atol=1e-4)
                    and np.allclose(a.boxes, b.boxes, atol=0.05) for a, b in zip(local, ref))
         print(f"   {'same' if same else 'DIFFERENT'} detections as ONNX Runtime (the reference runner of the graph)")

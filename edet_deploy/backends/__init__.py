@@ -13,6 +13,9 @@ CPU_GRAPH_BACKENDS = ("onnxruntime", "openvino")
 # passes parity with ONNX Runtime (README, "Choosing the CPU backend"). ONNX Runtime stays the reference runner
 # of the exact graph TensorRT consumes.
 DEFAULT_CPU_BACKEND = "openvino"
+# The runner of a graph exactly as written, Q/DQ included (OpenVINO fuses them into int8 kernels that round
+# differently): the parity reference, and what accuracy per precision is measured with.
+REFERENCE_BACKEND = "onnxruntime"
 
 
 def create_runner(backend: str, *, onnx_path: Optional[str] = None, engine_path: Optional[str] = None,
@@ -41,4 +44,4 @@ def create_runner(backend: str, *, onnx_path: Optional[str] = None, engine_path:
     raise EdetError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["Runner", "create_runner", "BACKENDS", "CPU_GRAPH_BACKENDS", "DEFAULT_CPU_BACKEND"]
+__all__ = ["Runner", "create_runner", "BACKENDS", "CPU_GRAPH_BACKENDS", "DEFAULT_CPU_BACKEND", "REFERENCE_BACKEND"]

@@ -42,6 +42,7 @@ def sensitivity_sweep(onnx_path: str | Path, data: str | Path, method: str = "en
                       eval_images: int = 100, max_loss: float = 0.005, max_blocks: int = 4,
                       work_dir: Optional[Path] = None, progress: bool = True) -> Dict:
     """Run the sweep; returns the table and the chosen exclusion patterns (as `calibrate --exclude` takes)."""
+    from ..backends import REFERENCE_BACKEND
     from ..data import CocoDataset
     from ..detector import Detector
     from ..eval import evaluate
@@ -54,7 +55,8 @@ def sensitivity_sweep(onnx_path: str | Path, data: str | Path, method: str = "en
     val = CocoDataset(data, "val")
 
     def m_ap(graph: Path) -> float:
-        return evaluate(Detector.from_onnx(graph), val, eval_images, progress=False)["stats"]["AP"]
+        return evaluate(Detector.from_onnx(graph, backend=REFERENCE_BACKEND), val, eval_images,
+                        progress=False)["stats"]["AP"]
 
     _, _, candidate, _ = _load(path)
     blocks = conv_blocks(candidate)
