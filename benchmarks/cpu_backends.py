@@ -73,12 +73,10 @@ def main(argv=None) -> int:
     for model in parse_model_list(args.models):
         runners = {}
         for backend, precision in combos:
-            graph = str(bench.graph(model, "fp32" if precision == "bf16" else precision, 1))
-            extra = {"cache_dir": False} if backend == "openvino" else {}
-            if precision == "bf16":
-                extra["inference_precision"] = "bf16"
+            graph, options = bench.cpu_graph(model, backend, precision, 1)
             t = time.perf_counter()
-            runners[(backend, precision)] = create_runner(backend, onnx_path=graph, threads=args.threads, **extra)
+            runners[(backend, precision)] = create_runner(backend, onnx_path=str(graph), threads=args.threads,
+                                                          **options)
             load_ms = (time.perf_counter() - t) * 1000
             print(f"{model} {backend} {precision}: loaded in {load_ms:.0f} ms", flush=True)
         s = next(iter(runners.values())).image_size

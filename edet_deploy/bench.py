@@ -130,6 +130,15 @@ class Bench:
                          data=self.calibration_data() if precision == "int8" else None,
                          num_images=self.calib_images, method="minmax")
 
+    def cpu_graph(self, model: str, backend: str, precision: str, max_batch: int) -> Tuple[Path, Dict]:
+        """The graph and runner options of an onnxruntime / openvino combination. bf16 is a runtime setting on
+        the FP32 graph. No OpenVINO model cache: load time is the cold compilation a first start pays."""
+        graph = self.graph(model, "fp32" if precision == "bf16" else precision, max_batch)
+        options: Dict = {"cache_dir": False} if backend == "openvino" else {}
+        if precision == "bf16":
+            options["inference_precision"] = "bf16"
+        return graph, options
+
     def calibration_data(self) -> Path:
         if self._calib_dir is None:
             from .data import generate_shapes
@@ -208,16 +217,11 @@ class Bench:
             t = time.perf_counter()
             runner = create_runner("torch", model_name=model, threads=self.threads)
         elif backend in ("onnxruntime", "openvino"):
-            # bf16 is a runtime setting on the FP32 graph, so the graph's types (the census) do not describe it.
-            graph = self.graph(model, "fp32" if precision == "bf16" else precision, max_batch)
-            if precision != "bf16":
+            graph, options = self.cpu_graph(model, backend, precision, max_batch)
+            if precision != "bf16":  # a bf16 run is not described by the FP32 graph's types
                 self._census(r, graph)
-            # No OpenVINO model cache here: load_ms is the cold compilation a first start pays.
-            extra = {"cache_dir": False} if backend == "openvino" else {}
-            if precision == "bf16":
-                extra["inference_precision"] = "bf16"
             t = time.perf_counter()
-            runner = create_runner(backend, onnx_path=str(graph), threads=self.threads, **extra)
+            runner = create_runner(backend, onnx_path=str(graph), threads=self.threads, **options)
         else:
             from .trt.builder import build_engine
             plan = self.out / "engines" / f"{model}_{precision}_b{max_batch}.plan"

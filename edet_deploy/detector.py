@@ -50,9 +50,9 @@ class Detector:
                    **export_kwargs) -> "Detector":
         """From a variant and weights: `torch` runs eagerly; `onnxruntime` / `openvino` export once into the
         cache."""
+        if bf16 and backend != "openvino":
+            raise EdetError(f"bf16 runs on the openvino backend, not {backend}")
         if backend == "torch":
-            if bf16:
-                raise EdetError("bf16 runs on the openvino backend, not torch")
             return cls(create_runner("torch", model_name=name, weights=weights, threads=threads), min_score)
         if backend in CPU_GRAPH_BACKENDS:
             return cls.from_onnx(cached_export(name, weights, **export_kwargs), backend, threads, min_score, bf16)

@@ -238,19 +238,15 @@ def _seed_histograms(calibrator, reader: ImageReader) -> None:
     collector = HistogramCollector(method=calibrator.method, symmetric=calibrator.symmetric,
                                    num_bins=calibrator.num_bins, num_quantized_bins=calibrator.num_quantized_bins,
                                    percentile=calibrator.percentile, scenario=calibrator.scenario)
-    entropy = calibrator.method in ("distribution", "entropy")
     for name in names:
         mn, mx = np.float32(lo[name]), np.float32(hi[name])
         amax = np.float32(max(abs(mn), abs(mx)))
         if amax == 0:
             continue  # an all-zero tensor: let ONNX Runtime handle it as it does in one call
-        empty = np.zeros(0, dtype=np.float32)
-        if entropy:  # the layout of HistogramCollector.collect_value: signed, range (-amax, amax)
-            hist, edges = np.histogram(empty, calibrator.num_bins, range=(-amax, amax))
-            collector.histogram_dict[name] = (hist, edges, mn, mx, amax)
-        else:  # collect_absolute_value: |x| over (0, amax)
-            hist, edges = np.histogram(empty, calibrator.num_bins, range=(0, amax))
-            collector.histogram_dict[name] = (hist, edges.astype(np.float32), mn, mx)
+        # The layout of HistogramCollector.collect_absolute_value, which both histogram methods use here
+        # (entropy collects the percentile method's |x| histograms): |x| over (0, amax).
+        hist, edges = np.histogram(np.zeros(0, dtype=np.float32), calibrator.num_bins, range=(0, amax))
+        collector.histogram_dict[name] = (hist, edges.astype(np.float32), mn, mx)
     calibrator.collector = collector
 
 
