@@ -84,12 +84,12 @@ class SourceArgs:
         """The Detector; a source and backend that do not go together is the user's error."""
         from .detector import Detector
         backend = self.backend(args)
+        if args.bf16 and backend != "openvino":
+            raise EdetError(f"--bf16 runs on the openvino backend, not {backend}")
         if args.engine:
             if backend != "tensorrt":
                 raise EdetError("--engine runs on the tensorrt backend")
             return Detector.from_engine(args.engine, cuda_graph=args.cuda_graph, min_score=min_score)
-        if args.bf16 and backend != "openvino":
-            raise EdetError(f"--bf16 runs on the openvino backend, not {backend}")
         if backend == "tensorrt":
             raise EdetError("the tensorrt backend needs --engine (a plan from `edet-deploy build`)")
         if args.onnx:

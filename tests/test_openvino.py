@@ -223,6 +223,8 @@ def test_bf16_keeps_accuracy(graph, tmp_path_factory):
 def test_cli_bf16_flag(graph, scenes, capsys):
     assert main(["detect", str(scenes[0]), "--onnx", str(graph), "--backend", "onnxruntime", "--bf16"]) == 2
     assert "--bf16 runs on the openvino backend" in capsys.readouterr().err
+    assert main(["detect", str(scenes[0]), "--engine", str(graph), "--bf16"]) == 2  # not ignored beside --engine
+    assert "--bf16 runs on the openvino backend, not tensorrt" in capsys.readouterr().err
     if cpu_has_bf16():
         assert main(["detect", str(scenes[0]), "--onnx", str(graph), "--bf16", "--json", "-"]) == 0
         assert json.loads(capsys.readouterr().out)[0]["detections"]
