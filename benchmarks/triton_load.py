@@ -25,6 +25,8 @@ from edet_deploy.measure import machine_info, percentiles
 from edet_deploy.triton.load import perf_analyzer_command, run_load
 from edet_deploy.triton.repo import ENGINE_QUEUE_DELAY_US, perf_input_path
 
+DEFAULT_DELAY_US = ENGINE_QUEUE_DELAY_US["cpu"]  # this benchmark serves the CPU repository
+
 MODEL = "efficientdet_d0"
 
 
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
     blobs = [ds.image_path(i).read_bytes() for i in range(min(args.num_images, len(ds)))]
     decoded = [decode_image(b) for b in blobs]  # the decoded-input client's frames, decoded ahead of time
     conc = [int(c) for c in args.concurrency.split(",")]
-    delays = sorted({int(d) for d in args.delays.split(",")} | {ENGINE_QUEUE_DELAY_US})
+    delays = sorted({int(d) for d in args.delays.split(",")} | {DEFAULT_DELAY_US})
     enc = {"images": blobs, "model": MODEL, "concurrencies": conc, "requests_per_client": args.requests}
     composing = [f"{MODEL}_preprocess", f"{MODEL}_engine", f"{MODEL}_postprocess"]
 
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
                              "stage_queue_delay_us": 500})]
         plans += [(f"after_{d}us", {"queue_delay_us": d}) for d in delays]
         for label, kw in plans:
-            default = label == f"after_{ENGINE_QUEUE_DELAY_US}us"
+            default = label == f"after_{DEFAULT_DELAY_US}us"
             formats = ("encoded", "decoded") if default else ("encoded",)
             repo = generate_repository(tmp / label, variant="d0", onnx=str(onnx), input_formats=formats,
                                        tuning_images=blobs[:2], **kw)
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
                 print(f"  c{r['concurrency']}: p50 {r['p50_ms']} ms, {r['throughput_img_s']} img/s, "
                       f"engine batch {engine(r, 'mean_batch')}, errors {r['errors']}", flush=True)
 
-    chosen = configs[f"after_{ENGINE_QUEUE_DELAY_US}us"]
+    chosen = configs[f"after_{DEFAULT_DELAY_US}us"]
     inproc = chosen["in_process"]
     by_c = lambda rows, c: next(r for r in rows if r["concurrency"] == c)  # noqa: E731
     c1 = by_c(chosen["rows"], conc[0])
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
           and configs[f"after_{d}us"]["c1_vs_in_process_p50"] <= 1.3]
     report = {"machine": machine_info(None), "protocol": "grpc", "images": len(blobs),
               "in_process": inproc,
-              "engine_queue_delay_us_default": ENGINE_QUEUE_DELAY_US, "delays_meeting_targets": ok,
+              "engine_queue_delay_us_default": DEFAULT_DELAY_US, "delays_meeting_targets": ok,
               "ensemble_vs_in_process_p50": round(c1["p50_ms"] / inproc["p50"], 3), "configs": configs,
               "load": chosen["rows"], "decoded_vs_encoded": chosen["decoded_rows"], "stub_rss_mb": stubs,
               "perf_analyzer_equivalent": perf_analyzer_command(MODEL, "127.0.0.1:8001", "grpc", conc,
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
                  + " |")
     lines += ["", f"Windows meeting both targets (engine batch > 1.5 at concurrency 4, p50 at concurrency 1 <= 1.3x "
               f"in-process): {', '.join(f'{d} us' for d in ok) or 'none in this run'}; the default is "
-              f"{ENGINE_QUEUE_DELAY_US} us (`ENGINE_QUEUE_DELAY_US` in edet_deploy/triton/repo.py).\n",
+              f"{DEFAULT_DELAY_US} us (`ENGINE_QUEUE_DELAY_US[\"cpu\"]` in edet_deploy/triton/repo.py).\n",
               "## Default configuration\n",
               "| concurrency | requests | errors | p50 ms | p90 ms | p99 ms | img/s | engine queue ms | engine compute ms "
               "| engine mean batch | preprocess ms | postprocess ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

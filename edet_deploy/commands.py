@@ -250,8 +250,8 @@ def _triton_repo(p: argparse.ArgumentParser):
     p.add_argument("--input-format", default="encoded",
                    help="ensemble input(s), comma-separated: encoded (JPEG/PNG bytes -> <name>), decoded (uint8 "
                         "RGB decoded by the client -> <name>_decoded)")
-    p.add_argument("--queue-delay-us", type=int, help="engine dynamic-batching window (default: "
-                   "the value benchmarks/triton_load.py chose)")
+    p.add_argument("--queue-delay-us", type=int, help="engine dynamic-batching window in microseconds (default: "
+                   "0 on --target cpu, whose engine is busy long enough for requests to batch; 2000 on gpu)")
     p.add_argument("--force", action="store_true", help="write into an --out holding models or files edet-deploy "
                                                          "did not generate")
     p.add_argument("--out", default="model_repository")
@@ -417,6 +417,8 @@ def _bench(p: argparse.ArgumentParser):
     p.add_argument("--quick", action="store_true", help="1 warm-up, 5 iterations: a smoke run")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--out", default="build/bench")
+    progress = ProgressArgs()
+    progress.add_to(p)
 
     def run(args) -> int:
         from .bench import run_bench, sweep_options
@@ -424,7 +426,7 @@ def _bench(p: argparse.ArgumentParser):
         warmup, iters = (1, 5) if args.quick else (args.warmup, args.iters)
         backends, precisions, batches = sweep_options(args.backends, args.precisions, args.batch)
         report = run_bench(parse_model_list(args.models), backends, precisions, batches, args.out, args.threads,
-                           warmup, iters, args.seconds)
+                           warmup, iters, args.seconds, progress.build(args))
         ok = sum(r["status"] == "ok" for r in report["results"])
         print(f"{ok}/{len(report['results'])} combinations measured; wrote {args.out}/bench.{{json,csv,md}}, "
               f"latency.png, accuracy_vs_latency.png")

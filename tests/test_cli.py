@@ -168,3 +168,23 @@ def test_triton_repo_from_model_checks_max_batch_before_exporting(tmp_path):
     with pytest.raises(EdetError, match=">= 1"):
         generate_repository_from_model(tmp_path / "repo", model="d0", max_batch_size=0)
     assert not (tmp_path / "repo").exists()
+
+
+def test_bench_no_progress_reaches_the_harness(monkeypatch, tmp_path):
+    """`bench --no-progress` turns the sweep's bar off, as the other long commands do."""
+    import sys
+
+    from edet_deploy import bench
+    from edet_deploy.cli import main
+
+    seen = {}
+
+    def fake_run_bench(*args, **kwargs):
+        seen["progress"] = args[9] if len(args) > 9 else kwargs.get("progress")
+        return {"results": []}
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert main(["bench", "--models", "d0", "--backends", "onnxruntime", "--out", str(tmp_path)]) == 0
+    assert seen["progress"] is True
+    assert main(["bench", "--models", "d0", "--backends", "onnxruntime", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert seen["progress"] is False

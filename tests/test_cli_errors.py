@@ -93,6 +93,8 @@ CASES = {
                                        ">= 1"),
     "triton-repo-foreign-out": (["triton-repo", "--onnx", "{good}", "--out", "{foreign_repo}"],
                                 "did not generate.*intruder"),
+    "triton-repo-negative-queue-delay": (["triton-repo", "--onnx", "{good}", "--queue-delay-us", "-5", "--out",
+                                         "{d}/r5"], "queue-delay-us must be >= 0"),
     "triton-repo-out-is-file": (["triton-repo", "--onnx", "{good}", "--out", "{img}"], "is a file"),
     "serve-missing-repo": (["serve", "--repo", "{d}/no_repo"], "no models"),
     "serve-foreign-model": (["serve", "--repo", "{foreign_repo}"], "did not generate.*intruder"),

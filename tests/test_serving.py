@@ -199,7 +199,7 @@ def test_batching_defaults(graph, tmp_path):
     for configs in (generated, committed):
         engine = configs["efficientdet_d0_engine"]
         assert engine.HasField("dynamic_batching") and not engine.dynamic_batching.preferred_batch_size
-        assert engine.dynamic_batching.max_queue_delay_microseconds == ENGINE_QUEUE_DELAY_US
+        assert engine.dynamic_batching.max_queue_delay_microseconds == ENGINE_QUEUE_DELAY_US["cpu"] == 0
         for stage in ("efficientdet_d0_preprocess", "efficientdet_d0_postprocess"):
             assert configs[stage].HasField("dynamic_batching")
             assert configs[stage].dynamic_batching.max_queue_delay_microseconds == 0
@@ -256,6 +256,7 @@ def test_gpu_repository_carries_plan_tensorrt_and_gpu(graph, tmp_path):
     params = {k: v.string_value for k, v in engine.parameters.items()}
     assert params == {"tensorrt_version": "11.4.0.106", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     assert engine.platform == "tensorrt_plan" and not engine.dynamic_batching.preferred_batch_size
+    assert engine.dynamic_batching.max_queue_delay_microseconds == ENGINE_QUEUE_DELAY_US["gpu"] > 0
     assert (repo / "efficientdet_d0_engine" / "1" / "model.plan").read_bytes() == plan.read_bytes()
     validate_repository(repo)
 

@@ -37,11 +37,14 @@ DET_OUTPUTS = contract.OUTPUTS
 # Ensemble inputs: "encoded" = JPEG/PNG bytes (BYTES [1]); "decoded" = an RGB image the client already decoded
 # (UINT8 [H, W, 3], any size: the server only letterboxes it). Ensemble names: <name> and <name>_decoded.
 INPUT_FORMATS = ("encoded", "decoded")
-# The engine's dynamic-batching window, chosen with benchmarks/triton_load.py (results/triton_load.md): long
-# enough that closed-loop clients at concurrency >= 4 meet in one engine batch, short enough to cost little at
-# concurrency 1 (a lone request waits the whole window). No preferred_batch_size: with 1 "preferred", the
-# scheduler never waits (Triton's docs advise leaving it unset for most models).
-ENGINE_QUEUE_DELAY_US = 2000
+# The engine's dynamic-batching window by target. CPU: none. The engine runs a D0 image in 20+ ms, so under load
+# requests queue behind it and batch without waiting (benchmarks/triton_load.py measured the same mean batch at
+# 0 us as at 1-4 ms), while a window is paid in full by every lone request (2 ms of a ~25 ms pipeline at
+# concurrency 1, benchmarks/triton_engines.py). GPU: 2 ms, since a TensorRT engine finishes in a few ms and idles
+# between requests, so staggered clients only meet in one batch if the scheduler waits (not yet measured on a
+# GPU). No preferred_batch_size: with 1 "preferred", the scheduler never waits (Triton's docs advise leaving it
+# unset for most models).
+ENGINE_QUEUE_DELAY_US = {"cpu": 0, "gpu": 2000}
 
 
 def _pb():
@@ -66,12 +69,16 @@ class RepoSpec:
     engine_instances: int = 1
     postprocess_instances: int = 1
     cuda_graphs: bool = False
-    queue_delay_us: int = ENGINE_QUEUE_DELAY_US  # the engine's batching window
+    queue_delay_us: Optional[int] = None  # the engine's batching window; None: ENGINE_QUEUE_DELAY_US[target]
     preferred_batch_sizes: Tuple[int, ...] = ()
     stage_queue_delay_us: int = 0  # pre/post-processing: batch whatever is queued, never wait
     input_formats: Tuple[str, ...] = ("encoded",)
     plan: Dict[str, str] = field(default_factory=dict)  # GPU: TensorRT version, GPU, compute capability
     extra: Dict = field(default_factory=dict)
+
+    @property
+    def engine_queue_delay_us(self) -> int:
+        return ENGINE_QUEUE_DELAY_US[self.target] if self.queue_delay_us is None else self.queue_delay_us
 
     @property
     def name(self) -> str:
@@ -133,7 +140,7 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
     engine = pb.ModelConfig(
         name=names["engine"], max_batch_size=mb, input=[_tensor(pb, contract.INPUT_NAME, "UINT8", [s, s, 3])],
         output=_det_outputs(pb, k),
-        dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.queue_delay_us,
+        dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.engine_queue_delay_us,
                                                  preferred_batch_size=[b for b in spec.preferred_batch_sizes
                                                                        if b <= mb]),
         model_warmup=[warmup])
@@ -289,6 +296,8 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
         raise EdetError("--target cpu needs --onnx model.onnx")
     if max_batch_size < 1 or any(int(v) < 1 for k, v in spec_kwargs.items() if k.endswith("_instances")):
         raise EdetError("--max-batch and instance counts must be >= 1")
+    if (spec_kwargs.get("queue_delay_us") or 0) < 0:
+        raise EdetError(f"--queue-delay-us must be >= 0, got {spec_kwargs['queue_delay_us']}")
     if copy_artifact and not Path(artifact).is_file():
         raise EdetError(f"{artifact} not found")
     meta = read_metadata(artifact)  # verifies the artifact against its sidecar's checksum
