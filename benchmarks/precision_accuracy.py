@@ -2,7 +2,7 @@
 would get: FP32, FP16, and INT8 (Q/DQ on the FP16 twin) for each calibration method, with and without the
 sensitivity exclusions; each row with its precision census (share of multiply-adds in int8 / fp16 / fp32).
 
-    python benchmarks/precision_accuracy.py [--data build/shapes] [--calib-images 300] [--max-loss 0.005]
+    python benchmarks/precision_accuracy.py [--data build/shapes_full] [--calib-images 500] [--max-loss 0.005]
 
 Writes benchmarks/results/precision_accuracy.{json,md}."""
 from __future__ import annotations
@@ -28,15 +28,17 @@ WEIGHTS = ROOT / "edet_deploy" / "assets" / "shapes_d0.safetensors"
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="build/shapes")
-    ap.add_argument("--calib-images", type=int, default=300)
+    ap.add_argument("--data", default="build/shapes_full", help="COCO-format shapes set (generated if missing)")
+    ap.add_argument("--calib-images", type=int, default=500, help="as `calibrate` (default 500)")
     ap.add_argument("--sensitivity-images", type=int, default=100)
     ap.add_argument("--max-loss", type=float, default=0.005,
                     help="sensitivity: mAP loss vs FP32 (on its images) at which blocks stop being kept in float")
     ap.add_argument("--work", default="build/precision")
     ap.add_argument("--out", default="benchmarks/results/precision_accuracy")
     args = ap.parse_args(argv)
-    if not Path(args.data, "instances_val.json").is_file():
+    # The full default splits (300 val, a calib split): other benchmarks write smaller shapes sets, and a folder
+    # without a calib split would have calibration fall back to its val images.
+    if not all(Path(args.data, f"instances_{s}.json").is_file() for s in ("val", "calib")):
         generate_shapes(args.data)
     val = CocoDataset(args.data, "val")
     work = Path(args.work)
@@ -46,6 +48,9 @@ def main(argv=None) -> int:
     sens = sensitivity_sweep(fp32, args.data, "entropy", args.calib_images, args.sensitivity_images,
                              max_loss=args.max_loss, work_dir=work / "sensitivity")
     print(f"sensitivity sweep {time.perf_counter() - t:.0f} s: keep {sens['kept_in_float']}", flush=True)
+    # the default INT8 graph without the channel equalization that precedes calibration, for comparison
+    graphs["int8 entropy, not equalized"] = graph_for("d0", "int8", work, data=args.data, num_images=args.calib_images,
+                                                      method="entropy", tag="-noeq", reuse=False, equalize=False)
     for method in ("entropy", "percentile", "minmax"):
         graphs[f"int8 {method}"] = graph_for("d0", "int8", work, data=args.data, num_images=args.calib_images,
                                              method=method, reuse=False)

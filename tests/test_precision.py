@@ -429,3 +429,45 @@ def test_kl_threshold_clips_tails_and_keeps_a_uniform_range():
     assert 3.0 < t < 0.95 * g.max()  # clips the gaussian's rare tail, keeps its body
     zeros = np.zeros(2048)
     assert kl_threshold(zeros, np.linspace(0, 1, 2049)) == 1.0  # an empty histogram keeps its range
+
+
+def test_equalization_keeps_the_fp32_function_and_evens_the_channels(fp32, shapes):
+    """equalize.py rewrites weights (and puts a Mul in front of uneven depthwise inputs): the FP32 graph must
+    compute the same outputs, and the tensors int8 will quantize must come out with even channel ranges."""
+    import onnxruntime as ort
+
+    from edet_deploy.precision.equalize import channel_ranges, equalize
+
+    candidate, _ = strip_nms(onnx.load(str(fp32)))
+    ds = CocoDataset(shapes, "calib")
+    feeds = [{"images": preprocess([ds.image_path(i)], 256)[0]} for i in range(8)]
+    eq, info = equalize(candidate, feeds)
+    assert info["pairs"] >= 60 and info["inputs"] >= 5  # every separable conv; the box head's last layer
+    assert info["max_channel_spread_after"] < info["max_channel_spread_before"] / 2
+
+    # the heads' raw outputs (class logits, box codes at every level), before the top-k selection, which
+    # near-tied scores may reorder
+    heads = [n.output[0] for n in candidate.graph.node if "/predict/conv_pw" in n.name]
+
+    def run(model, feed):
+        m = onnx.ModelProto.FromString(model.SerializeToString())
+        del m.graph.output[:]
+        m.graph.output.extend(onnx.helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in heads)
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    x = {"images": _batch(shapes)}
+    assert len(heads) == 10
+    for a, b in zip(run(candidate, x), run(eq, x)):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * float(np.abs(a).max()))
+    # the Mul'ed depthwise inputs: every channel spans the same range on the images it was fitted on (over all
+    # the pyramid levels sharing that depthwise weight, hence one scale)
+    muls = [n for n in eq.graph.node if n.name.endswith("/equalize/Mul")]
+    assert len(muls) == info["inputs"]
+    ranges = channel_ranges(eq, [m.output[0] for m in muls], feeds)
+    for scale in {m.input[1] for m in muls}:
+        r = np.max([ranges[m.output[0]] for m in muls if m.input[1] == scale], axis=0)
+        live = r[r > r.max() / 100]
+        assert live.max() / np.median(live) < 1.05, scale
+    # and each rewritten separable pair's depthwise output is evener than before
+    dw_out = [n.output[0] for n in candidate.graph.node if n.name == "/model/box_net/predict/conv_dw/Conv"]
+    before, after = channel_ranges(candidate, dw_out, feeds)[dw_out[0]], channel_ranges(eq, dw_out, feeds)[dw_out[0]]
+    assert after.max() / np.median(after) < before.max() / np.median(before) / 2  # alpha 0.5: about its root

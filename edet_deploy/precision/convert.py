@@ -39,14 +39,16 @@ def _twin_path(path: Path, meta: ArtifactMetadata, precision: str, nms: bool) ->
     return path.with_name(f"{path.stem}{suffix}.onnx")
 
 
+def _feeds(paths, meta: ArtifactMetadata) -> list:
+    """Graph inputs (batch 1) of the images at `paths`, letterboxed."""
+    from ..preprocess import decode_image, letterbox
+    return [{INPUT_NAME: letterbox(decode_image(p), meta.image_size)[0][None]} for p in paths]
+
+
 def _overflow_keep(candidate, meta: ArtifactMetadata, data, num_images: int) -> set:
     """Network nodes whose FP32 values exceed half the FP16 range on a few images of `data`: they stay FP32."""
-    from ..preprocess import decode_image, letterbox
     from .fp16 import overflow_nodes
-
-    feeds = [{INPUT_NAME: letterbox(decode_image(p), meta.image_size)[0][None]}
-             for p in calibration_images(data, num_images)]
-    return overflow_nodes(candidate, feeds)
+    return overflow_nodes(candidate, _feeds(calibration_images(data, num_images), meta))
 
 
 def to_fp16(onnx_path: str | Path, out: Optional[str | Path] = None, data: Optional[str | Path] = None,
@@ -66,9 +68,10 @@ def to_fp16(onnx_path: str | Path, out: Optional[str | Path] = None, data: Optio
 
 def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] = None, num_images: int = 500,
             method: str = "entropy", exclude: Iterable[str] = (), cache_dir: Optional[str | Path] = None,
-            progress: bool = True) -> ExportResult:
-    """INT8 twin of a graph: its FP16 twin plus Q/DQ calibrated on `num_images` images of `data` (the FP16
-    overflow check uses the first 8 of them, as `convert --fp16 --data` does)."""
+            progress: bool = True, equalize: bool = True) -> ExportResult:
+    """INT8 twin of a graph: its FP16 twin plus Q/DQ calibrated on `num_images` images of `data`. With
+    `equalize`, the FP32 graph's depthwise channels are equalized first (equalize.py, on the first 32 of the
+    images). The FP16 overflow check uses the first 8 of them, as `convert --fp16 --data` does."""
     path, meta, candidate, settings = _load(onnx_path)
     if not meta.batch.get("dynamic") and meta.batch.get("max", 1) != 1:
         raise EdetError("calibrate a batch-1 or dynamic-batch export")
@@ -76,9 +79,14 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
         raise EdetError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     images = calibration_images(data, num_images)
     cache = Path(cache_dir) if cache_dir else path.parent / ".calibration_cache"
+    equalized = None
+    if equalize:
+        from .equalize import DEFAULT_IMAGES, equalize as equalize_channels
+        candidate, equalized = equalize_channels(candidate, _feeds(images[:DEFAULT_IMAGES], meta))
     keep = _overflow_keep(candidate, meta, data, min(8, num_images))
     quantized, info = quantize_candidates(candidate, images, method, exclude, cache, int(meta.image_size),
                                           keep, progress)
+    info["equalization"] = equalized
     info.update(check_qdq(quantized))
     meta = replace(meta, precision="int8", source={"onnx": str(path), "sha256": sha256_file(path)}, int8=info,
                    fp16={"kept_fp32": sorted(keep)}, census=census(quantized))
@@ -88,7 +96,8 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
 
 def graph_for(model: str, precision: str, out_dir: str | Path, *, weights: Optional[str] = None,
               dynamic_batch: Optional[int] = None, data: Optional[str | Path] = None, num_images: int = 500,
-              method: str = "entropy", exclude: Iterable[str] = (), tag: str = "", reuse: bool = True) -> Path:
+              method: str = "entropy", exclude: Iterable[str] = (), tag: str = "", reuse: bool = True,
+              equalize: bool = True) -> Path:
     """The graph a benchmark runs for `model` at `precision`, written once here for the bench harness, the GPU
     acceptance and the accuracy benchmark: the FP32 export in `out_dir` (random weights seeded, so reruns
     measure the same network), its FP16 twin (`data`: keep overflowing nodes FP32) or its INT8 twin calibrated
@@ -112,4 +121,5 @@ def graph_for(model: str, precision: str, out_dir: str | Path, *, weights: Optio
         path = out_dir / f"{artifact_name(model, 'fp16')}.onnx"
         return path if reuse and path.is_file() else to_fp16(fp32, path, data).onnx_path
     path = out_dir / f"{artifact_name(model, f'int8-{method}{tag}')}.onnx"
-    return path if reuse and path.is_file() else to_int8(fp32, data, path, num_images, method, exclude).onnx_path
+    return path if reuse and path.is_file() else to_int8(fp32, data, path, num_images, method, exclude,
+                                                         equalize=equalize).onnx_path
