@@ -10,7 +10,7 @@ import base64
 import io
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -277,7 +277,7 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
     `out` holding models or files edet-deploy did not generate is refused unless `force`."""
     from ..backends import DEFAULT_CPU_BACKEND
     from ..io import sha256_file
-    from ..metadata import CHECKSUM_KEYS, read_metadata
+    from ..metadata import CHECKSUM_KEYS, ArtifactMetadata, read_metadata, sidecar_path, write_metadata
 
     if target not in ("cpu", "gpu"):
         raise EdetError(f"target must be cpu or gpu, got {target!r}")
@@ -351,14 +351,15 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
     if copy_artifact:
         dst = engine_dir / ("model.plan" if target == "gpu" else "model.onnx")
         key = CHECKSUM_KEYS[dst.suffix]
-        meta = dict(meta, **{key: meta.get(key) or sha256_file(artifact)})  # the copy is verified when served
-        dst.with_suffix(".json").unlink(missing_ok=True)  # never a graph beside another graph's sidecar
+        typed = ArtifactMetadata.from_dict(meta)
+        checksum = getattr(typed, key) or sha256_file(artifact)
+        typed = replace(typed, **{key: checksum})  # the copy is verified when served
+        sidecar_path(dst).unlink(missing_ok=True)  # never a graph beside another graph's sidecar
         with atomic_path(dst) as tmp:
             shutil.copyfile(artifact, tmp)
-            if sha256_file(tmp) != meta[key]:
+            if sha256_file(tmp) != checksum:
                 raise EdetError(f"{artifact} changed while it was copied")
-        with atomic_path(dst.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        write_metadata(dst, typed)
     write_tuning_files(out, spec, tuning_images)
     validate_repository(out)
     return out
