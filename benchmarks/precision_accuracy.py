@@ -79,7 +79,8 @@ def main(argv=None) -> int:
              f"Every graph is the one TensorRT would get (soft-NMS node inside, run here by ONNX Runtime). INT8 graphs "
              f"are the FP16 twin plus Q/DQ on the inputs of Convs (and on the residual inputs of the Adds TensorRT "
              f"fuses into them), fp16 scales, opset 19, depthwise channels equalized before calibration "
-             f"(precision/equalize.py) except in the \"not equalized\" row. Census: share of the {rows[0]['gmacs']:.3g} GMAC per image "
+             f"(precision/equalize.py) except in the \"not equalized\" row. "
+             f"Census: share of the {rows[0]['gmacs']:.3g} GMAC per image "
              f"that TensorRT 11 would run in int8 / fp16 / fp32 (read from the graph's types).\n",
              "| graph | mAP@[.5:.95] | AP50 | AP75 | APs | APm | APl | delta vs FP32 (points) | "
              "census int8 / fp16 / fp32 |",
