@@ -11,13 +11,14 @@ The rewritten graph is the FP32 graph with other weights: calibration, placement
 same. A depthwise Conv reused across pyramid levels (shared weights) gets one scale from all its levels."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .fp16 import NETWORK_PREFIX
+from .qdq import _consumers
 
 DEFAULT_IMAGES = 32
 ALPHA = 0.5  # SmoothQuant's migration strength: 0.5 splits the spread evenly between activation and weights
@@ -30,40 +31,39 @@ def _is_depthwise(n: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> b
     return group > 1 and w is not None and w.dims[0] == group and w.dims[1] == 1
 
 
+def _depthwise_by_weight(g: onnx.GraphProto, inits: Mapping[str, onnx.TensorProto]
+                         ) -> Dict[str, List[onnx.NodeProto]]:
+    """Network depthwise Convs by weight initializer (a head's Conv reused across pyramid levels shares one)."""
+    by_weight: Dict[str, List[onnx.NodeProto]] = {}
+    for n in g.node:
+        if n.op_type == "Conv" and n.name.startswith(NETWORK_PREFIX) and _is_depthwise(n, inits):
+            by_weight.setdefault(n.input[1], []).append(n)
+    return by_weight
+
+
 def equalization_groups(proto: onnx.ModelProto) -> List[Tuple[List[onnx.NodeProto], List[onnx.NodeProto]]]:
     """(depthwise Convs sharing one weight, the pointwise Convs they feed) for every network pair whose
     depthwise output goes to one plain Conv only and whose pointwise weights belong to that group alone."""
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
-    consumers: Dict[str, List[onnx.NodeProto]] = {}
-    for n in g.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
+    consumers = _consumers(g)
     outputs = {o.name for o in g.output}
-    by_weight: Dict[str, Tuple[List[onnx.NodeProto], List[onnx.NodeProto]]] = {}
-    bad = set()
-    for n in g.node:
-        if n.op_type != "Conv" or not n.name.startswith(NETWORK_PREFIX) or not _is_depthwise(n, inits):
-            continue
-        nxt = consumers.get(n.output[0], [])
+
+    def pointwise(dw: onnx.NodeProto) -> Optional[onnx.NodeProto]:
+        nxt = consumers.get(dw.output[0], [])
         pw = nxt[0] if len(nxt) == 1 else None
-        ok = (pw is not None and pw.op_type == "Conv" and n.output[0] not in outputs and pw.input[0] == n.output[0]
+        ok = (pw is not None and pw.op_type == "Conv" and dw.output[0] not in outputs and pw.input[0] == dw.output[0]
               and pw.input[1] in inits and next((a.i for a in pw.attribute if a.name == "group"), 1) == 1
-              and len(n.input) == 2)  # a depthwise bias would need scaling too; ours have none
-        dws, pws = by_weight.setdefault(n.input[1], ([], []))
-        if not ok:
-            bad.add(n.input[1])
-            continue
-        dws.append(n)
-        pws.append(pw)
-    groups = [v for k, v in by_weight.items() if k not in bad]
-    # a pointwise weight shared with Convs outside the group could not take the group's scales
-    pw_users: Dict[str, int] = {}
-    for n in g.node:
-        if n.op_type == "Conv" and len(n.input) > 1:
-            pw_users[n.input[1]] = pw_users.get(n.input[1], 0) + 1
-    return [(dws, pws) for dws, pws in groups
-            if all(pw_users[w] == sum(p.input[1] == w for p in pws) for w in {p.input[1] for p in pws})]
+              and len(dw.input) == 2)  # a depthwise bias would need scaling too; ours have none
+        return pw if ok else None
+
+    groups = []
+    for dws in _depthwise_by_weight(g, inits).values():
+        pws = [pointwise(dw) for dw in dws]
+        # a pointwise weight shared with nodes outside the group could not take the group's scales
+        if all(pws) and all(len(consumers[w]) == sum(p.input[1] == w for p in pws) for w in {p.input[1] for p in pws}):
+            groups.append((dws, pws))
+    return groups
 
 
 def channel_ranges(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
@@ -88,36 +88,21 @@ def channel_ranges(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Sequen
 def depthwise_groups(proto: onnx.ModelProto) -> List[List[onnx.NodeProto]]:
     """Network depthwise Convs grouped by shared weight, each input produced by a node and read by it alone."""
     g = proto.graph
-    inits = {i.name: i for i in g.initializer}
-    readers: Dict[str, int] = {}
-    for n in g.node:
-        for x in n.input:
-            readers[x] = readers.get(x, 0) + 1
+    consumers = _consumers(g)
     produced = {o for n in g.node for o in n.output}
-    by_weight: Dict[str, List[onnx.NodeProto]] = {}
-    bad = set()
-    for n in g.node:
-        if n.op_type == "Conv" and n.name.startswith(NETWORK_PREFIX) and _is_depthwise(n, inits):
-            by_weight.setdefault(n.input[1], []).append(n)
-            if n.input[0] not in produced or readers[n.input[0]] != 1 or len(n.input) > 2:
-                bad.add(n.input[1])
-    return [v for k, v in by_weight.items() if k not in bad]
+    return [dws for dws in _depthwise_by_weight(g, {i.name: i for i in g.initializer}).values()
+            if all(dw.input[0] in produced and len(consumers[dw.input[0]]) == 1 and len(dw.input) == 2 for dw in dws)]
 
 
-def equalize_inputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]],
-                    min_spread: float = MIN_INPUT_SPREAD) -> int:
+def _equalize_inputs(model: onnx.ModelProto, groups: Sequence[List[onnx.NodeProto]],
+                     ranges: Mapping[str, np.ndarray], min_spread: float = MIN_INPUT_SPREAD) -> int:
     """In place: where a depthwise Conv's input has channels wider than `min_spread` x the median one (after a
     SiLU, which no scale passes through), put a per-channel Mul by 1/s_i in front of it and multiply its weights
     by s_i, s_i = the channel's range (floored at 1/100 of the widest): every channel then spans the same int8
     range. The depthwise weights are quantized per channel, so they lose nothing. Returns Convs rewritten."""
-    groups = depthwise_groups(model)
-    if not groups:
-        return 0
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    ranges = channel_ranges(model, [dw.input[0] for dws in groups for dw in dws], feeds)
     inserts: Dict[str, onnx.NodeProto] = {}
-    done = 0
     for dws in groups:
         a = np.max([ranges[dw.input[0]] for dw in dws], axis=0).astype(np.float64)
         if a.max() <= 0 or a.max() < min_spread * np.median(a):
@@ -133,7 +118,6 @@ def equalize_inputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndar
             out = f"{dw.input[0]}__equalized"
             inserts[dw.name] = helper.make_node("Mul", [dw.input[0], inv], [out], name=f"{dw.name}/equalize/Mul")
             dw.input[0] = out
-            done += 1
     nodes = []
     for n in g.node:
         if n.name in inserts:
@@ -141,21 +125,23 @@ def equalize_inputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndar
         nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
-    return done
+    return len(inserts)
 
 
 def equalize(proto: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], alpha: float = ALPHA
              ) -> Tuple[onnx.ModelProto, Dict]:
-    """A copy of the FP32 graph `proto` with the inputs of depthwise Convs (`equalize_inputs`) and every
+    """A copy of the FP32 graph `proto` with the inputs of depthwise Convs (`_equalize_inputs`) and every
     depthwise -> pointwise pair equalized on `feeds`. Returns (model, info: Convs rewritten, widest channel
     spread of a depthwise output before and after)."""
     model = onnx.ModelProto.FromString(proto.SerializeToString())
-    inputs = equalize_inputs(model, feeds)
-    groups = equalization_groups(model)
+    input_groups, groups = depthwise_groups(model), equalization_groups(model)
+    # One pass measures both: the input step leaves every depthwise output as it was (same FP32 function).
+    tensors = [dw.input[0] for dws in input_groups for dw in dws] + [dw.output[0] for dws, _ in groups for dw in dws]
+    ranges = channel_ranges(model, tensors, feeds) if tensors else {}
+    inputs = _equalize_inputs(model, input_groups, ranges)
     if not groups:
         return model, {"pairs": 0, "inputs": inputs}
     inits = {i.name: i for i in model.graph.initializer}
-    ranges = channel_ranges(model, [dw.output[0] for dws, _ in groups for dw in dws], feeds)
     spread_before, spread_after, pairs = [], [], 0
     for dws, pws in groups:
         a = np.max([ranges[dw.output[0]] for dw in dws], axis=0).astype(np.float64)
