@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     # the default INT8 graph without the channel equalization that precedes calibration, for comparison
     graphs["int8 entropy, not equalized"] = graph_for("d0", "int8", work, data=args.data, num_images=args.calib_images,
                                                       method="entropy", tag="-noeq", reuse=False, equalize=False)
+    # and without the threshold refinement that follows it
+    graphs["int8 entropy, not refined"] = graph_for("d0", "int8", work, data=args.data, num_images=args.calib_images,
+                                                    method="entropy", tag="-noref", reuse=False, refine=False)
     for method in ("entropy", "percentile", "minmax"):
         graphs[f"int8 {method}"] = graph_for("d0", "int8", work, data=args.data, num_images=args.calib_images,
                                              method=method, reuse=False)
@@ -79,7 +82,9 @@ def main(argv=None) -> int:
              f"Every graph is the one TensorRT would get (soft-NMS node inside, run here by ONNX Runtime). INT8 graphs "
              f"are the FP16 twin plus Q/DQ on the inputs of Convs (and on the residual inputs of the Adds TensorRT "
              f"fuses into them), fp16 scales, opset 19, depthwise channels equalized before calibration "
-             f"(precision/equalize.py) except in the \"not equalized\" row. "
+             f"(precision/equalize.py) except in the \"not equalized\" row, and calibrated thresholds tightened by "
+             f"the error of the layer each tensor feeds (precision/refine.py, label-free, 32 calib images) except in "
+             f"the \"not refined\" row. "
              f"Census: share of the {rows[0]['gmacs']:.3g} GMAC per image "
              f"that TensorRT 11 would run in int8 / fp16 / fp32 (read from the graph's types).\n",
              "| graph | mAP@[.5:.95] | AP50 | AP75 | APs | APm | APl | delta vs FP32 (points) | "

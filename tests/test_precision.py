@@ -283,9 +283,25 @@ def test_calibrate_and_check_print_the_census(fp32, shapes, tmp_path, capsys):
                  "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
     text = capsys.readouterr().out
     assert "precision census" in text and "int8 100.0%" in text and "fp32 0.0%" in text
+    assert "thresholds refined on 4 images" in text
     assert main(["check", str(out)]) == 0
     text = capsys.readouterr().out
     assert "precision census" in text and "int8 100.0%" in text and "OK" in text
+    # --no-refine: the calibrated thresholds as they are; refinement only ever tightened them
+    raw = tmp_path / "raw.onnx"
+    assert main(["calibrate", str(fp32), "--data", str(shapes), "--num-images", "4", "--method", "minmax",
+                 "--out", str(raw), "--cache-dir", str(tmp_path / "c"), "--no-refine"]) == 0
+    assert "thresholds refined" not in capsys.readouterr().out
+    assert read_metadata(raw)["int8"]["refinement"] is None
+
+    def activation_scales(path):
+        m = onnx.load(str(path))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+        return {q.input[0]: float(inits[q.input[1]]) for q in m.graph.node if q.op_type == "QuantizeLinear"}
+    refined, unrefined = activation_scales(out), activation_scales(raw)
+    assert refined.keys() == unrefined.keys()
+    assert all(refined[k] <= unrefined[k] for k in refined)
+    assert sum(refined[k] < unrefined[k] for k in refined) >= 10
 
 
 def test_calibrate_sensitivity_keeps_the_chosen_blocks(fp32, shapes, tmp_path, capsys, monkeypatch):
@@ -471,3 +487,141 @@ def test_equalization_keeps_the_fp32_function_and_evens_the_channels(fp32, shape
     dw_out = [n.output[0] for n in candidate.graph.node if n.name == "/model/box_net/predict/conv_dw/Conv"]
     before, after = channel_ranges(candidate, dw_out, feeds)[dw_out[0]], channel_ranges(eq, dw_out, feeds)[dw_out[0]]
     assert after.max() / np.median(after) < before.max() / np.median(before) / 2  # alpha 0.5: about its root
+
+
+def _one_conv(x_shape, w, name="/model/c/Conv"):
+    from onnx import helper, numpy_helper
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name=name, pads=[0, 1, 1, 0] if w.shape[2] == 2 else [0] * 4,
+                          strides=[2, 2] if w.shape[2] == 2 else [1, 1])],
+        "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"] + list(x_shape[1:]))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _qdq_error(model, amax, x):
+    """Squared error of the Conv's output with its input and weights quantized by our Q/DQ (ONNX Runtime)."""
+    import onnxruntime as ort
+    from edet_deploy.precision.qdq import insert_qdq
+    w = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    q, _ = insert_qdq(model, ["/model/c/Conv"], {"x": amax}, w)
+    (y,) = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    (ref,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    return float(((y - ref) ** 2).mean())
+
+
+def test_refined_layer_matches_onnx_runtimes_qdq():
+    """refine.py measures a layer in torch: with the input and weights quantized as our Q/DQ quantizes them,
+    its output must be what ONNX Runtime computes for the Q/DQ graph (asymmetric pads and stride included)."""
+    import onnxruntime as ort
+    import torch
+    from edet_deploy.precision.qdq import insert_qdq
+    from edet_deploy.precision.refine import _Conv, _fake_quant
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(6, 4, 2, 2)).astype(np.float32)
+    x = rng.laplace(size=(2, 4, 7, 7)).astype(np.float32)
+    model = _one_conv(x.shape, w)
+    amax = float(np.abs(x).max()) * 0.6
+    q, _ = insert_qdq(model, ["/model/c/Conv"], {"x": amax}, {"w": w})
+    (y,) = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    (ref,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    conv = _Conv(model.graph.node[0], {"w": w}, np.float32)  # an FP32 Q/DQ graph: float32 scales
+    with torch.no_grad():
+        ours = conv(_fake_quant(torch.from_numpy(x), amax, np.float32), True).numpy()
+        ours_float = conv(torch.from_numpy(x), False).numpy()
+    np.testing.assert_allclose(ours_float, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours, y, rtol=1e-5, atol=1e-5)
+    assert np.abs(y - ref).max() > 1e-3  # quantization did something
+
+
+@pytest.mark.parametrize("case", ["laplace", "uniform"])
+def test_refinement_tightens_only_where_the_layer_gains(case):
+    """A Laplace input at its max |x|: rounding noise costs the layer more than clipping the rare large values
+    would, so refinement clips harder, and ONNX Runtime's Q/DQ graph confirms that the layer's error fell. A
+    uniform input at its max: clipping only loses, the threshold stays."""
+    from edet_deploy.precision.refine import refine_thresholds
+
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(8, 16, 1, 1)).astype(np.float32)
+    shape = (1, 16, 64, 64)
+    draw = rng.laplace if case == "laplace" else lambda size: rng.uniform(-1, 1, size=size)
+    feeds = [{"x": draw(size=shape).astype(np.float32)} for _ in range(4)]
+    model = _one_conv(shape, w)
+    amax = max(float(np.abs(f["x"]).max()) for f in feeds)
+    refined, info = refine_thresholds(model, {"x": amax}, ["/model/c/Conv"], feeds)
+    assert info["tensors"] == 1 and refined["x"] <= amax
+    x = np.concatenate([f["x"] for f in feeds])
+    if case == "laplace":
+        assert refined["x"] < 0.9 * amax and info["tightened"] == 1
+        assert _qdq_error(model, refined["x"], x) < 0.9 * _qdq_error(model, amax, x)
+    else:
+        assert refined["x"] == amax and info["tightened"] == 0
+
+
+def test_refinement_weighs_the_heads_last_layers_by_class_confidence():
+    """At the box head's last layer only the positions the class head is confident about become detections.
+    Here the input is narrow and heavy-tailed (rounding noise dominates) where the class head is confident, and
+    uniform over the whole range (clipping only loses) elsewhere: weighted by confidence the threshold is
+    tightened; the same layer under another name (no weighting) keeps it for the background's sake."""
+    from onnx import helper, numpy_helper
+
+    from edet_deploy.precision.refine import refine_thresholds
+
+    rng = np.random.default_rng(9)
+    shape, a = (1, 8, 32, 32), 4.0
+
+    def graph(box_name):
+        g = helper.make_graph(
+            [helper.make_node("Conv", ["x", "wb"], ["box"], name=box_name),
+             helper.make_node("Conv", ["z", "wc"], ["logits"], name="/model/class_net/predict/conv_pw/Conv")],
+            "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape)),
+                      helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 1, 32, 32])],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("box", "logits")],
+            [numpy_helper.from_array(rng.normal(size=(4, 8, 1, 1)).astype(np.float32), "wb"),
+             numpy_helper.from_array(np.full((2, 1, 1, 1), 30, np.float32), "wc")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    feeds = []
+    for _ in range(4):
+        x = rng.uniform(-a, a, size=shape)
+        x[..., :4] = np.clip(rng.laplace(scale=a / 15, size=shape[:3] + (4,)), -a, a)
+        z = -np.ones((1, 1, 32, 32))
+        z[..., :4] = 1  # confident in the first 4 columns only
+        feeds.append({"x": x.astype(np.float32), "z": z.astype(np.float32)})
+    amax = {"x": a, "z": 1.0}
+    for box_name, weighted in (("/model/box_net/predict/conv_pw/Conv", True), ("/model/box_net/other/Conv", False)):
+        model = graph(box_name)
+        refined, _ = refine_thresholds(model, amax, [box_name, "/model/class_net/predict/conv_pw/Conv"], feeds)
+        assert (refined["x"] < 0.9 * a) if weighted else (refined["x"] == a), (box_name, refined["x"])
+
+
+def test_refined_separable_pair_matches_onnx_runtimes_qdq():
+    """The depthwise -> pointwise pair refine.py measures (group conv, padding, bias, the middle tensor at its
+    own threshold), against ONNX Runtime running the same pair with our Q/DQ."""
+    import onnxruntime as ort
+    import torch
+    from onnx import helper, numpy_helper
+    from edet_deploy.precision.qdq import insert_qdq
+    from edet_deploy.precision.refine import _Conv, _fake_quant
+
+    rng = np.random.default_rng(12)
+    wd, wp = rng.normal(size=(4, 1, 3, 3)).astype(np.float32), rng.normal(size=(6, 4, 1, 1)).astype(np.float32)
+    bp = rng.normal(size=6).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "wd"], ["m"], name="/model/dw/Conv", group=4, pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["m", "wp", "bp"], ["y"], name="/model/pw/Conv")],
+        "pair", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(wd, "wd"), numpy_helper.from_array(wp, "wp"), numpy_helper.from_array(bp, "bp")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.laplace(size=(1, 4, 9, 9)).astype(np.float32)
+    amax = {"x": 2.5, "m": 4.0}
+    q, _ = insert_qdq(model, ["/model/dw/Conv", "/model/pw/Conv"], amax, {"wd": wd, "wp": wp, "bp": bp})
+    (y,) = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    inits = {"wd": wd, "wp": wp, "bp": bp}
+    dw, pw = (_Conv(n, inits, np.float32) for n in model.graph.node)
+    with torch.no_grad():
+        m = dw(_fake_quant(torch.from_numpy(x), amax["x"], np.float32), True)
+        ours = pw(_fake_quant(m, amax["m"], np.float32), True).numpy()
+    np.testing.assert_allclose(ours, y, rtol=1e-4, atol=1e-4 * float(np.abs(y).max()))

@@ -15,6 +15,8 @@ from ..metadata import ArtifactMetadata, read_artifact_metadata
 from .census import census
 from .int8 import METHODS, calibration_images, check_qdq, quantize_candidates, strip_nms
 
+FEED_IMAGES = 32  # calibration images that equalization and threshold refinement measure on
+
 
 def _load(onnx_path: str | Path):
     path = Path(onnx_path)
@@ -68,10 +70,11 @@ def to_fp16(onnx_path: str | Path, out: Optional[str | Path] = None, data: Optio
 
 def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] = None, num_images: int = 500,
             method: str = "entropy", exclude: Iterable[str] = (), cache_dir: Optional[str | Path] = None,
-            progress: bool = True, equalize: bool = True) -> ExportResult:
+            progress: bool = True, equalize: bool = True, refine: bool = True) -> ExportResult:
     """INT8 twin of a graph: its FP16 twin plus Q/DQ calibrated on `num_images` images of `data`. With
-    `equalize`, the FP32 graph's depthwise channels are equalized first (equalize.py, on the first 32 of the
-    images). The FP16 overflow check uses the first 8 of them, as `convert --fp16 --data` does."""
+    `equalize`, the FP32 graph's depthwise channels are equalized first (equalize.py), and with `refine` the
+    calibrated thresholds are tightened by the error of the layer each tensor feeds (refine.py), both on the
+    first 32 of the images. The FP16 overflow check uses the first 8 of them, as `convert --fp16 --data` does."""
     path, meta, candidate, settings = _load(onnx_path)
     if not meta.batch.get("dynamic") and meta.batch.get("max", 1) != 1:
         raise EdetError("calibrate a batch-1 or dynamic-batch export")
@@ -80,12 +83,13 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
     images = calibration_images(data, num_images)
     cache = Path(cache_dir) if cache_dir else path.parent / ".calibration_cache"
     equalized = None
+    feeds = _feeds(images[:FEED_IMAGES], meta) if equalize or refine else []
     if equalize:
-        from .equalize import DEFAULT_IMAGES, equalize as equalize_channels
-        candidate, equalized = equalize_channels(candidate, _feeds(images[:DEFAULT_IMAGES], meta))
+        from .equalize import equalize as equalize_channels
+        candidate, equalized = equalize_channels(candidate, feeds)
     keep = _overflow_keep(candidate, meta, data, min(8, num_images))
     quantized, info = quantize_candidates(candidate, images, method, exclude, cache, int(meta.image_size),
-                                          keep, progress)
+                                          keep, progress, feeds if refine else None)
     info["equalization"] = equalized
     info.update(check_qdq(quantized))
     meta = replace(meta, precision="int8", source={"onnx": str(path), "sha256": sha256_file(path)}, int8=info,
@@ -97,7 +101,7 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
 def graph_for(model: str, precision: str, out_dir: str | Path, *, weights: Optional[str] = None,
               dynamic_batch: Optional[int] = None, data: Optional[str | Path] = None, num_images: int = 500,
               method: str = "entropy", exclude: Iterable[str] = (), tag: str = "", reuse: bool = True,
-              equalize: bool = True) -> Path:
+              equalize: bool = True, refine: bool = True) -> Path:
     """The graph a benchmark runs for `model` at `precision`, written once here for the bench harness, the GPU
     acceptance and the accuracy benchmark: the FP32 export in `out_dir` (random weights seeded, so reruns
     measure the same network), its FP16 twin (`data`: keep overflowing nodes FP32) or its INT8 twin calibrated
@@ -122,4 +126,4 @@ def graph_for(model: str, precision: str, out_dir: str | Path, *, weights: Optio
         return path if reuse and path.is_file() else to_fp16(fp32, path, data).onnx_path
     path = out_dir / f"{artifact_name(model, f'int8-{method}{tag}')}.onnx"
     return path if reuse and path.is_file() else to_int8(fp32, data, path, num_images, method, exclude,
-                                                         equalize=equalize).onnx_path
+                                                         equalize=equalize, refine=refine).onnx_path

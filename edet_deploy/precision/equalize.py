@@ -20,7 +20,6 @@ from onnx import TensorProto, helper, numpy_helper
 from .fp16 import NETWORK_PREFIX
 from .qdq import _consumers
 
-DEFAULT_IMAGES = 32
 ALPHA = 0.5  # SmoothQuant's migration strength: 0.5 splits the spread evenly between activation and weights
 MIN_INPUT_SPREAD = 8.0  # a depthwise input gets a scaling Mul only this uneven (the box head's last layer: 12-32x)
 

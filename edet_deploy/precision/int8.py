@@ -252,10 +252,12 @@ def _seed_histograms(calibrator, reader: ImageReader) -> None:
 
 def quantize_candidates(candidate: onnx.ModelProto, images: Sequence[Path], method: str = "entropy",
                         exclude: Iterable[str] = (), cache_dir: Optional[Path] = None, image_size: int = 512,
-                        keep_fp32: Iterable[str] = (), progress: bool = True) -> Tuple[onnx.ModelProto, Dict]:
+                        keep_fp32: Iterable[str] = (), progress: bool = True,
+                        refine_feeds: Optional[Sequence[Dict[str, np.ndarray]]] = None) -> Tuple[onnx.ModelProto, Dict]:
     """The INT8 twin of a candidate graph: its FP16 twin (nodes in `keep_fp32` stay FP32) with Q/DQ on the
     inputs of the network Convs not excluded, and on the residual inputs of the Adds TensorRT fuses with them.
-    Returns (model, info)."""
+    With `refine_feeds` (graph inputs), the calibrated Conv-input thresholds are tightened by the error of the
+    layer each feeds (refine.py). Returns (model, info)."""
     from .fp16 import convert_to_fp16
     from .qdq import insert_qdq
 
@@ -264,13 +266,18 @@ def quantize_candidates(candidate: onnx.ModelProto, images: Sequence[Path], meth
     include, excluded = network_nodes(candidate, exclude)
     t = time.perf_counter()
     amax, hit, cache = calibrate(candidate, images, method, cache_dir, image_size, progress)
+    refined = None
+    if refine_feeds is not None:
+        from .refine import refine_thresholds
+        amax, refined = refine_thresholds(candidate, amax, include, refine_feeds)
     fp32_weights = {i.name: numpy_helper.to_array(i) for i in candidate.graph.initializer}
     half = convert_to_fp16(candidate, keep_fp32)
     quantized, counts = insert_qdq(half, include, amax, fp32_weights)
     info = {"method": method, "num_images": len(images), "quantized_convs": len(include),
             "excluded_convs": excluded, "residual_adds": counts["residual_adds"],
             "qdq_activations": counts["qdq_activations"], "opset": counts["opset"], "base": "fp16",
-            "kept_fp32": sorted(keep_fp32), "cache": str(cache) if cache is not None else None, "cache_hit": hit,
+            "refinement": refined, "kept_fp32": sorted(keep_fp32),
+            "cache": str(cache) if cache is not None else None, "cache_hit": hit,
             "seconds": round(time.perf_counter() - t, 1)}
     logger.info("INT8: %d convs quantized, %d kept in fp16 (%s, %s)", len(include), len(excluded), method,
                 "cached ranges" if hit else f"{len(images)} calibration images")

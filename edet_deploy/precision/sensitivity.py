@@ -40,7 +40,8 @@ def pattern_for(block: str) -> str:
 
 def sensitivity_sweep(onnx_path: str | Path, data: str | Path, method: str = "entropy", num_images: int = 100,
                       eval_images: int = 100, max_loss: float = 0.005, max_blocks: int = 4,
-                      work_dir: Optional[Path] = None, progress: bool = True, equalize: bool = True) -> Dict:
+                      work_dir: Optional[Path] = None, progress: bool = True, equalize: bool = True,
+                      refine: bool = True) -> Dict:
     """Run the sweep; returns the table and the chosen exclusion patterns (as `calibrate --exclude` takes)."""
     from ..backends import REFERENCE_BACKEND
     from ..data import CocoDataset
@@ -61,12 +62,13 @@ def sensitivity_sweep(onnx_path: str | Path, data: str | Path, method: str = "en
     _, _, candidate, _ = _load(path)
     blocks = conv_blocks(candidate)
     fp32 = m_ap(path)
-    full = m_ap(to_int8(path, data, work / "all.onnx", num_images, method, (), cache, False, equalize).onnx_path)
+    full = m_ap(to_int8(path, data, work / "all.onnx", num_images, method, (), cache, False, equalize,
+                        refine).onnx_path)
     logger.info("sensitivity: FP32 %.4f, INT8 (all blocks) %.4f", fp32, full)
     rows = []
     for i, block in enumerate(blocks):
         g = to_int8(path, data, work / f"keep_{i}.onnx", num_images, method, [pattern_for(block)], cache, False,
-                    equalize).onnx_path
+                    equalize, refine).onnx_path
         ap = m_ap(g)
         rows.append({"block": block, "convs": len(blocks[block]), "mAP_with_block_in_float": round(ap, 5),
                      "recovered": round(ap - full, 5)})
@@ -80,7 +82,7 @@ def sensitivity_sweep(onnx_path: str | Path, data: str | Path, method: str = "en
             break
         chosen.append(r["block"])
         g = to_int8(path, data, work / "chosen.onnx", num_images, method, [pattern_for(b) for b in chosen],
-                    cache, False, equalize).onnx_path
+                    cache, False, equalize, refine).onnx_path
         current = m_ap(g)
     return {"fp32_mAP": round(fp32, 5), "int8_all_mAP": round(full, 5), "method": method,
             "eval_images": eval_images, "blocks": rows, "kept_in_float": chosen,
@@ -98,7 +100,7 @@ class Int8Result:
 def calibrate_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] = None, num_images: int = 500,
                    method: str = "entropy", exclude: Iterable[str] = (), cache_dir: Optional[str | Path] = None,
                    sensitivity: bool = False, eval_images: int = 100, max_loss: float = 0.005,
-                   progress: bool = True, equalize: bool = True) -> Int8Result:
+                   progress: bool = True, equalize: bool = True, refine: bool = True) -> Int8Result:
     """`edet-deploy calibrate`: with `sensitivity`, first sweep for the blocks that cost the most mAP in INT8
     (report written beside the graph; its per-block table goes to stdout) and keep them in float too; then
     `to_int8`, with a bar per calibration image when `progress`."""
@@ -107,9 +109,10 @@ def calibrate_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | 
     sweep = sweep_path = None
     if sensitivity:
         from ..io import write_json
-        sweep = sensitivity_sweep(onnx_path, data, method, num_images, eval_images, max_loss, equalize=equalize)
+        sweep = sensitivity_sweep(onnx_path, data, method, num_images, eval_images, max_loss, equalize=equalize,
+                                  refine=refine)
         sweep_path = Path(onnx_path).with_name(Path(onnx_path).stem + f".sensitivity-{method}.json")
         write_json(sweep_path, sweep)
         exclude += sweep["exclude_patterns"]
-    graph = to_int8(onnx_path, data, out, num_images, method, exclude, cache_dir, progress, equalize)
+    graph = to_int8(onnx_path, data, out, num_images, method, exclude, cache_dir, progress, equalize, refine)
     return Int8Result(graph, sweep, sweep_path)
