@@ -65,9 +65,8 @@ def equalization_groups(proto: onnx.ModelProto) -> List[Tuple[List[onnx.NodeProt
     return groups
 
 
-def channel_ranges(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
-                   ) -> Dict[str, np.ndarray]:
-    """max |x| per channel (axis 1) of each tensor over `feeds`, in ONNX Runtime."""
+def tensor_session(proto: onnx.ModelProto, tensors: Sequence[str]):
+    """An ONNX Runtime (CPU) session of a copy of the FP32 graph whose outputs are `tensors`, in that order."""
     import onnxruntime as ort
 
     model = onnx.ModelProto.FromString(proto.SerializeToString())
@@ -75,7 +74,13 @@ def channel_ranges(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Sequen
     model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def channel_ranges(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
+                   ) -> Dict[str, np.ndarray]:
+    """max |x| per channel (axis 1) of each tensor over `feeds`, in ONNX Runtime."""
+    session = tensor_session(proto, tensors)
     out: Dict[str, np.ndarray] = {}
     for feed in feeds:
         for t, v in zip(tensors, session.run(list(tensors), dict(feed))):

@@ -109,6 +109,15 @@ def _scale(amax: np.ndarray, dtype) -> np.ndarray:
     return np.maximum(s, floor).astype(dtype)
 
 
+def quantize_weight(w: np.ndarray, scale_dtype) -> Tuple[np.ndarray, np.ndarray]:
+    """A weight quantized as TensorRT takes it: symmetric int8 per output channel (axis 0), [-127, 127].
+    Returns (int8 values, scales in `scale_dtype`)."""
+    w = np.asarray(w, np.float32)
+    scale = _scale(np.abs(w.reshape(w.shape[0], -1)).max(axis=1), scale_dtype)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    return np.clip(np.round(w / scale.astype(np.float32).reshape(shape)), -127, 127).astype(np.int8), scale
+
+
 def insert_qdq(model: onnx.ModelProto, quantized_convs: Iterable[str], amax: Mapping[str, float],
                fp32_weights: Mapping[str, np.ndarray]) -> Tuple[onnx.ModelProto, Dict]:
     """Put Q/DQ on the inputs of `quantized_convs` (and on fusible residual Add inputs) of a graph whose
@@ -159,11 +168,7 @@ def insert_qdq(model: onnx.ModelProto, quantized_convs: Iterable[str], amax: Map
                 n.input[1] = w_dq[w_name]
                 continue
             w = np.asarray(fp32_weights[source_name(w_name)], np.float32)
-            ftype = types.get(w_name, TensorProto.FLOAT)
-            amax_w = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
-            scale = _scale(amax_w, NP_TYPES[ftype])
-            shape = (-1,) + (1,) * (w.ndim - 1)
-            q = np.clip(np.round(w / scale.astype(np.float32).reshape(shape)), -127, 127).astype(np.int8)
+            q, scale = quantize_weight(w, NP_TYPES[types.get(w_name, TensorProto.FLOAT)])
             base = source_name(w_name)
             new_inits += [numpy_helper.from_array(q, f"{base}_quantized"),
                           numpy_helper.from_array(scale, f"{base}_scale"),

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from .qdq import _consumers, _scale, plan_qdq
+from .equalize import tensor_session
+from .qdq import _consumers, _scale, fusible_residual_inputs, quantize_weight
 
 if TYPE_CHECKING:
     import torch
@@ -52,10 +53,9 @@ class _Conv:
         a = _attrs(node)
         self.name, self.input = node.name, node.input[0]
         w = np.array(inits[node.input[1]], np.float32)
-        scale = _scale(np.abs(w.reshape(len(w), -1)).max(axis=1), scale_dtype).astype(np.float32)
+        q, scale = quantize_weight(w, scale_dtype)
         self.w = torch.from_numpy(w)
-        scale = torch.from_numpy(scale).reshape(-1, 1, 1, 1)
-        self.wq = torch.clamp(torch.round(self.w / scale), -127, 127) * scale
+        self.wq = torch.from_numpy(q.astype(np.float32) * scale.astype(np.float32).reshape(-1, 1, 1, 1))
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         self.b = torch.from_numpy(np.array(inits[bias], np.float32)) if bias else None
         pads = list(a.get("pads", [0, 0, 0, 0]))
@@ -99,7 +99,6 @@ def refine_thresholds(candidate: onnx.ModelProto, amax: Mapping[str, float], qua
     on `feeds` (graph inputs) of the FP32 `candidate`. A tensor that is also the residual input of a fused Add
     (one Q/DQ pair serves both) counts the Add's error too: its own quantization error. Convs `_Conv` cannot
     compute (not 2-D, auto_pad, weights not initializers) keep their input's threshold. Returns (ranges, info)."""
-    import onnxruntime as ort
     import torch
 
     g = candidate.graph
@@ -123,18 +122,12 @@ def refine_thresholds(candidate: onnx.ModelProto, amax: Mapping[str, float], qua
         t = nodes[name].input[0]
         if amax.get(t, 0.0) > 0 and t not in unsupported:
             users.setdefault(t, []).append(layer(name))
-    plan = plan_qdq(g, quantized)
-    residual = {nodes[add].input[k] for add, k in plan.residual_adds.items()} & set(users)
+    residual = {nodes[add].input[k] for add, k in fusible_residual_inputs(g, quantized).items()} & set(users)
     # the class head's logits: the output of its last Conv (quantized or kept in float)
     confidence = [n.output[0] for n in g.node if n.op_type == "Conv" and CLASS_PREDICT in n.name
                   and not any(c.op_type == "Conv" for c in consumers.get(n.output[0], []))]
     tensors = sorted(users)
-    model = onnx.ModelProto.FromString(candidate.SerializeToString())
-    del model.graph.output[:]
-    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors + confidence)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = tensor_session(candidate, tensors + confidence)
     errors = {t: np.zeros(len(grid)) for t in tensors}
     with torch.inference_mode():
         for feed in feeds:  # one image at a time: a large model's activations of many images do not fit
