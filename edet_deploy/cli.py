@@ -74,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except EdetError as e:
         message = " ".join(str(e).split())  # one line, whatever the message carries
         print(f"edet-deploy {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except OSError as e:
         if e.filename is None:  # not about a path the user gave: our bug, keep the traceback
             raise

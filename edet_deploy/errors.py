@@ -1,5 +1,15 @@
-"""The one exception type for errors a user can cause (bad input, missing files, missing extras)."""
+"""The exception types for errors a user meets: the CLI prints the message on one line and exits with the
+type's code (README, "Exit codes")."""
 
 
 class EdetError(Exception):
-    """An error the user can fix; the CLI prints its message on one line and exits with code 2."""
+    """An error the user can fix (bad input, missing files, missing extras): one line, exit code 2."""
+
+    exit_code = 2
+
+
+class EdetRuntimeError(EdetError):
+    """A failure the input did not cause (a server that is gone or answers with an error, a runtime that
+    fails): one line, exit code 1."""
+
+    exit_code = 1
