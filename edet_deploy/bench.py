@@ -257,17 +257,20 @@ class Bench:
         runner.close()
 
 
-def sweep_options(backends: str, precisions: str, batches: str) -> Tuple[List[str], List[str], List[int]]:
-    """The comma-separated `bench` options as lists, refused with one message before hours of sweep start."""
+def sweep_options(backends: str, precisions: str, batches: str | Sequence[int]) -> Tuple[List[str], List[str], List[int]]:
+    """The comma-separated `bench` options as lists (batches may come parsed already), refused with one message
+    before hours of sweep start."""
     backend_list = [b.strip() for b in backends.split(",") if b.strip()]
     precision_list = [x.strip() for x in precisions.split(",") if x.strip()]
     bad = [b for b in backend_list if b not in BACKENDS] + [x for x in precision_list if x not in PRECISIONS]
     if bad:
         raise EdetError(f"unknown backend/precision {bad}")
     try:
-        batch_list = [int(b) for b in batches.split(",")]
+        batch_list = [int(b) for b in (batches.split(",") if isinstance(batches, str) else batches)]
     except ValueError:
         raise EdetError(f"--batch takes integers, got {batches!r}") from None
+    if not batch_list or min(batch_list) < 1:
+        raise EdetError(f"--batch takes batch sizes >= 1, got {batches!r}")
     return backend_list, precision_list, batch_list
 
 

@@ -1,15 +1,21 @@
-"""The `edet-deploy` command. Each subcommand is a small function; user errors (EdetError) become one line on
-stderr and exit code 2."""
+"""The `edet-deploy` command. Each subcommand is a small function. Whatever goes wrong reaches the user as one
+line on stderr and an exit code (README, "Exit codes"): 2 bad input, 1 runtime failure, 130 interrupted,
+141 standard output closed early (`| head`), as a command that SIGPIPE ended."""
 from __future__ import annotations
 
 import argparse
 import copy
 import logging
+import os
 import sys
 from typing import List, Optional
 
 from .errors import EdetError
 from .log import logger
+
+EXIT_CODES = {0: "success", 1: "runtime failure (a server gone, a runtime that failed, a bug of ours)",
+              2: "bad input (an option, a file, a missing extra)", 130: "interrupted (Ctrl-C)",
+              141: "standard output closed early (`| head`)"}
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -26,36 +32,92 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help = action.help or ""
+        suffix = getattr(action.type, "help_suffix", None)
+        if suffix and f"[{suffix()}]" not in help:  # a numeric option's range, and its special values' meaning
+            help = f"{help} [{suffix().replace('%', '%%')}]".strip()
         if "%(default)" in help or "default" in help.lower() or not self.shows_default(action):
             return help
         return f"{help} (default: %(default)s)".strip()
 
     def _format_action(self, action: argparse.Action) -> str:
         if not (action.help and action.help.strip()) and action.help is not argparse.SUPPRESS \
-                and self.shows_default(action):
+                and (self.shows_default(action) or hasattr(action.type, "help_suffix")):
             action = copy.copy(action)  # argparse prints no help line for an option without help
-            action.help = "(default: %(default)s)"
+            action.help = ""
+            action.help = self._get_help_string(action)
         return super()._format_action(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error of ours (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def add_global_options(parser: argparse.ArgumentParser, on_subcommand: bool) -> None:
+    """-v / -q / --log-file, accepted before or after the subcommand. On a subcommand their default is
+    SUPPRESS, so an unset flag there does not overwrite what was given before the subcommand."""
+    unset = {"default": argparse.SUPPRESS} if on_subcommand else {}
+    g = parser.add_argument_group("global options")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging", **unset)
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only", **unset)
+    g.add_argument("--log-file", metavar="FILE",
+                   help="also write the log to FILE (serve: tritonserver's log too; default: stderr only)", **unset)
 
 
 def build_parser() -> argparse.ArgumentParser:
     # The registry lives in commands.py (cli -> commands, never back), so there is no import cycle.
     from .commands import COMMANDS
 
-    parser = argparse.ArgumentParser(
-        prog="edet-deploy",
+    parser = Parser(
+        prog="edet-deploy", formatter_class=DefaultsHelpFormatter,
+        epilog="exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()),
         description="Export, optimise, serve and benchmark EfficientDet D0-D7x. "
                     "CPU: OpenVINO by default, ONNX Runtime as the reference; TensorRT where a GPU and TensorRT are "
                     "present.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"edet-deploy {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_global_options(parser, on_subcommand=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, fn) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text,
                             formatter_class=DefaultsHelpFormatter)
         sp.set_defaults(handler=fn(sp))
+        add_global_options(sp, on_subcommand=True)
     return parser
+
+
+def setup_logging(verbose: bool, quiet: bool, log_file: Optional[str]) -> None:
+    """Log lines on stderr, written through tqdm so they never break a progress bar; `log_file` gets them too."""
+    from tqdm import tqdm
+
+    class BarSafeHandler(logging.StreamHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                tqdm.write(self.format(record), file=self.stream)
+            except Exception:  # noqa: BLE001 - logging must never raise
+                self.handleError(record)
+
+    handlers: List[logging.Handler] = [BarSafeHandler(sys.stderr)]
+    if log_file:
+        try:
+            handlers.append(logging.FileHandler(log_file))
+        except OSError as e:
+            raise EdetError(f"cannot write the log file {log_file}: {e.strerror}") from None
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (`| head`): say nothing more, and keep Python from complaining
+    about the unflushed rest at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 _EXPORT_MODULES = {"torch", "torchvision", "timm", "onnxsim", "safetensors"}  # the [export] extra
@@ -63,34 +125,59 @@ _EXPORT_MODULES = {"torch", "torchvision", "timm", "onnxsim", "safetensors"}  # 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = parser.parse_args(argv)
+    except BrokenPipeError:  # `edet-deploy --help | head`
+        return _stdout_closed()
+    except SystemExit as e:
+        if e.code in (0, None):  # --help, --version
+            raise
+        return 2  # a usage error, already printed on one line
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    prefix = f"edet-deploy {args.command}: error:"
     try:
+        setup_logging(args.verbose, args.quiet, args.log_file)
+        from . import __version__
+        logger.debug("edet-deploy %s (version %s), options %s", args.command, __version__,
+                     {k: v for k, v in vars(args).items() if k != "handler"})
         return int(args.handler(args) or 0)
     except EdetError as e:
         message = " ".join(str(e).split())  # one line, whatever the message carries
-        print(f"edet-deploy {args.command}: error: {message}", file=sys.stderr)
+        print(f"{prefix} {message}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        return _stdout_closed()
     except OSError as e:
-        if e.filename is None:  # not about a path the user gave: our bug, keep the traceback
-            raise
-        # An output (or input) path that cannot be created, written or read: the user's to fix.
-        print(f"edet-deploy {args.command}: error: cannot access {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
+        if e.filename is not None:
+            # An output (or input) path that cannot be created, written or read: the user's to fix.
+            print(f"{prefix} cannot access {e.filename}: {e.strerror}", file=sys.stderr)
+            return 2
+        # A connection refused or reset, a full disk: nothing the command line can fix.
+        print(f"{prefix} {e.strerror or type(e).__name__}", file=sys.stderr)
+        return 1
     except ModuleNotFoundError as e:
         # The serving install has no PyTorch: commands that build models say what to install.
         if (e.name or "").split(".")[0] not in _EXPORT_MODULES:
-            raise
-        print(f"edet-deploy {args.command}: error: needs {e.name}, which the serving install leaves out: "
-              f"pip install 'edet-deploy[export]'", file=sys.stderr)
+            return _internal_error(prefix, e, args.verbose)
+        print(f"{prefix} needs {e.name}, which the serving install leaves out: pip install 'edet-deploy[export]'",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - our bug: one line, the traceback with -v
+        return _internal_error(prefix, e, args.verbose)
+
+
+def _internal_error(prefix: str, e: BaseException, verbose: bool) -> int:
+    if verbose:
+        import traceback
+        traceback.print_exception(e)
+    message = " ".join(f"{type(e).__name__}: {e}".split())
+    print(f"{prefix} internal error: {message} (a bug: please report it with the output of -v)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

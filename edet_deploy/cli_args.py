@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from .errors import EdetError
 
@@ -15,25 +16,107 @@ if TYPE_CHECKING:
     from .nms import NmsSettings
 
 
+class Bounded:
+    """An argparse `type`: a number in [lo, hi] (`lo` excluded when `above`), checked when the command line is
+    parsed, so an out-of-range value is one line and exit 2 before any work starts. NaN, infinities and text
+    that is not a number are refused too. `meanings` documents what special values do ({0: "no warm-up"});
+    the help shows the range and the meanings."""
+
+    def __init__(self, kind: type, lo: float, hi: float, *, above: bool = False,
+                 meanings: Optional[Dict[float, str]] = None):
+        self.kind, self.lo, self.hi, self.above = kind, lo, hi, above
+        self.meanings = dict(meanings or {})
+        self.__name__ = kind.__name__  # argparse names the type in its own messages
+
+    def range_text(self) -> str:
+        """'1..1024', '0..1', '>0, <=100'."""
+        lo, hi = (str(self.lo), str(self.hi)) if self.kind is int else (f"{self.lo:g}", f"{self.hi:g}")
+        return f">{lo}, <={hi}" if self.above else f"{lo}..{hi}"
+
+    def describe(self) -> str:
+        """'an integer in 1..1024' / 'a number in >0, <=100'."""
+        return f"{'an integer' if self.kind is int else 'a number'} in {self.range_text()}"
+
+    def help_suffix(self) -> str:
+        """What the help appends to the option's text: the range, then each special value's meaning."""
+        return "; ".join([self.range_text(), *(f"{value:g}: {meaning}" for value, meaning in self.meanings.items())])
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}") from None
+        if self.kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}")
+        if not (self.lo < value if self.above else self.lo <= value) or value > self.hi:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text}")
+        return value
+
+
+class BoundedList:
+    """An argparse `type`: comma-separated numbers, each checked by `item` (e.g. `--batch 1,8`)."""
+
+    def __init__(self, item: Bounded):
+        self.item = item
+        self.__name__ = "list"
+
+    def help_suffix(self) -> str:
+        """What the help appends: the range of each item."""
+        return f"each {self.item.range_text()}"
+
+    def __call__(self, text: str) -> List:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, each {self.item.describe()}")
+        try:
+            return [self.item(p) for p in parts]
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (in {text!r})") from None
+
+
+# The numeric option kinds the commands share. The upper bounds refuse typos (an extra digit) and values no
+# run on one machine can use, long before the number reaches a library that overflows or allocates on it.
+BATCH = Bounded(int, 1, 1024)
+COUNT = Bounded(int, 1, 10_000_000)  # images, iterations, epochs
+THREADS = Bounded(int, 1, 4096)
+PORT = Bounded(int, 1, 65535)
+SEED = Bounded(int, 0, 2**32 - 1)  # what numpy and torch both take
+FRACTION = Bounded(float, 0.0, 1.0)  # scores, IoU, mAP losses
+IMAGE_SIZE = Bounded(int, 128, 4096)  # each variant adds its own rule (a multiple of its largest stride)
+INSTANCES = Bounded(int, 1, 64)
+
+
+def batch_profile(text: str) -> str:
+    """An argparse `type` for `build --batch MIN:OPT:MAX` (or N): checked when parsed, kept as written."""
+    from .trt.builder import parse_batch
+    try:
+        _, _, hi = parse_batch(text)
+    except EdetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if hi > BATCH.hi:
+        raise argparse.ArgumentTypeError(f"batch sizes go up to {BATCH.hi}, got {text!r}")
+    return text
+
+
 class NmsArgs:
     """The soft-NMS options of the exported graph; `build` gives the NmsSettings (None for `--nms none`)."""
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         """Declare the options, their defaults taken from NmsSettings so the two cannot drift."""
         from .nms import METHODS, NmsSettings
-        from .nms.settings import DEFAULT_PRE_NMS_TOP_K
+        from .nms.settings import DEFAULT_PRE_NMS_TOP_K, TRT_MAX_TOPK
         d = NmsSettings()
         g = parser.add_argument_group("soft-NMS (inside the graph)")
         g.add_argument("--nms", default=d.method, choices=[*METHODS, "none"],
                        help="suppression method; 'none' stops the graph at decoded candidates")
-        g.add_argument("--sigma", type=float, default=d.sigma,
+        g.add_argument("--sigma", type=Bounded(float, 0.0, 100.0, above=True), default=d.sigma,
                        help="gaussian sigma (the paper's, not TF's doubled one)")
-        g.add_argument("--iou-threshold", type=float, default=d.iou_threshold, help="IoU threshold of linear / hard")
-        g.add_argument("--score-threshold", type=float, default=d.score_threshold)
-        g.add_argument("--max-detections", type=int, default=d.max_detections)
+        g.add_argument("--iou-threshold", type=FRACTION, default=d.iou_threshold, help="IoU threshold of linear / hard")
+        g.add_argument("--score-threshold", type=FRACTION, default=d.score_threshold)
+        g.add_argument("--max-detections", type=Bounded(int, 1, TRT_MAX_TOPK), default=d.max_detections)
         g.add_argument("--class-agnostic", action="store_true",
                        help="let boxes of different classes suppress each other")
-        g.add_argument("--pre-nms-top-k", type=int, default=DEFAULT_PRE_NMS_TOP_K,
+        g.add_argument("--pre-nms-top-k", type=Bounded(int, 1, TRT_MAX_TOPK), default=DEFAULT_PRE_NMS_TOP_K,
                        help="candidates kept by TopK before NMS (TensorRT allows at most 3840)")
 
     def build(self, args: argparse.Namespace) -> Optional["NmsSettings"]:
@@ -64,7 +147,7 @@ class SourceArgs:
                                  f"is absent")
         parser.add_argument("--cuda-graph", action="store_true",
                             help="tensorrt: replay CUDA graphs (one per batch size)")
-        parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+        parser.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores)")
         parser.add_argument("--bf16", action="store_true",
                             help="openvino: run the network in bfloat16 (CPUs with AVX512_BF16 or AMX; OpenVINO's "
                                  "own default there). Faster, not bit-exact: accuracy in README")

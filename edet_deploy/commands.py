@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
-from .cli_args import JsonOutArgs, NmsArgs, ProgressArgs, SourceArgs, detection_report
+from .cli_args import (BATCH, COUNT, FRACTION, IMAGE_SIZE, INSTANCES, PORT, SEED, THREADS, Bounded, BoundedList,
+                       JsonOutArgs, NmsArgs, ProgressArgs, SourceArgs, batch_profile, detection_report)
 from .contract import artifact_name
 from .errors import EdetError
 
@@ -51,12 +52,12 @@ def _models(p: argparse.ArgumentParser):
 def _export(p: argparse.ArgumentParser):
     p.add_argument("--model", default="d0", help="d0..d7, d7x (also efficientdet-d0, tf_efficientdet_d0)")
     p.add_argument("--weights", help="our checkpoint or an effdet .pth/.safetensors (default: random init)")
-    p.add_argument("--num-classes", type=int, help="default: from the weights' metadata, else 90 (COCO)")
-    p.add_argument("--image-size", type=int, help="input size (default: the variant's, or the weights')")
+    p.add_argument("--num-classes", type=Bounded(int, 1, 100_000), help="default: from the weights' metadata, else 90 (COCO)")
+    p.add_argument("--image-size", type=IMAGE_SIZE, help="input size (default: the variant's, or the weights')")
     b = p.add_mutually_exclusive_group()
-    b.add_argument("--batch", type=int, default=1, help="fixed batch size")
-    b.add_argument("--dynamic-batch", type=int, metavar="MAX", help="dynamic batch dimension up to MAX")
-    p.add_argument("--opset", type=int, default=17)
+    b.add_argument("--batch", type=BATCH, default=1, help="fixed batch size")
+    b.add_argument("--dynamic-batch", type=BATCH, metavar="MAX", help="dynamic batch dimension up to MAX")
+    p.add_argument("--opset", type=Bounded(int, 13, 21), default=17, help="ONNX opset")
     p.add_argument("--out", default="build/export", help="output directory")
     nms, progress = NmsArgs(), ProgressArgs()
     nms.add_to(p)
@@ -118,7 +119,7 @@ def _detect(p: argparse.ArgumentParser):
     p.add_argument("images", nargs="+", help="JPEG/PNG/... files")
     source, json_out = SourceArgs(), JsonOutArgs()
     source.add_to(p)
-    p.add_argument("--min-score", type=float, default=0.3, help="hide detections below this score")
+    p.add_argument("--min-score", type=FRACTION, default=0.3, help="hide detections below this score")
     json_out.add_to(p)
     p.add_argument("--draw", help="draw the detections of the first image to this PNG/JPEG (or a directory "
                                   "for all images)")
@@ -162,14 +163,18 @@ def _demo(p: argparse.ArgumentParser):
 @command("make-shapes", "generate the shapes detection dataset (COCO format) used by the demo model")
 def _make_shapes(p: argparse.ArgumentParser):
     p.add_argument("--out", default="build/shapes")
-    p.add_argument("--train", type=int, default=3000)
-    p.add_argument("--val", type=int, default=300)
-    p.add_argument("--calib", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    split = Bounded(int, 0, 1_000_000, meanings={0: "no such split"})
+    p.add_argument("--train", type=split, default=3000, help="training images")
+    p.add_argument("--val", type=split, default=300, help="validation images")
+    p.add_argument("--calib", type=split, default=500, help="calibration images")
+    p.add_argument("--seed", type=SEED, default=0)
+    progress = ProgressArgs()
+    progress.add_to(p)
 
     def run(args) -> int:
         from .data import generate_shapes
-        out = generate_shapes(args.out, {"train": args.train, "val": args.val, "calib": args.calib}, args.seed)
+        out = generate_shapes(args.out, {"train": args.train, "val": args.val, "calib": args.calib}, args.seed,
+                              progress=progress.build(args))
         print(f"wrote {out} (splits train/val/calib: {args.train}/{args.val}/{args.calib})")
         return 0
     return run
@@ -180,21 +185,26 @@ def _train(p: argparse.ArgumentParser):
     p.add_argument("--model", default="d0")
     p.add_argument("--data", required=True, help="dataset dir with train and val splits (COCO format)")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors or .pth); the best epoch is kept")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--image-size", type=int, default=256, help="training/inference input size (multiple of 128)")
+    p.add_argument("--epochs", type=Bounded(int, 1, 100_000), default=10)
+    p.add_argument("--batch-size", type=BATCH, default=8)
+    p.add_argument("--lr", type=Bounded(float, 0.0, 10.0, above=True), default=2e-3, help="peak learning rate")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=256,
+                   help="training/inference input size (multiple of 128)")
     p.add_argument("--weights", help="start from these weights (ours or effdet's)")
-    p.add_argument("--max-minutes", type=float, help="stop before an epoch would end past this budget")
-    p.add_argument("--eval-images", type=int, help="evaluate on at most this many val images per epoch")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=Bounded(float, 0.0, 1e6, above=True),
+                   help="stop before an epoch would end past this budget (default: no limit)")
+    p.add_argument("--eval-images", type=COUNT,
+                   help="evaluate on at most this many val images per epoch (default: all)")
+    p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores)")
+    p.add_argument("--seed", type=SEED, default=0)
+    progress = ProgressArgs()
+    progress.add_to(p)
 
     def run(args) -> int:
         from .train import train
         res = train(args.model, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     image_size=args.image_size, weights=args.weights, seed=args.seed, threads=args.threads,
-                    max_minutes=args.max_minutes, eval_images=args.eval_images)
+                    max_minutes=args.max_minutes, eval_images=args.eval_images, progress=progress.build(args))
         for row in res["history"]:
             print(row)
         print(f"best val mAP {res['best_val_mAP']:.4f}; wrote {res['checkpoint']}")
@@ -208,15 +218,17 @@ def _eval(p: argparse.ArgumentParser):
     source.add_to(p)
     p.add_argument("--data", required=True, help="dataset dir (instances_<split>.json + images)")
     p.add_argument("--split", default="val")
-    p.add_argument("--max-images", type=int)
+    p.add_argument("--max-images", type=COUNT, help="evaluate the first N images (default: all)")
     p.add_argument("--report", help="JSON report path (default: <data>/eval_<split>_<backend>.json)")
+    progress = ProgressArgs()
+    progress.add_to(p)
 
     def run(args) -> int:
         from .data import CocoDataset
         from .eval import evaluate
         from .io import write_json
         dataset = CocoDataset(args.data, args.split)
-        report = evaluate(source.build(args), dataset, args.max_images)
+        report = evaluate(source.build(args), dataset, args.max_images, progress=progress.build(args))
         report["source"] = source.describe(args)
         for k, v in report["stats"].items():
             print(f"{k:6s} {v:.4f}")
@@ -240,9 +252,9 @@ def _triton_repo(p: argparse.ArgumentParser):
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--engine-backend", choices=["openvino", "onnxruntime"],
                    help="--target cpu: the runner of the engine model (default: the CPU backend `detect` uses)")
-    p.add_argument("--max-batch", type=int, default=8, help="max_batch_size of every model in the ensemble")
-    p.add_argument("--preprocess-instances", type=int, default=2)
-    p.add_argument("--engine-instances", type=int, default=1)
+    p.add_argument("--max-batch", type=BATCH, default=8, help="max_batch_size of every model in the ensemble")
+    p.add_argument("--preprocess-instances", type=INSTANCES, default=2, help="preprocess model instances")
+    p.add_argument("--engine-instances", type=INSTANCES, default=1, help="engine model instances")
     p.add_argument("--cuda-graphs", action="store_true", help="GPU target: capture CUDA graphs in the engine")
     p.add_argument("--no-copy", action="store_true", help="write configs and model.py shims only")
     p.add_argument("--tensorrt-version", help="GPU target: TensorRT of the Triton image that will serve the plan "
@@ -250,7 +262,7 @@ def _triton_repo(p: argparse.ArgumentParser):
     p.add_argument("--input-format", default="encoded",
                    help="ensemble input(s), comma-separated: encoded (JPEG/PNG bytes -> <name>), decoded (uint8 "
                         "RGB decoded by the client -> <name>_decoded)")
-    p.add_argument("--queue-delay-us", type=int, help="engine dynamic-batching window in microseconds (default: "
+    p.add_argument("--queue-delay-us", type=Bounded(int, 0, 10_000_000, meanings={0: "no window"}), help="engine dynamic-batching window in microseconds (default: "
                    "0 on --target cpu, whose engine is busy long enough for requests to batch; 2000 on gpu)")
     p.add_argument("--force", action="store_true", help="write into an --out holding models or files edet-deploy "
                                                          "did not generate")
@@ -274,12 +286,11 @@ def _triton_repo(p: argparse.ArgumentParser):
 @command("serve", "run the embedded Triton server (CPU) on a repository, supervised, until Ctrl-C / SIGTERM / SIGHUP")
 def _serve(p: argparse.ArgumentParser):
     p.add_argument("--repo", default="model_repository")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=PORT, default=8000)
+    p.add_argument("--grpc-port", type=PORT, default=8001)
+    p.add_argument("--metrics-port", type=PORT, default=8002)
     p.add_argument("--address", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server)")
-    p.add_argument("--log-file", help="tritonserver's log (default: discarded)")
-    p.add_argument("--grace-period", type=float, default=30.0,
+    p.add_argument("--grace-period", type=Bounded(float, 0.0, 3600.0, meanings={0: "no drain"}), default=30.0,
                    help="on SIGTERM/SIGINT/SIGHUP: seconds in-flight requests may take to finish")
     p.add_argument("--open-api", action="append", default=[], metavar="GROUP",
                    help="leave a restricted Triton API group open to every client (shared-memory, model-config, "
@@ -301,7 +312,7 @@ def _client(p: argparse.ArgumentParser):
     p.add_argument("--model", default=artifact_name("d0"), help="ensemble name")
     p.add_argument("--input-format", default="encoded", choices=["encoded", "decoded"],
                    help="decoded: decode here and send uint8 RGB (to the <name>_decoded ensemble)")
-    p.add_argument("--min-score", type=float, default=0.3)
+    p.add_argument("--min-score", type=FRACTION, default=0.3, help="hide detections below this score")
     json_out = JsonOutArgs()
     json_out.add_to(p)
 
@@ -343,7 +354,7 @@ def _convert(p: argparse.ArgumentParser):
 def _calibrate(p: argparse.ArgumentParser):
     p.add_argument("onnx", help="FP32 graph from `edet-deploy export`")
     p.add_argument("--data", required=True, help="COCO-format dataset (split calib, else train) or image folder")
-    p.add_argument("--num-images", type=int, default=500)
+    p.add_argument("--num-images", type=COUNT, default=500, help="calibration images")
     p.add_argument("--method", default="entropy", choices=["entropy", "percentile", "minmax"],
                    help="activation ranges: entropy = TensorRT's KL search over a 2048-bin |x| histogram; "
                         "percentile = 99.999th of |x|; minmax = max |x|")
@@ -353,8 +364,8 @@ def _calibrate(p: argparse.ArgumentParser):
     p.add_argument("--sensitivity", action="store_true",
                    help="first find the blocks that cost the most mAP in INT8 (needs a val split in --data) and "
                         "keep them in float")
-    p.add_argument("--eval-images", type=int, default=100, help="val images per sensitivity trial")
-    p.add_argument("--max-loss", type=float, default=0.005, help="sensitivity: acceptable mAP loss vs FP32")
+    p.add_argument("--eval-images", type=COUNT, default=100, help="val images per sensitivity trial")
+    p.add_argument("--max-loss", type=FRACTION, default=0.005, help="sensitivity: acceptable mAP loss vs FP32")
     p.add_argument("--no-equalize", action="store_true",
                    help="skip equalizing the depthwise convs' channels before calibration (same FP32 function, "
                         "finer int8 steps where a few channels are much wider than the rest)")
@@ -400,9 +411,9 @@ def _calibrate(p: argparse.ArgumentParser):
 def _build(p: argparse.ArgumentParser):
     p.add_argument("onnx", help="graph from export / convert / calibrate (its precision is the engine's)")
     p.add_argument("--out", required=True, help="engine file (.plan); a JSON sidecar is written beside it")
-    p.add_argument("--batch", default="1", help="optimization profile MIN:OPT:MAX (or N)")
+    p.add_argument("--batch", type=batch_profile, default="1", help="optimization profile MIN:OPT:MAX (or N)")
     p.add_argument("--timing-cache", help="timing cache file, read and updated")
-    p.add_argument("--workspace", type=float, default=4.0, help="workspace limit in GB")
+    p.add_argument("--workspace", type=Bounded(float, 0.0, 1024.0, above=True), default=4.0, help="workspace limit in GB")
     p.add_argument("--trt-verbose", action="store_true", help="show TensorRT's info messages, not only warnings")
     p.add_argument("--no-tf32", action="store_true",
                    help="FP32 layers in full FP32 (TensorRT otherwise runs FP32 convolutions as TF32)")
@@ -410,8 +421,7 @@ def _build(p: argparse.ArgumentParser):
     progress.add_to(p)
 
     def run(args) -> int:
-        from .trt.builder import build_engine, parse_batch
-        parse_batch(args.batch)
+        from .trt.builder import build_engine
         sidecar = build_engine(args.onnx, args.out, args.batch, args.timing_cache, args.workspace,
                                verbose=args.trt_verbose, tf32=not args.no_tf32, progress=progress.build(args))
         print(f"wrote {args.out} ({sidecar['precision']}, TensorRT {sidecar['tensorrt']['version']}, "
@@ -426,12 +436,14 @@ def _bench(p: argparse.ArgumentParser):
     p.add_argument("--backends", default="torch,onnxruntime,openvino,tensorrt")
     p.add_argument("--precisions", default="fp32,int8", help="fp32,bf16,fp16,int8 (bf16: OpenVINO on CPUs with bf16 "
                                                             "instructions)")
-    p.add_argument("--batch", default="1", help="batch sizes, e.g. 1,8")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--seconds", type=float, help="time each combination for S seconds instead of --iters")
+    p.add_argument("--batch", type=BoundedList(BATCH), default=[1], help="batch sizes, e.g. 1,8")
+    p.add_argument("--warmup", type=Bounded(int, 0, 10_000_000, meanings={0: "no warm-up"}), default=3,
+                   help="untimed runs before timing each combination")
+    p.add_argument("--iters", type=COUNT, default=20, help="timed runs of each combination")
+    p.add_argument("--seconds", type=Bounded(float, 0.0, 86_400.0, above=True),
+                   help="time each combination for S seconds instead of --iters")
     p.add_argument("--quick", action="store_true", help="1 warm-up, 5 iterations: a smoke run")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores)")
     p.add_argument("--out", default="build/bench")
     progress = ProgressArgs()
     progress.add_to(p)

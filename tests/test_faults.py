@@ -2,6 +2,7 @@
 backend): dead stubs, killed or hung-up `serve`, SIGTERM under load, the shared-memory attack, a taken port,
 oversized and decompression-bomb requests. All traffic goes to 127.0.0.1; every request loop is bounded in
 count and time. Bounds are generous: the machine is 2 shared cores."""
+import contextlib
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from edet_deploy.export import export_onnx  # noqa: E402
 from edet_deploy.triton.repo import generate_repository  # noqa: E402
 from edet_deploy.measure import free_port  # noqa: E402
 from edet_deploy.triton.server import SHM_PREFIX  # noqa: E402
-from edet_deploy.triton.supervisor import stub_processes  # noqa: E402
+from edet_deploy.triton.supervisor import child_processes, stub_processes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 400  # seconds for serve to print its "serving" line on a loaded 2-core machine
@@ -65,22 +66,26 @@ class Serve:
             [sys.executable, "-m", "edet_deploy", "serve", "--repo", str(repo), "--http-port", str(self.http),
              "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--log-file", str(self.log),
              "--grace-period", str(grace)], cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        line = ""
-        while time.monotonic() < deadline and "serving" not in line:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                break
-        if "serving" not in line:
+        try:  # whatever fails from here on, nothing of this serve is left running
+            deadline = time.monotonic() + START_TIMEOUT
+            line = ""
+            while time.monotonic() < deadline and "serving" not in line:
+                line = self.proc.stdout.readline()
+                if not line and self.proc.poll() is not None:
+                    break
+            if "serving" not in line:
+                self.stderr.seek(0)
+                raise AssertionError(f"serve did not start: {self.stderr.read()[-2000:]}")
+            self.server_pid = self.triton_pid()
+        except BaseException:
             self.kill()
-            self.stderr.seek(0)
-            raise AssertionError(f"serve did not start: {self.stderr.read()[-2000:]}")
-        self.server_pid = self.triton_pid()
+            raise
 
     def triton_pid(self):
-        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
-        pids = [int(ln.split()[0]) for ln in out.stdout.splitlines() if "tritonserver" in ln]
-        assert len(pids) == 1, out.stdout
+        """tritonserver among serve's children, by the full argv in /proc (never by `ps` columns, which are cut
+        to the terminal's width)."""
+        pids = [pid for pid, argv in child_processes(self.proc.pid) if argv[0].endswith(b"/tritonserver")]
+        assert len(pids) == 1, pids
         return pids[0]
 
     @property
@@ -96,10 +101,29 @@ class Serve:
     def shm(self):
         return sorted(p.name for p in Path("/dev/shm").glob(f"{SHM_PREFIX}{self.proc.pid}_*"))
 
+    def descendants(self):
+        """serve, its tritonserver(s) and their stubs, alive now (found through /proc)."""
+        found, frontier = [], [self.proc.pid]
+        while frontier:
+            pid = frontier.pop()
+            found.append(pid)
+            frontier.extend(child for child, _ in child_processes(pid))
+        return found
+
     def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
+        """Stop this serve whatever state it is in: every process of its tree killed and reaped, and its
+        /dev/shm regions removed (a killed serve cannot remove them itself)."""
+        family = self.descendants() if self.proc.poll() is None else []
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.proc.poll() is None or family:
             self.proc.wait(30)
+        gone(family, 30)
+        for region in self.shm():
+            (Path("/dev/shm") / region).unlink(missing_ok=True)
+        self.proc.stdout.close()
+        self.stderr.close()
 
 
 def http(url, path, data=None, headers=None, timeout=60.0):
@@ -169,9 +193,12 @@ def gone(pids, timeout):
 @pytest.fixture(scope="module")
 def served(repo, tmp_path_factory):
     s = Serve(repo, tmp_path_factory.mktemp("served"))
-    yield s
-    s.proc.send_signal(signal.SIGTERM)
-    s.proc.wait(120)
+    try:
+        yield s
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(120)
+    finally:
+        s.kill()
 
 
 def test_stub_kill_each_kind_and_server_crash_recover_then_sighup_stops_cleanly(repo, tmp_path, picture):
@@ -225,9 +252,7 @@ def test_killed_serve_leaves_no_orphans(repo, tmp_path, sig):
             time.sleep(0.2)
         print(f"\n/dev/shm regions left after {sig.name} of serve: {s.shm()}")
     finally:
-        s.kill()
-        for region in s.shm():  # whatever a killed serve could not clean up: not left to other tests
-            (Path("/dev/shm") / region).unlink(missing_ok=True)
+        s.kill()  # also removes whatever regions a killed serve could not clean up
 
 
 def test_sigterm_under_load_drains_in_flight_requests(repo, tmp_path, picture):

@@ -28,7 +28,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Deque, Dict, List, Optional, Sequence
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import EdetError
 from ..log import logger
@@ -64,23 +64,32 @@ def _ppid(pid: int) -> Optional[int]:
         return None
 
 
-def stub_processes(server_pid: int) -> List[Stub]:
-    """Live (not zombie) Python-backend stubs of a tritonserver. Their argv is
-    `stub <repo>/<model>/<version>/model.py <shm region> <sizes...> <parent pid> <lib dir> <ipc> <instance> ...`."""
-    stubs = []
+def child_processes(parent: int) -> List[Tuple[int, List[bytes]]]:
+    """Live (not zombie) children of `parent` with their full argv, read from /proc (never from `ps`, whose
+    columns are cut to the terminal's width)."""
+    children = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        if _ppid(pid) != server_pid:
+        if _ppid(pid) != parent:
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(argv) < 9 or not argv[0].endswith(b"triton_python_backend_stub"):
-            continue
         if _proc_state(pid) in (None, "Z", "X"):
+            continue
+        children.append((pid, argv))
+    return children
+
+
+def stub_processes(server_pid: int) -> List[Stub]:
+    """Live (not zombie) Python-backend stubs of a tritonserver. Their argv is
+    `stub <repo>/<model>/<version>/model.py <shm region> <sizes...> <parent pid> <lib dir> <ipc> <instance> ...`."""
+    stubs = []
+    for pid, argv in child_processes(server_pid):
+        if len(argv) < 9 or not argv[0].endswith(b"triton_python_backend_stub"):
             continue
         model = Path(argv[1].decode(errors="replace")).parent.parent.name
         stubs.append(Stub(pid, model, argv[8].decode(errors="replace"), argv[2].decode(errors="replace")))
