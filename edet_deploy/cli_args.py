@@ -163,6 +163,14 @@ class SourceArgs:
         """One string naming the source, for reports."""
         return args.engine or args.onnx or f"{args.model}:{args.weights or 'random-init'}"
 
+    @staticmethod
+    def slug(args: argparse.Namespace) -> str:
+        """The source as a file-name part: the graph's or engine's stem, else the variant and weights."""
+        from pathlib import Path
+        if args.engine or args.onnx:
+            return Path(args.engine or args.onnx).stem
+        return f"{args.model}_{Path(args.weights).stem if args.weights else 'random-init'}"
+
     def build(self, args: argparse.Namespace, min_score: float = 0.0) -> "Detector":
         """The Detector; a source and backend that do not go together is the user's error."""
         from .detector import Detector

@@ -78,7 +78,8 @@ def _export(p: argparse.ArgumentParser):
     return run
 
 
-@command("check", "check an ONNX graph for what TensorRT's parser would reject (no TensorRT needed)")
+@command("check", "check an ONNX graph for what TensorRT's parser would reject (no TensorRT needed); exit 0 clean, "
+                  "1 problems or not an edet-deploy graph, 2 unusable input")
 def _check(p: argparse.ArgumentParser):
     p.add_argument("onnx", help="ONNX graph")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the report")
@@ -95,22 +96,26 @@ def _check(p: argparse.ArgumentParser):
         except Exception as e:  # noqa: BLE001 - a malformed file is the user's problem
             raise EdetError(f"cannot read {path} as ONNX: {e}") from None
         from .precision.census import census, format_census
-        from .trt.check import plugin_report
-        plugins, precision = plugin_report(model), census(model)
+        from .trt.check import not_ours_reason, plugin_report
+        plugins, precision, foreign = plugin_report(model), census(model), not_ours_reason(model, path)
         # The last line (and exit status 0 = clean, 1 = problems, 2 = unusable input) is what scripts read.
-        summary = f"{path}: {'OK, nothing TensorRT would reject' if not findings else f'{len(findings)} problem(s)'}"
+        ok = not findings and foreign is None
+        summary = (f"{path}: {len(findings)} problem(s)" if findings else f"{path}: OK, nothing TensorRT would reject"
+                   if ok else f"{path}: nothing TensorRT would reject, but not an edet-deploy detection graph")
         if args.json:
-            print(json.dumps({"path": str(path), "ok": not findings,
+            print(json.dumps({"path": str(path), "ok": ok, "edet_graph": foreign is None, "not_ours": foreign,
                               "problems": [dict(vars(f), text=str(f)) for f in findings], "plugins": plugins,
                               "precision": precision, "summary": summary}, indent=2))
-            return 0 if not findings else 1
+            return 0 if ok else 1
         for line in plugins:
             print(line)
         for f in findings:
             print(f)
+        if foreign:
+            print(f"not an edet-deploy detection graph: {foreign}")
         print(format_census(precision))
         print(summary)
-        return 0 if not findings else 1
+        return 0 if ok else 1
     return run
 
 
@@ -121,13 +126,15 @@ def _detect(p: argparse.ArgumentParser):
     source.add_to(p)
     p.add_argument("--min-score", type=FRACTION, default=0.3, help="hide detections below this score")
     json_out.add_to(p)
-    p.add_argument("--draw", help="draw the detections of the first image to this PNG/JPEG (or a directory "
-                                  "for all images)")
+    p.add_argument("--draw", help="draw the detections of the first image to this .png/.jpg file (or into an "
+                                  "existing directory, <image>_det.png for each image)")
 
     def run(args) -> int:
         from .preprocess import decode_image
+        from .visualize import draw_targets
         for path in args.images:  # fail early, before the model is built
             decode_image(path)
+        targets = draw_targets(args.draw, args.images) if args.draw else []
         results = source.build(args, args.min_score).detect(args.images)
         if not json_out.to_stdout(args):
             for path, det in zip(args.images, results):
@@ -136,12 +143,9 @@ def _detect(p: argparse.ArgumentParser):
                     x1, y1, x2, y2 = r["box"]
                     print(f"  {r['label']:>12s}  {r['score']:.3f}  [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}]")
         json_out.write(args, detection_report(args.images, results))
-        if args.draw:
+        if targets:
             from .visualize import draw_detections
-            out = Path(args.draw)
-            targets = ([(args.images[0], results[0], out)] if out.suffix else
-                       [(img, det, out / (Path(img).stem + "_det.png")) for img, det in zip(args.images, results)])
-            for img, det, dst in targets:
+            for img, det, dst in zip(args.images, results, targets):
                 draw_detections(img, det, dst)
                 print(f"drew {dst}", file=sys.stderr if json_out.to_stdout(args) else sys.stdout)
         return 0
@@ -219,7 +223,7 @@ def _eval(p: argparse.ArgumentParser):
     p.add_argument("--data", required=True, help="dataset dir (instances_<split>.json + images)")
     p.add_argument("--split", default="val")
     p.add_argument("--max-images", type=COUNT, help="evaluate the first N images (default: all)")
-    p.add_argument("--report", help="JSON report path (default: <data>/eval_<split>_<backend>.json)")
+    p.add_argument("--report", help="JSON report path (default: <data>/eval_<split>_<graph or model>_<backend>.json)")
     progress = ProgressArgs()
     progress.add_to(p)
 
@@ -232,7 +236,7 @@ def _eval(p: argparse.ArgumentParser):
         report["source"] = source.describe(args)
         for k, v in report["stats"].items():
             print(f"{k:6s} {v:.4f}")
-        dst = args.report or str(Path(args.data) / f"eval_{args.split}_{source.backend(args)}.json")
+        dst = args.report or str(Path(args.data) / f"eval_{args.split}_{source.slug(args)}_{source.backend(args)}.json")
         write_json(dst, report)
         print(f"wrote {dst}")
         return 0

@@ -2,15 +2,36 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Sequence
 
 from PIL import Image, ImageDraw
 
+from .errors import EdetError
 from .io import atomic_path
 from .postprocess import Detections
 from .preprocess import ImageSource, decode_image
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+
+
+DRAW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def draw_targets(draw: str | Path, images: Sequence[str | Path]) -> List[Path]:
+    """Where `detect --draw` writes, checked before any work: a .png/.jpg file (the first image's detections)
+    in an existing directory, or an existing directory (<image>_det.png for each image). Nothing is created."""
+    out = Path(draw)
+    if out.suffix:
+        if out.suffix.lower() not in DRAW_FORMATS:
+            raise EdetError(f"--draw {out}: {out.suffix} is not an image format this writes; use "
+                            f"{', '.join(DRAW_FORMATS)} or a directory")
+        if not out.parent.is_dir():
+            raise EdetError(f"--draw: cannot write {out}: {out.parent} is not an existing directory")
+        return [out]
+    if not out.is_dir():
+        raise EdetError(f"--draw {out}: no such directory (create it, or give a .png/.jpg file)")
+    return [out / f"{Path(img).stem}_det.png" for img in images]
 
 
 def draw_detections(image: ImageSource, detections: Detections, out: str | Path) -> Path:
@@ -26,5 +47,5 @@ def draw_detections(image: ImageSource, detections: Detections, out: str | Path)
         draw.text((x1 + 2, max(0, y1 - 12)), text, fill=(0, 0, 0))
     out = Path(out)
     with atomic_path(out) as tmp:
-        img.save(tmp, format="JPEG" if out.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+        img.save(tmp, format=DRAW_FORMATS.get(out.suffix.lower(), "PNG"))
     return out

@@ -64,24 +64,33 @@ def init_weights(model: EfficientDet) -> None:
     nn.init.constant_(predict.conv_pw.bias, prior_bias)
 
 
-def create_model(name: Union[str, VariantConfig], num_classes: int = 90,
+def create_model(name: Union[str, VariantConfig], num_classes: Optional[int] = None,
                  weights: Optional[str] = None, image_size: Optional[int] = None) -> EfficientDet:
     """Build an EfficientDet variant (`d0`, `efficientdet-d0` or `tf_efficientdet_d0`), optionally loading
-    weights (ours or effdet's). Padding is made static for `image_size` (default: the variant's own),
-    so the model traces and exports without dynamic Pad. Returned in eval mode."""
+    weights (ours or effdet's). `num_classes` defaults to the weights' (their metadata, else their class head's
+    shape), else 90 (COCO); `image_size` to the weights' metadata, else the variant's own. Padding is made
+    static for that size, so the model traces and exports without dynamic Pad. Returned in eval mode."""
+    checkpoint = None
+    if weights is not None:
+        from .weights import checkpoint_num_classes, read_checkpoint
+        checkpoint = read_checkpoint(weights)  # once: it gives the class count and then the tensors
     if isinstance(name, VariantConfig):
         config = name
     else:
-        overrides = {"num_classes": num_classes}
+        if checkpoint is not None:
+            anchors = get_config(name).num_anchors
+            num_classes = num_classes or checkpoint_num_classes(*checkpoint, anchors)
+            image_size = image_size or checkpoint[1].get("image_size")
+        overrides = {"num_classes": num_classes or 90}
         if image_size is not None:
             overrides["image_size"] = image_size
         config = get_config(name, **overrides)
     _check_image_size(config)
     model = EfficientDet(config)
     make_padding_static(model, config.image_size)
-    if weights is not None:
-        from .weights import load_weights
-        load_weights(model, weights)
+    if checkpoint is not None:
+        from .weights import load_checkpoint
+        load_checkpoint(model, *checkpoint, weights)
     return model.eval()
 
 

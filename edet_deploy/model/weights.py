@@ -70,12 +70,31 @@ def normalize_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in out.items() if not k.startswith("anchors.")}
 
 
+_CLASS_BIAS = "class_net.predict.conv_pw.bias"  # num_anchors * num_classes values
+
+
+def checkpoint_num_classes(state: Dict[str, torch.Tensor], meta: Dict[str, Any], num_anchors: int) -> Optional[int]:
+    """The class count a checkpoint was trained for: its metadata's, else what the class head's shape says
+    (effdet files carry no metadata)."""
+    if meta.get("num_classes"):
+        return int(meta["num_classes"])
+    bias = normalize_keys(state).get(_CLASS_BIAS)
+    if bias is not None and bias.ndim == 1 and bias.shape[0] % num_anchors == 0:
+        return bias.shape[0] // num_anchors
+    return None
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
-    """Load weights into `model` all-or-nothing. Returns the checkpoint's metadata ({} for effdet files).
+    """Load weights into `model` all-or-nothing. Returns the checkpoint's metadata ({} for effdet files)."""
+    return load_checkpoint(model, *read_checkpoint(path), path)
+
+
+def load_checkpoint(model: nn.Module, state: Dict[str, torch.Tensor], meta: Dict[str, Any],
+                    path: str | os.PathLike) -> Dict[str, Any]:
+    """Load a checkpoint already read from `path` into `model`; returns its metadata.
 
     Every key and shape is checked before any tensor is copied, so a mismatching file (another variant or
     class count) leaves the model untouched and the error names the first mismatches."""
-    state, meta = read_checkpoint(path)
     state = normalize_keys(state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -91,7 +110,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
             parts.append(f"{len(missing)} missing keys, first: {', '.join(missing[:3])}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys, first: {', '.join(unexpected[:3])}")
-        hint = f" (file made for variant {meta['variant']!r}?)" if meta.get("variant") else ""
+        cfg = getattr(model, "config", None)
+        file_classes = checkpoint_num_classes(state, meta, cfg.num_anchors) if cfg is not None else None
+        if cfg is not None and not (missing or unexpected) and all(w.startswith("class_net.predict.") for w in wrong) \
+                and file_classes and file_classes != cfg.num_classes:
+            hint = f" (the file has {file_classes} classes, the model {cfg.num_classes}: pass num_classes={file_classes})"
+        else:
+            hint = f" (file made for variant {meta['variant']!r}?)" if meta.get("variant") else ""
         raise EdetError(f"weights {path} do not fit model {name}{hint}: " + " | ".join(parts))
     model.load_state_dict(state, strict=True)
     return meta

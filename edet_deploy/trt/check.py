@@ -39,6 +39,24 @@ CONSTANT_INPUTS = {"Pad": {1: "pads"}, "TopK": {1: "K"}, "Slice": {3: "axes"}, "
 SHAPE_INPUTS = {"Reshape": {1: "shape"}, "Expand": {1: "shape"}, "Tile": {1: "repeats"}}
 
 
+def not_ours_reason(model, path) -> Optional[str]:
+    """Why `model` is not an edet-deploy detection graph, None when it is: `check` reads any ONNX, and a clean
+    parser report on another graph must not read as ready for `build` or `triton-repo`."""
+    from ..contract import INPUT_DTYPE, INPUT_LAYOUT, INPUT_NAME, ONNX_TYPES, OUTPUTS
+    from ..metadata import ONNX_PROP, sidecar_path
+
+    if not sidecar_path(path).is_file() and ONNX_PROP not in {p.key for p in model.metadata_props}:
+        return "it carries no edet-deploy metadata (no JSON beside it, none inside)"
+    weights = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].type.tensor_type.elem_type != ONNX_TYPES[INPUT_DTYPE]:
+        return f"its inputs are {[i.name for i in inputs]}, not {INPUT_NAME!r} ({INPUT_DTYPE} {INPUT_LAYOUT})"
+    outputs = [o.name for o in model.graph.output]
+    if any(n.op_type == nms_op.OP_TYPE for n in model.graph.node) and outputs != list(OUTPUTS):
+        return f"its outputs are {outputs}, not {list(OUTPUTS)}"
+    return None
+
+
 @dataclass
 class Finding:
     node: str
