@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -59,19 +59,20 @@ class Result:
     reason: str = ""
     image_size: int = 0
     threads: int = 0
-    load_ms: float = 0.0  # runner construction: graph load + compilation (OpenVINO, TensorRT), cold
-    first_inference_ms: float = 0.0
-    model_p50_ms: float = 0.0
-    model_p90_ms: float = 0.0
-    model_p99_ms: float = 0.0
-    model_mean_ms: float = 0.0
-    pipeline_p50_ms: float = 0.0
-    pipeline_p90_ms: float = 0.0
-    pipeline_p99_ms: float = 0.0
-    pipeline_mean_ms: float = 0.0
-    throughput_img_s: float = 0.0
-    pipeline_throughput_img_s: float = 0.0
-    peak_rss_mb: float = 0.0
+    # Measurements: None (null in JSON, empty in CSV) on a skipped or failed row, never a 0.0 that reads as a time.
+    load_ms: Optional[float] = None  # runner construction: graph load + compilation (OpenVINO, TensorRT), cold
+    first_inference_ms: Optional[float] = None
+    model_p50_ms: Optional[float] = None
+    model_p90_ms: Optional[float] = None
+    model_p99_ms: Optional[float] = None
+    model_mean_ms: Optional[float] = None
+    pipeline_p50_ms: Optional[float] = None
+    pipeline_p90_ms: Optional[float] = None
+    pipeline_p99_ms: Optional[float] = None
+    pipeline_mean_ms: Optional[float] = None
+    throughput_img_s: Optional[float] = None
+    pipeline_throughput_img_s: Optional[float] = None
+    peak_rss_mb: Optional[float] = None
     iterations: int = 0
     # The paper's COCO AP of the FP32 architecture: only FP32 rows carry it (no FP16/INT8 COCO AP is measured here).
     published_coco_ap: Optional[float] = None
@@ -79,6 +80,9 @@ class Result:
     census_int8: Optional[float] = None
     census_fp16: Optional[float] = None
     census_fp32: Optional[float] = None
+
+
+MEASUREMENTS = {f.name for f in fields(Result) if f.name.endswith(("_ms", "_img_s", "_mb"))}
 
 
 def time_loop(fn: Callable[[int], None], warmup: int, iters: int, seconds: Optional[float]) -> List[float]:
@@ -166,6 +170,8 @@ class Bench:
             r.status, r.reason = "skipped", str(e)
         except Exception as e:  # noqa: BLE001 - one failing combination must not end the sweep
             r.status, r.reason = "failed", f"{type(e).__name__}: {e}"
+        if r.status != "ok":  # what a failure left half-measured is not a measurement
+            r = replace(r, **{f.name: None for f in fields(Result) if f.name in MEASUREMENTS})
         return r
 
     @staticmethod

@@ -10,7 +10,7 @@ from typing import Callable, Dict, Tuple
 from .cli_args import (BATCH, COUNT, FRACTION, IMAGE_SIZE, INSTANCES, PORT, SEED, THREADS, Bounded, BoundedList,
                        JsonOutArgs, NmsArgs, ProgressArgs, SourceArgs, batch_profile, detection_report)
 from .contract import artifact_name
-from .errors import EdetError
+from .errors import EdetError, EdetRuntimeError
 
 Handler = Callable[[argparse.Namespace], int]
 # name -> (help, fn): `fn(parser)` declares the subcommand's options and returns its handler.
@@ -460,6 +460,9 @@ def _bench(p: argparse.ArgumentParser):
         report = run_bench(parse_model_list(args.models), backends, precisions, batches, args.out, args.threads,
                            warmup, iters, args.seconds, progress.build(args))
         ok = sum(r["status"] == "ok" for r in report["results"])
+        if not ok:
+            raise EdetRuntimeError(f"nothing was measured: all {len(report['results'])} combination(s) skipped or "
+                                   f"failed (reasons in {args.out}/bench.md)")
         print(f"{ok}/{len(report['results'])} combinations measured; wrote {args.out}/bench.{{json,csv,md}}, "
               f"latency.png, accuracy_vs_latency.png")
         return 0

@@ -101,16 +101,23 @@ def markdown_table(report: Dict) -> str:
             lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | "
                          f"{r['status']}: {r['reason']} |||||||| ")
             continue
-        lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['model_p50_ms']:.1f} | "
-                     f"{r['model_p90_ms']:.1f} | {r['model_p99_ms']:.1f} | {r['pipeline_p50_ms']:.1f} | "
-                     f"{r['throughput_img_s']:.2f} | {r.get('load_ms', 0):.0f} | {r['first_inference_ms']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} | {_census_cell(r)} |")
+        cells = [_num(r, k, d) for k, d in (("model_p50_ms", 1), ("model_p90_ms", 1), ("model_p99_ms", 1),
+                                             ("pipeline_p50_ms", 1), ("throughput_img_s", 2), ("load_ms", 0),
+                                             ("first_inference_ms", 0), ("peak_rss_mb", 0))]
+        lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | {' | '.join(cells)} | "
+                     f"{_census_cell(r)} |")
     for title, pairs in RATIOS:
         ratios = speedups(report, *pairs)
         if ratios:
             lines += ["", f"{title} (model p50, same run; > 1 = faster):", ""]
             lines += [f"- {k}: {v:.2f}x" for k, v in ratios.items()]
     return "\n".join(lines) + "\n"
+
+
+def _num(r: Dict, key: str, digits: int) -> str:
+    """A measured value with `digits` decimals, '-' where nothing was measured."""
+    value = r.get(key)
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _census_cell(r: Dict) -> str:

@@ -105,3 +105,17 @@ def test_bf16_rows_run_the_fp32_graph_in_openvino(tmp_path):
         assert not list((tmp_path / "graphs" / "d0").glob("*bf16*"))  # no bf16 graph file: a runtime setting
     else:
         assert ov["status"] == "skipped" and "bf16 instructions" in ov["reason"]
+
+
+def test_nothing_measured_exits_1_and_skips_carry_no_times(tmp_path, capsys):
+    from edet_deploy.cli import main
+    assert main(["bench", "--models", "d0", "--backends", "tensorrt", "--precisions", "fp32", "--quick",
+                 "--no-progress", "--out", str(tmp_path)]) == 1  # no GPU here: every combination is skipped
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("edet-deploy bench: error: nothing was measured"), err
+    row = json.loads((tmp_path / "bench.json").read_text())["results"][0]
+    assert row["status"] == "skipped" and row["reason"] == "no GPU"
+    assert row["model_p50_ms"] is None and row["load_ms"] is None and row["throughput_img_s"] is None
+    with open(tmp_path / "bench.csv") as f:
+        csv_row = next(csv.DictReader(f))
+    assert csv_row["model_p50_ms"] == "" and csv_row["pipeline_p50_ms"] == ""
