@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import EdetError
 from .log import logger
-from .measure import BACKENDS, PRECISIONS, machine_info, percentiles
+from .measure import BACKENDS, LOADED_PSI_PCT, PRECISIONS, CpuPressure, machine_info, percentiles
 from .reports import write_reports
 
 # Largest input at which ONNX Runtime's INT8 calibration (all intermediate activations kept) fits this
@@ -80,6 +80,10 @@ class Result:
     census_int8: Optional[float] = None
     census_fp16: Optional[float] = None
     census_fp32: Optional[float] = None
+    # Linux PSI "some" share of the combination's wall time (%): above measure.LOADED_PSI_PCT the row is marked
+    # as measured under load, and its numbers are not to be compared with quiet ones.
+    cpu_pressure_pct: Optional[float] = None
+    under_load: bool = False
 
 
 MEASUREMENTS = {f.name for f in fields(Result) if f.name.endswith(("_ms", "_img_s", "_mb"))}
@@ -161,9 +165,11 @@ class Bench:
             r.status, r.reason = "skipped", reason
             return r
         try:
-            with PeakRss() as mem:
+            with PeakRss() as mem, CpuPressure() as pressure:
                 self._measure(r, model, backend, precision, batch, max_batch)
             r.peak_rss_mb = round(mem.peak / 2**20, 1)
+            r.cpu_pressure_pct = pressure.pct
+            r.under_load = pressure.pct is not None and pressure.pct > LOADED_PSI_PCT
         except MemoryError:
             r.status, r.reason = "skipped", "out of memory"
         except EdetError as e:
@@ -300,6 +306,10 @@ def run_bench(models: Sequence[str], backends: Sequence[str], precisions: Sequen
         else:
             tqdm.write(f"{m} {b} {p} b{n}: p50 {r.model_p50_ms:.1f} ms, pipeline p50 {r.pipeline_p50_ms:.1f} ms, "
                        f"{r.throughput_img_s:.1f} img/s")
+            if r.under_load:
+                logger.warning("%s %s %s b%d was measured under load (CPU pressure %.0f%% of its time): compare "
+                               "it only with rows measured alike, or rerun on a quiet machine", m, b, p, n,
+                               r.cpu_pressure_pct)
         results.append(r)
         report = {"machine": machine_info(threads),
                   "settings": {"warmup": warmup, "iters": iters, "seconds": seconds,

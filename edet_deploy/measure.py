@@ -23,6 +23,48 @@ def percentiles(times_ms: Sequence[float]) -> Dict[str, float]:
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "n": int(a.size)}
 
 
+# Share of a run's wall time during which some runnable task waited for a CPU (Linux PSI "some") above which
+# its numbers are marked as measured under load: a quiet machine stays near 0, a competing process on a
+# 2-core machine pushes it past 50.
+LOADED_PSI_PCT = 10.0
+
+
+def cpu_pressure_total() -> Optional[float]:
+    """Microseconds some task has waited for a CPU since boot (/proc/pressure/cpu "some total"); None where the
+    kernel has no PSI."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            some = f.readline().split()
+        return float(next(x for x in some if x.startswith("total=")).split("=", 1)[1])
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+class CpuPressure:
+    """`with CpuPressure() as p: ...` then `p.pct`: the PSI "some" share (%) of the block's wall time, None
+    without PSI. Read beside every timing so a number taken on a busy machine says so."""
+
+    def __enter__(self) -> "CpuPressure":
+        self.pct: Optional[float] = None
+        self._t0, self._p0 = time.monotonic(), cpu_pressure_total()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        p1, wall = cpu_pressure_total(), time.monotonic() - self._t0
+        if self._p0 is not None and p1 is not None and wall > 0:
+            self.pct = round(min(100.0, (p1 - self._p0) / 1e4 / wall), 1)
+
+
+def cpu_flags() -> str:
+    """The instruction-set flags a CPU figure depends on (AVX2, AVX-512, VNNI, bf16, AMX), as lscpu names them."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+    return " ".join(f for f in wanted if f in flags)
+
+
 def machine_info(threads: Optional[int]) -> Dict:
     """CPU, cores, threads used, GPU, platform and library versions: a number means little without them."""
     cpu = platform.processor() or platform.machine()
@@ -44,7 +86,7 @@ def machine_info(threads: Optional[int]) -> Dict:
             gpu = torch.cuda.get_device_name(0)
     except Exception:  # noqa: BLE001
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or os.cpu_count(), "gpu": gpu,
+    return {"cpu": cpu, "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "threads": threads or os.cpu_count(), "gpu": gpu,
             "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
             "edet_deploy": __version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 

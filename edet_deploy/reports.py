@@ -84,7 +84,7 @@ def markdown_table(report: Dict) -> str:
                          + ", ".join(f"{k} {v}" for k, v in sm["versions"].items()))
         lines.append("")
     else:
-        lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads used, "
+        lines.append(f"Machine: {m['cpu']} ({m.get('cpu_flags') or 'flags unknown'}), {m['cores']} cores, {m['threads']} threads used, "
                      f"GPU: {m['gpu'] or 'none'}; {m['date']}. Versions: "
                      + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n")
     lines += [
@@ -93,19 +93,22 @@ def markdown_table(report: Dict) -> str:
              "Load = building the runner (graph load and compilation, no cache); first inf. = the first call after.\n",
              "Census: share of the graph's multiply-adds in int8 / fp16 / fp32 under TensorRT's strong typing "
              "(read from the graph's types; torch rows run FP32 eager).\n",
+             "CPU PSI: share of the row's wall time during which some task waited for a CPU (Linux pressure "
+             "stall information); rows marked **loaded** were measured on a busy machine.\n",
              "| model | backend | precision | batch | model p50 | p90 | p99 | pipeline p50 | img/s | load ms | "
-             "first inf. | peak RSS MB | census int8/fp16/fp32 |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "first inf. | peak RSS MB | census int8/fp16/fp32 | CPU PSI % |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in report["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | "
-                         f"{r['status']}: {r['reason']} |||||||| ")
+                         f"{r['status']}: {r['reason']} ||||||||| ")
             continue
         cells = [_num(r, k, d) for k, d in (("model_p50_ms", 1), ("model_p90_ms", 1), ("model_p99_ms", 1),
                                              ("pipeline_p50_ms", 1), ("throughput_img_s", 2), ("load_ms", 0),
                                              ("first_inference_ms", 0), ("peak_rss_mb", 0))]
+        psi = _num(r, "cpu_pressure_pct", 0) + (" **loaded**" if r.get("under_load") else "")
         lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | {' | '.join(cells)} | "
-                     f"{_census_cell(r)} |")
+                     f"{_census_cell(r)} | {psi} |")
     for title, pairs in RATIOS:
         ratios = speedups(report, *pairs)
         if ratios:

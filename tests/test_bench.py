@@ -119,3 +119,34 @@ def test_nothing_measured_exits_1_and_skips_carry_no_times(tmp_path, capsys):
     with open(tmp_path / "bench.csv") as f:
         csv_row = next(csv.DictReader(f))
     assert csv_row["model_p50_ms"] == "" and csv_row["pipeline_p50_ms"] == ""
+
+
+def test_cpu_pressure_marks_a_loaded_run():
+    """PSI read around a block: twice as many busy loops as cores keep runnable tasks waiting for a CPU, which
+    is what PSI "some" counts."""
+    import multiprocessing as mp
+    import os
+    import time
+
+    from edet_deploy.measure import CpuPressure, cpu_pressure_total
+    if cpu_pressure_total() is None:
+        pytest.skip("this kernel has no PSI (/proc/pressure/cpu)")
+    stop = mp.Event()
+    hogs = [mp.Process(target=_spin, args=(stop,)) for _ in range(2 * (os.cpu_count() or 1))]
+    for h in hogs:
+        h.start()
+    try:
+        with CpuPressure() as p:
+            time.sleep(2.0)
+    finally:
+        stop.set()
+        for h in hogs:
+            h.join(10)
+            if h.is_alive():
+                h.kill()
+    assert p.pct is not None and p.pct > 50, p.pct
+
+
+def _spin(stop):
+    while not stop.is_set():
+        pass
