@@ -296,22 +296,24 @@ def _serve(p: argparse.ArgumentParser):
 @command("client", "send images to a running Triton ensemble and print the detections")
 def _client(p: argparse.ArgumentParser):
     p.add_argument("images", nargs="+")
-    p.add_argument("--url", default="127.0.0.1:8000", help="host:port (Triton listens on 8000 for http, 8001 for grpc)")
-    p.add_argument("--protocol", default="http", choices=["http", "grpc"])
+    p.add_argument("--url", default="127.0.0.1:8000", help="host:port, or with an http://, https:// or grpc:// "
+                                                            "prefix (Triton listens on 8000 for http, 8001 for grpc)")
+    p.add_argument("--protocol", choices=["http", "grpc"], help="default: the --url prefix's, else http")
     p.add_argument("--model", default=artifact_name("d0"), help="ensemble name")
     p.add_argument("--input-format", default="encoded", choices=["encoded", "decoded"],
-                   help="decoded: decode here and send uint8 RGB (to the <name>_decoded ensemble)")
+                   help="decoded: decode here and send uint8 RGB (to the --model's <name>_decoded ensemble)")
     p.add_argument("--min-score", type=float, default=0.3)
     json_out = JsonOutArgs()
     json_out.add_to(p)
 
     def run(args) -> int:
         from .triton.client import TritonDetectorClient
+        for path in args.images:  # before the server is contacted
+            if not Path(path).is_file():
+                raise EdetError(f"image not found: {path}")
         client = TritonDetectorClient(args.url, args.model, args.protocol, input_format=args.input_format)
         results = []
         for path in args.images:
-            if not Path(path).is_file():
-                raise EdetError(f"image not found: {path}")
             det = client.detect([Path(path).read_bytes()], args.min_score)[0]
             results.append(det)
             if not json_out.to_stdout(args):

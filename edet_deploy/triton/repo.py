@@ -31,7 +31,6 @@ for _p in reversed(os.environ.get("EDET_DEPLOY_SYS_PATH", "").split(os.pathsep))
 
 from edet_deploy.triton.models.{module} import TritonPythonModel  # noqa: E402,F401
 '''
-ENSEMBLE_INPUT = "IMAGE"
 ENGINE_BACKENDS = ("openvino", "onnxruntime")  # CPU engine runners; each has models/engine_<backend>.py
 DET_OUTPUTS = contract.OUTPUTS
 # Ensemble inputs: "encoded" = JPEG/PNG bytes (BYTES [1]); "decoded" = an RGB image the client already decoded
@@ -99,15 +98,15 @@ def _output(pb, name: str, dtype: str, dims: List[int]):
     return pb.ModelOutput(name=name, data_type=getattr(pb, f"TYPE_{dtype}"), dims=dims)
 
 
-def _det_outputs(pb, k: int, prefix: str = "", make=_output) -> list:
+def _det_outputs(pb, k: int, rename=lambda name: name, make=_output) -> list:
     # Triton dims leave out the batch dimension (max_batch_size > 0).
-    return [make(pb, prefix + s.name, s.triton_type, list(s.shape(0, k))[1:]) for s in contract.OUTPUT_SPECS]
+    return [make(pb, rename(s.name), s.triton_type, list(s.shape(0, k))[1:]) for s in contract.OUTPUT_SPECS]
 
 
 def _image_input(pb, input_format: str):
     if input_format == "encoded":
-        return _tensor(pb, ENSEMBLE_INPUT, "STRING", [1])
-    return _tensor(pb, ENSEMBLE_INPUT, "UINT8", [-1, -1, 3])
+        return _tensor(pb, contract.IMAGE, "STRING", [1])
+    return _tensor(pb, contract.IMAGE, "UINT8", [-1, -1, 3])
 
 
 def build_configs(spec: RepoSpec) -> Dict[str, object]:
@@ -130,8 +129,8 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
         return pb.ModelConfig(
             name=spec.preprocess_name(input_format), backend="python", max_batch_size=mb,
             input=[_image_input(pb, input_format)],
-            output=[_output(pb, "images", "UINT8", [s, s, 3]), _output(pb, "scale", "FP32", [1]),
-                    _output(pb, "orig_size", "INT32", [2])],
+            output=[_output(pb, contract.INPUT_NAME, "UINT8", [s, s, 3]), _output(pb, contract.SCALE, "FP32", [1]),
+                    _output(pb, contract.ORIG_SIZE, "INT32", [2])],
             instance_group=[pb.ModelInstanceGroup(count=spec.preprocess_instances, kind=cpu)],
             dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.stage_queue_delay_us),
             parameters=params({"image_size": s, "input_format": input_format}))
@@ -161,27 +160,28 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
             engine.parameters[key].CopyFrom(value)
     post_out = _det_outputs(pb, k)
     if spec.class_names:
-        post_out.append(_output(pb, "detection_labels", "STRING", [k]))
+        post_out.append(_output(pb, contract.DETECTION_LABELS, "STRING", [k]))
     post = pb.ModelConfig(
         name=names["post"], backend="python", max_batch_size=mb,
-        input=[*_det_outputs(pb, k, "raw_", _tensor),
-               _tensor(pb, "scale", "FP32", [1]), _tensor(pb, "orig_size", "INT32", [2])],
+        input=[*_det_outputs(pb, k, contract.raw_output_name, _tensor),
+               _tensor(pb, contract.SCALE, "FP32", [1]), _tensor(pb, contract.ORIG_SIZE, "INT32", [2])],
         output=post_out, instance_group=[pb.ModelInstanceGroup(count=spec.postprocess_instances, kind=cpu)],
         dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.stage_queue_delay_us),
-        parameters=params({"class_names": json.dumps(spec.class_names)}))
+        parameters=params({contract.CLASS_NAMES_PARAMETER: json.dumps(spec.class_names)}))
 
     Step = pb.ModelEnsembling.Step
     configs: Dict[str, object] = {}
     for input_format in spec.input_formats:
         pre = preprocess(input_format)
         steps = [
-            Step(model_name=pre.name, model_version=-1, input_map={ENSEMBLE_INPUT: ENSEMBLE_INPUT},
-                 output_map={"images": "preprocessed_images", "scale": "scale", "orig_size": "orig_size"}),
+            Step(model_name=pre.name, model_version=-1, input_map={contract.IMAGE: contract.IMAGE},
+                 output_map={contract.INPUT_NAME: "preprocessed_images", contract.SCALE: contract.SCALE,
+                             contract.ORIG_SIZE: contract.ORIG_SIZE}),
             Step(model_name=names["engine"], model_version=-1, input_map={contract.INPUT_NAME: "preprocessed_images"},
-                 output_map={o: f"raw_{o}" for o in DET_OUTPUTS}),
+                 output_map={o: contract.raw_output_name(o) for o in DET_OUTPUTS}),
             Step(model_name=names["post"], model_version=-1,
-                 input_map={**{f"raw_{o}": f"raw_{o}" for o in DET_OUTPUTS}, "scale": "scale",
-                            "orig_size": "orig_size"},
+                 input_map={**{raw: raw for raw in map(contract.raw_output_name, DET_OUTPUTS)},
+                            contract.SCALE: contract.SCALE, contract.ORIG_SIZE: contract.ORIG_SIZE},
                  output_map={o.name: o.name for o in post_out}),
         ]
         name = spec.ensemble_name(input_format)
@@ -189,7 +189,8 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
                                        input=[_image_input(pb, input_format)],
                                        output=[_output(pb, o.name, pb.DataType.Name(o.data_type)[5:], list(o.dims))
                                                for o in post_out],
-                                       ensemble_scheduling=pb.ModelEnsembling(step=steps))
+                                       ensemble_scheduling=pb.ModelEnsembling(step=steps),
+                                       parameters=post.parameters)
         configs[pre.name] = pre
     configs[names["engine"]] = engine
     configs[names["post"]] = post
@@ -418,7 +419,7 @@ def perf_input_data(input_format: str, images: Sequence[bytes]) -> Dict:
         else:
             img = decode_image(blob)
             raw, shape = img.tobytes(), list(img.shape)
-        data.append({ENSEMBLE_INPUT: {"content": {"b64": base64.b64encode(raw).decode()}, "shape": shape}})
+        data.append({contract.IMAGE: {"content": {"b64": base64.b64encode(raw).decode()}, "shape": shape}})
     return {"data": data}
 
 
