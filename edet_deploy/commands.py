@@ -229,14 +229,14 @@ def _eval(p: argparse.ArgumentParser):
 
 @command("triton-repo", "generate a Triton model repository: preprocess -> engine -> postprocess ensemble")
 def _triton_repo(p: argparse.ArgumentParser):
-    p.add_argument("--model", default="d0")
+    p.add_argument("--model", help="default: the --onnx/--engine graph's (from its metadata JSON), else d0")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--onnx", help="ONNX graph for --target cpu (exported with --dynamic-batch >= --max-batch)")
     src.add_argument("--engine", help="TensorRT plan for --target gpu (metadata JSON beside it)")
     p.add_argument("--weights", help="with --target cpu and no --onnx: export these weights first")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
-                   help="the graph's precision; bf16: the FP32 graph run in bfloat16 by the OpenVINO CPU engine "
-                        "(CPUs with AVX512_BF16 or AMX)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"],
+                   help="default: the graph's (from its metadata JSON), which a stated one must match; bf16: the "
+                        "FP32 graph run in bfloat16 by the OpenVINO CPU engine (CPUs with AVX512_BF16 or AMX)")
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--engine-backend", choices=["openvino", "onnxruntime"],
                    help="--target cpu: the runner of the engine model (default: the CPU backend `detect` uses)")
