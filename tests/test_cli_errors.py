@@ -113,20 +113,23 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_user_error_is_one_line_exit_2(files, case, capsys):
-    argv, pattern = CASES[case]
+def _assert_one_line_error(files, argv, pattern, code, capsys):
     values = {k: str(v) for k, v in files.items()}
     values["port"] = str(free_port())  # nothing listens there
     argv = [a.format(**values) for a in argv]
     rc = main(argv)
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if not ln.startswith(("INFO ", "WARNING ", "DEBUG "))]
-    assert rc == 2, err
+    assert rc == code, err
     assert len(lines) == 1, err
     assert lines[0].startswith(f"edet-deploy {argv[0]}: error: "), lines[0]
     assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_user_error_is_one_line_exit_2(files, case, capsys):
+    _assert_one_line_error(files, *CASES[case], 2, capsys)
 
 
 # Failures the input did not cause: one line, exit code 1.
@@ -144,18 +147,7 @@ RUNTIME_CASES = {
 
 @pytest.mark.parametrize("case", sorted(RUNTIME_CASES))
 def test_runtime_error_is_one_line_exit_1(files, case, capsys):
-    argv, pattern = RUNTIME_CASES[case]
-    values = {k: str(v) for k, v in files.items()}
-    values["port"] = str(free_port())  # nothing listens there
-    argv = [a.format(**values) for a in argv]
-    rc = main(argv)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if not ln.startswith(("INFO ", "WARNING ", "DEBUG "))]
-    assert rc == 1, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"edet-deploy {argv[0]}: error: "), lines[0]
-    assert re.search(pattern, lines[0]), lines[0]
-    assert "Traceback" not in err
+    _assert_one_line_error(files, *RUNTIME_CASES[case], 1, capsys)
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
