@@ -245,14 +245,14 @@ def _eval(p: argparse.ArgumentParser):
 
 @command("triton-repo", "generate a Triton model repository: preprocess -> engine -> postprocess ensemble")
 def _triton_repo(p: argparse.ArgumentParser):
-    p.add_argument("--model", default="d0")
+    p.add_argument("--model", help="default: the --onnx/--engine graph's (from its metadata JSON), else d0")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--onnx", help="ONNX graph for --target cpu (exported with --dynamic-batch >= --max-batch)")
     src.add_argument("--engine", help="TensorRT plan for --target gpu (metadata JSON beside it)")
     p.add_argument("--weights", help="with --target cpu and no --onnx: export these weights first")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
-                   help="the graph's precision; bf16: the FP32 graph run in bfloat16 by the OpenVINO CPU engine "
-                        "(CPUs with AVX512_BF16 or AMX)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"],
+                   help="default: the graph's (from its metadata JSON), which a stated one must match; bf16: the "
+                        "FP32 graph run in bfloat16 by the OpenVINO CPU engine (CPUs with AVX512_BF16 or AMX)")
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--engine-backend", choices=["openvino", "onnxruntime"],
                    help="--target cpu: the runner of the engine model (default: the CPU backend `detect` uses)")
@@ -311,22 +311,24 @@ def _serve(p: argparse.ArgumentParser):
 @command("client", "send images to a running Triton ensemble and print the detections")
 def _client(p: argparse.ArgumentParser):
     p.add_argument("images", nargs="+")
-    p.add_argument("--url", default="127.0.0.1:8000", help="host:port (Triton listens on 8000 for http, 8001 for grpc)")
-    p.add_argument("--protocol", default="http", choices=["http", "grpc"])
+    p.add_argument("--url", default="127.0.0.1:8000", help="host:port, or with an http://, https:// or grpc:// "
+                                                            "prefix (Triton listens on 8000 for http, 8001 for grpc)")
+    p.add_argument("--protocol", choices=["http", "grpc"], help="default: the --url prefix's, else http")
     p.add_argument("--model", default=artifact_name("d0"), help="ensemble name")
     p.add_argument("--input-format", default="encoded", choices=["encoded", "decoded"],
-                   help="decoded: decode here and send uint8 RGB (to the <name>_decoded ensemble)")
+                   help="decoded: decode here and send uint8 RGB (to the --model's <name>_decoded ensemble)")
     p.add_argument("--min-score", type=FRACTION, default=0.3, help="hide detections below this score")
     json_out = JsonOutArgs()
     json_out.add_to(p)
 
     def run(args) -> int:
         from .triton.client import TritonDetectorClient
+        for path in args.images:  # before the server is contacted
+            if not Path(path).is_file():
+                raise EdetError(f"image not found: {path}")
         client = TritonDetectorClient(args.url, args.model, args.protocol, input_format=args.input_format)
         results = []
         for path in args.images:
-            if not Path(path).is_file():
-                raise EdetError(f"image not found: {path}")
             det = client.detect([Path(path).read_bytes()], args.min_score)[0]
             results.append(det)
             if not json_out.to_stdout(args):

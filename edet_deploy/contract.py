@@ -1,7 +1,7 @@
 """The detection graph's contract, written once: input and output tensors, artifact names, the cache folder and
-the Triton member names. The exporter, the ONNX schema, the TensorRT plugin, the Triton generator and models,
-the client, postprocessing and the runners import these instead of spelling them out (numpy and stdlib only,
-so the serving install and Triton's Python models can import it).
+the Triton member and tensor names. The exporter, the ONNX schema, the TensorRT plugin, the Triton generator
+and models, the client, postprocessing and the runners import these instead of spelling them out (numpy and
+stdlib only, so the serving install and Triton's Python models can import it).
 
 Outputs: num_detections [B,1] int32, detection_boxes [B,K,4] float32 (x1,y1,x2,y2, input pixels),
 detection_scores [B,K] float32, detection_classes [B,K] int32; K = max_detections."""
@@ -82,3 +82,20 @@ def postprocess_name(name: str) -> str:
 def member_names(name: str) -> Tuple[str, str, str]:
     """The models the encoded ensemble `name` composes, in order."""
     return preprocess_name(name), engine_name(name), postprocess_name(name)
+
+
+# Triton wire names: the ensemble's image input (BYTES [1] encoded, UINT8 [H, W, 3] decoded); what the
+# preprocess model hands on beside the graph input (INPUT_NAME): the letterbox scale and the original
+# (height, width); the engine's outputs renamed on their way to the postprocess model; the labels that
+# model adds to the graph outputs when the repository has class names, which are also the ensemble config's
+# parameter CLASS_NAMES_PARAMETER (a JSON list), so a client can read them once.
+IMAGE = "IMAGE"
+SCALE = "scale"
+ORIG_SIZE = "orig_size"
+DETECTION_LABELS = "detection_labels"
+CLASS_NAMES_PARAMETER = "class_names"
+
+
+def raw_output_name(output: str) -> str:
+    """The ensemble tensor carrying the engine's `output` (graph pixels) to the postprocess model."""
+    return f"raw_{output}"

@@ -41,11 +41,13 @@ class Detections:
                  "box": [round(float(v), 2) for v in self.boxes[i]]} for i in range(len(self))]
 
 
-def split_detections(outputs: Dict[str, np.ndarray], scales: np.ndarray, sizes: np.ndarray,
+def split_detections(outputs: Dict[str, np.ndarray], scales: Optional[np.ndarray], sizes: Optional[np.ndarray],
                      class_names: Optional[Sequence[str]] = None, min_score: float = 0.0) -> List[Detections]:
-    """Turn the four batched graph outputs into per-image Detections in original pixels."""
+    """Turn the four batched graph outputs into per-image Detections in original pixels. scales and sizes
+    None: the boxes are in original pixels already (the Triton ensemble's postprocess model mapped them)."""
     num = np.asarray(outputs[NUM_DETECTIONS]).reshape(-1)
-    boxes = to_original_pixels(outputs[DETECTION_BOXES], scales, sizes)
+    boxes = (np.asarray(outputs[DETECTION_BOXES], np.float32) if scales is None else
+             to_original_pixels(outputs[DETECTION_BOXES], scales, sizes))
     result = []
     for i, n in enumerate(num):
         n = int(n)

@@ -41,3 +41,27 @@ def assert_same_detections(got_boxes, got_scores, got_classes, ref_boxes, ref_sc
               & (np.abs(ref_boxes - got_boxes[i]).max(axis=1) <= box_atol))
         assert ok.any(), f"detection {i} (class {got_classes[i]}, score {got_scores[i]}) has no partner"
         used[np.flatnonzero(ok)[0]] = True
+
+
+def relabelled_graph(graph, out_dir, **changes):
+    """A copy of an exported graph whose metadata (the sidecar and the copy inside the graph, checksum
+    recomputed) says `changes`: a graph that calls itself d2, int8 or named classes, without the cost of
+    making one."""
+    import json
+    from pathlib import Path
+
+    import onnx
+
+    from edet_deploy.io import sha256_file
+    from edet_deploy.metadata import ONNX_PROP, ArtifactMetadata, read_metadata, write_metadata
+
+    model = onnx.load(str(graph))
+    for prop in model.metadata_props:
+        if prop.key == ONNX_PROP:
+            prop.value = json.dumps({**json.loads(prop.value), **changes})
+    dst = Path(out_dir) / Path(graph).name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    meta = {**read_metadata(graph), **changes, "onnx_sha256": sha256_file(dst)}
+    write_metadata(dst, ArtifactMetadata.from_dict(meta))
+    return dst

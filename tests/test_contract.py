@@ -24,6 +24,34 @@ def test_output_names_written_only_in_contract(name):
     assert holders == ["contract.py"]
 
 
+# Triton's wire names. The graph input's name `images` also names JSON keys and a CLI argument elsewhere, so it is
+# looked for in the Triton package only.
+WIRE_NAMES = (contract.IMAGE, contract.SCALE, contract.ORIG_SIZE, contract.DETECTION_LABELS,
+              contract.raw_output_name(""))
+
+
+def _spelled(name: str) -> re.Pattern:
+    return re.compile(rf"""["']{name}(["']|{{)""")  # the name quoted, or an f-string starting with it
+
+
+@pytest.mark.parametrize("name", WIRE_NAMES)
+def test_triton_wire_names_written_only_in_contract(name):
+    holders = [str(p.relative_to(PACKAGE)) for p in _sources() if _spelled(name).search(p.read_text())]
+    assert holders == ["contract.py"]
+
+
+def test_graph_input_name_not_spelled_in_triton_package():
+    holders = [str(p.relative_to(PACKAGE)) for p in (PACKAGE / "triton").rglob("*.py")
+               if _spelled(contract.INPUT_NAME).search(p.read_text())]
+    assert holders == []
+
+
+def test_wire_name_check_sees_a_spelled_out_name():
+    source = 'tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")\nraw = f"raw_{name}"\n'
+    assert _spelled(contract.IMAGE).search(source) and _spelled(contract.raw_output_name("")).search(source)
+    assert not _spelled(contract.IMAGE).search("get_input_tensor_by_name(request, IMAGE)")
+
+
 def test_output_specs_match_design():
     shapes = {s.name: (s.dtype, s.shape("B", 100)) for s in contract.OUTPUT_SPECS}
     assert shapes == {"num_detections": ("int32", ("B", 1)), "detection_boxes": ("float32", ("B", 100, 4)),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_same_detections
+from conftest import assert_same_detections, relabelled_graph
 from edet_deploy import EdetError
 from edet_deploy.detector import Detector
 
@@ -114,12 +114,18 @@ def _blocker_dir(root: Path) -> Path:
     return root
 
 
+CLASS_NAMES = [f"class {i}" for i in range(90)]
+
+
 @pytest.fixture(scope="module")
 def served(graph, tmp_path_factory):
+    """Both ensembles, on a graph with class names; the config API open, so clients read them there."""
     d = tmp_path_factory.mktemp("served")
-    repo = generate_repository(d / "repo", variant="d0", onnx=str(graph), input_formats=("encoded", "decoded"))
+    named = relabelled_graph(graph, d / "named", class_names=CLASS_NAMES)
+    repo = generate_repository(d / "repo", variant="d0", onnx=str(named), input_formats=("encoded", "decoded"))
     blocker = _blocker_dir(d / "blocker")
-    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=d / "triton.log")
+    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=d / "triton.log",
+                          open_apis=("model-config",))
     server.env["EDET_DEPLOY_SYS_PATH"] = os.pathsep.join([str(blocker), server.env["EDET_DEPLOY_SYS_PATH"]])
     server.start()
     yield server, repo, blocker
@@ -142,6 +148,35 @@ def test_triton_models_serve_without_torch_jpeg_and_decoded(served, graph):
     attempts = (blocker / "attempts").read_text().splitlines() if (blocker / "attempts").exists() else []
     ours = [a for a in attempts if str(ROOT / "edet_deploy") in a or str(ROOT / "kernels") in a]
     assert not ours, attempts
+
+
+def test_client_reads_class_names_once_from_the_ensemble_config(served, monkeypatch):
+    server, _, _ = served
+    for url, protocol in ((server.http_url, "http"), (server.grpc_url, "grpc")):
+        client = TritonDetectorClient(url, "efficientdet_d0", protocol)
+        assert client.class_names == tuple(CLASS_NAMES)
+        monkeypatch.setattr(client.client, "get_model_config", lambda *a, **k: pytest.fail("config read again"))
+        dets = client.detect(default_tuning_images(2))
+        client.close()
+        assert all(d.class_names == CLASS_NAMES for d in dets)
+        assert [d.label(0) for d in dets] == [CLASS_NAMES[d.classes[0]] for d in dets]
+
+
+def test_client_command_sends_decoded_images_to_the_decoded_ensemble(served, graph, tmp_path):
+    """`client --input-format decoded` with the encoded ensemble's name (the default) goes to its _decoded
+    twin; naming the decoded ensemble itself works too."""
+    server, _, _ = served
+    image = tmp_path / "a.jpg"
+    image.write_bytes(default_tuning_images(1)[0])
+    want = Detector.from_onnx(graph).detect([image.read_bytes()])[0]
+    for model in ("efficientdet_d0", "efficientdet_d0_decoded"):
+        proc = subprocess.run([sys.executable, "-m", "edet_deploy", "client", str(image), "--url", server.http_url,
+                               "--model", model, "--input-format", "decoded", "--min-score", "0", "--json", "-"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        got = json.loads(proc.stdout)[0]["detections"]
+        np.testing.assert_allclose([d["score"] for d in got], want.scores, atol=1e-5)
+        assert [d["label"] for d in got] == [CLASS_NAMES[c] for c in want.classes]
 
 
 def test_decoded_batch_of_one_size_and_bad_arrays(served):

@@ -16,15 +16,15 @@ from PIL import Image
 from edet_deploy import EdetError
 from edet_deploy.detector import Detector
 from edet_deploy.export import export_onnx
-from conftest import assert_same_detections
+from conftest import assert_same_detections, relabelled_graph
 
 pytest.importorskip("tritonclient")
 pytest.importorskip("pytriton")
 
 from edet_deploy.triton.client import TritonDetectorClient  # noqa: E402
 from edet_deploy.backends import DEFAULT_CPU_BACKEND  # noqa: E402
-from edet_deploy.triton.repo import (ENGINE_BACKENDS, build_configs, generate_repository, RepoSpec,  # noqa: E402
-                                     validate_repository)
+from edet_deploy.triton.repo import (ENGINE_BACKENDS, build_configs, generate_repository, load_configs,  # noqa: E402
+                                     RepoSpec, validate_repository)
 from edet_deploy.measure import free_port  # noqa: E402
 from edet_deploy.triton.server import TritonServer  # noqa: E402
 
@@ -42,12 +42,16 @@ def pictures():
     return [encode(rng.integers(0, 255, (*s, 3), dtype=np.uint8), fmt) for s, fmt in zip(shapes, ["JPEG", "PNG", "JPEG"])]
 
 
+CLASS_NAMES = [f"class {i}" for i in range(90)]
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("triton")
     torch.manual_seed(0)
     res = export_onnx("d0", d / "export", image_size=256, dynamic_batch=8)
-    repo = generate_repository(d / "repo", variant="d0", onnx=str(res.onnx_path), max_batch_size=8)
+    named = relabelled_graph(res.onnx_path, d / "named", class_names=CLASS_NAMES)  # labels in the responses
+    repo = generate_repository(d / "repo", variant="d0", onnx=str(named), max_batch_size=8)
     server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=d / "triton.log").start()
     yield server, res.onnx_path
     server.stop()
@@ -83,6 +87,37 @@ def test_http_and_grpc_match_in_process(served, pictures):
         remote += [client.detect([p])[0] for p in pictures]  # and one request each
         client.close()
         _assert_same_as_local(remote, local + local)
+
+
+def test_locked_down_server_labels_come_with_each_response(served, pictures):
+    """The config API is closed (the default): the client learns no class names at construction, and labels
+    each detection from the labels its response carries."""
+    server, _ = served
+    client = TritonDetectorClient(server.grpc_url, "efficientdet_d0", "grpc")
+    assert client.class_names is None
+    dets = client.detect(pictures)
+    client.close()
+    assert all(len(d) for d in dets)
+    assert [[d.label(i) for i in range(len(d))] for d in dets] == \
+        [[CLASS_NAMES[c] for c in d.classes] for d in dets]
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edet_deploy", *argv], capture_output=True, text=True, timeout=300)
+
+
+def test_client_command_url_prefixes_and_unknown_model(served, pictures, tmp_path):
+    server, _ = served
+    image = tmp_path / "a.jpg"
+    image.write_bytes(pictures[0])
+    for url in (f"http://{server.http_url}", f"grpc://{server.grpc_url}"):
+        proc = _cli("client", str(image), "--url", url, "--min-score", "0", "--json", "-")
+        assert proc.returncode == 0, proc.stderr
+        assert len(json.loads(proc.stdout)[0]["detections"]) > 0
+    proc = _cli("client", str(image), "--url", server.http_url, "--model", "efficientdet_d9")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "serves no model 'efficientdet_d9'" in lines[0]
 
 
 def test_concurrent_clients(served, pictures):
@@ -280,3 +315,61 @@ def test_committed_repository_is_what_the_generator_writes(tmp_path):
                            if p.is_file() and p.suffix in (".pbtxt", ".py", ".json"))
     for name in names:
         assert (fresh / name).read_text() == (committed / name).read_text(), name
+
+
+def _one_line_error(argv, capsys) -> tuple:
+    from edet_deploy.cli import main
+
+    rc = main(argv)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith(("INFO ", "WARNING "))]
+    return rc, lines
+
+
+def _engine_params(repo: Path, name: str = "efficientdet_d0_engine") -> dict:
+    return {k: v.string_value for k, v in load_configs(repo)[name].parameters.items()}
+
+
+def test_triton_repo_takes_variant_and_precision_from_the_graph(served, tmp_path, capsys):
+    from edet_deploy.cli import main
+
+    _, onnx_path = served
+    int8 = relabelled_graph(onnx_path, tmp_path / "int8", precision="int8")
+    assert main(["triton-repo", "--onnx", str(int8), "--no-copy", "--out", str(tmp_path / "r_int8")]) == 0
+    assert _engine_params(tmp_path / "r_int8")["precision"] == "int8"
+    d2 = relabelled_graph(onnx_path, tmp_path / "d2", variant="d2")
+    assert main(["triton-repo", "--onnx", str(d2), "--no-copy", "--out", str(tmp_path / "r_d2")]) == 0
+    assert "efficientdet_d2" in load_configs(tmp_path / "r_d2")
+    # Stated flags that agree with the graph are accepted; bf16 runs an fp32 graph in bfloat16.
+    assert main(["triton-repo", "--onnx", str(d2), "--model", "efficientdet-d2", "--precision", "fp32", "--no-copy",
+                 "--out", str(tmp_path / "r_d2b")]) == 0
+    assert main(["triton-repo", "--onnx", str(onnx_path), "--precision", "bf16", "--engine-backend", "openvino",
+                 "--no-copy", "--out", str(tmp_path / "r_bf16")]) == 0
+    assert _engine_params(tmp_path / "r_bf16")["precision"] == "bf16"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("graph_says,flags,message", [
+    ({"precision": "fp16"}, ["--precision", "int8"], "is fp16, not int8"),
+    ({"precision": "int8"}, ["--precision", "bf16", "--engine-backend", "openvino"], "is int8, not bf16"),
+    ({"variant": "d2"}, ["--model", "d0"], "holds d2, not d0"),
+])
+def test_triton_repo_refuses_flags_that_contradict_the_graph(served, tmp_path, capsys, graph_says, flags, message):
+    _, onnx_path = served
+    graph = relabelled_graph(onnx_path, tmp_path / "g", **graph_says)
+    rc, lines = _one_line_error(["triton-repo", "--onnx", str(graph), *flags, "--out", str(tmp_path / "r")], capsys)
+    assert rc == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "r").exists()
+
+
+def test_serve_refuses_a_repository_without_its_graph(served, tmp_path):
+    """A repository written without the graph (as the committed model_repository is before `make repo`): one
+    line naming the missing file and the command that writes it, before any server starts."""
+    _, onnx_path = served
+    repo = generate_repository(tmp_path / "model_repository", variant="d0", onnx=str(onnx_path), copy_artifact=False)
+    proc = _cli("serve", "--repo", str(repo), "--http-port", str(free_port()), "--grpc-port", str(free_port()),
+                "--metrics-port", str(free_port()))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr  # no "starting tritonserver" either
+    missing = repo / "efficientdet_d0_engine" / "1" / "model.onnx"
+    assert f"{missing} is missing: run `make repo` or `edet-deploy triton-repo --out {repo} --onnx GRAPH`" in lines[0]
+    assert str(repo) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout

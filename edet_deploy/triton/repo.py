@@ -31,7 +31,6 @@ for _p in reversed(os.environ.get("EDET_DEPLOY_SYS_PATH", "").split(os.pathsep))
 
 from edet_deploy.triton.models.{module} import TritonPythonModel  # noqa: E402,F401
 '''
-ENSEMBLE_INPUT = "IMAGE"
 ENGINE_BACKENDS = ("openvino", "onnxruntime")  # CPU engine runners; each has models/engine_<backend>.py
 DET_OUTPUTS = contract.OUTPUTS
 # Ensemble inputs: "encoded" = JPEG/PNG bytes (BYTES [1]); "decoded" = an RGB image the client already decoded
@@ -99,15 +98,15 @@ def _output(pb, name: str, dtype: str, dims: List[int]):
     return pb.ModelOutput(name=name, data_type=getattr(pb, f"TYPE_{dtype}"), dims=dims)
 
 
-def _det_outputs(pb, k: int, prefix: str = "", make=_output) -> list:
+def _det_outputs(pb, k: int, rename=lambda name: name, make=_output) -> list:
     # Triton dims leave out the batch dimension (max_batch_size > 0).
-    return [make(pb, prefix + s.name, s.triton_type, list(s.shape(0, k))[1:]) for s in contract.OUTPUT_SPECS]
+    return [make(pb, rename(s.name), s.triton_type, list(s.shape(0, k))[1:]) for s in contract.OUTPUT_SPECS]
 
 
 def _image_input(pb, input_format: str):
     if input_format == "encoded":
-        return _tensor(pb, ENSEMBLE_INPUT, "STRING", [1])
-    return _tensor(pb, ENSEMBLE_INPUT, "UINT8", [-1, -1, 3])
+        return _tensor(pb, contract.IMAGE, "STRING", [1])
+    return _tensor(pb, contract.IMAGE, "UINT8", [-1, -1, 3])
 
 
 def build_configs(spec: RepoSpec) -> Dict[str, object]:
@@ -130,8 +129,8 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
         return pb.ModelConfig(
             name=spec.preprocess_name(input_format), backend="python", max_batch_size=mb,
             input=[_image_input(pb, input_format)],
-            output=[_output(pb, "images", "UINT8", [s, s, 3]), _output(pb, "scale", "FP32", [1]),
-                    _output(pb, "orig_size", "INT32", [2])],
+            output=[_output(pb, contract.INPUT_NAME, "UINT8", [s, s, 3]), _output(pb, contract.SCALE, "FP32", [1]),
+                    _output(pb, contract.ORIG_SIZE, "INT32", [2])],
             instance_group=[pb.ModelInstanceGroup(count=spec.preprocess_instances, kind=cpu)],
             dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.stage_queue_delay_us),
             parameters=params({"image_size": s, "input_format": input_format}))
@@ -161,27 +160,28 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
             engine.parameters[key].CopyFrom(value)
     post_out = _det_outputs(pb, k)
     if spec.class_names:
-        post_out.append(_output(pb, "detection_labels", "STRING", [k]))
+        post_out.append(_output(pb, contract.DETECTION_LABELS, "STRING", [k]))
     post = pb.ModelConfig(
         name=names["post"], backend="python", max_batch_size=mb,
-        input=[*_det_outputs(pb, k, "raw_", _tensor),
-               _tensor(pb, "scale", "FP32", [1]), _tensor(pb, "orig_size", "INT32", [2])],
+        input=[*_det_outputs(pb, k, contract.raw_output_name, _tensor),
+               _tensor(pb, contract.SCALE, "FP32", [1]), _tensor(pb, contract.ORIG_SIZE, "INT32", [2])],
         output=post_out, instance_group=[pb.ModelInstanceGroup(count=spec.postprocess_instances, kind=cpu)],
         dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.stage_queue_delay_us),
-        parameters=params({"class_names": json.dumps(spec.class_names)}))
+        parameters=params({contract.CLASS_NAMES_PARAMETER: json.dumps(spec.class_names)}))
 
     Step = pb.ModelEnsembling.Step
     configs: Dict[str, object] = {}
     for input_format in spec.input_formats:
         pre = preprocess(input_format)
         steps = [
-            Step(model_name=pre.name, model_version=-1, input_map={ENSEMBLE_INPUT: ENSEMBLE_INPUT},
-                 output_map={"images": "preprocessed_images", "scale": "scale", "orig_size": "orig_size"}),
+            Step(model_name=pre.name, model_version=-1, input_map={contract.IMAGE: contract.IMAGE},
+                 output_map={contract.INPUT_NAME: "preprocessed_images", contract.SCALE: contract.SCALE,
+                             contract.ORIG_SIZE: contract.ORIG_SIZE}),
             Step(model_name=names["engine"], model_version=-1, input_map={contract.INPUT_NAME: "preprocessed_images"},
-                 output_map={o: f"raw_{o}" for o in DET_OUTPUTS}),
+                 output_map={o: contract.raw_output_name(o) for o in DET_OUTPUTS}),
             Step(model_name=names["post"], model_version=-1,
-                 input_map={**{f"raw_{o}": f"raw_{o}" for o in DET_OUTPUTS}, "scale": "scale",
-                            "orig_size": "orig_size"},
+                 input_map={**{raw: raw for raw in map(contract.raw_output_name, DET_OUTPUTS)},
+                            contract.SCALE: contract.SCALE, contract.ORIG_SIZE: contract.ORIG_SIZE},
                  output_map={o.name: o.name for o in post_out}),
         ]
         name = spec.ensemble_name(input_format)
@@ -189,7 +189,8 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
                                        input=[_image_input(pb, input_format)],
                                        output=[_output(pb, o.name, pb.DataType.Name(o.data_type)[5:], list(o.dims))
                                                for o in post_out],
-                                       ensemble_scheduling=pb.ModelEnsembling(step=steps))
+                                       ensemble_scheduling=pb.ModelEnsembling(step=steps),
+                                       parameters=post.parameters)
         configs[pre.name] = pre
     configs[names["engine"]] = engine
     configs[names["post"]] = post
@@ -235,9 +236,21 @@ def foreign_entries(repo: str | Path) -> List[str]:
     return found
 
 
+def engine_artifacts(repo: str | Path) -> List[Path]:
+    """The graph or plan each engine model of `repo` loads (present or not)."""
+    paths = []
+    for name, cfg in load_configs(repo).items():
+        if cfg.platform == "tensorrt_plan":
+            paths.append(Path(repo) / name / "1" / (cfg.default_model_filename or "model.plan"))
+        elif "onnx_file" in cfg.parameters:
+            paths.append(Path(repo) / name / "1" / cfg.parameters["onnx_file"].string_value)
+    return paths
+
+
 def verify_served_repository(repo: str | Path, force: bool = False) -> None:
-    """Before serving: every model is one we generated (unless `force`) and every graph/engine matches the
-    checksum in its metadata (always)."""
+    """Before serving: every model is one we generated (unless `force`), every engine's graph or plan is there
+    (a repository written with --no-copy, or the committed model_repository before `make repo`, has none)
+    and matches the checksum in its metadata (always)."""
     from ..metadata import read_metadata
 
     repo = Path(repo)
@@ -246,6 +259,11 @@ def verify_served_repository(repo: str | Path, force: bool = False) -> None:
         if foreign:
             raise EdetError(f"{repo} holds what edet-deploy did not generate: {', '.join(foreign[:5])}"
                             f"{' ...' if len(foreign) > 5 else ''}; regenerate it or pass --force to serve it anyway")
+    for artifact in engine_artifacts(repo):
+        if not artifact.is_file():
+            source = "--target gpu --engine PLAN" if artifact.suffix == ".plan" else "--onnx GRAPH"
+            make = "`make repo` or " if repo.resolve().name == "model_repository" else ""
+            raise EdetError(f"{artifact} is missing: run {make}`edet-deploy triton-repo --out {repo} {source}`")
     for artifact in sorted([*repo.glob("*/1/model.onnx"), *repo.glob("*/1/model.plan")]):
         if artifact.with_suffix(".json").is_file():
             read_metadata(artifact)  # verifies the checksum
@@ -263,8 +281,26 @@ def check_graph_file(path: str | Path) -> None:
         raise EdetError(f"{path} is not an edet-deploy detection graph (inputs {[i.name for i in proto.graph.input]})")
 
 
-def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = None, engine: Optional[str] = None,
-                        precision: str = "fp32", target: str = "cpu", max_batch_size: int = 8,
+def graph_variant_and_precision(meta: Dict, artifact: str | Path, variant: Optional[str] = None,
+                                precision: Optional[str] = None) -> Tuple[str, str]:
+    """The repository's variant and precision: the graph's (its metadata JSON). A stated `variant` or
+    `precision` (None: the graph's) that contradicts the graph is refused; `bf16` is the FP32 graph run in
+    bfloat16 by the OpenVINO engine, so it goes with an fp32 graph."""
+    from ..configs import canonical_name
+
+    held, held_precision = meta.get("variant"), meta.get("precision", "fp32")
+    if variant is not None and canonical_name(variant) != held:
+        raise EdetError(f"{artifact} holds {held}, not {variant}: leave out --model (the graph's is used) or give "
+                        f"the {variant} graph")
+    if precision not in (None, held_precision) and (precision, held_precision) != ("bf16", "fp32"):
+        raise EdetError(f"{artifact} is {held_precision}, not {precision}: leave out --precision (the "
+                        f"graph's is used){' or pass bf16' if held_precision == 'fp32' else ''}")
+    return held, precision or held_precision
+
+
+def generate_repository(out: str | Path, *, variant: Optional[str] = None, onnx: Optional[str] = None,
+                        engine: Optional[str] = None, precision: Optional[str] = None, target: str = "cpu",
+                        max_batch_size: int = 8,
                         copy_artifact: bool = True, engine_backend: Optional[str] = None, force: bool = False,
                         tensorrt_version: Optional[str] = None, tuning_images: Optional[Sequence[bytes]] = None,
                         **spec_kwargs) -> Path:
@@ -274,7 +310,8 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
     target Triton image), else the installed one. `copy_artifact=False` writes configs and shims only. Beside
     the models: perf_analyzer input data per ensemble (from `tuning_images`, encoded images; default:
     generated scenes) and a Model Analyzer config. The artifact is verified (loads, matches its sidecar); an
-    `out` holding models or files edet-deploy did not generate is refused unless `force`."""
+    `out` holding models or files edet-deploy did not generate is refused unless `force`. `variant` and
+    `precision` default to the artifact's (its metadata JSON); stated ones must agree with it."""
     from ..backends import DEFAULT_CPU_BACKEND
     from ..io import sha256_file
     from ..metadata import CHECKSUM_KEYS, ArtifactMetadata, read_metadata, sidecar_path, write_metadata
@@ -287,8 +324,6 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
     if target == "cpu" and engine_backend not in ENGINE_BACKENDS:
         raise EdetError(f"unknown CPU engine backend {engine_backend!r}; "
                         f"choose one of {', '.join(ENGINE_BACKENDS)}")
-    if precision == "bf16" and (target != "cpu" or engine_backend != "openvino"):
-        raise EdetError("--precision bf16 is the OpenVINO CPU engine's: --target cpu --engine-backend openvino")
     artifact = engine if target == "gpu" else onnx
     if target == "gpu" and not engine:
         raise EdetError("--target gpu needs --engine model.plan (built with `edet-deploy build`)")
@@ -301,6 +336,9 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
     if copy_artifact and not Path(artifact).is_file():
         raise EdetError(f"{artifact} not found")
     meta = read_metadata(artifact)  # verifies the artifact against its sidecar's checksum
+    variant, precision = graph_variant_and_precision(meta, artifact, variant, precision)
+    if precision == "bf16" and (target != "cpu" or engine_backend != "openvino"):
+        raise EdetError("--precision bf16 is the OpenVINO CPU engine's: --target cpu --engine-backend openvino")
     if copy_artifact and target == "cpu":
         check_graph_file(artifact)
     out = Path(out)
@@ -311,8 +349,6 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
         if foreign:
             raise EdetError(f"{out} holds what edet-deploy did not generate ({', '.join(foreign[:5])}"
                             f"{' ...' if len(foreign) > 5 else ''}); choose an empty --out or pass --force")
-    if meta.get("variant") != variant:
-        raise EdetError(f"{artifact} holds {meta.get('variant')}, not {variant}")
     if not meta.get("nms"):
         raise EdetError(f"{artifact} has no soft-NMS outputs (exported with --nms none)")
     batch = meta.get("batch", {})
@@ -365,23 +401,22 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
     return out
 
 
-def generate_repository_from_model(out: str | Path, *, model: str, weights: Optional[str] = None,
+def generate_repository_from_model(out: str | Path, *, model: Optional[str] = None, weights: Optional[str] = None,
                                    onnx: Optional[str] = None, target: str = "cpu", max_batch_size: int = 8,
                                    **kwargs) -> Path:
     """`generate_repository` for `edet-deploy triton-repo`: a CPU target without a graph first exports `model`
-    (with `weights`) into a hidden temporary folder, which goes away since the repository keeps its own copy."""
+    (default d0, with `weights`) into a hidden temporary folder, which goes away since the repository keeps its
+    own copy. With a graph or plan, `model` None means the artifact's."""
     import tempfile
-
-    from ..configs import canonical_name
 
     with tempfile.TemporaryDirectory(prefix="edet-triton-export-") as tmp:
         if target == "cpu" and not onnx:
             if max_batch_size < 1:
                 raise EdetError("--max-batch must be >= 1")
             from ..export import export_onnx
-            onnx = str(export_onnx(model, tmp, weights=weights, dynamic_batch=max_batch_size).onnx_path)
-        return generate_repository(out, variant=canonical_name(model), onnx=onnx, target=target,
-                                   max_batch_size=max_batch_size, **kwargs)
+            onnx = str(export_onnx(model or "d0", tmp, weights=weights, dynamic_batch=max_batch_size).onnx_path)
+        return generate_repository(out, variant=model, onnx=onnx, target=target, max_batch_size=max_batch_size,
+                                   **kwargs)
 
 
 def perf_input_path(repo: str | Path, ensemble: str) -> Path:
@@ -418,7 +453,7 @@ def perf_input_data(input_format: str, images: Sequence[bytes]) -> Dict:
         else:
             img = decode_image(blob)
             raw, shape = img.tobytes(), list(img.shape)
-        data.append({ENSEMBLE_INPUT: {"content": {"b64": base64.b64encode(raw).decode()}, "shape": shape}})
+        data.append({contract.IMAGE: {"content": {"b64": base64.b64encode(raw).decode()}, "shape": shape}})
     return {"data": data}
 
 

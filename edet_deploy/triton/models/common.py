@@ -6,6 +6,8 @@ from typing import Dict
 
 import numpy as np
 
+from edet_deploy.contract import INPUT_NAME
+
 
 def parameters(args: Dict) -> Dict[str, str]:
     config = json.loads(args["model_config"])
@@ -49,7 +51,7 @@ class EngineModel:
 
         batches, counts = [], []
         for request in requests:
-            images = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()
+            images = pb_utils.get_input_tensor_by_name(request, INPUT_NAME).as_numpy()
             batches.append(images)
             counts.append(len(images))
         try:

@@ -6,14 +6,15 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from edet_deploy.contract import DETECTION_BOXES, DETECTION_CLASSES, DETECTION_SCORES, NUM_DETECTIONS
+from edet_deploy.contract import (CLASS_NAMES_PARAMETER, DETECTION_BOXES, DETECTION_CLASSES, DETECTION_LABELS,
+                                  DETECTION_SCORES, NUM_DETECTIONS, ORIG_SIZE, SCALE, raw_output_name)
 from edet_deploy.postprocess import to_original_pixels
 from edet_deploy.triton.models.common import error_response, parameters
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        names = json.loads(parameters(args).get("class_names", "[]"))
+        names = json.loads(parameters(args).get(CLASS_NAMES_PARAMETER, "[]"))
         self.names = np.asarray([n.encode() for n in names] or [b""], dtype=object)
         self.with_labels = bool(names)
 
@@ -22,19 +23,19 @@ class TritonPythonModel:
         for request in requests:
             try:
                 get = lambda name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()  # noqa: E731
-                num = get(f"raw_{NUM_DETECTIONS}")
-                classes = get(f"raw_{DETECTION_CLASSES}")
-                boxes = to_original_pixels(get(f"raw_{DETECTION_BOXES}"), get("scale").reshape(-1),
-                                           get("orig_size"))
+                num = get(raw_output_name(NUM_DETECTIONS))
+                classes = get(raw_output_name(DETECTION_CLASSES))
+                boxes = to_original_pixels(get(raw_output_name(DETECTION_BOXES)), get(SCALE).reshape(-1),
+                                           get(ORIG_SIZE))
                 out = [pb_utils.Tensor(NUM_DETECTIONS, num.astype(np.int32)),
                        pb_utils.Tensor(DETECTION_BOXES, boxes),
-                       pb_utils.Tensor(DETECTION_SCORES, get(f"raw_{DETECTION_SCORES}").astype(np.float32)),
+                       pb_utils.Tensor(DETECTION_SCORES, get(raw_output_name(DETECTION_SCORES)).astype(np.float32)),
                        pb_utils.Tensor(DETECTION_CLASSES, classes.astype(np.int32))]
                 if self.with_labels:
                     idx = np.clip(classes, 0, len(self.names) - 1)
                     labels = self.names[idx]
                     labels[np.arange(classes.shape[1])[None, :] >= num.reshape(-1, 1)] = b""
-                    out.append(pb_utils.Tensor("detection_labels", labels.astype(object)))
+                    out.append(pb_utils.Tensor(DETECTION_LABELS, labels.astype(object)))
                 responses.append(pb_utils.InferenceResponse(output_tensors=out))
             except Exception as e:  # noqa: BLE001
                 responses.append(error_response(pb_utils, f"postprocessing failed: {type(e).__name__}: {e}"))

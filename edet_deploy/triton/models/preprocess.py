@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from edet_deploy.contract import IMAGE, INPUT_NAME, ORIG_SIZE, SCALE
 from edet_deploy.errors import EdetError
 from edet_deploy.preprocess import (MAX_ENCODED_BYTES, MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, check_request_pixels,
                                    decode_image, letterbox, open_image, to_rgb)
@@ -25,13 +26,13 @@ class TritonPythonModel:
     def _decoded(self, tensor: np.ndarray) -> list:
         """A batch of same-sized RGB images [B, H, W, 3], budgets checked on the shape alone."""
         if tensor.ndim != 4 or tensor.shape[-1] != 3:
-            raise EdetError(f"IMAGE must be uint8 [B, H, W, 3], got {list(tensor.shape)}")
+            raise EdetError(f"{IMAGE} must be uint8 [B, H, W, 3], got {list(tensor.shape)}")
         b, h, w, _ = tensor.shape
         if h * w > self.max_pixels:
-            raise EdetError(f"IMAGE: {h}x{w} is too large (limit {self.max_pixels} pixels per image)")
+            raise EdetError(f"{IMAGE}: {h}x{w} is too large (limit {self.max_pixels} pixels per image)")
         if b * h * w > self.max_request_pixels:
             raise EdetError(f"request too large: {b * h * w} pixels; the limit is {self.max_request_pixels}")
-        return [decode_image(item, self.max_pixels, name=f"IMAGE[{i}]") for i, item in enumerate(tensor)]
+        return [decode_image(item, self.max_pixels, name=f"{IMAGE}[{i}]") for i, item in enumerate(tensor)]
 
     def _encoded(self, tensor: np.ndarray) -> list:
         blobs = [as_bytes(b) for b in tensor.reshape(-1)]
@@ -39,15 +40,15 @@ class TritonPythonModel:
         if total > self.max_request_bytes:
             raise EdetError(f"request too large: {total} bytes of images; the limit is {self.max_request_bytes}")
         # Every header first: the request's pixel budget is checked before anything is decoded.
-        opened = [open_image(b, self.max_pixels, name=f"IMAGE[{i}]") for i, b in enumerate(blobs)]
+        opened = [open_image(b, self.max_pixels, name=f"{IMAGE}[{i}]") for i, b in enumerate(blobs)]
         check_request_pixels(opened, self.max_request_pixels)
-        return [to_rgb(pil, f"IMAGE[{i}]") for i, pil in enumerate(opened)]
+        return [to_rgb(pil, f"{IMAGE}[{i}]") for i, pil in enumerate(opened)]
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
+                tensor = pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy()
                 images, scales, sizes = [], [], []
                 for img in (self._decoded(tensor) if self.decoded else self._encoded(tensor)):
                     boxed, scale = letterbox(img, self.size)
@@ -55,9 +56,9 @@ class TritonPythonModel:
                     scales.append([scale])
                     sizes.append(img.shape[:2])
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("images", np.stack(images)),
-                    pb_utils.Tensor("scale", np.asarray(scales, np.float32)),
-                    pb_utils.Tensor("orig_size", np.asarray(sizes, np.int32))]))
+                    pb_utils.Tensor(INPUT_NAME, np.stack(images)),
+                    pb_utils.Tensor(SCALE, np.asarray(scales, np.float32)),
+                    pb_utils.Tensor(ORIG_SIZE, np.asarray(sizes, np.int32))]))
             except EdetError as e:
                 responses.append(error_response(pb_utils, str(e)))
             except Exception as e:  # noqa: BLE001 - never let one request kill the stub
