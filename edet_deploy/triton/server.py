@@ -3,6 +3,7 @@ Python backend, run on CPU. Bound to 127.0.0.1 unless told otherwise."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import signal
@@ -41,8 +42,10 @@ def find_triton() -> TritonPaths:
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not binary.is_file() or not stub.is_file():
         raise EdetError(f"nvidia-pytriton at {root} lacks tritonserver or the Python {version} backend stub")
-    # Triton expects <backend-dir>/python/{libtriton_python.so, triton_python_backend_utils.py, stub}.
-    backends = cache_dir() / f"triton-backends-{version}"
+    # Triton expects <backend-dir>/python/{libtriton_python.so, triton_python_backend_utils.py, stub}. One
+    # directory per install: two clones (two venvs) on one machine must not relink each other's stubs.
+    install = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
+    backends = cache_dir() / f"triton-backends-{version}-{install}"
     python_dir = backends / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     for src in [*(root / "backends" / "python").iterdir(), stub]:
