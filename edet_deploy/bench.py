@@ -76,6 +76,11 @@ class Result:
     iterations: int = 0
     # The paper's COCO AP of the FP32 architecture: only FP32 rows carry it (no FP16/INT8 COCO AP is measured here).
     published_coco_ap: Optional[float] = None
+    # Measured with `bench --data`: COCO mAP@[.5:.95] and AP50 (pycocotools) of the runner that was timed, on
+    # `eval_images` images of the given split.
+    map: Optional[float] = None
+    ap50: Optional[float] = None
+    eval_images: Optional[int] = None
     # Precision census of the graph that ran: share of multiply-adds in int8 / fp16 / fp32 (precision/census.py).
     census_int8: Optional[float] = None
     census_fp16: Optional[float] = None
@@ -86,7 +91,7 @@ class Result:
     under_load: bool = False
 
 
-MEASUREMENTS = {f.name for f in fields(Result) if f.name.endswith(("_ms", "_img_s", "_mb"))}
+MEASUREMENTS = {f.name for f in fields(Result) if f.name.endswith(("_ms", "_img_s", "_mb"))} | {"map", "ap50"}
 
 
 def time_loop(fn: Callable[[int], None], warmup: int, iters: int, seconds: Optional[float]) -> List[float]:
@@ -117,26 +122,50 @@ def _encoded_pool(n: int, seed: int = 0) -> List[bytes]:
     return pool
 
 
+@dataclass(frozen=True)
+class Accuracy:
+    """What `bench --data` measures accuracy on: a COCO-format split, and the weights that make the numbers
+    mean something (random weights score 0). INT8 twins are then calibrated as `calibrate` does by default
+    (entropy, on `calib_images` of the dataset's calib split, else train) instead of the latency-only min-max."""
+    data: Path
+    split: str = "val"
+    eval_images: Optional[int] = None  # None: the whole split
+    calib_images: int = 100
+
+
 class Bench:
     def __init__(self, out: Path, threads: Optional[int] = None, warmup: int = 3, iters: int = 20,
-                 seconds: Optional[float] = None, calib_images: int = 4, pool: int = 4):
+                 seconds: Optional[float] = None, calib_images: int = 4, pool: int = 4,
+                 weights: Optional[str] = None, accuracy: Optional[Accuracy] = None):
         self.out, self.threads, self.warmup, self.iters, self.seconds = out, threads, warmup, iters, seconds
         self.calib_images, self.pool_size = calib_images, pool
+        self.weights, self.accuracy = weights, accuracy
         self._encoded: Optional[List[bytes]] = None
         self._calib_dir: Optional[Path] = None
+        self._dataset = None
         if threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
     # -- artifacts ------------------------------------------------------------------------------------------
     def graph(self, model: str, precision: str, max_batch: int) -> Path:
-        """The graph for one combination, made once per output folder. Latency does not depend on the
-        calibration's quality: INT8 is a quick min-max calibration on a few images (accuracy per calibration
-        method is benchmarks/precision_accuracy.py's job)."""
+        """The graph for one combination, made once per output folder and weights. Latency does not depend on
+        the calibration's quality: without `accuracy`, INT8 is a quick min-max calibration on a few images."""
         from .precision.convert import graph_for
 
-        return graph_for(model, precision, self.out / "graphs" / model, dynamic_batch=max(8, max_batch),
+        folder = self.out / "graphs" / (f"{model}-{Path(self.weights).stem}" if self.weights else model)
+        if self.accuracy is not None:
+            return graph_for(model, precision, folder, weights=self.weights, dynamic_batch=max(8, max_batch),
+                             data=self.accuracy.data if precision in ("int8", "fp16") else None,
+                             num_images=self.accuracy.calib_images, method="entropy")
+        return graph_for(model, precision, folder, weights=self.weights, dynamic_batch=max(8, max_batch),
                          data=self.calibration_data() if precision == "int8" else None,
                          num_images=self.calib_images, method="minmax")
+
+    def dataset(self):
+        if self._dataset is None:
+            from .data import CocoDataset
+            self._dataset = CocoDataset(self.accuracy.data, self.accuracy.split)
+        return self._dataset
 
     def cpu_graph(self, model: str, backend: str, precision: str, max_batch: int) -> Tuple[Path, Dict]:
         """The graph and runner options of an onnxruntime / openvino combination. bf16 is a runtime setting on
@@ -227,7 +256,7 @@ class Bench:
             import torch
             torch.manual_seed(0)
             t = time.perf_counter()
-            runner = create_runner("torch", model_name=model, threads=self.threads)
+            runner = create_runner("torch", model_name=model, weights=self.weights, threads=self.threads)
         elif backend in ("onnxruntime", "openvino"):
             graph, options = self.cpu_graph(model, backend, precision, max_batch)
             if precision != "bf16":  # a bf16 run is not described by the FP32 graph's types
@@ -266,7 +295,15 @@ class Bench:
         r.pipeline_p50_ms, r.pipeline_p90_ms, r.pipeline_p99_ms, r.pipeline_mean_ms = (
             round(q[k], 3) for k in ("p50", "p90", "p99", "mean"))
         r.pipeline_throughput_img_s = round(batch * 1000.0 / q["mean"], 2)
+        if self.accuracy is not None and batch == 1:  # accuracy does not depend on the batch: measured once
+            self._evaluate(r, det)
         runner.close()
+
+    def _evaluate(self, r: Result, det) -> None:
+        """mAP of the very runner that was timed (after the timing, so it costs none of it)."""
+        from .eval import evaluate
+        rep = evaluate(det, self.dataset(), self.accuracy.eval_images, progress=False)
+        r.map, r.ap50, r.eval_images = rep["stats"]["AP"], rep["stats"]["AP50"], rep["images"]
 
 
 def sweep_options(backends: str, precisions: str, batches: str | Sequence[int]) -> Tuple[List[str], List[str], List[int]]:
@@ -288,12 +325,21 @@ def sweep_options(backends: str, precisions: str, batches: str | Sequence[int]) 
 
 def run_bench(models: Sequence[str], backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int],
               out: str | Path, threads: Optional[int] = None, warmup: int = 3, iters: int = 20,
-              seconds: Optional[float] = None, progress: bool = True) -> Dict:
+              seconds: Optional[float] = None, progress: bool = True, weights: Optional[str] = None,
+              accuracy: Optional[Accuracy] = None) -> Dict:
+    """Time every combination (and with `accuracy`, measure its mAP); reports are rewritten after each one."""
     from tqdm import tqdm
 
+    if weights is not None and len(models) != 1:
+        raise EdetError("--weights fit one variant: bench a single --models entry with them")
+    if accuracy is not None:
+        if weights is None:
+            raise EdetError("--data measures accuracy, which needs trained --weights (random weights score 0)")
+        from .data import CocoDataset
+        CocoDataset(accuracy.data, accuracy.split)  # a missing split is refused before the sweep starts
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(out, threads, warmup, iters, seconds)
+    bench = Bench(out, threads, warmup, iters, seconds, weights=weights, accuracy=accuracy)
     combos = [(m, b, p, n) for m in models for b in backends for p in precisions for n in batches]
     results: List[Result] = []
     report: Dict = {"machine": machine_info(threads), "results": []}
@@ -305,7 +351,7 @@ def run_bench(models: Sequence[str], backends: Sequence[str], precisions: Sequen
             tqdm.write(f"{m} {b} {p} b{n}: {r.status}: {r.reason}")
         else:
             tqdm.write(f"{m} {b} {p} b{n}: p50 {r.model_p50_ms:.1f} ms, pipeline p50 {r.pipeline_p50_ms:.1f} ms, "
-                       f"{r.throughput_img_s:.1f} img/s")
+                       f"{r.throughput_img_s:.1f} img/s" + ("" if r.map is None else f", mAP {r.map:.4f}"))
             if r.under_load:
                 logger.warning("%s %s %s b%d was measured under load (CPU pressure %.0f%% of its time): compare "
                                "it only with rows measured alike, or rerun on a quiet machine", m, b, p, n,
@@ -313,7 +359,8 @@ def run_bench(models: Sequence[str], backends: Sequence[str], precisions: Sequen
         results.append(r)
         report = {"machine": machine_info(threads),
                   "settings": {"warmup": warmup, "iters": iters, "seconds": seconds,
-                               "weights": "random init (latency does not depend on them)"},
+                               "weights": weights or "random init (latency does not depend on them)",
+                               "accuracy": None if accuracy is None else {**asdict(accuracy), "data": str(accuracy.data)}},
                   "results": [asdict(x) for x in results]}
         write_reports(report, out, plots=False)  # after every run: a crash keeps what was measured
     write_reports(report, out)

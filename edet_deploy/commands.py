@@ -451,16 +451,27 @@ def _bench(p: argparse.ArgumentParser):
     p.add_argument("--quick", action="store_true", help="1 warm-up, 5 iterations: a smoke run")
     p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores)")
     p.add_argument("--out", default="build/bench")
+    acc = p.add_argument_group("accuracy beside latency (Ultralytics' benchmark does the same)")
+    acc.add_argument("--weights", help="trained weights for the one variant in --models (default: random init, "
+                                       "which is enough for latency)")
+    acc.add_argument("--data", help="COCO-format dataset: also measure each row's COCO mAP (pycocotools) with the "
+                                    "runner that was timed; INT8 is then calibrated on its calib split (entropy)")
+    acc.add_argument("--split", default="val", help="the split --data is scored on")
+    acc.add_argument("--eval-images", type=COUNT, help="score the first N images of the split (default: all)")
+    acc.add_argument("--calib-images", type=COUNT, default=100, help="--data: INT8 calibration images")
     progress = ProgressArgs()
     progress.add_to(p)
 
     def run(args) -> int:
-        from .bench import run_bench, sweep_options
+        from .bench import Accuracy, run_bench, sweep_options
         from .configs import parse_model_list
         warmup, iters = (1, 5) if args.quick else (args.warmup, args.iters)
         backends, precisions, batches = sweep_options(args.backends, args.precisions, args.batch)
+        accuracy = None if not args.data else Accuracy(Path(args.data), args.split, args.eval_images,
+                                                         args.calib_images)
         report = run_bench(parse_model_list(args.models), backends, precisions, batches, args.out, args.threads,
-                           warmup, iters, args.seconds, progress.build(args))
+                           warmup, iters, args.seconds, progress.build(args), weights=args.weights,
+                           accuracy=accuracy)
         ok = sum(r["status"] == "ok" for r in report["results"])
         if not ok:
             raise EdetRuntimeError(f"nothing was measured: all {len(report['results'])} combination(s) skipped or "

@@ -94,21 +94,29 @@ def markdown_table(report: Dict) -> str:
              "Census: share of the graph's multiply-adds in int8 / fp16 / fp32 under TensorRT's strong typing "
              "(read from the graph's types; torch rows run FP32 eager).\n",
              "CPU PSI: share of the row's wall time during which some task waited for a CPU (Linux pressure "
-             "stall information); rows marked **loaded** were measured on a busy machine.\n",
-             "| model | backend | precision | batch | model p50 | p90 | p99 | pipeline p50 | img/s | load ms | "
-             "first inf. | peak RSS MB | census int8/fp16/fp32 | CPU PSI % |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "stall information); rows marked **loaded** were measured on a busy machine.\n"]
+    header = ("| model | backend | precision | batch | model p50 | p90 | p99 | pipeline p50 | img/s | load ms | "
+              "first inf. | peak RSS MB | census int8/fp16/fp32 | CPU PSI % |")
+    rule = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+    accuracy = any(r.get("map") is not None for r in report["results"])
+    if accuracy:  # measured with --data: the runner that was timed, scored by pycocotools
+        acc = (report.get("settings") or {}).get("accuracy") or {}
+        lines.append(f"mAP / AP50: COCO metrics (pycocotools) of the row's own runner on {acc.get('data', '--data')} "
+                     f"({acc.get('split', 'val')} split, {acc.get('eval_images') or 'all'} images); batch-1 rows.\n")
+        header, rule = header + " mAP | AP50 |", rule + "---:|---:|"
+    lines += [header, rule]
     for r in report["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | "
-                         f"{r['status']}: {r['reason']} ||||||||| ")
+                         f"{r['status']}: {r['reason']} ||||||||| " + ("|| " if accuracy else ""))
             continue
         cells = [_num(r, k, d) for k, d in (("model_p50_ms", 1), ("model_p90_ms", 1), ("model_p99_ms", 1),
                                              ("pipeline_p50_ms", 1), ("throughput_img_s", 2), ("load_ms", 0),
                                              ("first_inference_ms", 0), ("peak_rss_mb", 0))]
         psi = _num(r, "cpu_pressure_pct", 0) + (" **loaded**" if r.get("under_load") else "")
         lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | {' | '.join(cells)} | "
-                     f"{_census_cell(r)} | {psi} |")
+                     f"{_census_cell(r)} | {psi} |" + (f" {_num(r, 'map', 4)} | {_num(r, 'ap50', 4)} |"
+                                                       if accuracy else ""))
     for title, pairs in RATIOS:
         ratios = speedups(report, *pairs)
         if ratios:
@@ -178,9 +186,9 @@ def plot_latency(report: Dict, path: Path) -> None:
 
 
 def plot_accuracy_latency(report: Dict, path: Path) -> None:
-    """In the style of the EfficientDet paper's figure: published COCO AP against measured latency. Only FP32
-    rows are plotted: the published AP is the FP32 model's, and FP16/INT8 COCO AP is not measured here (their
-    measured accuracy on the shapes set is benchmarks/results/precision_accuracy.md)."""
+    """In the style of the EfficientDet paper's figure: accuracy against measured latency. With `bench --data`
+    every row's measured mAP is plotted (all precisions); otherwise the published COCO AP of the FP32 rows (the
+    paper's number is the FP32 model's, so it is never drawn for FP16/INT8)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -188,18 +196,21 @@ def plot_accuracy_latency(report: Dict, path: Path) -> None:
 
     order = list(VARIANTS)
     fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    measured = any(r.get("map") is not None for r in report["results"])
     for label, rows in sorted(_series(report).items()):
-        rows = sorted((r for r in rows if r["published_coco_ap"] is not None and r["precision"] == "fp32"),
+        rows = sorted((r for r in rows if (r.get("map") is not None if measured else
+                                           r["published_coco_ap"] is not None and r["precision"] == "fp32")),
                       key=lambda r: order.index(r["model"]))
         if not rows:
             continue
-        xs, ys = [r["model_p50_ms"] for r in rows], [r["published_coco_ap"] for r in rows]
+        xs = [r["model_p50_ms"] for r in rows]
+        ys = [100 * r["map"] for r in rows] if measured else [r["published_coco_ap"] for r in rows]
         ax.plot(xs, ys, marker="o", label=label)
         for r, x, y in zip(rows, xs, ys):
             ax.annotate(r["model"].upper(), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("measured latency p50, batch 1 (ms, log scale)")
-    ax.set_ylabel("COCO AP (published FP32, test-dev)")
+    ax.set_ylabel("mAP@[.5:.95] x 100 (measured, --data)" if measured else "COCO AP (published FP32, test-dev)")
     ax.set_title("Accuracy vs latency on this machine")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # a sweep without FP32 rows has nothing to plot here

@@ -150,3 +150,31 @@ def test_cpu_pressure_marks_a_loaded_run():
 def _spin(stop):
     while not stop.is_set():
         pass
+
+
+def test_bench_with_data_reports_measured_map_beside_latency(tmp_path):
+    """`bench --data`: each row's mAP comes from the runner that was timed, and equals what `eval` measures
+    for the same graph and images (pycocotools both times)."""
+    from pathlib import Path
+
+    from edet_deploy.bench import Accuracy
+    from edet_deploy.cli import main
+    from edet_deploy.data import generate_shapes
+    weights = str(Path(__file__).resolve().parent.parent / "edet_deploy" / "assets" / "shapes_d0.safetensors")
+    data = generate_shapes(tmp_path / "shapes", {"val": 16}, seed=5, progress=False)
+    report = run_bench(["d0"], ["onnxruntime", "openvino"], ["fp32"], [1], tmp_path / "b", warmup=0, iters=2,
+                       progress=False, weights=weights, accuracy=Accuracy(data, "val", eval_images=16))
+    rows = {r["backend"]: r for r in report["results"]}
+    assert all(r["status"] == "ok" and r["eval_images"] == 16 for r in rows.values()), rows
+    assert rows["onnxruntime"]["map"] > 0.3  # trained weights on their own kind of images
+    graph = next((tmp_path / "b" / "graphs").rglob("efficientdet_d0.onnx"))
+    assert main(["eval", "--onnx", str(graph), "--backend", "onnxruntime", "--data", str(data),
+                 "--report", str(tmp_path / "e.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["stats"]["AP"] == pytest.approx(rows["onnxruntime"]["map"])
+    md = (tmp_path / "b" / "bench.md").read_text()
+    assert "| mAP | AP50 |" in md and f"{rows['openvino']['map']:.4f}" in md
+    with open(tmp_path / "b" / "bench.csv") as f:
+        assert float(next(csv.DictReader(f))["map"]) == pytest.approx(rows["onnxruntime"]["map"])
+    assert Image.open(tmp_path / "b" / "accuracy_vs_latency.png").format == "PNG"
+    # Accuracy needs trained weights: refused before any work.
+    assert main(["bench", "--data", str(data), "--out", str(tmp_path / "c")]) == 2
