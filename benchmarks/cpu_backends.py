@@ -2,7 +2,7 @@
 bfloat16, on CPUs with bf16 instructions) vs OpenVINO INT8 (the Q/DQ twin), the full detection graph including
 soft-NMS, batch 1, interleaved.
 
-The CPU of these machines is shared and its speed moves by 20-40% (sometimes 3x) within a minute; `bench` times
+A shared CPU's speed moves by 20-40% (sometimes 3x) within a minute; `bench` times
 one combination after the other, so a ratio of two of its rows carries that drift. Here every iteration runs
 each runner once on the same image, in rotating order, so all of them see the same load and the ratios of the
 medians are fair. Writes benchmarks/results/cpu_backends.{json,md}.

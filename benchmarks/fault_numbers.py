@@ -1,5 +1,5 @@
-"""The numbers issue 16 asks for, measured on this machine against the real supervised server (127.0.0.1 only,
-every loop bounded): recovery after a stub kill, good-request latency idle vs during bursts of
+"""What `serve`'s hardening costs and buys, measured on this machine against the real supervised server
+(127.0.0.1 only, every loop bounded): recovery after a stub kill, good-request latency idle vs during bursts of
 decompression-heavy requests (refused bombs, and accepted 24 MP images), memory before/after an oversized
 request, and shutdown time under load. Writes benchmarks/results/faults.json.
 

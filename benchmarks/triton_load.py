@@ -1,6 +1,7 @@
 """Triton load test, all in one run: the in-process pipeline, then the embedded server on CPU with
 
-  * "before": the old engine batching (preferred_batch_size [1, 2, 4, 8], 500 us window, 500 us on pre/post),
+  * "before": preferred_batch_size [1, 2, 4, 8] with a 500 us window on the engine and on pre/post, the
+    configuration the default is compared against,
   * "after":  no preferred sizes, the engine's window swept over --delays (the default marked), pre/post 0 us,
 
 each at concurrency 1, 2, 4, 8, 16 with real images (the shapes validation split), reporting the mean engine

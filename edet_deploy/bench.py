@@ -20,8 +20,9 @@ from .log import logger
 from .measure import BACKENDS, LOADED_PSI_PCT, PRECISIONS, CpuPressure, machine_info, percentiles
 from .reports import write_reports
 
-# Largest input at which ONNX Runtime's INT8 calibration (all intermediate activations kept) fits this
-# workplace's 24 GiB machines; larger variants are skipped with that reason rather than killed mid-sweep.
+# Input size from which ONNX Runtime's INT8 calibration (all intermediate activations kept) does not fit in
+# 24 GiB (D7 at 1536 px was OOM-killed): such variants are skipped with that reason rather than killed mid-sweep.
+# EDET_INT8_CALIB_MAX_SIZE moves the limit on a machine with more memory.
 INT8_CALIBRATION_MAX_SIZE = int(os.environ.get("EDET_INT8_CALIB_MAX_SIZE", "1536"))
 
 

@@ -150,7 +150,7 @@ class SourceArgs:
         parser.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores)")
         parser.add_argument("--bf16", action="store_true",
                             help="openvino: run the network in bfloat16 (CPUs with AVX512_BF16 or AMX; OpenVINO's "
-                                 "own default there). Faster, not bit-exact: accuracy in README")
+                                 "own default there). Faster, not bit-exact: accuracy in docs/cpu-backends.md")
 
     @staticmethod
     def backend(args: argparse.Namespace) -> str:

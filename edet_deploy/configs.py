@@ -1,7 +1,8 @@
 """The EfficientDet family as data: one row per variant, one lookup function.
 
-Numbers follow REFERENCE.md section 1 (automl / effdet): input size, backbone, BiFPN width and depth,
-head depth, fusion method, anchor scale and pyramid levels.
+Numbers follow the published EfficientDet family (automl's README and model configs, as effdet builds them):
+input size, backbone, BiFPN width and depth, head depth, fusion method, anchor scale and pyramid levels. The
+README's variant table is this table; tests/test_docs.py compares them cell by cell.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ def test_unknown_name_lists_valid_ones():
 
 
 def test_table_follows_reference():
-    # REFERENCE.md section 1, the published table (the phi formulas are rounded there: D5 is 1280 / 7 repeats).
+    # The published table (automl's README; its phi formulas are rounded there: D5 is 1280 / 7 repeats).
     table = {"d0": (512, 64, 3, 3), "d1": (640, 88, 4, 3), "d2": (768, 112, 5, 3), "d3": (896, 160, 6, 4),
              "d4": (1024, 224, 7, 4), "d5": (1280, 288, 7, 4), "d6": (1280, 384, 8, 5), "d7": (1536, 384, 8, 5),
              "d7x": (1536, 384, 8, 5)}

@@ -159,9 +159,10 @@ def test_import_graph_has_no_cycle():
 
 
 def _floors() -> dict:
-    """module prefix -> floor, read from README's layering picture (the one place it is written)."""
-    readme = (PACKAGE.parent / "README.md").read_text()
-    block = readme.split("<!-- floors -->", 1)[1].split("<!-- /floors -->", 1)[0]
+    """module prefix -> floor, read from the layering picture in docs/architecture.md (the one place it is
+    written)."""
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    block = page.split("<!-- floors -->", 1)[1].split("<!-- /floors -->", 1)[0]
     floors = {}
     for floor, names in re.findall(r"^floor (\d+)\s+\S+\s+(.+)$", block, flags=re.M):
         for name in names.split(","):
@@ -196,11 +197,11 @@ def test_layering_checker_finds_an_upward_import():
     assert _upward_imports({"edet_deploy.high.sub": {"edet_deploy.high.x"}}, floors)  # longest prefix wins
 
 
-def test_imports_follow_readme_layering():
+def test_imports_follow_the_documented_layering():
     floors, graph = _floors(), _import_graph()
-    assert len(set(floors.values())) >= 5, "README's layering picture was not read"
+    assert len(set(floors.values())) >= 5, "the layering picture in docs/architecture.md was not read"
     unplaced = sorted(m for m in graph if _floor_of(m, floors) is None)
-    assert unplaced == [], f"modules on no floor of README's layering picture: {unplaced}"
+    assert unplaced == [], f"modules on no floor of the layering picture (docs/architecture.md): {unplaced}"
     stale = sorted(p for p in floors if p not in graph and not any(m.startswith(p + ".") for m in graph))
-    assert stale == [], f"README's layering picture names modules that do not exist: {stale}"
+    assert stale == [], f"the layering picture (docs/architecture.md) names modules that do not exist: {stale}"
     assert _upward_imports(graph, floors) == []

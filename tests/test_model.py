@@ -5,7 +5,7 @@ from edet_deploy import EdetError, create_model, load_weights, save_weights
 from edet_deploy.model.layers import StaticSameConv2d, StaticSameMaxPool2d, same_pad_amounts
 from conftest import make_effdet
 
-# effdet 0.4.1's parameter counts (ENVIRONMENT.md; d7x measured from effdet here).
+# effdet 0.4.1's parameter counts (the version the dev extra pins), counted from its models.
 EFFDET_PARAMS = {"d0": 3_880_067, "d1": 6_625_898, "d2": 8_097_039, "d3": 12_032_296, "d4": 20_723_675,
                  "d5": 33_653_315, "d6": 51_871_782, "d7": 51_871_782, "d7x": 77_147_166}
 

@@ -226,7 +226,7 @@ def test_check_qdq_rejects_output_quantization_and_asymmetry(tmp_path):
     good, _ = insert_qdq(convert_to_fp16(model, prefix="/model/"), ["/model/a/Conv", "/model/b/Conv"],
                          {"x": 1.0, "a": 4.0}, {"wa": wa, "wb": wb})
     assert qdq_violations(good) == []
-    # Conv-output quantization: Conv b -> Q -> DQ -> Add (what the previous INT8 graphs did to the heads)
+    # Conv-output quantization: Conv b -> Q -> DQ -> Add (the INT8-on-FP32 layout, which quantized the heads' outputs)
     bad = onnx.ModelProto.FromString(good.SerializeToString())
     add = next(n for n in bad.graph.node if n.op_type == "Add")
     conv_out = next(i for i in add.input if "DequantizeLinear" not in i)

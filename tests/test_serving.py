@@ -1,5 +1,5 @@
 """Serving without PyTorch (slim install), the decoded-image ensemble input, perf_analyzer / Model Analyzer
-files, batching defaults, and the plan <-> server TensorRT agreement (issue 13)."""
+files, batching defaults, and the plan <-> server TensorRT agreement."""
 import base64
 import json
 import os

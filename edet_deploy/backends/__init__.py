@@ -11,7 +11,7 @@ from .base import Runner
 CPU_GRAPH_BACKENDS = ("onnxruntime", "openvino")
 # What detect / eval / demo and the Triton CPU engine use unless told otherwise: it passes parity with ONNX
 # Runtime, is as fast in f32 within 5-17% either way, and its bf16 and INT8 paths are the CPU speed-ups
-# (README, "Choosing the CPU backend").
+# (docs/cpu-backends.md).
 DEFAULT_CPU_BACKEND = "openvino"
 # The runner of a graph exactly as written, Q/DQ included (OpenVINO fuses them into int8 kernels that round
 # differently): the parity reference, and what accuracy per precision is measured with.

@@ -1,4 +1,4 @@
-"""Closed-loop load test of a running Triton ensemble (perf_analyzer cannot run on these machines): a
+"""Closed-loop load test of a running Triton ensemble (for machines where perf_analyzer cannot run): a
 concurrency sweep with real images, client-side p50/p90/p99 and throughput, errors, and the server-side split
 (queue / compute per composing model) from Triton's statistics API."""
 from __future__ import annotations

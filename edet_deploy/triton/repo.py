@@ -40,7 +40,7 @@ INPUT_FORMATS = ("encoded", "decoded")
 # requests queue behind it and batch without waiting (benchmarks/triton_load.py measured the same mean batch at
 # 0 us as at 1-4 ms), while a window is paid in full by every lone request (2 ms of a ~25 ms pipeline at
 # concurrency 1, benchmarks/triton_engines.py). GPU: 2 ms, since a TensorRT engine finishes in a few ms and idles
-# between requests, so staggered clients only meet in one batch if the scheduler waits (not yet measured on a
+# between requests, so staggered clients only meet in one batch if the scheduler waits (unmeasured on a
 # GPU). No preferred_batch_size: with 1 "preferred", the scheduler never waits (Triton's docs advise leaving it
 # unset for most models).
 ENGINE_QUEUE_DELAY_US = {"cpu": 0, "gpu": 2000}

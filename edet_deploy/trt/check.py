@@ -1,6 +1,7 @@
 """A TensorRT parseability check that needs no TensorRT: the ops and patterns TensorRT's ONNX parser rejects.
 
-Operator data follows the support matrix of onnx-tensorrt (docs/operators.md, TensorRT 10.x/11.x): ops listed
+Operator data follows the support matrix of onnx-tensorrt
+(https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md, TensorRT 10.x/11.x): ops listed
 there as supported, and the restrictions that matter for detection graphs (constant Pad / TopK K / axes,
 TopK K <= 3840, Resize modes, QDQ zero points).
 """
