@@ -25,7 +25,7 @@ class TritonPythonModel:
 
     def _decoded(self, tensor: np.ndarray) -> list:
         """A batch of same-sized RGB images [B, H, W, 3], budgets checked on the shape alone."""
-        if tensor.ndim != 4 or tensor.shape[-1] != 3:
+        if tensor.ndim != 4 or tensor.shape[-1] != 3 or tensor.shape[0] < 1:
             raise EdetError(f"{IMAGE} must be uint8 [B, H, W, 3], got {list(tensor.shape)}")
         b, h, w, _ = tensor.shape
         if h * w > self.max_pixels:
@@ -35,6 +35,9 @@ class TritonPythonModel:
         return [decode_image(item, self.max_pixels, name=f"{IMAGE}[{i}]") for i, item in enumerate(tensor)]
 
     def _encoded(self, tensor: np.ndarray) -> list:
+        if tensor.ndim != 2 or tensor.shape[1] != 1 or tensor.shape[0] < 1:
+            raise EdetError(f"{IMAGE} must be BYTES [B, 1] with B >= 1 (one encoded image per row), "
+                            f"got {list(tensor.shape)}")
         blobs = [as_bytes(b) for b in tensor.reshape(-1)]
         total = sum(len(b) for b in blobs)
         if total > self.max_request_bytes:
