@@ -24,7 +24,8 @@ from pathlib import Path
 
 from edet_deploy.measure import machine_info, percentiles
 from edet_deploy.triton.load import perf_analyzer_command, run_load
-from edet_deploy.triton.repo import ENGINE_QUEUE_DELAY_US, perf_input_path
+from edet_deploy.triton.configs import ENGINE_QUEUE_DELAY_US
+from edet_deploy.triton.tuning import perf_input_path
 
 DEFAULT_DELAY_US = ENGINE_QUEUE_DELAY_US["cpu"]  # this benchmark serves the CPU repository
 
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
                  + " |")
     lines += ["", f"Windows meeting both targets (engine batch > 1.5 at concurrency 4, p50 at concurrency 1 <= 1.3x "
               f"in-process): {', '.join(f'{d} us' for d in ok) or 'none in this run'}; the default is "
-              f"{DEFAULT_DELAY_US} us (`ENGINE_QUEUE_DELAY_US[\"cpu\"]` in edet_deploy/triton/repo.py).\n",
+              f"{DEFAULT_DELAY_US} us (`ENGINE_QUEUE_DELAY_US[\"cpu\"]` in edet_deploy/triton/configs.py).\n",
               "## Default configuration\n",
               "| concurrency | requests | errors | p50 ms | p90 ms | p99 ms | img/s | engine queue ms | engine compute ms "
               "| engine mean batch | preprocess ms | postprocess ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -69,7 +69,8 @@ def test_edited_sidecar_is_refused(tmp_path):
 
 def test_repository_generator_owns_what_it_writes(tmp_path):
     pytest.importorskip("tritonclient")
-    from edet_deploy.triton.repo import generate_repository, verify_served_repository
+    from edet_deploy.triton.repo import generate_repository
+    from edet_deploy.triton.verify import verify_served_repository
 
     graph = tmp_path / "g.onnx"
     onnx_export.save_graph(tiny_graph(1.0), graph, meta("x", nms={"max_detections": 10},

@@ -21,8 +21,10 @@ pytest.importorskip("pytriton")
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 
 from edet_deploy.triton.client import TritonDetectorClient  # noqa: E402
-from edet_deploy.triton.repo import (ENGINE_QUEUE_DELAY_US, default_tuning_images, generate_repository,  # noqa: E402
-                                     load_configs, perf_input_path, validate_repository)
+from edet_deploy.triton.configs import ENGINE_QUEUE_DELAY_US  # noqa: E402
+from edet_deploy.triton.repo import generate_repository  # noqa: E402
+from edet_deploy.triton.tuning import default_tuning_images, perf_input_path  # noqa: E402
+from edet_deploy.triton.verify import load_configs, validate_repository  # noqa: E402
 from edet_deploy.measure import free_port  # noqa: E402
 from edet_deploy.triton.server import TritonServer  # noqa: E402
 
@@ -74,7 +76,8 @@ def test_serving_path_runs_where_torch_cannot_import(graph, tmp_path):
         from edet_deploy.preprocess import preprocess
         from edet_deploy.postprocess import split_detections
         from edet_deploy.detector import Detector
-        from edet_deploy.triton.repo import default_tuning_images, generate_repository
+        from edet_deploy.triton.repo import generate_repository
+        from edet_deploy.triton.tuning import default_tuning_images
         images = default_tuning_images(3)
         det = Detector.from_onnx({str(graph)!r}).detect(images)
         ref = np.load({str(tmp_path / 'ref_scores.npy')!r})

@@ -23,8 +23,11 @@ pytest.importorskip("pytriton")
 
 from edet_deploy.triton.client import TritonDetectorClient  # noqa: E402
 from edet_deploy.backends import DEFAULT_CPU_BACKEND  # noqa: E402
-from edet_deploy.triton.repo import (ENGINE_BACKENDS, build_configs, generate_repository, load_configs,  # noqa: E402
-                                     RepoSpec, validate_repository)
+from edet_deploy.triton.configs import build_configs, config_text  # noqa: E402
+from edet_deploy.triton.models import ENGINE_BACKENDS  # noqa: E402
+from edet_deploy.triton.repo import generate_repository  # noqa: E402
+from edet_deploy.triton.spec import RepoSpec  # noqa: E402
+from edet_deploy.triton.verify import load_configs, validate_repository  # noqa: E402
 from edet_deploy.measure import free_port  # noqa: E402
 from edet_deploy.triton.server import TritonServer  # noqa: E402
 
@@ -270,7 +273,6 @@ def test_gpu_repository_configs_validate(tmp_path):
                     cuda_graphs=True)
     configs = build_configs(spec)
     repo = tmp_path / "gpu"
-    from edet_deploy.triton.repo import config_text
     for name, cfg in configs.items():
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(config_text(cfg))

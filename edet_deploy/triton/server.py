@@ -118,7 +118,7 @@ class TritonServer:
                  address: str = "127.0.0.1", log_verbose: int = 0, extra_args: Optional[List[str]] = None,
                  log_file: Optional[str | Path] = None, grace_period: float = 30.0,
                  open_apis: Sequence[str] = (), force: bool = False):
-        from .repo import validate_repository, verify_served_repository
+        from .verify import validate_repository, verify_served_repository
 
         self.repo = Path(repo)
         validate_repository(self.repo)
