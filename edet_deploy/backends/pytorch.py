@@ -48,10 +48,10 @@ class TorchRunner(Runner):
         return boxes.numpy(), scores.numpy(), classes.numpy()
 
     def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
-        from ..contract import OUTPUTS
+        from ..contract import CANDIDATES, OUTPUTS
         from ..nms.fast import batched_soft_nms
 
         boxes, scores, classes = self.candidates(images)
         if self.nms is None:
-            return {"candidate_boxes": boxes, "candidate_scores": scores, "candidate_classes": classes}
+            return dict(zip(CANDIDATES, (boxes, scores, classes)))
         return dict(zip(OUTPUTS, batched_soft_nms(boxes, scores, classes, **self.nms.to_dict())))

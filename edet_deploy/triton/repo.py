@@ -253,12 +253,9 @@ def verify_served_repository(repo: str | Path, force: bool = False) -> None:
 
 def check_graph_file(path: str | Path) -> None:
     """The graph the repository will serve loads as ONNX (a garbage file is refused here, not at serve time)."""
-    import onnx
+    from ..io import load_onnx
 
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises its own types for garbage files
-        raise EdetError(f"{path} is not a readable ONNX graph ({type(e).__name__})") from None
+    proto = load_onnx(path, external_data=False)
     if [i.name for i in proto.graph.input] != [contract.INPUT_NAME]:
         raise EdetError(f"{path} is not an edet-deploy detection graph (inputs {[i.name for i in proto.graph.input]})")
 
