@@ -41,7 +41,7 @@ class ArtifactMetadata:
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     precision: str  # fp32, fp16, int8
-    opset: int
+    opset: Optional[int]  # None: no graph (the eager PyTorch reference)
     input: Dict[str, Any]  # name, dtype, layout, shape
     batch: Dict[str, Any]  # dynamic, max (and min, for engines)
     outputs: Tuple[str, ...]
@@ -97,7 +97,7 @@ def _plain(value: Any) -> Any:
 
 
 def build_metadata(*, variant: str, image_size: int, num_classes: int, class_names: Sequence[str],
-                   mean: Sequence[float], std: Sequence[float], opset: int, batch: int,
+                   mean: Sequence[float], std: Sequence[float], opset: Optional[int], batch: int,
                    dynamic_batch: Optional[int], outputs: Sequence[str], nms: Optional["NmsSettings"],
                    pre_nms_top_k: int, weights: Optional[str | os.PathLike]) -> ArtifactMetadata:
     """The metadata of a fresh FP32 export (the one place it is put together; derived artifacts `replace` it).

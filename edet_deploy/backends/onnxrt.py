@@ -15,7 +15,7 @@ from ..io import load_onnx
 from ..metadata import read_metadata
 from ..nms import op as nms_op
 from ..nms.graph import for_onnxruntime
-from .base import Runner
+from .base import Runner, register_runner
 
 _registered = False
 
@@ -59,6 +59,7 @@ def session_options(threads: Optional[int] = None):
     return so
 
 
+@register_runner
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
@@ -82,7 +83,6 @@ class OnnxRuntimeRunner(Runner):
         self.path = path
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
-        images = self.check_input(images)
+    def infer_impl(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, {INPUT_NAME: images})
         return dict(zip(self.output_names, outputs))

@@ -20,12 +20,13 @@ from ..io import load_onnx
 from ..metadata import read_metadata
 from ..nms import op as nms_op
 from ..nms.graph import cut_at_nms
-from .base import Runner
+from .base import Runner, register_runner
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 # What the network runs in: f32 (the parity reference) or bf16. OpenVINO itself picks bf16 by default on CPUs
 # with bf16 instructions (AVX512_BF16, AMX); we ask for it by name so a run's numerics never depend on the CPU.
 INFERENCE_PRECISIONS = ("f32", "bf16")
+NO_BF16_CPU = "this CPU has no bf16 instructions (AVX512_BF16 or AMX)"
 
 
 def default_cache_dir() -> Path:
@@ -44,6 +45,7 @@ def cpu_has_bf16(core=None) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+@register_runner
 class OpenVinoRunner(Runner):
     name = "openvino"
 
@@ -72,8 +74,7 @@ class OpenVinoRunner(Runner):
         candidate, self.nms, self.candidate_names = cut_at_nms(load_onnx(path))
         self.core = ov.Core()
         if inference_precision == "bf16" and not cpu_has_bf16(self.core):
-            raise EdetError("bf16 needs a CPU with bf16 instructions (AVX512_BF16 or AMX); OpenVINO reports "
-                            "none on this one: run f32 instead")
+            raise EdetError(f"bf16: {NO_BF16_CPU} (OpenVINO reports none): run f32 instead")
         self.inference_precision = inference_precision
         if cache_dir is True:
             cache_dir = default_cache_dir()
@@ -125,7 +126,9 @@ class OpenVinoRunner(Runner):
 
     def candidates(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         """The soft_nms node's inputs (or, for a --nms none graph, its outputs), by name."""
-        images = self.check_input(images)
+        return self._candidates(self.check_input(images))
+
+    def _candidates(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         compiled, request = self._request(images.shape[0])
         # One infer request per batch size: serialise callers (Triton's model instance already is one caller).
         with self._lock:
@@ -133,8 +136,8 @@ class OpenVinoRunner(Runner):
             outs = [result[compiled.outputs[i]] for i in range(len(self.candidate_names))]  # copies
         return dict(zip(self.candidate_names, outs))
 
-    def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
-        cands = self.candidates(images)
+    def infer_impl(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        cands = self._candidates(images)
         if self.nms is None:
             return cands
         from ..nms.fast import batched_soft_nms

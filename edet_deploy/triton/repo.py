@@ -272,7 +272,7 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
     the models: perf_analyzer input data per ensemble (from `tuning_images`, encoded images; default:
     generated scenes) and a Model Analyzer config. The artifact is verified (loads, matches its sidecar); an
     `out` holding models or files edet-deploy did not generate is refused unless `force`."""
-    from ..backends import DEFAULT_CPU_BACKEND
+    from ..backends import DEFAULT_CPU_BACKEND, bf16_options
     from ..io import sha256_file
     from ..metadata import CHECKSUM_KEYS, ArtifactMetadata, read_metadata, sidecar_path, write_metadata
 
@@ -284,8 +284,8 @@ def generate_repository(out: str | Path, *, variant: str, onnx: Optional[str] = 
     if target == "cpu" and engine_backend not in ENGINE_BACKENDS:
         raise EdetError(f"unknown CPU engine backend {engine_backend!r}; "
                         f"choose one of {', '.join(ENGINE_BACKENDS)}")
-    if precision == "bf16" and (target != "cpu" or engine_backend != "openvino"):
-        raise EdetError("--precision bf16 is the OpenVINO CPU engine's: --target cpu --engine-backend openvino")
+    if precision == "bf16":
+        bf16_options(engine_backend if target == "cpu" else "tensorrt", "--precision bf16")
     artifact = engine if target == "gpu" else onnx
     if target == "gpu" and not engine:
         raise EdetError("--target gpu needs --engine model.plan (built with `edet-deploy build`)")
