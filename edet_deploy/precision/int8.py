@@ -1,8 +1,8 @@
 """INT8 twin for TensorRT 11's strong typing: the FP16 twin plus explicit Q/DQ (symmetric, zero point 0,
 per-channel weights) placed as TensorRT recommends (see qdq.py), so whatever is not int8 runs in fp16.
-Calibration runs ONNX Runtime's calibrators on CPU on the FP32 network part (the graph without the soft-NMS
-node, nms/graph.py: min/max, percentile; for entropy they collect the |x| histograms and kl.py searches them as
-TensorRT does). Ranges are cached, so a second run with the same inputs is instant."""
+Calibration runs ONNX Runtime's calibrators (min/max, percentile; for entropy they collect the |x| histograms and
+kl.py searches them as TensorRT does) on CPU on the FP32 network part: the graph without its soft-NMS node
+(nms/graph.py). Ranges are cached, so a second run with the same inputs is instant."""
 from __future__ import annotations
 
 import fnmatch
