@@ -145,7 +145,7 @@ class Acceptance:
                                         "runs each engine (pass/fail); trtexec --loadEngine when on PATH; the "
                                         "engine inspector's plugin layer and the kernel name in the plan, reported")
     def aot(self):
-        from edet_deploy.trt.runner import TensorRTRunner
+        from edet_deploy.backends.tensorrt import TensorRTRunner
 
         for p, plan in self.plans.items():
             # informative: what the inspector says of the plugin layer, whether the kernel name is in the plan
@@ -183,7 +183,7 @@ class Acceptance:
                                         "within the stated tolerances; INT8 engine mAP vs ONNX Runtime FP32 mAP")
     def accuracy(self):
         from edet_deploy.backends.onnxrt import OnnxRuntimeRunner
-        from edet_deploy.trt.runner import TensorRTRunner
+        from edet_deploy.backends.tensorrt import TensorRTRunner
         from edet_deploy.detector import Detector
         from edet_deploy.eval import evaluate
         from edet_deploy.preprocess import preprocess
@@ -210,7 +210,7 @@ class Acceptance:
 
     @step("batch 1..8", "fp32 engine: every batch size 1..8 gives the same detections as the batch-8 run")
     def batches(self):
-        from edet_deploy.trt.runner import TensorRTRunner
+        from edet_deploy.backends.tensorrt import TensorRTRunner
         from edet_deploy.preprocess import preprocess
 
         eng = TensorRTRunner(self.plans["fp32"])
@@ -227,7 +227,7 @@ class Acceptance:
     @step("CUDA graphs", "fp32 engine with --cuda-graph, batch sizes 1, 8, 3, 8, 1, 5 in turn: same detections "
                          "as without graphs")
     def cuda_graphs(self):
-        from edet_deploy.trt.runner import TensorRTRunner
+        from edet_deploy.backends.tensorrt import TensorRTRunner
         from edet_deploy.preprocess import preprocess
 
         plain, graphed = TensorRTRunner(self.plans["fp32"]), TensorRTRunner(self.plans["fp32"], cuda_graph=True)
@@ -252,7 +252,7 @@ class Acceptance:
     @step("latency", f"per precision, batch 1 and 8: end-to-end (host copies included) and GPU-only (CUDA "
                      f"events around the engine) p50/p90/p99 over {LATENCY_ITERS} runs, with and without CUDA graphs")
     def latency(self):
-        from edet_deploy.trt.runner import TensorRTRunner
+        from edet_deploy.backends.tensorrt import TensorRTRunner
         from edet_deploy.measure import percentiles
         from edet_deploy.preprocess import preprocess
 

@@ -171,10 +171,11 @@ class Bench:
     def cpu_graph(self, model: str, backend: str, precision: str, max_batch: int) -> Tuple[Path, Dict]:
         """The graph and runner options of an onnxruntime / openvino combination. bf16 is a runtime setting on
         the FP32 graph. No OpenVINO model cache: load time is the cold compilation a first start pays."""
+        from .backends import bf16_options
         graph = self.graph(model, "fp32" if precision == "bf16" else precision, max_batch)
         options: Dict = {"cache_dir": False} if backend == "openvino" else {}
         if precision == "bf16":
-            options["inference_precision"] = "bf16"
+            options.update(bf16_options(backend))
         return graph, options
 
     def calibration_data(self) -> Path:
@@ -218,11 +219,14 @@ class Bench:
         if backend == "torch" and precision != "fp32":
             return "torch eager is the FP32 reference; FP16/INT8 run through ONNX Runtime and TensorRT"
         if precision == "bf16":
-            if backend != "openvino":
-                return "bf16 is OpenVINO's (the FP32 graph run in bfloat16); FP16 is the float fast path elsewhere"
-            from .backends.openvino import cpu_has_bf16
+            from .backends import bf16_options
+            from .backends.openvino import NO_BF16_CPU, cpu_has_bf16
+            try:
+                bf16_options(backend)
+            except EdetError as e:
+                return str(e)
             if not cpu_has_bf16():
-                return "this CPU has no bf16 instructions (AVX512_BF16 or AMX)"
+                return NO_BF16_CPU
         if backend == "tensorrt":
             try:
                 import torch

@@ -175,8 +175,9 @@ class SourceArgs:
         """The Detector; a source and backend that do not go together is the user's error."""
         from .detector import Detector
         backend = self.backend(args)
-        if args.bf16 and backend != "openvino":
-            raise EdetError(f"--bf16 runs on the openvino backend, not {backend}")
+        if args.bf16:
+            from .backends import bf16_options
+            bf16_options(backend, "--bf16")  # not ignored beside --engine
         if args.engine:
             if backend != "tensorrt":
                 raise EdetError("--engine runs on the tensorrt backend")

@@ -86,12 +86,10 @@ def _check(p: argparse.ArgumentParser):
 
     def run(args) -> int:
         from .trt.check import check_trt_compat
+        from .io import load_onnx
         path = Path(args.onnx)
-        if not path.is_file():
-            raise EdetError(f"ONNX graph not found: {path}")
-        import onnx
+        model = load_onnx(path)  # once: the three reports below read the same graph
         try:
-            model = onnx.load(str(path))  # once: the three reports below read the same graph
             findings = check_trt_compat(model)
         except Exception as e:  # noqa: BLE001 - a malformed file is the user's problem
             raise EdetError(f"cannot read {path} as ONNX: {e}") from None

@@ -1,7 +1,7 @@
-"""The detection graph's contract, written once: input and output tensors, artifact names, the cache folder and
-the Triton member and tensor names. The exporter, the ONNX schema, the TensorRT plugin, the Triton generator
-and models, the client, postprocessing and the runners import these instead of spelling them out (numpy and
-stdlib only, so the serving install and Triton's Python models can import it).
+"""The detection graph's contract, written once: input, candidate and output tensors, artifact names, the cache
+folder and the Triton member and tensor names. The exporter, the ONNX schema, the TensorRT plugin, the Triton
+generator and models, the client, postprocessing and the runners import these instead of spelling them out
+(numpy and stdlib only, so the serving install and Triton's Python models can import it).
 
 Outputs: num_detections [B,1] int32, detection_boxes [B,K,4] float32 (x1,y1,x2,y2, input pixels),
 detection_scores [B,K] float32, detection_classes [B,K] int32; K = max_detections."""
@@ -27,7 +27,7 @@ TRITON_TYPES = {"float32": "FP32", "uint8": "UINT8", "int32": "INT32"}
 class OutputSpec:
     name: str
     dtype: str  # numpy dtype name
-    shape: Callable  # (batch, K) -> shape; works with ints, dim names or TensorRT shape expressions
+    shape: Callable  # (batch, K or N) -> shape; works with ints, dim names or TensorRT shape expressions
 
     @property
     def onnx_type(self) -> int:
@@ -46,6 +46,15 @@ OUTPUT_SPECS: Tuple[OutputSpec, ...] = (
 )
 OUTPUTS: Tuple[str, ...] = tuple(s.name for s in OUTPUT_SPECS)
 NUM_DETECTIONS, DETECTION_BOXES, DETECTION_SCORES, DETECTION_CLASSES = OUTPUTS
+
+# The decoded pre-NMS candidates (N = pre_nms_top_k): the soft-NMS node's inputs, and the outputs of a graph
+# exported with --nms none.
+CANDIDATE_SPECS: Tuple[OutputSpec, ...] = (
+    OutputSpec("candidate_boxes", "float32", lambda b, n: (b, n, 4)),
+    OutputSpec("candidate_scores", "float32", lambda b, n: (b, n)),
+    OutputSpec("candidate_classes", "int32", lambda b, n: (b, n)),
+)
+CANDIDATES: Tuple[str, ...] = tuple(s.name for s in CANDIDATE_SPECS)
 
 
 def artifact_name(variant: str, precision: str = "fp32", nms: bool = True) -> str:

@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from .backends import CPU_GRAPH_BACKENDS, DEFAULT_CPU_BACKEND, Runner, create_runner
+from .backends import CPU_GRAPH_BACKENDS, DEFAULT_CPU_BACKEND, Runner, bf16_options, create_runner
 from .contract import artifact_name, cache_dir
 from .errors import EdetError
 from .log import logger
@@ -33,9 +33,7 @@ class Detector:
     def from_onnx(cls, onnx_path: str | os.PathLike, backend: str = DEFAULT_CPU_BACKEND, threads: Optional[int] = None,
                   min_score: float = 0.0, bf16: bool = False) -> "Detector":
         """`bf16`: OpenVINO runs the network in bfloat16 (CPUs with bf16 instructions; the graph stays FP32)."""
-        if bf16 and backend != "openvino":
-            raise EdetError(f"bf16 runs on the openvino backend, not {backend}")
-        extra = {"inference_precision": "bf16"} if bf16 else {}
+        extra = bf16_options(backend) if bf16 else {}
         return cls(create_runner(backend, onnx_path=str(onnx_path), threads=threads, **extra), min_score)
 
     @classmethod
@@ -50,8 +48,8 @@ class Detector:
                    **export_kwargs) -> "Detector":
         """From a variant and weights: `torch` runs eagerly; `onnxruntime` / `openvino` export once into the
         cache."""
-        if bf16 and backend != "openvino":
-            raise EdetError(f"bf16 runs on the openvino backend, not {backend}")
+        if bf16:
+            bf16_options(backend)  # refused before an export, not after
         if backend == "torch":
             return cls(create_runner("torch", model_name=name, weights=weights, threads=threads), min_score)
         if backend in CPU_GRAPH_BACKENDS:

@@ -1,4 +1,4 @@
-"""Small file helpers: atomic writes and checksums."""
+"""Small file helpers: atomic writes, checksums and the one ONNX reader."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +7,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .errors import EdetError
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @contextlib.contextmanager
@@ -45,3 +50,16 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def load_onnx(path: str | os.PathLike, external_data: bool = True) -> "onnx.ModelProto":
+    """Read an ONNX graph, or raise one EdetError line saying why not (no such file, or not ONNX)."""
+    import onnx
+
+    path = Path(os.fsdecode(path))
+    if not path.is_file():
+        raise EdetError(f"ONNX graph not found: {path}")
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except Exception as e:  # noqa: BLE001 - protobuf raises its own types for garbage files
+        raise EdetError(f"cannot read {path} as an ONNX graph ({type(e).__name__})") from None

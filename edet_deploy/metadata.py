@@ -41,7 +41,7 @@ class ArtifactMetadata:
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     precision: str  # fp32, fp16, int8
-    opset: int
+    opset: Optional[int]  # None: no graph (the eager PyTorch reference)
     input: Dict[str, Any]  # name, dtype, layout, shape
     batch: Dict[str, Any]  # dynamic, max (and min, for engines)
     outputs: Tuple[str, ...]
@@ -97,7 +97,7 @@ def _plain(value: Any) -> Any:
 
 
 def build_metadata(*, variant: str, image_size: int, num_classes: int, class_names: Sequence[str],
-                   mean: Sequence[float], std: Sequence[float], opset: int, batch: int,
+                   mean: Sequence[float], std: Sequence[float], opset: Optional[int], batch: int,
                    dynamic_batch: Optional[int], outputs: Sequence[str], nms: Optional["NmsSettings"],
                    pre_nms_top_k: int, weights: Optional[str | os.PathLike]) -> ArtifactMetadata:
     """The metadata of a fresh FP32 export (the one place it is put together; derived artifacts `replace` it).
@@ -149,13 +149,7 @@ def read_metadata(artifact: str | os.PathLike, required: bool = True, verify: bo
         if not isinstance(meta, dict):
             raise EdetError(f"{side}: metadata must be a JSON object")
     elif artifact.suffix == ".onnx" and artifact.is_file():
-        import onnx
-        try:
-            model = onnx.load(str(artifact), load_external_data=False)
-            props = {p.key: p.value for p in model.metadata_props}
-            meta = json.loads(props[ONNX_PROP]) if ONNX_PROP in props else None
-        except Exception as e:  # noqa: BLE001 - protobuf raises its own types for garbage files
-            raise EdetError(f"cannot read {artifact} as an ONNX graph ({type(e).__name__})") from None
+        meta = _embedded_metadata(artifact)
     else:
         meta = None
     if meta is None:
@@ -168,6 +162,17 @@ def read_metadata(artifact: str | os.PathLike, required: bool = True, verify: bo
     if verify and side.is_file():
         verify_checksum(artifact, meta)
     return meta
+
+
+def _embedded_metadata(graph: Path) -> Optional[Dict[str, Any]]:
+    """The copy of the metadata inside an ONNX graph (None: it has none)."""
+    from .io import load_onnx
+
+    props = {p.key: p.value for p in load_onnx(graph, external_data=False).metadata_props}
+    try:
+        return json.loads(props[ONNX_PROP]) if ONNX_PROP in props else None
+    except ValueError as e:
+        raise EdetError(f"{graph}: invalid embedded metadata JSON ({e})") from None
 
 
 def read_artifact_metadata(artifact: str | os.PathLike, verify: bool = True) -> ArtifactMetadata:
@@ -195,12 +200,7 @@ def verify_checksum(artifact: str | os.PathLike, meta: Dict[str, Any]) -> None:
     if artifact.suffix == ".onnx":
         # The checksum covers the graph; the copy of the metadata embedded in it covers the sidecar's other
         # fields (class names, input size, NMS settings): an edited sidecar is refused, not believed.
-        import onnx
-        try:
-            props = {p.key: p.value for p in onnx.load(str(artifact), load_external_data=False).metadata_props}
-            embedded = json.loads(props[ONNX_PROP]) if ONNX_PROP in props else None
-        except Exception as e:  # noqa: BLE001 - protobuf raises its own types for garbage files
-            raise EdetError(f"cannot read {artifact} as an ONNX graph ({type(e).__name__})") from None
+        embedded = _embedded_metadata(artifact)
         if embedded is not None:
             changed = sorted(k for k in (set(embedded) | set(meta)) - {key} if embedded.get(k) != meta.get(k))
             if changed:

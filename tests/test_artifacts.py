@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edet_deploy import EdetError
-from edet_deploy.export import onnx_export
+from edet_deploy import artifacts
 from edet_deploy.io import sha256_file
 from edet_deploy.metadata import (FORMAT, ArtifactMetadata, build_metadata, read_artifact_metadata, read_metadata,
                                   sidecar_path)
@@ -32,15 +32,15 @@ def meta(tag: str, **fields) -> ArtifactMetadata:
 
 def test_interrupted_export_never_leaves_a_disagreeing_pair(tmp_path, monkeypatch):
     path = tmp_path / "g.onnx"
-    onnx_export.save_graph(tiny_graph(1.0), path, meta("first"))
+    artifacts.save_graph(tiny_graph(1.0), path, meta("first"))
     assert read_metadata(path)["tag"] == "first"
 
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt  # the process stops between the graph and its sidecar
 
-    monkeypatch.setattr(onnx_export, "write_metadata", interrupted)
+    monkeypatch.setattr(artifacts, "write_metadata", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        onnx_export.save_graph(tiny_graph(2.0), path, meta("second"))
+        artifacts.save_graph(tiny_graph(2.0), path, meta("second"))
     assert not sidecar_path(path).exists()  # the first export's sidecar is gone, not beside the new graph
     got = read_metadata(path)  # falls back to the copy inside the new graph: it describes that graph
     assert got["tag"] == "second"
@@ -49,8 +49,8 @@ def test_interrupted_export_never_leaves_a_disagreeing_pair(tmp_path, monkeypatc
 
 def test_graph_swapped_under_its_sidecar_is_refused(tmp_path):
     a, b = tmp_path / "a" / "g.onnx", tmp_path / "b" / "g.onnx"
-    onnx_export.save_graph(tiny_graph(1.0), a, meta("a"))
-    onnx_export.save_graph(tiny_graph(3.0), b, meta("a"))
+    artifacts.save_graph(tiny_graph(1.0), a, meta("a"))
+    artifacts.save_graph(tiny_graph(3.0), b, meta("a"))
     a.write_bytes(b.read_bytes())
     with pytest.raises(EdetError, match="does not match its metadata"):
         read_metadata(a)
@@ -59,7 +59,7 @@ def test_graph_swapped_under_its_sidecar_is_refused(tmp_path):
 
 def test_edited_sidecar_is_refused(tmp_path):
     path = tmp_path / "g.onnx"
-    onnx_export.save_graph(tiny_graph(1.0), path, meta("a"))
+    artifacts.save_graph(tiny_graph(1.0), path, meta("a"))
     side = json.loads(sidecar_path(path).read_text())
     side["class_names"] = ["b", "a"]  # swapped labels, checksum untouched
     sidecar_path(path).write_text(json.dumps(side))
@@ -73,7 +73,7 @@ def test_repository_generator_owns_what_it_writes(tmp_path):
     from edet_deploy.triton.verify import verify_served_repository
 
     graph = tmp_path / "g.onnx"
-    onnx_export.save_graph(tiny_graph(1.0), graph, meta("x", nms={"max_detections": 10},
+    artifacts.save_graph(tiny_graph(1.0), graph, meta("x", nms={"max_detections": 10},
                                                         batch={"dynamic": True, "max": 8}))
     out = tmp_path / "repo"
     (out).mkdir()
@@ -156,7 +156,7 @@ def test_typed_metadata_writes_what_the_dicts_wrote(tmp_path):
 
 def test_typed_metadata_keeps_unknown_keys_and_names_missing_ones(tmp_path):
     path = tmp_path / "g.onnx"
-    onnx_export.save_graph(tiny_graph(1.0), path, meta("kept"))
+    artifacts.save_graph(tiny_graph(1.0), path, meta("kept"))
     typed = read_artifact_metadata(path)
     assert typed.extra == {"tag": "kept"} and typed.class_names == ("a", "b") and typed.onnx_sha256
     assert typed.to_dict() == read_metadata(path)

@@ -205,3 +205,35 @@ def test_imports_follow_the_documented_layering():
     stale = sorted(p for p in floors if p not in graph and not any(m.startswith(p + ".") for m in graph))
     assert stale == [], f"the layering picture (docs/architecture.md) names modules that do not exist: {stale}"
     assert _upward_imports(graph, floors) == []
+
+
+@pytest.mark.parametrize("name", contract.CANDIDATES)
+def test_candidate_names_written_only_in_contract(name):
+    pattern = re.compile(rf"""["']{name}["']""")
+    holders = [str(p.relative_to(PACKAGE)) for p in _sources() if pattern.search(p.read_text())]
+    assert holders == ["contract.py"]
+
+
+# Blocks `import torch` (and its submodules) in a fresh interpreter: a lazy import reached at import time fails.
+_NO_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+def test_precision_imports_without_torch():
+    """The ONNX-only precision transforms, the soft-NMS node surgery and the graph writer need no PyTorch."""
+    import subprocess
+    import sys
+
+    modules = sorted(m for m in _import_graph() if m.startswith("edet_deploy.precision"))
+    modules += ["edet_deploy.nms.graph", "edet_deploy.artifacts"]
+    code = _NO_TORCH + "".join(f"import {m}\n" for m in modules) + "assert 'torch' not in sys.modules\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "edet_deploy.precision.convert" in modules

@@ -142,7 +142,7 @@ def test_export_errors_and_atomic_writes(tmp_path, d0_export, monkeypatch):
         export_onnx("d0", tmp_path, pre_nms_top_k=5000)
     with pytest.raises(EdetError, match="are for d0, not d1"):
         export_onnx("d1", tmp_path, weights=str(weights))
-    import edet_deploy.export.onnx_export as ex
+    import edet_deploy.artifacts as ex
 
     def broken(proto):
         raise EdetError("simulated checker failure")

@@ -17,7 +17,8 @@ from edet_deploy.metadata import read_metadata
 from edet_deploy.trt.check import check_trt_compat
 from edet_deploy.precision.census import census
 from edet_deploy.precision.convert import to_fp16, to_int8
-from edet_deploy.precision.int8 import check_qdq, strip_nms
+from edet_deploy.nms.graph import strip_nms
+from edet_deploy.precision.int8 import check_qdq
 from edet_deploy.preprocess import preprocess
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "edet_deploy" / "assets" / "shapes_d0.safetensors"

@@ -1,11 +1,13 @@
-"""Runtime backends behind one interface (`Runner`). Heavy dependencies are imported by `create_runner`."""
+"""Runtime backends behind one interface (`Runner`). Each runner module registers its runner on import and
+imports its runtime (onnxruntime, openvino, torch, tensorrt) only when a runner is made."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 from ..errors import EdetError
 from ..measure import BACKENDS  # the names every runner, bench row and report use, written once
-from .base import Runner
+from . import onnxrt, openvino, pytorch, tensorrt  # noqa: F401 - importing a runner module registers its runner
+from .base import RUNNERS, Runner
 
 # Runners of the exported ONNX graph on CPU.
 CPU_GRAPH_BACKENDS = ("onnxruntime", "openvino")
@@ -16,32 +18,30 @@ DEFAULT_CPU_BACKEND = "openvino"
 # The runner of a graph exactly as written, Q/DQ included (OpenVINO fuses them into int8 kernels that round
 # differently): the parity reference, and what accuracy per precision is measured with.
 REFERENCE_BACKEND = "onnxruntime"
+# bf16 is a runtime setting on the FP32 graph, and only OpenVINO's CPU plugin has it (whether this CPU has the
+# instructions is the runner's check: it needs OpenVINO's core).
+BF16_BACKEND = "openvino"
+
+
+def bf16_options(backend: str, flag: str = "bf16") -> Dict[str, str]:
+    """The runner options that run the FP32 graph in bfloat16 on `backend`, or one EdetError line (naming
+    `flag`, the option the user gave) when that backend has no bf16."""
+    if backend != BF16_BACKEND:
+        raise EdetError(f"{flag} runs on the {BF16_BACKEND} backend, not {backend} (bf16 is OpenVINO's: the FP32 "
+                        f"graph run in bfloat16)")
+    return {"inference_precision": "bf16"}
 
 
 def create_runner(backend: str, *, onnx_path: Optional[str] = None, engine_path: Optional[str] = None,
-                  **kwargs) -> Runner:
-    """`onnxruntime` / `openvino` (need onnx_path), `torch` (model name / weights kwargs), `tensorrt` (needs
-    engine_path)."""
-    if backend == "onnxruntime":
-        if not onnx_path:
-            raise EdetError("the onnxruntime backend needs an ONNX graph (--onnx, or export one first)")
-        from .onnxrt import OnnxRuntimeRunner
-        return OnnxRuntimeRunner(onnx_path, threads=kwargs.get("threads"))
-    if backend == "openvino":
-        if not onnx_path:
-            raise EdetError("the openvino backend needs an ONNX graph (--onnx, or export one first)")
-        from .openvino import OpenVinoRunner
-        return OpenVinoRunner(onnx_path, threads=kwargs.get("threads"),
-                              **{k: v for k, v in kwargs.items() if k in ("cache_dir", "hint", "inference_precision")})
-    if backend == "torch":
-        from .pytorch import TorchRunner
-        return TorchRunner(**kwargs)
-    if backend == "tensorrt":
-        if not engine_path:
-            raise EdetError("the tensorrt backend needs an engine (--engine, built with `edet-deploy build`)")
-        from ..trt.runner import TensorRTRunner
-        return TensorRTRunner(engine_path, **{k: v for k, v in kwargs.items() if k in ("cuda_graph", "verbose")})
-    raise EdetError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+                  **options) -> Runner:
+    """The runner registered as `backend`: `onnxruntime` / `openvino` need onnx_path, `tensorrt` engine_path,
+    `torch` model_name; an option the runner does not take is refused in one line."""
+    runner = RUNNERS.get(backend)
+    if runner is None:
+        raise EdetError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    artifacts = {k: v for k, v in (("onnx_path", onnx_path), ("engine_path", engine_path)) if v is not None}
+    return runner.create(**artifacts, **options)
 
 
-__all__ = ["Runner", "create_runner", "BACKENDS", "CPU_GRAPH_BACKENDS", "DEFAULT_CPU_BACKEND", "REFERENCE_BACKEND"]
+__all__ = ["Runner", "RUNNERS", "create_runner", "bf16_options", "BACKENDS", "BF16_BACKEND", "CPU_GRAPH_BACKENDS",
+           "DEFAULT_CPU_BACKEND", "REFERENCE_BACKEND"]

@@ -1,12 +1,29 @@
-"""One small interface for every runtime: load a detection graph, run a batch of preprocessed images."""
+"""One small interface for every runtime: load a detection graph, run a batch of preprocessed images.
+
+Runners register themselves under their name (`register_runner`); `Runner.create` refuses, in one line, an
+option the runner's constructor does not take, and `Runner.infer` checks every batch before the runner's own
+`infer_impl` sees it."""
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from typing import Any, Dict
+from typing import Any, Dict, Tuple, Type
 
 import numpy as np
 
 from ..errors import EdetError
+
+RUNNERS: Dict[str, Type["Runner"]] = {}  # backend name -> runner class
+# What a runner's required constructor argument is, for the line that says it is missing.
+REQUIRED_HELP = {"onnx_path": "an ONNX graph (--onnx, or export one first)",
+                 "engine_path": "an engine (--engine, built with `edet-deploy build`)",
+                 "model_name": "a model name (--model)"}
+
+
+def register_runner(cls: Type[Runner]) -> Type[Runner]:
+    """Class decorator: `cls` becomes the backend `cls.name` of `create_runner`."""
+    RUNNERS[cls.name] = cls
+    return cls
 
 
 class Runner(ABC):
@@ -17,6 +34,25 @@ class Runner(ABC):
 
     def __init__(self, metadata: Dict[str, Any]):
         self.metadata = metadata
+
+    @classmethod
+    def options(cls) -> Tuple[str, ...]:
+        """The keyword arguments `create` passes on: the constructor's parameters."""
+        return tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
+
+    @classmethod
+    def create(cls, **options: Any) -> "Runner":
+        """The runner, or one EdetError line naming an option it does not take or the argument it lacks."""
+        accepted = cls.options()
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise EdetError(f"the {cls.name} backend has no option {', '.join(unknown)} "
+                            f"(it takes {', '.join(accepted)})")
+        params = inspect.signature(cls.__init__).parameters
+        for name in accepted:
+            if params[name].default is inspect.Parameter.empty and not options.get(name):
+                raise EdetError(f"the {cls.name} backend needs {REQUIRED_HELP.get(name, name)}")
+        return cls(**options)
 
     @property
     def image_size(self) -> int:
@@ -43,9 +79,13 @@ class Runner(ABC):
             raise EdetError(f"{self.name}: the graph has a fixed batch of {self.max_batch}, got {b}")
         return np.ascontiguousarray(images)
 
-    @abstractmethod
     def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         """Run one batch (already letterboxed) and return the graph outputs by name."""
+        return self.infer_impl(self.check_input(images))
+
+    @abstractmethod
+    def infer_impl(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        """The runtime's part of `infer`: `images` were checked against the graph and are contiguous."""
 
     def close(self) -> None:
         pass

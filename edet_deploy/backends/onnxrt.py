@@ -11,11 +11,12 @@ import numpy as np
 
 from ..contract import INPUT_NAME
 from ..errors import EdetError
+from ..io import load_onnx
 from ..metadata import read_metadata
 from ..nms import op as nms_op
-from .base import Runner
+from ..nms.graph import for_onnxruntime
+from .base import Runner, register_runner
 
-ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"
 _registered = False
 
 
@@ -44,25 +45,7 @@ def register_soft_nms_op() -> str:
 
 def load_for_ort(path: str | os.PathLike):
     """Load an ONNX graph and map our custom op's domain onto the one onnxruntime-extensions serves."""
-    import onnx
-
-    proto = onnx.load(str(path))
-    uses_nms = False
-    for node in proto.graph.node:
-        if node.domain == nms_op.DOMAIN:
-            if node.op_type != nms_op.OP_TYPE:
-                raise EdetError(f"unknown op {node.domain}::{node.op_type} in {path}")
-            nms_op.settings_from_node(node)  # validates the attributes
-            nms_op.strip_trt_attributes(node)
-            node.domain = ORT_CONTRIB_DOMAIN
-            uses_nms = True
-    if uses_nms:
-        imports = [o for o in proto.opset_import if o.domain != nms_op.DOMAIN]
-        del proto.opset_import[:]
-        proto.opset_import.extend(imports)
-        if not any(o.domain == ORT_CONTRIB_DOMAIN for o in imports):
-            proto.opset_import.append(onnx.helper.make_opsetid(ORT_CONTRIB_DOMAIN, 1))
-    return proto, uses_nms
+    return for_onnxruntime(load_onnx(path))
 
 
 def session_options(threads: Optional[int] = None):
@@ -76,6 +59,7 @@ def session_options(threads: Optional[int] = None):
     return so
 
 
+@register_runner
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
@@ -99,7 +83,6 @@ class OnnxRuntimeRunner(Runner):
         self.path = path
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
-        images = self.check_input(images)
+    def infer_impl(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, {INPUT_NAME: images})
         return dict(zip(self.output_names, outputs))

@@ -11,64 +11,28 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from ..errors import EdetError
+from ..io import load_onnx
 from ..metadata import read_metadata
-from ..nms import NmsSettings
 from ..nms import op as nms_op
-from .base import Runner
+from ..nms.graph import cut_at_nms
+from .base import Runner, register_runner
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 # What the network runs in: f32 (the parity reference) or bf16. OpenVINO itself picks bf16 by default on CPUs
 # with bf16 instructions (AVX512_BF16, AMX); we ask for it by name so a run's numerics never depend on the CPU.
 INFERENCE_PRECISIONS = ("f32", "bf16")
-_CANDIDATE_TYPES = (1, 1, 6)  # onnx.TensorProto FLOAT, FLOAT, INT32: the soft_nms node's input types
+NO_BF16_CPU = "this CPU has no bf16 instructions (AVX512_BF16 or AMX)"
 
 
 def default_cache_dir() -> Path:
     """Compiled-model cache beside the exports (EDET_DEPLOY_CACHE, else ~/.cache/edet_deploy)."""
     from ..contract import cache_dir
     return cache_dir() / "openvino"
-
-
-def cut_at_nms(proto) -> Tuple[object, Optional[NmsSettings], List[str]]:
-    """The graph up to the soft_nms node's inputs (a copy), the node's settings and its input names.
-    A graph without the node (exported with --nms none) comes back unchanged with settings None."""
-    import onnx
-    from onnx import helper
-
-    proto = onnx.ModelProto.FromString(proto.SerializeToString())
-    g = proto.graph
-    nms_nodes = [n for n in g.node if n.domain == nms_op.DOMAIN]
-    if not nms_nodes:
-        return proto, None, [o.name for o in g.output]
-    if len(nms_nodes) > 1 or nms_nodes[0].op_type != nms_op.OP_TYPE:
-        raise EdetError(f"expected one {nms_op.DOMAIN}::{nms_op.OP_TYPE} node, found "
-                        f"{[f'{n.domain}::{n.op_type}' for n in nms_nodes]}")
-    node = nms_nodes[0]
-    settings = nms_op.settings_from_node(node)
-    if list(node.output) != [o.name for o in g.output]:
-        raise EdetError("the soft_nms node's outputs must be the graph's outputs")
-    # Keep only what the candidate tensors depend on (the node is the graph's last step, but do not assume it).
-    needed, keep = set(node.input), []
-    for n in reversed([n for n in g.node if n is not node]):
-        if needed & set(n.output):
-            keep.append(n)
-            needed |= set(n.input)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    infos = {v.name: v for v in g.value_info}
-    del g.output[:]
-    g.output.extend(infos.get(name) or helper.make_tensor_value_info(name, elem, None)
-                    for name, elem in zip(node.input, _CANDIDATE_TYPES))
-    imports = [o for o in proto.opset_import if o.domain != nms_op.DOMAIN]
-    del proto.opset_import[:]
-    proto.opset_import.extend(imports)
-    return proto, settings, list(node.input)
 
 
 def cpu_has_bf16(core=None) -> bool:
@@ -81,6 +45,7 @@ def cpu_has_bf16(core=None) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+@register_runner
 class OpenVinoRunner(Runner):
     name = "openvino"
 
@@ -90,8 +55,6 @@ class OpenVinoRunner(Runner):
         """`cache_dir`: True = the default cache, False/None = no cache, or a directory. `threads` sets
         INFERENCE_NUM_THREADS (default: OpenVINO's choice, every core). `inference_precision` "bf16" runs the
         network in bfloat16 (the graph file stays FP32); it needs a CPU with bf16 instructions."""
-        import onnx
-
         try:
             import openvino as ov
         except ImportError:
@@ -108,15 +71,10 @@ class OpenVinoRunner(Runner):
                             f"{', '.join(INFERENCE_PRECISIONS)}")
         super().__init__(metadata or read_metadata(path))
         t0 = time.perf_counter()
-        try:
-            proto = onnx.load(str(path))
-        except Exception as e:  # noqa: BLE001 - a malformed file is the user's problem
-            raise EdetError(f"cannot read {path} as ONNX: {e}") from None
-        candidate, self.nms, self.candidate_names = cut_at_nms(proto)
+        candidate, self.nms, self.candidate_names = cut_at_nms(load_onnx(path))
         self.core = ov.Core()
         if inference_precision == "bf16" and not cpu_has_bf16(self.core):
-            raise EdetError("bf16 needs a CPU with bf16 instructions (AVX512_BF16 or AMX); OpenVINO reports "
-                            "none on this one: run f32 instead")
+            raise EdetError(f"bf16: {NO_BF16_CPU} (OpenVINO reports none): run f32 instead")
         self.inference_precision = inference_precision
         if cache_dir is True:
             cache_dir = default_cache_dir()
@@ -168,7 +126,9 @@ class OpenVinoRunner(Runner):
 
     def candidates(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         """The soft_nms node's inputs (or, for a --nms none graph, its outputs), by name."""
-        images = self.check_input(images)
+        return self._candidates(self.check_input(images))
+
+    def _candidates(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         compiled, request = self._request(images.shape[0])
         # One infer request per batch size: serialise callers (Triton's model instance already is one caller).
         with self._lock:
@@ -176,8 +136,8 @@ class OpenVinoRunner(Runner):
             outs = [result[compiled.outputs[i]] for i in range(len(self.candidate_names))]  # copies
         return dict(zip(self.candidate_names, outs))
 
-    def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
-        cands = self.candidates(images)
+    def infer_impl(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        cands = self._candidates(images)
         if self.nms is None:
             return cands
         from ..nms.fast import batched_soft_nms

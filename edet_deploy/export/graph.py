@@ -17,8 +17,6 @@ from ..box_coding import decode_boxes
 from ..errors import EdetError
 from ..nms.settings import DEFAULT_PRE_NMS_TOP_K, TRT_MAX_TOPK  # noqa: F401 (re-exported)
 
-CANDIDATE_OUTPUTS = ("candidate_boxes", "candidate_scores", "candidate_classes")
-
 
 class CandidateGraph(nn.Module):
     def __init__(self, model: nn.Module, pre_nms_top_k: int = DEFAULT_PRE_NMS_TOP_K):

@@ -1,36 +1,25 @@
 """PyTorch -> ONNX: one detection graph for every runtime (ONNX Runtime on CPU, TensorRT on GPU)."""
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import time
 import warnings
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import onnx
-from onnx import TensorProto, helper
 
-from .. import __version__
+from ..artifacts import ExportResult, save_graph
 from ..configs import get_config
-from ..contract import INPUT_NAME, OUTPUT_SPECS, artifact_name
+from ..contract import CANDIDATES, INPUT_NAME, artifact_name
 from ..errors import EdetError
-from ..io import atomic_path
 from ..log import logger
-from ..metadata import ONNX_PROP, ArtifactMetadata, build_metadata, sidecar_path, write_metadata
-from ..nms import NmsSettings, op as nms_op
-from .graph import CANDIDATE_OUTPUTS, DEFAULT_PRE_NMS_TOP_K, TRT_MAX_TOPK, CandidateGraph
+from ..metadata import build_metadata
+from ..nms import NmsSettings
+from ..nms.graph import attach_nms
+from .graph import DEFAULT_PRE_NMS_TOP_K, TRT_MAX_TOPK, CandidateGraph
 
 LARGE_IMAGE_SIZE = 896  # D3's input: from here on an export takes minutes, worth a progress bar
-
-
-@dataclass
-class ExportResult:
-    onnx_path: Path
-    metadata_path: Path
-    metadata: Dict
 
 
 def graph_name(variant: str, nms: bool = True) -> str:
@@ -81,11 +70,11 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
     buf = io.BytesIO()
     bar.update(1)
     bar.set_postfix_str("trace")
-    dyn = {INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in CANDIDATE_OUTPUTS}} if dynamic_batch else None
+    dyn = {INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in CANDIDATES}} if dynamic_batch else None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer chatter about constant folding and list outputs
         torch.onnx.export(graph, (example,), buf, opset_version=opset, dynamo=False, input_names=[INPUT_NAME],
-                          output_names=list(CANDIDATE_OUTPUTS), dynamic_axes=dyn, do_constant_folding=True)
+                          output_names=list(CANDIDATES), dynamic_axes=dyn, do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
     logger.info("traced %s in %.1f s (%d nodes)", cfg.name, time.perf_counter() - t0, len(proto.graph.node))
     bar.update(1)
@@ -142,53 +131,3 @@ def constants_to_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def attach_nms(proto: onnx.ModelProto, settings: NmsSettings) -> onnx.ModelProto:
-    """Append the `edet::soft_nms` node to a candidate graph and make its outputs the graph outputs."""
-    graph = proto.graph
-    names = [o.name for o in graph.output]
-    if names != list(CANDIDATE_OUTPUTS):
-        raise EdetError(f"expected a candidate graph with outputs {list(CANDIDATE_OUTPUTS)}, got {names}")
-    batch_dim = graph.output[0].type.tensor_type.shape.dim[0]
-    b = batch_dim.dim_param or batch_dim.dim_value
-    k = settings.max_detections
-    graph.node.append(nms_op.make_node(settings))
-    # Keep the candidate tensors' types as value_info so shape inference and tools still see them.
-    graph.value_info.extend(graph.output)
-    del graph.output[:]
-    for spec in OUTPUT_SPECS:
-        graph.output.append(helper.make_tensor_value_info(spec.name, spec.onnx_type, list(spec.shape(b, k))))
-    if not any(o.domain == nms_op.DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(nms_op.DOMAIN, nms_op.OP_VERSION))
-    return proto
-
-
-def check_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx.checker (full check, with our op's schema registered) and strict shape inference."""
-    nms_op.register_onnx_schema()
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise EdetError(f"exported graph fails the ONNX checker: {e}") from None
-
-
-def save_graph(proto: onnx.ModelProto, onnx_path: Path, meta: ArtifactMetadata) -> ExportResult:
-    """Check, embed metadata, and write graph + sidecar atomically (nothing half-written on failure)."""
-    check_graph(proto)
-    del proto.metadata_props[:]
-    proto.producer_name, proto.producer_version = "edet-deploy", __version__
-    meta = replace(meta, onnx_sha256=None)  # a source graph's checksum (convert) is stale
-    helper.set_model_props(proto, {ONNX_PROP: json.dumps(meta.to_dict())})
-    data = proto.SerializeToString()
-    meta = replace(meta, onnx_sha256=hashlib.sha256(data).hexdigest())
-    # Never a graph beside a sidecar of another export: drop the old sidecar first (until the new one lands,
-    # readers use the copy embedded in the graph, which always matches it), then graph, then sidecar.
-    sidecar = sidecar_path(onnx_path)
-    try:
-        sidecar.unlink(missing_ok=True)
-        with atomic_path(onnx_path) as tmp:
-            tmp.write_bytes(data)
-    except OSError as e:
-        raise EdetError(f"cannot write {onnx_path}: {e.strerror}") from None
-    meta_path = write_metadata(onnx_path, meta)
-    return ExportResult(onnx_path, meta_path, meta.to_dict())

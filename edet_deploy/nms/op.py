@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from typing import Dict
 
-from ..contract import OUTPUT_SPECS, OUTPUTS  # noqa: F401  (OUTPUTS: re-exported, the node's output order)
+from ..contract import CANDIDATE_SPECS, CANDIDATES, OUTPUT_SPECS, OUTPUTS
 from .settings import NmsSettings
 
 OP_TYPE = "soft_nms"
 DOMAIN = "edet"
 OP_VERSION = 1
-INPUTS = ("candidate_boxes", "candidate_scores", "candidate_classes")
+INPUTS = CANDIDATES  # the node's input order; OUTPUTS, imported with it, is its output order
 # ONNX element types of the outputs (onnx.TensorProto values)
 OUTPUT_TYPES = {s.name: s.onnx_type for s in OUTPUT_SPECS}
 ATTRIBUTE_TYPES = {"method": str, "sigma": float, "iou_threshold": float, "score_threshold": float,
@@ -41,13 +41,6 @@ def make_node(settings: NmsSettings, inputs=INPUTS, outputs=OUTPUTS, name: str =
     from onnx import helper
     return helper.make_node(OP_TYPE, list(inputs), list(outputs), name=name, domain=DOMAIN,
                             **node_attributes(settings), aot=AOT)
-
-
-def strip_trt_attributes(node) -> None:
-    """Drop the parser-only attributes in place (for runtimes whose custom-op loaders reject unknown ones)."""
-    keep = [a for a in node.attribute if a.name not in TRT_ATTRIBUTE_TYPES]
-    del node.attribute[:]
-    node.attribute.extend(keep)
 
 
 def settings_from_node(node) -> NmsSettings:
@@ -81,7 +74,7 @@ def register_onnx_schema() -> None:
     attr_kind = {str: A.STRING, float: A.FLOAT, int: A.INT}
     schema = defs.OpSchema(
         OP_TYPE, DOMAIN, OP_VERSION, doc=__doc__ or "",
-        inputs=[P("candidate_boxes", "T"), P("candidate_scores", "T"), P("candidate_classes", "I")],
+        inputs=[P(s.name, "I" if s.dtype == "int32" else "T") for s in CANDIDATE_SPECS],
         outputs=[P(s.name, "I" if s.dtype == "int32" else "T") for s in OUTPUT_SPECS],
         type_constraints=[("T", ["tensor(float)"], "boxes and scores"), ("I", ["tensor(int32)"], "counts, classes")],
         attributes=[defs.OpSchema.Attribute(k, attr_kind[t], "", required=False)

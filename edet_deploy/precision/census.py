@@ -49,7 +49,8 @@ def census(model: Union[onnx.ModelProto, str, Path]) -> Dict:
     """{'int8': share, 'fp16': share, 'fp32': share, 'gmacs': total, 'macs': {precision: MACs},
     'nodes': {precision: count}} over the graph's weighted layers (shares in [0, 1])."""
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
+        from ..io import load_onnx
+        model = load_onnx(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - a custom op's missing schema must not stop the count

@@ -1,19 +1,20 @@
-"""From a variant to its FP32 detection graph, and from that graph to its FP16 or INT8 twin, metadata included."""
+"""From a variant to its FP32 detection graph, and from that graph to its FP16 or INT8 twin, metadata included.
+The twins are made on the network part (the graph without its soft-NMS node, stripped once on reading and
+attached once on writing), so only `graph_for`'s export needs PyTorch."""
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Optional
 
-import onnx
-
+from ..artifacts import ExportResult, save_graph
 from ..contract import INPUT_NAME, artifact_name
 from ..errors import EdetError
-from ..export.onnx_export import ExportResult, attach_nms, export_onnx, save_graph
-from ..io import sha256_file
+from ..io import load_onnx, sha256_file
 from ..metadata import ArtifactMetadata, read_artifact_metadata
+from ..nms.graph import attach_nms, strip_nms
 from .census import census
-from .int8 import METHODS, calibration_images, check_qdq, quantize_candidates, strip_nms
+from .int8 import METHODS, calibration_images, check_qdq, quantize_candidates
 
 FEED_IMAGES = 32  # calibration images that equalization and threshold refinement measure on
 
@@ -25,7 +26,7 @@ def _load(onnx_path: str | Path):
     meta = read_artifact_metadata(path)
     if meta.precision != "fp32":
         raise EdetError(f"{path} is already {meta.precision}; start from the FP32 export")
-    candidate, settings = strip_nms(onnx.load(str(path)))
+    candidate, settings = strip_nms(load_onnx(path))
     return path, meta, candidate, settings
 
 
@@ -115,6 +116,7 @@ def graph_for(model: str, precision: str, out_dir: str | Path, *, weights: Optio
     out_dir = Path(out_dir)
     fp32 = out_dir / f"{artifact_name(model)}.onnx"
     if precision == "fp32" and not reuse or not fp32.is_file():
+        from ..export import export_onnx
         if weights is None:
             import torch
             torch.manual_seed(0)

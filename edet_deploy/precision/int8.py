@@ -1,8 +1,8 @@
 """INT8 twin for TensorRT 11's strong typing: the FP16 twin plus explicit Q/DQ (symmetric, zero point 0,
 per-channel weights) placed as TensorRT recommends (see qdq.py), so whatever is not int8 runs in fp16.
-Calibration runs ONNX Runtime's calibrators on CPU on the FP32 graph without the custom op (min/max, percentile;
-for entropy they collect the |x| histograms and kl.py searches them as TensorRT does); the soft-NMS node is
-re-attached afterwards. Ranges are cached, so a second run with the same inputs is instant."""
+Calibration runs ONNX Runtime's calibrators (min/max, percentile; for entropy they collect the |x| histograms and
+kl.py searches them as TensorRT does) on CPU on the FP32 network part: the graph without its soft-NMS node
+(nms/graph.py). Ranges are cached, so a second run with the same inputs is instant."""
 from __future__ import annotations
 
 import fnmatch
@@ -19,8 +19,6 @@ from onnx import numpy_helper
 from ..contract import INPUT_NAME
 from ..errors import EdetError
 from ..log import logger
-from ..nms import NmsSettings
-from ..nms import op as nms_op
 from .fp16 import NETWORK_PREFIX
 from .kl import kl_threshold
 from .qdq import check_qdq, plan_qdq, qdq_violations  # noqa: F401 - check_qdq is part of this module's API
@@ -32,30 +30,6 @@ QUANTIZED_OPS = ("Conv",)
 # Runtime's own search (on a signed histogram, whole-bin merging, integer-truncated expansion) jumps with the
 # histogram's range: 100 more images moved two box-head thresholds 3x and 7x (500 images: mAP 0.689, FP32 0.754).
 CALIB_OPTIONS = {"CalibNumBins": 2048, "KLQuantizedBins": 128, "KL": "tensorrt"}
-
-
-def strip_nms(proto: onnx.ModelProto) -> Tuple[onnx.ModelProto, Optional[NmsSettings]]:
-    """The candidate graph (no custom op) and the NMS settings of a full detection graph."""
-    from ..export.graph import CANDIDATE_OUTPUTS
-
-    proto = onnx.ModelProto.FromString(proto.SerializeToString())
-    g = proto.graph
-    nms_nodes = [n for n in g.node if n.domain == nms_op.DOMAIN]
-    if not nms_nodes:
-        return proto, None
-    settings = nms_op.settings_from_node(nms_nodes[0])
-    keep = [n for n in g.node if n.domain != nms_op.DOMAIN]
-    del g.node[:]
-    g.node.extend(keep)
-    infos = {v.name: v for v in g.value_info}
-    if not all(name in infos for name in CANDIDATE_OUTPUTS):
-        raise EdetError("cannot find the candidate tensors in front of the soft-NMS node")
-    del g.output[:]
-    g.output.extend(infos[name] for name in CANDIDATE_OUTPUTS)
-    imports = [o for o in proto.opset_import if o.domain != nms_op.DOMAIN]
-    del proto.opset_import[:]
-    proto.opset_import.extend(imports)
-    return proto, settings
 
 
 class ImageReader:

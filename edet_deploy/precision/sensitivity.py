@@ -16,7 +16,7 @@ from ..log import logger
 from .fp16 import NETWORK_PREFIX
 
 if TYPE_CHECKING:
-    from ..export.onnx_export import ExportResult
+    from ..artifacts import ExportResult
 
 
 def block_of(node_name: str) -> str:

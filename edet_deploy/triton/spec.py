@@ -47,7 +47,7 @@ class RepoSpec:
         object.__setattr__(self, "engine_backend", _engine_backend(self.target, self.engine_backend))
         _check_counts(self.max_batch_size, (self.preprocess_instances, self.engine_instances,
                                             self.postprocess_instances), self.queue_delay_us)
-        _check_bf16(self.precision, self.target, self.engine_backend)
+        _check_bf16(self.precision, self.engine_backend)
         if not self.input_formats or any(f not in INPUT_FORMATS for f in self.input_formats):
             raise EdetError(f"input formats must be among {', '.join(INPUT_FORMATS)}, got "
                             f"{', '.join(self.input_formats) or 'none'}")
@@ -76,7 +76,7 @@ class RepoSpec:
             raise EdetError(f"{artifact} not found")
         meta = read_metadata(artifact)  # verifies the artifact against its sidecar's checksum
         variant, precision = graph_variant_and_precision(meta, artifact, variant, precision)
-        _check_bf16(precision, target, engine_backend)
+        _check_bf16(precision, engine_backend)
         if copy_artifact and target == "cpu":
             check_graph_file(artifact)
         _check_out(Path(out), force)
@@ -129,9 +129,11 @@ def _check_counts(max_batch_size: int, instances: Iterable[int], queue_delay_us:
         raise EdetError(f"--queue-delay-us must be >= 0, got {queue_delay_us}")
 
 
-def _check_bf16(precision: str, target: str, engine_backend: str) -> None:
-    if precision == "bf16" and (target != "cpu" or engine_backend != "openvino"):
-        raise EdetError("--precision bf16 is the OpenVINO CPU engine's: --target cpu --engine-backend openvino")
+def _check_bf16(precision: str, engine_backend: str) -> None:
+    """bf16 is a runtime setting of the OpenVINO CPU engine (the engine backend is resolved by now)."""
+    if precision == "bf16":
+        from ..backends import bf16_options
+        bf16_options(engine_backend, "--precision bf16")
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -161,12 +163,9 @@ def _checked_plan(meta: Dict, plan: str, tensorrt_version: Optional[str]) -> Dic
 
 def check_graph_file(path: str | Path) -> None:
     """The graph the repository will serve loads as ONNX (a garbage file is refused here, not at serve time)."""
-    import onnx
+    from ..io import load_onnx
 
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises its own types for garbage files
-        raise EdetError(f"{path} is not a readable ONNX graph ({type(e).__name__})") from None
+    proto = load_onnx(path, external_data=False)
     if [i.name for i in proto.graph.input] != [contract.INPUT_NAME]:
         raise EdetError(f"{path} is not an edet-deploy detection graph (inputs {[i.name for i in proto.graph.input]})")
 

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Set
 
 import numpy as np
 
+from ..io import load_onnx
 from ..nms import op as nms_op
 from . import parser_rules
 from ..nms.settings import TRT_MAX_TOPK
@@ -71,10 +72,8 @@ class Finding:
 def plugin_report(model) -> List[str]:
     """Lines saying how TensorRT's parser turns each plugin node into a plugin: id, lookup, fields with the
     types the parser gives them, and AOT or JIT."""
-    import onnx
-
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        model = onnx.load(str(model), load_external_data=False)
+        model = load_onnx(model, external_data=False)
     lines = []
     for n in model.graph.node:
         if n.domain in ("", "ai.onnx") and n.op_type != nms_op.OP_TYPE:
@@ -105,7 +104,7 @@ def check_trt_compat(model, static_batch: Optional[bool] = None) -> List[Finding
     from onnx import numpy_helper
 
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        model = onnx.load(str(model))
+        model = load_onnx(model)
     g = model.graph
     constants: Dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     for n in g.node:

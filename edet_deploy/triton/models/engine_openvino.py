@@ -12,10 +12,11 @@ class TritonPythonModel(EngineModel):
     def initialize(self, args):
         params = parameters(args)
         self.cache_dir = params.get("cache_dir") or True
-        self.inference_precision = "bf16" if params.get("precision") == "bf16" else "f32"
+        self.precision = params.get("precision")
         super().initialize(args)
 
     def make_runner(self, onnx_path: str, threads):
+        from edet_deploy.backends import bf16_options
         from edet_deploy.backends.openvino import OpenVinoRunner
-        return OpenVinoRunner(onnx_path, threads=threads, cache_dir=self.cache_dir,
-                              inference_precision=self.inference_precision)
+        extra = bf16_options("openvino") if self.precision == "bf16" else {}
+        return OpenVinoRunner(onnx_path, threads=threads, cache_dir=self.cache_dir, **extra)

@@ -1,5 +1,5 @@
-"""The `tensorrt` backend (a Runner, made by backends.create_runner): deserialize a plan, bind torch CUDA
-buffers, execute_async_v3 on the runner's stream.
+"""The `tensorrt` backend: deserialize a plan, bind torch CUDA buffers, execute_async_v3 on the runner's stream.
+TensorRT and torch are imported when a runner is made; building engines and the plugin live in `trt/`.
 
 One execution context (an optimization profile belongs to one context at a time) with buffers per batch
 size. With `cuda_graph=True` each batch size gets its own CUDA graph, captured after the context's input shape
@@ -14,19 +14,20 @@ from typing import Any, Dict
 
 import numpy as np
 
-from ..backends.base import Runner
 from ..contract import INPUT_NAME
 from ..errors import EdetError
 from ..metadata import read_metadata
+from .base import Runner, register_runner
 
 
+@register_runner
 class TensorRTRunner(Runner):
     name = "tensorrt"
 
     def __init__(self, engine_path: str | Path, cuda_graph: bool = False, verbose: bool = False):
-        from . import require_tensorrt
-        from .builder import check_plan_matches_machine, trt_logger
-        from .plugin import register
+        from ..trt import require_tensorrt
+        from ..trt.builder import check_plan_matches_machine, trt_logger
+        from ..trt.plugin import register
 
         trt = require_tensorrt()
         import torch
@@ -108,13 +109,13 @@ class TensorRTRunner(Runner):
         graph.replay()
 
     def _input(self, images: np.ndarray) -> Dict[str, Any]:
-        images = self.check_input(images)
+        """Copy a checked batch into the input buffer of its size."""
         b = images.shape[0]
         bufs = self._buffers.get(b) or self._bind(b)
         bufs[INPUT_NAME].copy_(self.torch.from_numpy(images))
         return bufs
 
-    def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+    def infer_impl(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         torch = self.torch
         with torch.cuda.stream(self.stream):
             bufs = self._input(images)
@@ -129,7 +130,7 @@ class TensorRTRunner(Runner):
         torch = self.torch
         times = []
         with torch.cuda.stream(self.stream):
-            self._input(images)
+            self._input(self.check_input(images))
             self._run(images.shape[0])  # captures the graph first when graphs are on
             for _ in range(iters):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
