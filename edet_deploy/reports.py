@@ -180,7 +180,8 @@ def plot_latency(report: Dict, path: Path) -> None:
     ax.set_ylabel("latency p50, batch 1 (ms, log scale)")
     ax.set_title(f"EfficientDet latency by variant ({m['cores']} cores, {m['gpu'] or 'CPU only'})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # nothing measured at batch 1: an empty plot, without a warning
+        ax.legend()
     fig.tight_layout()
     _save(fig, path)
 
