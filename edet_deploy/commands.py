@@ -269,11 +269,14 @@ def _triton_repo(p: argparse.ArgumentParser):
     p.add_argument("--force", action="store_true", help="write into an --out holding models or files edet-deploy "
                                                          "did not generate")
     p.add_argument("--out", default="model_repository")
+    progress = ProgressArgs()
+    progress.add_to(p)
 
     def run(args) -> int:
         from .triton.repo import generate_repository_from_model
         repo = generate_repository_from_model(
             args.out, model=args.model, weights=args.weights, onnx=args.onnx, engine=args.engine,
+            progress=progress.build(args),
             precision=args.precision, target=args.target, max_batch_size=args.max_batch,
             copy_artifact=not args.no_copy, preprocess_instances=args.preprocess_instances,
             engine_instances=args.engine_instances, cuda_graphs=args.cuda_graphs,

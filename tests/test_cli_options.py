@@ -179,3 +179,16 @@ def test_global_options_before_or_after_the_subcommand(where, tmp_path):
     assert quiet.returncode == 0 and log.read_text().count("DEBUG") == 1
     bad = _run(*cmd, "--log-file", str(tmp_path / "missing" / "log.txt"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+LONG_JOBS = ("export", "calibrate", "build", "bench", "eval", "train", "make-shapes", "triton-repo")
+
+
+@pytest.mark.parametrize("cmd", LONG_JOBS)
+def test_long_jobs_take_no_progress(cmd):
+    assert "--no-progress" in {s for a in _subcommands()[cmd]._actions for s in a.option_strings}
+
+
+def test_no_bar_in_output_that_is_not_a_terminal(tmp_path):
+    out = _run("make-shapes", "--out", str(tmp_path / "s"), "--train", "30", "--val", "5", "--calib", "0")
+    assert out.returncode == 0 and "\r" not in out.stderr and "it/s" not in out.stderr, out.stderr

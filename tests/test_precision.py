@@ -1,6 +1,7 @@
 """FP16 and INT8 graphs: structure TensorRT needs, they run in ONNX Runtime, and their detections on real
 images (the bundled shapes model on generated shapes) stay close to FP32."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -359,7 +360,7 @@ def test_calibration_in_chunks_keeps_memory_bounded_and_minmax_exact(fp32, shape
     candidate, _ = strip_nms(onnx.load(str(fp32)))
     images = int8.calibration_images(shapes, 6)
     assert int8.calibration_chunk(512) == 16 and int8.calibration_chunk(1536) == 4
-    whole, _, _ = int8.calibrate(candidate, images, "minmax", None, 256, progress=False)
+    whole, _, _ = int8.calibrate(candidate, images, "minmax", None, 256)
     monkeypatch.setattr(int8, "calibration_chunk", lambda size: 4)
     calls = []
     collect = MinMaxCalibrater.collect_data
@@ -369,7 +370,7 @@ def test_calibration_in_chunks_keeps_memory_bounded_and_minmax_exact(fp32, shape
         return collect(self, reader)
 
     monkeypatch.setattr(MinMaxCalibrater, "collect_data", counting)
-    chunked, _, _ = int8.calibrate(candidate, images, "minmax", None, 256, progress=False)
+    chunked, _, _ = int8.calibrate(candidate, images, "minmax", None, 256)
     assert calls == [4, 2]
     assert chunked.keys() == whole.keys()
     assert all(np.isclose(chunked[k], whole[k], rtol=1e-6) for k in whole)
@@ -385,9 +386,9 @@ def test_histogram_calibration_in_chunks_equals_one_call(fp32, shapes, monkeypat
 
     candidate, _ = strip_nms(onnx.load(str(fp32)))
     images = int8.calibration_images(shapes, 6)
-    whole, _, _ = int8.calibrate(candidate, images, method, None, 256, progress=False)
+    whole, _, _ = int8.calibrate(candidate, images, method, None, 256)
     monkeypatch.setattr(int8, "calibration_chunk", lambda size: 4)
-    chunked, _, _ = int8.calibrate(candidate, images, method, None, 256, progress=False)
+    chunked, _, _ = int8.calibrate(candidate, images, method, None, 256)
     assert chunked.keys() == whole.keys()
     differ = [k for k in whole if not np.isclose(chunked[k], whole[k], rtol=1e-5)]
     assert differ == [], f"{len(differ)} of {len(whole)} thresholds moved with the chunking"
@@ -626,3 +627,56 @@ def test_refined_separable_pair_matches_onnx_runtimes_qdq():
         m = dw(_fake_quant(torch.from_numpy(x), amax["x"], np.float32), True)
         ours = pw(_fake_quant(m, amax["m"], np.float32), True).numpy()
     np.testing.assert_allclose(ours, y, rtol=1e-4, atol=1e-4 * float(np.abs(y).max()))
+
+
+def _run_on_a_terminal(argv, timeout=600):
+    """`python -m edet_deploy ARGV` with stderr on a pseudo-terminal (as a user's shell gives it) and stdout on
+    a pipe: returns (exit code, stdout, what the terminal showed)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    import threading
+    import fcntl
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal has a size
+    proc = subprocess.Popen([sys.executable, "-m", "edet_deploy", *argv], stdin=slave, stdout=subprocess.PIPE,
+                            stderr=slave, cwd=Path(__file__).resolve().parents[1])
+    os.close(slave)
+    screen = bytearray()
+
+    def read_terminal():
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                return
+            if not chunk:
+                return
+            screen.extend(chunk)
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+        reader.join(10)
+        os.close(master)
+    return proc.returncode, out.decode(), screen.decode(errors="replace")
+
+
+def test_calibrate_shows_one_bar_over_every_phase_and_keeps_stdout_clean(fp32, shapes, tmp_path):
+    code, out, screen = _run_on_a_terminal(["calibrate", str(fp32), "--data", str(shapes), "--num-images", "6",
+                                            "--out", str(tmp_path / "t.onnx"), "--cache-dir", str(tmp_path / "c")])
+    assert code == 0, screen[-2000:]
+    # One bar (one description), naming each phase as it runs, up to its end.
+    assert set(re.findall(r"calibrate d0 int8-entropy", screen)) == {"calibrate d0 int8-entropy"}
+    for name in ("equalizing channels", "FP16 overflow check", "calibration: ranges", "calibration: histograms",
+                 "calibration: entropy search", "refining thresholds", "writing the graph"):
+        assert name in screen, name
+    assert re.search(r"100%\|", screen), screen[-500:]
+    # ONNX Runtime's own prints never reach stdout: only our report is there.
+    assert "Collecting tensor data" not in out and "Finding optimal threshold" not in out
+    assert out.splitlines()[0].startswith(f"wrote {tmp_path / 't.onnx'}")

@@ -19,7 +19,6 @@ from ..nms import NmsSettings
 from ..nms.graph import attach_nms
 from .graph import DEFAULT_PRE_NMS_TOP_K, TRT_MAX_TOPK, CandidateGraph
 
-LARGE_IMAGE_SIZE = 896  # D3's input: from here on an export takes minutes, worth a progress bar
 
 
 def graph_name(variant: str, nms: bool = True) -> str:
@@ -59,8 +58,8 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    bar = tqdm(total=4, desc=f"export {name}", unit="stage", leave=False,
-               disable=not progress or get_config(name).image_size < LARGE_IMAGE_SIZE)
+    # Even D0 takes seconds here (minutes from D3 on): every export shows its stages.
+    bar = tqdm(total=4, desc=f"export {name}", unit="stage", leave=False, disable=not progress)
     bar.set_postfix_str("build model")
     model = create_model(name, num_classes=num_classes, weights=weights, image_size=image_size)
     cfg = model.config

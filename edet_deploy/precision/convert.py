@@ -14,7 +14,7 @@ from ..io import load_onnx, sha256_file
 from ..metadata import ArtifactMetadata, read_artifact_metadata
 from ..nms.graph import attach_nms, strip_nms
 from .census import census
-from .int8 import METHODS, calibration_images, check_qdq, quantize_candidates
+from .int8 import METHODS, calibration_images, calibration_steps, check_qdq, quantize_candidates
 
 FEED_IMAGES = 32  # calibration images that equalization and threshold refinement measure on
 
@@ -48,10 +48,10 @@ def _feeds(paths, meta: ArtifactMetadata) -> list:
     return [{INPUT_NAME: letterbox(decode_image(p), meta.image_size)[0][None]} for p in paths]
 
 
-def _overflow_keep(candidate, meta: ArtifactMetadata, data, num_images: int) -> set:
+def _overflow_keep(candidate, meta: ArtifactMetadata, data, num_images: int, bar=None) -> set:
     """Network nodes whose FP32 values exceed half the FP16 range on a few images of `data`: they stay FP32."""
     from .fp16 import overflow_nodes
-    return overflow_nodes(candidate, _feeds(calibration_images(data, num_images), meta))
+    return overflow_nodes(candidate, _feeds(calibration_images(data, num_images), meta), bar=bar)
 
 
 def to_fp16(onnx_path: str | Path, out: Optional[str | Path] = None, data: Optional[str | Path] = None,
@@ -76,6 +76,8 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
     `equalize`, the FP32 graph's depthwise channels are equalized first (equalize.py), and with `refine` the
     calibrated thresholds are tightened by the error of the layer each tensor feeds (refine.py), both on the
     first 32 of the images. The FP16 overflow check uses the first 8 of them, as `convert --fp16 --data` does."""
+    from ..progress import job_bar, phase, tick
+
     path, meta, candidate, settings = _load(onnx_path)
     if not meta.batch.get("dynamic") and meta.batch.get("max", 1) != 1:
         raise EdetError("calibrate a batch-1 or dynamic-batch export")
@@ -85,18 +87,26 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
     cache = Path(cache_dir) if cache_dir else path.parent / ".calibration_cache"
     equalized = None
     feeds = _feeds(images[:FEED_IMAGES], meta) if equalize or refine else []
-    if equalize:
-        from .equalize import equalize as equalize_channels
-        candidate, equalized = equalize_channels(candidate, feeds)
-    keep = _overflow_keep(candidate, meta, data, min(8, num_images))
-    quantized, info = quantize_candidates(candidate, images, method, exclude, cache, int(meta.image_size),
-                                          keep, progress, feeds if refine else None)
-    info["equalization"] = equalized
-    info.update(check_qdq(quantized))
-    meta = replace(meta, precision="int8", source={"onnx": str(path), "sha256": sha256_file(path)}, int8=info,
-                   fp16={"kept_fp32": sorted(keep)}, census=census(quantized))
-    return _finish(quantized, settings, meta,
-                   Path(out) if out else _twin_path(path, meta, f"int8-{method}", settings is not None))
+    overflow_images = min(8, num_images)
+    # One bar over every phase, one step per image each phase reads (and per tensor of the entropy search).
+    steps = ((len(feeds) if equalize else 0) + overflow_images + calibration_steps(candidate, images, method)
+             + (len(feeds) if refine else 0) + 1)
+    with job_bar(progress, steps, f"calibrate {meta.variant} int8-{method}") as bar:
+        if equalize:
+            from .equalize import equalize as equalize_channels
+            candidate, equalized = equalize_channels(candidate, feeds, bar=bar)
+        keep = _overflow_keep(candidate, meta, data, overflow_images, bar)
+        quantized, info = quantize_candidates(candidate, images, method, exclude, cache, int(meta.image_size),
+                                              keep, bar, feeds if refine else None)
+        phase(bar, "writing the graph")
+        info["equalization"] = equalized
+        info.update(check_qdq(quantized))
+        meta = replace(meta, precision="int8", source={"onnx": str(path), "sha256": sha256_file(path)},
+                       int8=info, fp16={"kept_fp32": sorted(keep)}, census=census(quantized))
+        made = _finish(quantized, settings, meta,
+                       Path(out) if out else _twin_path(path, meta, f"int8-{method}", settings is not None))
+        tick(bar, steps - bar.n)
+    return made
 
 
 def graph_for(model: str, precision: str, out_dir: str | Path, *, weights: Optional[str] = None,

@@ -77,12 +77,14 @@ def tensor_session(proto: onnx.ModelProto, tensors: Sequence[str]):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def channel_ranges(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]]
-                   ) -> Dict[str, np.ndarray]:
-    """max |x| per channel (axis 1) of each tensor over `feeds`, in ONNX Runtime."""
+def channel_ranges(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]],
+                   bar=None) -> Dict[str, np.ndarray]:
+    """max |x| per channel (axis 1) of each tensor over `feeds`, in ONNX Runtime (one `bar` step per feed)."""
+    from ..progress import ticking
+
     session = tensor_session(proto, tensors)
     out: Dict[str, np.ndarray] = {}
-    for feed in feeds:
+    for feed in ticking(feeds, bar, "equalizing channels"):
         for t, v in zip(tensors, session.run(list(tensors), dict(feed))):
             r = np.abs(np.asarray(v, np.float32)).max(axis=tuple(i for i in range(v.ndim) if i != 1))
             out[t] = np.maximum(out[t], r) if t in out else r
@@ -132,8 +134,8 @@ def _equalize_inputs(model: onnx.ModelProto, groups: Sequence[List[onnx.NodeProt
     return len(inserts)
 
 
-def equalize(proto: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], alpha: float = ALPHA
-             ) -> Tuple[onnx.ModelProto, Dict]:
+def equalize(proto: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], alpha: float = ALPHA,
+             bar=None) -> Tuple[onnx.ModelProto, Dict]:
     """A copy of the FP32 graph `proto` with the inputs of depthwise Convs (`_equalize_inputs`) and every
     depthwise -> pointwise pair equalized on `feeds`. Returns (model, info: Convs rewritten, widest channel
     spread of a depthwise output before and after)."""
@@ -141,7 +143,7 @@ def equalize(proto: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], 
     input_groups, groups = depthwise_groups(model), equalization_groups(model)
     # One pass measures both: the input step leaves every depthwise output as it was (same FP32 function).
     tensors = [dw.input[0] for dws in input_groups for dw in dws] + [dw.output[0] for dws, _ in groups for dw in dws]
-    ranges = channel_ranges(model, tensors, feeds) if tensors else {}
+    ranges = channel_ranges(model, tensors, feeds, bar) if tensors else {}
     inputs = _equalize_inputs(model, input_groups, ranges)
     if not groups:
         return model, {"pairs": 0, "inputs": inputs}

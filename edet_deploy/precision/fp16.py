@@ -93,9 +93,12 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: Iterable[str] = (),
 
 
 def overflow_nodes(model: onnx.ModelProto, feeds: Iterable[Dict[str, np.ndarray]], prefix: str = NETWORK_PREFIX,
-                   margin: float = 0.5) -> Set[str]:
-    """Network nodes whose float32 outputs exceed margin * FP16_MAX on the given inputs: keep them FP32."""
+                   margin: float = 0.5, bar=None) -> Set[str]:
+    """Network nodes whose float32 outputs exceed margin * FP16_MAX on the given inputs: keep them FP32 (one
+    `bar` step per feed)."""
     import onnxruntime as ort
+
+    from ..progress import ticking
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     floats = _float_tensors(model)
@@ -106,7 +109,7 @@ def overflow_nodes(model: onnx.ModelProto, feeds: Iterable[Dict[str, np.ndarray]
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     peak: Dict[str, float] = {}
-    for feed in feeds:
+    for feed in ticking(feeds, bar, "FP16 overflow check"):
         for name, value in zip(names, sess.run(names, feed)):
             if name in producer and value.size:
                 peak[name] = max(peak.get(name, 0.0), float(np.abs(value).max()))

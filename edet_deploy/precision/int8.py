@@ -37,19 +37,16 @@ class ImageReader:
     Runtime keeps every activation of every image it is given until its histograms are made (about 54 MB per
     image for D0 at 256 px, so 500 images overflowed 24 GiB), and it merges histograms across calls."""
 
-    def __init__(self, paths: Sequence[Path], size: int, chunk: int, progress: bool = False,
-                 desc: str = "calibration"):
+    def __init__(self, paths: Sequence[Path], size: int, chunk: int, bar=None, phase: str = "calibration"):
+        from ..progress import phase as name_phase
+
         self.paths, self.size, self.chunk, self.i, self.end = list(paths), size, chunk, 0, 0
-        self.bar = None
-        if progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=len(self.paths), desc=desc, unit="img", leave=False)
+        self.bar = bar  # one step per image handed out
+        name_phase(bar, phase)
 
     def next_chunk(self) -> bool:
         """Open the next chunk of images; False when all were read."""
         if self.i >= len(self.paths):
-            if self.bar is not None:
-                self.bar.close()
             return False
         self.end = min(self.i + self.chunk, len(self.paths))
         return True
@@ -137,16 +134,27 @@ def calibration_tensors(candidate: onnx.ModelProto) -> List[str]:
     return sorted(plan_qdq(candidate.graph, include).activations)
 
 
+def calibration_steps(candidate: onnx.ModelProto, images: Sequence[Path], method: str) -> int:
+    """The `bar` steps `calibrate` takes: a pass over the images (two for the histogram methods), and for
+    entropy one step per tensor's threshold search."""
+    passes = 1 if method == "minmax" else 2
+    return passes * len(images) + (len(calibration_tensors(candidate)) if method == "entropy" else 0)
+
+
 def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, cache_dir: Optional[Path],
-              image_size: int, progress: bool = True) -> Tuple[Dict[str, float], bool, Optional[Path]]:
+              image_size: int, bar=None) -> Tuple[Dict[str, float], bool, Optional[Path]]:
     """|max| per activation tensor ({name: amax}), from the cache when the same graph, images and method were
-    calibrated before. Returns (ranges, cache hit, cache file)."""
+    calibrated before. Returns (ranges, cache hit, cache file). ONNX Runtime's own prints go to the debug log,
+    never to stdout."""
+    import contextlib
+    import io
     import tempfile
     from unittest import mock
 
     from onnxruntime.quantization.calibrate import CalibraterBase, CalibrationMethod, create_calibrator
 
     from ..io import write_json
+    from ..progress import tick, ticking
 
     tensors = calibration_tensors(candidate)
     chunk = calibration_chunk(image_size)
@@ -154,6 +162,7 @@ def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, c
     if cache_dir is not None:
         cache = Path(cache_dir) / f"ranges-{method}-{cache_key(candidate, images, method, tensors, chunk)}.json"
         if cache.is_file():
+            tick(bar, calibration_steps(candidate, images, method))
             return {k: float(v) for k, v in json.loads(cache.read_text())["amax"].items()}, True, cache
     wanted = set(tensors)
     select = CalibraterBase.select_tensors_to_calibrate
@@ -165,7 +174,8 @@ def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, c
     # Entropy collects the percentile method's |x| histograms; its threshold is ours (kl_threshold).
     calib_method = {"entropy": CalibrationMethod.Percentile, "percentile": CalibrationMethod.Percentile,
                     "minmax": CalibrationMethod.MinMax}[method]
-    with tempfile.TemporaryDirectory() as tmp:
+    printed = io.StringIO()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(printed):
         src = Path(tmp) / "candidate.onnx"
         onnx.save(candidate, str(src))
         # Calibrate here rather than inside quantize_static, which does not pass the histogram sizes on.
@@ -174,14 +184,15 @@ def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, c
                                            extra_options={"symmetric": True, "percentile": 99.999,
                                                           "num_bins": CALIB_OPTIONS["CalibNumBins"]})
         if method != "minmax":  # min/max merge exactly; histograms only over fixed edges
-            _seed_histograms(calibrator, ImageReader(images, image_size, chunk, progress, "calibration ranges"))
-        reader = ImageReader(images, image_size, chunk, progress)
+            _seed_histograms(calibrator, ImageReader(images, image_size, chunk, bar, "calibration: ranges"))
+        reader = ImageReader(images, image_size, chunk, bar, "calibration: " +
+                             ("min/max" if method == "minmax" else "histograms"))
         while reader.next_chunk():
             calibrator.collect_data(reader)
         if method == "entropy":
             histograms = calibrator.collector.histogram_dict
             amax = {name: kl_threshold(*histograms[name][:2], levels=CALIB_OPTIONS["KLQuantizedBins"])
-                    if name in histograms else 0.0 for name in tensors}
+                    if name in histograms else 0.0 for name in ticking(tensors, bar, "calibration: entropy search")}
         else:
             data = calibrator.compute_data()
             amax = {}
@@ -189,6 +200,8 @@ def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, c
                 lo, hi = data.data[name].range_value
                 amax[name] = float(max(abs(float(np.asarray(lo).max())), abs(float(np.asarray(hi).max()))))
         del calibrator
+    if printed.getvalue().strip():
+        logger.debug("ONNX Runtime's calibrator said: %s", " | ".join(printed.getvalue().split("\n")))
     if cache is not None:
         write_json(cache, {"method": method, "num_images": len(images), "amax": amax})
     return amax, False, cache
@@ -226,7 +239,7 @@ def _seed_histograms(calibrator, reader: ImageReader) -> None:
 
 def quantize_candidates(candidate: onnx.ModelProto, images: Sequence[Path], method: str = "entropy",
                         exclude: Iterable[str] = (), cache_dir: Optional[Path] = None, image_size: int = 512,
-                        keep_fp32: Iterable[str] = (), progress: bool = True,
+                        keep_fp32: Iterable[str] = (), bar=None,
                         refine_feeds: Optional[Sequence[Dict[str, np.ndarray]]] = None) -> Tuple[onnx.ModelProto, Dict]:
     """The INT8 twin of a candidate graph: its FP16 twin (nodes in `keep_fp32` stay FP32) with Q/DQ on the
     inputs of the network Convs not excluded, and on the residual inputs of the Adds TensorRT fuses with them.
@@ -239,11 +252,11 @@ def quantize_candidates(candidate: onnx.ModelProto, images: Sequence[Path], meth
         raise EdetError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     include, excluded = network_nodes(candidate, exclude)
     t = time.perf_counter()
-    amax, hit, cache = calibrate(candidate, images, method, cache_dir, image_size, progress)
+    amax, hit, cache = calibrate(candidate, images, method, cache_dir, image_size, bar)
     refined = None
     if refine_feeds is not None:
         from .refine import refine_thresholds
-        amax, refined = refine_thresholds(candidate, amax, include, refine_feeds)
+        amax, refined = refine_thresholds(candidate, amax, include, refine_feeds, bar=bar)
     fp32_weights = {i.name: numpy_helper.to_array(i) for i in candidate.graph.initializer}
     half = convert_to_fp16(candidate, keep_fp32)
     quantized, counts = insert_qdq(half, include, amax, fp32_weights)

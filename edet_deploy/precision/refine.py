@@ -94,12 +94,14 @@ def _confidence_by_size(logits: Sequence[np.ndarray]) -> Dict[Tuple[int, ...], "
 
 def refine_thresholds(candidate: onnx.ModelProto, amax: Mapping[str, float], quantized_convs: Iterable[str],
                       feeds: Sequence[Mapping[str, np.ndarray]], grid: Sequence[float] = GRID,
-                      scale_dtype=np.float16) -> Tuple[Dict[str, float], Dict]:
+                      scale_dtype=np.float16, bar=None) -> Tuple[Dict[str, float], Dict]:
     """`amax` with the input threshold of every Conv in `quantized_convs` tightened as the module says, measured
     on `feeds` (graph inputs) of the FP32 `candidate`. A tensor that is also the residual input of a fused Add
     (one Q/DQ pair serves both) counts the Add's error too: its own quantization error. Convs `_Conv` cannot
     compute (not 2-D, auto_pad, weights not initializers) keep their input's threshold. Returns (ranges, info)."""
     import torch
+
+    from ..progress import ticking
 
     g = candidate.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
@@ -130,7 +132,8 @@ def refine_thresholds(candidate: onnx.ModelProto, amax: Mapping[str, float], qua
     session = tensor_session(candidate, tensors + confidence)
     errors = {t: np.zeros(len(grid)) for t in tensors}
     with torch.inference_mode():
-        for feed in feeds:  # one image at a time: a large model's activations of many images do not fit
+        # one image at a time: a large model's activations of many images do not fit
+        for feed in ticking(feeds, bar, "refining thresholds"):
             values = dict(zip(tensors + confidence, session.run(tensors + confidence, dict(feed))))
             weights = _confidence_by_size([values[c] for c in confidence])
             for t in tensors:

@@ -66,7 +66,7 @@ def generate_repository(out: str | Path, *, tuning_images: Optional[Sequence[byt
 
 def generate_repository_from_model(out: str | Path, *, model: Optional[str] = None, weights: Optional[str] = None,
                                    onnx: Optional[str] = None, target: str = "cpu", max_batch_size: int = 8,
-                                   **kwargs: Any) -> Path:
+                                   progress: bool = False, **kwargs: Any) -> Path:
     """`generate_repository` for `edet-deploy triton-repo`: a CPU target without a graph first exports `model`
     (default d0, with `weights`) into a hidden temporary folder, which goes away since the repository keeps its
     own copy. With a graph or plan, `model` None means the artifact's."""
@@ -77,6 +77,7 @@ def generate_repository_from_model(out: str | Path, *, model: Optional[str] = No
             if max_batch_size < 1:
                 raise EdetError("--max-batch must be >= 1")
             from ..export import export_onnx
-            onnx = str(export_onnx(model or "d0", tmp, weights=weights, dynamic_batch=max_batch_size).onnx_path)
+            onnx = str(export_onnx(model or "d0", tmp, weights=weights, dynamic_batch=max_batch_size,
+                                   progress=progress).onnx_path)
         return generate_repository(out, variant=model, onnx=onnx, target=target, max_batch_size=max_batch_size,
                                    **kwargs)
