@@ -20,6 +20,7 @@ from edet_deploy.backends import REFERENCE_BACKEND
 from edet_deploy.measure import machine_info
 from edet_deploy.precision.census import census
 from edet_deploy.precision.convert import graph_for
+from edet_deploy.precision.int8 import Int8Options
 from edet_deploy.precision.sensitivity import sensitivity_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +46,8 @@ def main(argv=None) -> int:
     fp32 = graph_for("d0", "fp32", work, weights=str(WEIGHTS), reuse=False)
     graphs = {"fp32": fp32, "fp16": graph_for("d0", "fp16", work, data=args.data, reuse=False)}
     t = time.perf_counter()
-    sens = sensitivity_sweep(fp32, args.data, "entropy", args.calib_images, args.sensitivity_images,
-                             max_loss=args.max_loss, work_dir=work / "sensitivity")
+    sens = sensitivity_sweep(fp32, args.data, Int8Options(num_images=args.calib_images, method="entropy"),
+                             args.sensitivity_images, max_loss=args.max_loss, work_dir=work / "sensitivity")
     print(f"sensitivity sweep {time.perf_counter() - t:.0f} s: keep {sens['kept_in_float']}", flush=True)
     # the default INT8 graph without the channel equalization that precedes calibration, for comparison
     graphs["int8 entropy, not equalized"] = graph_for("d0", "int8", work, data=args.data, num_images=args.calib_images,

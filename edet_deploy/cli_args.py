@@ -7,7 +7,7 @@ import argparse
 import json
 import math
 import sys
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from .errors import EdetError
 

@@ -384,11 +384,13 @@ def _calibrate(p: argparse.ArgumentParser):
     progress.add_to(p)
 
     def run(args) -> int:
-        from .precision.sensitivity import calibrate_int8
-        made = calibrate_int8(args.onnx, args.data, args.out, args.num_images, args.method, args.exclude,
-                              args.cache_dir, args.sensitivity, args.eval_images, args.max_loss,
-                              progress.build(args), equalize=not args.no_equalize,
-                              refine=not args.no_refine)
+        from .precision.int8 import Int8Options
+        from .precision.sensitivity import Sensitivity, calibrate_int8
+        options = Int8Options(num_images=args.num_images, method=args.method, exclude=tuple(args.exclude),
+                              cache_dir=args.cache_dir, equalize=not args.no_equalize, refine=not args.no_refine)
+        made = calibrate_int8(args.onnx, args.data, args.out, options,
+                              Sensitivity(args.eval_images, args.max_loss) if args.sensitivity else None,
+                              progress.build(args))
         if made.sweep is not None:
             rep = made.sweep
             print(f"FP32 mAP {rep['fp32_mAP']:.4f}, INT8 all {rep['int8_all_mAP']:.4f}, keeping "

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import io
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 from .errors import EdetError

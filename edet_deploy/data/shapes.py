@@ -2,7 +2,6 @@
 overlaps on textured backgrounds, written in COCO format. Deterministic for a given seed."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Dict, List, Tuple

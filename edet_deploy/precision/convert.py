@@ -14,7 +14,7 @@ from ..io import load_onnx, sha256_file
 from ..metadata import ArtifactMetadata, read_artifact_metadata
 from ..nms.graph import attach_nms, strip_nms
 from .census import census
-from .int8 import METHODS, calibration_images, calibration_steps, check_qdq, quantize_candidates
+from .int8 import Int8Options, calibration_images, calibration_steps, check_qdq, quantize_candidates
 
 FEED_IMAGES = 32  # calibration images that equalization and threshold refinement measure on
 
@@ -69,22 +69,22 @@ def to_fp16(onnx_path: str | Path, out: Optional[str | Path] = None, data: Optio
                    Path(out) if out else _twin_path(path, meta, "fp16", settings is not None))
 
 
-def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] = None, num_images: int = 500,
-            method: str = "entropy", exclude: Iterable[str] = (), cache_dir: Optional[str | Path] = None,
-            progress: bool = True, equalize: bool = True, refine: bool = True) -> ExportResult:
-    """INT8 twin of a graph: its FP16 twin plus Q/DQ calibrated on `num_images` images of `data`. With
-    `equalize`, the FP32 graph's depthwise channels are equalized first (equalize.py), and with `refine` the
-    calibrated thresholds are tightened by the error of the layer each tensor feeds (refine.py), both on the
-    first 32 of the images. The FP16 overflow check uses the first 8 of them, as `convert --fp16 --data` does."""
+def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] = None,
+            options: Optional[Int8Options] = None, *, progress: bool = True, **choices) -> ExportResult:
+    """INT8 twin of a graph: its FP16 twin plus Q/DQ calibrated on `options.num_images` images of `data`
+    (`choices`: Int8Options fields overriding `options`). With `equalize`, the FP32 graph's depthwise channels
+    are equalized first (equalize.py), and with `refine` the calibrated thresholds are tightened by the error of
+    the layer each tensor feeds (refine.py), both on the first 32 of the images. The FP16 overflow check uses
+    the first 8 of them, as `convert --fp16 --data` does. `progress`: one bar over every phase."""
     from ..progress import job_bar, phase, tick
 
+    opts = replace(options or Int8Options(), **choices)
+    num_images, method, equalize, refine = opts.num_images, opts.method, opts.equalize, opts.refine
     path, meta, candidate, settings = _load(onnx_path)
     if not meta.batch.get("dynamic") and meta.batch.get("max", 1) != 1:
         raise EdetError("calibrate a batch-1 or dynamic-batch export")
-    if method not in METHODS:
-        raise EdetError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     images = calibration_images(data, num_images)
-    cache = Path(cache_dir) if cache_dir else path.parent / ".calibration_cache"
+    cache = opts.cache_dir or path.parent / ".calibration_cache"
     equalized = None
     feeds = _feeds(images[:FEED_IMAGES], meta) if equalize or refine else []
     overflow_images = min(8, num_images)
@@ -96,7 +96,7 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
             from .equalize import equalize as equalize_channels
             candidate, equalized = equalize_channels(candidate, feeds, bar=bar)
         keep = _overflow_keep(candidate, meta, data, overflow_images, bar)
-        quantized, info = quantize_candidates(candidate, images, method, exclude, cache, int(meta.image_size),
+        quantized, info = quantize_candidates(candidate, images, method, opts.exclude, cache, int(meta.image_size),
                                               keep, bar, feeds if refine else None)
         phase(bar, "writing the graph")
         info["equalization"] = equalized
@@ -137,5 +137,6 @@ def graph_for(model: str, precision: str, out_dir: str | Path, *, weights: Optio
         path = out_dir / f"{artifact_name(model, 'fp16')}.onnx"
         return path if reuse and path.is_file() else to_fp16(fp32, path, data).onnx_path
     path = out_dir / f"{artifact_name(model, f'int8-{method}{tag}')}.onnx"
-    return path if reuse and path.is_file() else to_int8(fp32, data, path, num_images, method, exclude,
-                                                         equalize=equalize, refine=refine).onnx_path
+    options = Int8Options(num_images=num_images, method=method, exclude=tuple(exclude), equalize=equalize,
+                          refine=refine)
+    return path if reuse and path.is_file() else to_int8(fp32, data, path, options).onnx_path

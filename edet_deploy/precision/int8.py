@@ -9,6 +9,7 @@ import fnmatch
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -24,6 +25,27 @@ from .kl import kl_threshold
 from .qdq import check_qdq, plan_qdq, qdq_violations  # noqa: F401 - check_qdq is part of this module's API
 
 METHODS = ("entropy", "percentile", "minmax")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Options:
+    """How an INT8 twin is calibrated: the one set of choices that `calibrate`, `to_int8`, the sensitivity sweep
+    and the benchmarks pass on (instead of a positional list through four files)."""
+    num_images: int = 500
+    method: str = "entropy"  # activation ranges: see METHODS and `calibrate`
+    exclude: Tuple[str, ...] = ()  # node-name patterns kept in float (fnmatch or substring)
+    cache_dir: Optional[Path] = None  # calibration-range cache; None: .calibration_cache beside the graph
+    equalize: bool = True  # equalize depthwise channels first (equalize.py)
+    refine: bool = True  # tighten thresholds by the error of the layer each feeds (refine.py)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise EdetError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if int(self.num_images) < 1:
+            raise EdetError(f"calibration needs at least 1 image, got {self.num_images}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 QUANTIZED_OPS = ("Conv",)
 # Entropy calibration as TensorRT's entropy calibrator does it: a 2048-bin histogram of |x|, searched for the
 # clipping threshold whose 128-level quantization has the least KL divergence to it (`kl_threshold`). ONNX

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
 
@@ -14,6 +14,7 @@ import onnx
 
 from ..log import logger
 from .fp16 import NETWORK_PREFIX
+from .int8 import Int8Options
 
 if TYPE_CHECKING:
     from ..artifacts import ExportResult
@@ -38,11 +39,11 @@ def pattern_for(block: str) -> str:
     return f"{NETWORK_PREFIX}{block}/*"
 
 
-def sensitivity_sweep(onnx_path: str | Path, data: str | Path, method: str = "entropy", num_images: int = 100,
+def sensitivity_sweep(onnx_path: str | Path, data: str | Path, options: Optional[Int8Options] = None,
                       eval_images: int = 100, max_loss: float = 0.005, max_blocks: int = 4,
-                      work_dir: Optional[Path] = None, progress: bool = True, equalize: bool = True,
-                      refine: bool = True) -> Dict:
-    """Run the sweep; returns the table and the chosen exclusion patterns (as `calibrate --exclude` takes)."""
+                      work_dir: Optional[Path] = None, progress: bool = True) -> Dict:
+    """Run the sweep with the calibration `options` (their own `exclude` aside: each trial sets it); returns
+    the table and the chosen exclusion patterns (as `calibrate --exclude` takes)."""
     from ..backends import REFERENCE_BACKEND
     from ..data import CocoDataset
     from ..detector import Detector
@@ -52,8 +53,11 @@ def sensitivity_sweep(onnx_path: str | Path, data: str | Path, method: str = "en
     path = Path(onnx_path)
     work = Path(work_dir or path.parent / "sensitivity")
     work.mkdir(parents=True, exist_ok=True)
-    cache = path.parent / ".calibration_cache"
+    options = replace(options or Int8Options(num_images=100), cache_dir=path.parent / ".calibration_cache")
     val = CocoDataset(data, "val")
+
+    def twin(out: Path, exclude: Iterable[str]) -> Path:
+        return to_int8(path, data, out, options, progress=False, exclude=tuple(exclude)).onnx_path
 
     def m_ap(graph: Path) -> float:
         return evaluate(Detector.from_onnx(graph, backend=REFERENCE_BACKEND), val, eval_images,
@@ -62,14 +66,11 @@ def sensitivity_sweep(onnx_path: str | Path, data: str | Path, method: str = "en
     _, _, candidate, _ = _load(path)
     blocks = conv_blocks(candidate)
     fp32 = m_ap(path)
-    full = m_ap(to_int8(path, data, work / "all.onnx", num_images, method, (), cache, False, equalize,
-                        refine).onnx_path)
+    full = m_ap(twin(work / "all.onnx", ()))
     logger.info("sensitivity: FP32 %.4f, INT8 (all blocks) %.4f", fp32, full)
     rows = []
     for i, block in enumerate(blocks):
-        g = to_int8(path, data, work / f"keep_{i}.onnx", num_images, method, [pattern_for(block)], cache, False,
-                    equalize, refine).onnx_path
-        ap = m_ap(g)
+        ap = m_ap(twin(work / f"keep_{i}.onnx", [pattern_for(block)]))
         rows.append({"block": block, "convs": len(blocks[block]), "mAP_with_block_in_float": round(ap, 5),
                      "recovered": round(ap - full, 5)})
         if progress:
@@ -81,10 +82,8 @@ def sensitivity_sweep(onnx_path: str | Path, data: str | Path, method: str = "en
         if fp32 - current <= max_loss or len(chosen) >= max_blocks or r["recovered"] <= 0:
             break
         chosen.append(r["block"])
-        g = to_int8(path, data, work / "chosen.onnx", num_images, method, [pattern_for(b) for b in chosen],
-                    cache, False, equalize, refine).onnx_path
-        current = m_ap(g)
-    return {"fp32_mAP": round(fp32, 5), "int8_all_mAP": round(full, 5), "method": method,
+        current = m_ap(twin(work / "chosen.onnx", [pattern_for(b) for b in chosen]))
+    return {"fp32_mAP": round(fp32, 5), "int8_all_mAP": round(full, 5), "method": options.method,
             "eval_images": eval_images, "blocks": rows, "kept_in_float": chosen,
             "exclude_patterns": [pattern_for(b) for b in chosen], "int8_with_exclusions_mAP": round(current, 5)}
 
@@ -97,22 +96,28 @@ class Int8Result:
     sweep_path: Optional[Path] = None
 
 
-def calibrate_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] = None, num_images: int = 500,
-                   method: str = "entropy", exclude: Iterable[str] = (), cache_dir: Optional[str | Path] = None,
-                   sensitivity: bool = False, eval_images: int = 100, max_loss: float = 0.005,
-                   progress: bool = True, equalize: bool = True, refine: bool = True) -> Int8Result:
+@dataclass(frozen=True)
+class Sensitivity:
+    """`calibrate --sensitivity`: score each block's INT8 cost on `eval_images` val images and keep blocks in
+    float until the mAP loss against FP32 is at most `max_loss`."""
+    eval_images: int = 100
+    max_loss: float = 0.005
+
+
+def calibrate_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] = None,
+                   options: Optional[Int8Options] = None, sensitivity: Optional[Sensitivity] = None,
+                   progress: bool = True) -> Int8Result:
     """`edet-deploy calibrate`: with `sensitivity`, first sweep for the blocks that cost the most mAP in INT8
     (report written beside the graph; its per-block table goes to stdout) and keep them in float too; then
-    `to_int8`, with a bar per calibration image when `progress`."""
+    `to_int8`, with one bar over its phases when `progress`."""
     from .convert import to_int8
-    exclude = list(exclude)
+    options = options or Int8Options()
     sweep = sweep_path = None
-    if sensitivity:
+    if sensitivity is not None:
         from ..io import write_json
-        sweep = sensitivity_sweep(onnx_path, data, method, num_images, eval_images, max_loss, equalize=equalize,
-                                  refine=refine)
-        sweep_path = Path(onnx_path).with_name(Path(onnx_path).stem + f".sensitivity-{method}.json")
+        sweep = sensitivity_sweep(onnx_path, data, options, sensitivity.eval_images, sensitivity.max_loss)
+        sweep_path = Path(onnx_path).with_name(Path(onnx_path).stem + f".sensitivity-{options.method}.json")
         write_json(sweep_path, sweep)
-        exclude += sweep["exclude_patterns"]
-    graph = to_int8(onnx_path, data, out, num_images, method, exclude, cache_dir, progress, equalize, refine)
+        options = replace(options, exclude=options.exclude + tuple(sweep["exclude_patterns"]))
+    graph = to_int8(onnx_path, data, out, options, progress=progress)
     return Int8Result(graph, sweep, sweep_path)
