@@ -296,6 +296,11 @@ class Front:
     # -- one client connection ------------------------------------------------------------------------------
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections[writer] = False
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Not set on sockets accepted from a listener we bound: without it, an answer written as head then
+            # body waits for the client's delayed ACK (+40 ms per request, measured).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             while not self.draining:
                 try:
