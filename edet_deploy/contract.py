@@ -108,3 +108,14 @@ CLASS_NAMES_PARAMETER = "class_names"
 def raw_output_name(output: str) -> str:
     """The ensemble tensor carrying the engine's `output` (graph pixels) to the postprocess model."""
     return f"raw_{output}"
+
+
+# Triton's HTTP/REST wire (KServe v2 and its binary tensor extension), as the front in `serve` reads it: the
+# header giving the length of the JSON part of a body whose tail is binary tensor data, the input parameter
+# giving each input's share of that tail, and the bytes per element of the fixed-size datatypes (BYTES
+# elements are each a 4-byte length plus the bytes).
+INFERENCE_HEADER_LENGTH = "Inference-Header-Content-Length"
+BINARY_DATA_SIZE = "binary_data_size"
+FIXED_DATATYPE_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
+                        "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
+BYTES_LENGTH_PREFIX = 4

@@ -96,6 +96,13 @@ def port_in_use(address: str, port: int) -> bool:
     return False
 
 
+def check_port(name: str, address: str, port: int) -> None:
+    """Refuse a taken port in one line, before anything starts."""
+    if port_in_use(address, port):
+        raise EdetError(f"{name} port {port} on {address} is already in use; choose another (--{name}-port) or "
+                        f"stop what listens there")
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """preexec_fn: the kernel sends SIGKILL to tritonserver when the process that started it dies (even by
     SIGKILL, when no handler of ours can run); its Python stubs notice their parent is gone and exit."""
@@ -112,12 +119,13 @@ class TritonServer:
 
     Models are loaded with explicit model control so that only this process (holding `admin_key`) can
     unload/reload them (the supervisor does, after a stub dies); `open_apis` names restricted API groups to
-    leave open to every client (default: none; "all" opens every group)."""
+    leave open to every client (default: none; "all" opens every group). `http_address` (default: `address`)
+    lets the HTTP port sit on loopback behind a front while gRPC and metrics listen on `address`."""
 
     def __init__(self, repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  address: str = "127.0.0.1", log_verbose: int = 0, extra_args: Optional[List[str]] = None,
                  log_file: Optional[str | Path] = None, grace_period: float = 30.0,
-                 open_apis: Sequence[str] = (), force: bool = False):
+                 open_apis: Sequence[str] = (), force: bool = False, http_address: Optional[str] = None):
         from .verify import validate_repository, verify_served_repository
 
         self.repo = Path(repo)
@@ -125,6 +133,7 @@ class TritonServer:
         verify_served_repository(self.repo, force=force)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.address = address
+        self.http_address = http_address or address
         self.grace_period = float(grace_period)
         if self.grace_period < 0:
             raise EdetError(f"the grace period must be >= 0 s, got {grace_period}")
@@ -138,22 +147,27 @@ class TritonServer:
         self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(3)}_"
         paths = find_triton()
         restriction = f"{','.join(restricted)}:{ADMIN_HEADER}={self.admin_key}"
-        self.cmd = [str(paths.binary), f"--model-repository={self.repo.resolve()}",
-                    f"--backend-directory={paths.backends}", f"--http-port={http_port}",
-                    f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}", f"--http-address={address}",
-                    f"--grpc-address={address}", f"--metrics-address={address}", "--allow-metrics=true",
-                    "--allow-gpu-metrics=false", "--strict-readiness=true", f"--log-verbose={log_verbose}",
-                    "--model-control-mode=explicit", "--load-model=*",
-                    f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}",
-                    f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-                    f"--exit-timeout-secs={max(1, int(round(self.grace_period)))}", *(extra_args or [])]
+        self.binary, self.backends = paths.binary, paths.backends
+        self.fixed_args = [f"--model-repository={self.repo.resolve()}", f"--backend-directory={paths.backends}",
+                           f"--grpc-address={address}", f"--metrics-address={address}", "--allow-metrics=true",
+                           "--allow-gpu-metrics=false", "--strict-readiness=true", f"--log-verbose={log_verbose}",
+                           "--model-control-mode=explicit", "--load-model=*",
+                           f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}",
+                           f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+                           f"--exit-timeout-secs={max(1, int(round(self.grace_period)))}", *(extra_args or [])]
         self.env = server_env(paths)
         self.log_file = Path(log_file) if log_file else None
         self.proc: Optional[subprocess.Popen] = None
 
     @property
+    def cmd(self) -> List[str]:
+        """The command line (ports as they are now: a restart may move the HTTP port)."""
+        return [str(self.binary), f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
+                f"--metrics-port={self.metrics_port}", f"--http-address={self.http_address}", *self.fixed_args]
+
+    @property
     def http_url(self) -> str:
-        return f"{self.address}:{self.http_port}"
+        return f"{self.http_address}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
@@ -164,13 +178,12 @@ class TritonServer:
         return {ADMIN_HEADER: self.admin_key}
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
-        for name, port in (("http", self.http_port), ("grpc", self.grpc_port), ("metrics", self.metrics_port)):
-            if port_in_use(self.address, port):
-                raise EdetError(f"{name} port {port} on {self.address} is already in use; choose another "
-                                f"(--{name}-port) or stop what listens there")
+        check_port("http", self.http_address, self.http_port)
+        for name, port in (("grpc", self.grpc_port), ("metrics", self.metrics_port)):
+            check_port(name, self.address, port)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        logger.info("starting tritonserver on %s (http %d, grpc %d, metrics %d)", self.address, self.http_port,
-                    self.grpc_port, self.metrics_port)
+        logger.info("starting tritonserver on %s (http %s:%d, grpc %d, metrics %d)", self.address, self.http_address,
+                    self.http_port, self.grpc_port, self.metrics_port)
         # A new session: stop() can signal the server and every stub it forked.
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd="/", preexec_fn=_die_with_parent)

@@ -1,42 +1,55 @@
-"""`edet-deploy serve`: tritonserver under supervision.
+"""`edet-deploy serve`: tritonserver under supervision, behind the HTTP front (`front.py`).
 
-Triton 2.51's Python backend does not restart a stub that died (SIGKILL, OOM killer): every later request to
-that model fails with "Stub process ... is not healthy" while /v2/health/ready keeps answering 200. The
-supervisor watches tritonserver's children (the stubs, one per model instance, named in their command line)
-every `poll` seconds. When a stub is gone it
+Triton 2.51's Python backend does not restart a stub that died (SIGKILL, OOM killer), and a stub that is stopped
+or deadlocked fails every request ("Stub process ... is not healthy") or never answers, while Triton's
+/v2/health/ready keeps answering 200. The supervisor watches tritonserver's children (the stubs, one per model
+instance, named in their command line) every `poll` seconds and tells the front (`Upstream`) what it sees:
 
-1. unloads the model through the model-repository API (explicit model control, restricted to our admin key):
-   from that moment /v2/health/ready and the ensemble's ready endpoint answer 400, so a load balancer stops
-   routing here; then
-2. loads it again (fresh stubs, fresh shared memory); readiness returns to 200 when the model is READY.
+- a stub gone: the model and the ensembles running it are marked down (the front answers their readiness and
+  their requests with 503 + Retry-After), the model is unloaded and loaded again through the model-repository
+  API (explicit model control, restricted to our admin key), then marked up;
+- a stub stopped (/proc state T) or hung (a canary request through each ensemble, sent only when no request has
+  succeeded lately, fails with "is not healthy", or times out while no other request completed): SIGKILL, then
+  as above;
+- a stub whose shared-memory region grew past a high-water mark (an oversized request is copied in before the
+  model can refuse it, and the region never shrinks): its model's instances are replaced without downtime;
+- tritonserver dead (any cause), an admin call failing, or a model needing more than `max_recoveries`
+  recoveries within `recovery_window` s: tritonserver is (killed and) started again after a backoff that
+  doubles from `backoff[0]` to `backoff[1]` s and resets once it has run `stable_after` s, for as long as
+  `serve` runs.
 
-A stub whose shared-memory region grew past a high-water mark (an oversized request is copied in before the
-model can refuse it, and the region never shrinks) has its model's instances replaced without downtime, which
-returns that memory, and tritonserver's own memory tied to those requests, to the baseline.
-
-If tritonserver itself dies (it segfaults, e.g., on a large form-encoded POST body), it is started again on
-the same ports. If a load or restart fails, or a model (or the server) needs more than `max_recoveries`
-recoveries within `recovery_window` seconds, `serve` stops and exits non-zero with one line. SIGTERM, SIGINT and SIGHUP stop
-it gracefully (see `TritonServer.stop`); the server dies with `serve` (PR_SET_PDEATHSIG)."""
+SIGTERM, SIGINT and SIGHUP stop `serve`: the front stops accepting and lets requests in flight finish within the
+grace period, then tritonserver is stopped (see `TritonServer.stop`); it dies with `serve` (PR_SET_PDEATHSIG)."""
 from __future__ import annotations
 
+import http.client
+import io
 import json
+import math
+import os
+import re
 import signal
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, SimpleQueue
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+from .. import contract
 from ..errors import EdetError
 from ..log import logger
-from .server import TritonServer
+from ..measure import free_port
+from .front import Front, ModelInfo, Upstream, repository_models
+from .server import TritonServer, check_port, port_in_use
 
 
-class RecoveryFailed(Exception):
-    """The server cannot be brought back: `serve` reports it on one line and exits non-zero."""
+class ServerLost(Exception):
+    """tritonserver stopped answering its admin API, or a model cannot be recovered: restart the server."""
 
 
 @dataclass(frozen=True)
@@ -96,17 +109,50 @@ def stub_processes(server_pid: int) -> List[Stub]:
     return stubs
 
 
-class Supervisor:
-    """Keeps every model instance of a started `TritonServer` alive (see the module docstring)."""
+UNHEALTHY_STUB = re.compile(r"Stub process '([^']+)' is not healthy")
 
-    def __init__(self, server: TritonServer, poll: float = 0.25, load_timeout: float = 300.0,
-                 max_recoveries: int = 5, recovery_window: float = 300.0, shm_high_water_mib: int = 128,
+
+def canary_request(info: ModelInfo) -> Optional[Tuple[bytes, int]]:
+    """A small valid request for an ensemble (binary tensor extension): (body, JSON length), or None when its
+    inputs are not an image the canary knows how to make."""
+    from PIL import Image
+
+    inputs, blobs = [], []
+    for name, datatype, dims in info.inputs:
+        if datatype == "BYTES":
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), (128, 128, 128)).save(buf, format="PNG")
+            blob = len(buf.getvalue()).to_bytes(contract.BYTES_LENGTH_PREFIX, "little") + buf.getvalue()
+            shape = [1, *(1 for _ in dims)]
+        elif datatype == "UINT8":
+            shape = [1, *(16 if d < 0 else d for d in dims)]
+            blob = bytes(math.prod(shape))
+        else:
+            return None
+        inputs.append({"name": name, "shape": shape, "datatype": datatype,
+                       "parameters": {contract.BINARY_DATA_SIZE: len(blob)}})
+        blobs.append(blob)
+    header = json.dumps({"inputs": inputs, "outputs": [{"name": contract.NUM_DETECTIONS}]}).encode()
+    return header + b"".join(blobs), len(header)
+
+
+class Supervisor:
+    """Keeps every model instance of a started `TritonServer` alive and answering (see the module docstring),
+    and `upstream` (what the front reads) truthful."""
+
+    def __init__(self, server: TritonServer, upstream: Optional[Upstream] = None, poll: float = 0.25,
+                 load_timeout: float = 300.0, max_recoveries: int = 5, recovery_window: float = 300.0,
+                 shm_high_water_mib: int = 128, backoff: Tuple[float, float] = (0.5, 30.0),
+                 stable_after: float = 60.0, canary_interval: float = 2.0, canary_timeout: float = 7.0,
                  on_event: Optional[Callable[[str], None]] = None):
         self.server = server
+        self.upstream = upstream or Upstream(server.http_address, server.http_port, repository_models(server.repo))
         self.poll = poll
         self.load_timeout = load_timeout
         self.max_recoveries = max_recoveries
         self.recovery_window = recovery_window
+        self.backoff, self.delay, self.stable_after = backoff, backoff[0], stable_after
+        self.canary_interval, self.canary_timeout = canary_interval, canary_timeout
         self.on_event = on_event or (lambda msg: logger.warning("%s", msg))
         self.expected: Dict[str, set] = {}  # model -> instance names that must have a live stub
         self.history: Dict[str, Deque[float]] = defaultdict(deque)
@@ -115,13 +161,20 @@ class Supervisor:
         self.shm_high_water = int(shm_high_water_mib) << 20
         self.recycled: set = set()
         self.generation = 0
+        self.epoch = 0  # server starts: a canary verdict from an earlier server is void
+        self.started_at = time.monotonic()
+        self.hung: "SimpleQueue[Tuple[str, Optional[str], str]]" = SimpleQueue()  # (ensemble, instance, why)
+        self.stop = threading.Event()
 
     def snapshot(self) -> Dict[str, set]:
-        """Record the instances alive now (call once the server is ready)."""
+        """Record the instances alive now (call once the server is ready); the front may route to it."""
         expected: Dict[str, set] = defaultdict(set)
         for stub in stub_processes(self.server.proc.pid):
             expected[stub.model].add(stub.instance)
         self.expected = dict(expected)
+        self.upstream.port = self.server.http_port
+        self.upstream.down = frozenset()
+        self.upstream.up = True
         return self.expected
 
     def missing(self) -> Dict[str, List[str]]:
@@ -131,49 +184,84 @@ class Supervisor:
             alive[stub.model].add(stub.instance)
         return {m: sorted(inst - alive[m]) for m, inst in self.expected.items() if inst - alive[m]}
 
+    def _admin(self, what: str, path: str, body: Optional[bytes] = b"{}") -> str:
+        """An admin call; any failure (refused, reset mid-call, non-200) is ServerLost."""
+        try:
+            status, text = self.server.admin(path, body, timeout=self.load_timeout)
+        except (OSError, http.client.HTTPException) as e:
+            raise ServerLost(f"{what}: {type(e).__name__} {e}".strip()) from None
+        if status != 200:
+            raise ServerLost(f"{what}: HTTP {status} {text.strip()}")
+        return text
+
+    def _mark_down(self, models: Sequence[str]) -> frozenset:
+        affected = frozenset().union(*(self.upstream.dependents(m) for m in models))
+        self.upstream.down = self.upstream.down | affected  # a new set: the front reads it from another thread
+        return affected
+
     def recover(self, model: str, dead: Sequence[str]) -> float:
-        """Unload (readiness drops) and load `model` again; returns the seconds it took."""
+        """Mark down, unload and load `model` again, mark up; returns the seconds it took."""
         t0 = time.monotonic()
-        self._count(model, f"model {model} lost a stub")
-        self.on_event(f"stub(s) {', '.join(dead)} of model {model} died; reloading {model}")
-        status, body = self.server.admin(f"/v2/repository/models/{model}/unload", timeout=self.load_timeout)
-        if status != 200:
-            raise RecoveryFailed(f"cannot unload model {model} after its stub died: HTTP {status} {body.strip()}")
-        status, body = self.server.admin(f"/v2/repository/models/{model}/load", timeout=self.load_timeout)
-        if status != 200:
-            raise RecoveryFailed(f"cannot reload model {model} after its stub died: HTTP {status} {body.strip()}")
-        alive = {s.instance for s in stub_processes(self.server.proc.pid) if s.model == model}
-        if not alive:
-            raise RecoveryFailed(f"model {model} reloaded without any live stub")
+        affected = self._mark_down([model])
+        try:
+            if not self._count(model):
+                raise ServerLost(f"model {model} lost a stub more than {self.max_recoveries} times within "
+                                 f"{self.recovery_window:.0f} s")
+            self.on_event(f"stub(s) {', '.join(dead)} of model {model} died; reloading {model}")
+            self._admin(f"cannot unload model {model}", f"/v2/repository/models/{model}/unload")
+            self._admin(f"cannot reload model {model}", f"/v2/repository/models/{model}/load")
+            alive = {s.instance for s in stub_processes(self.server.proc.pid) if s.model == model}
+            if not alive:
+                raise ServerLost(f"model {model} reloaded without any live stub")
+        except ServerLost:
+            self.upstream.up = False
+            raise
+        finally:
+            self.upstream.down = self.upstream.down - affected
         self.expected[model] = alive
         seconds = time.monotonic() - t0
         self.recoveries.append({"model": model, "dead": list(dead), "seconds": round(seconds, 3)})
         self.on_event(f"model {model} reloaded in {seconds:.1f} s")
         return seconds
 
-    def _count(self, key: str, what: str) -> None:
+    def _count(self, key: str) -> bool:
+        """Record a recovery of `key`; False when it is one too many within the window."""
         now = time.monotonic()
         window = self.history[key]
         while window and now - window[0] > self.recovery_window:
             window.popleft()
-        if len(window) >= self.max_recoveries:
-            raise RecoveryFailed(f"{what} {len(window) + 1} times within {self.recovery_window:.0f} s; giving up")
         window.append(now)
+        return len(window) <= self.max_recoveries
 
-    def restart_server(self, code: int) -> float:
-        """tritonserver itself died (a crash in its HTTP layer, the OOM killer): start it again on the same
-        ports. Nothing listens meanwhile, so readiness probes fail."""
+    def restart_server(self, code: Optional[int], why: str = "") -> float:
+        """tritonserver died (a crash in its HTTP layer, the OOM killer) or was given up on: start it again
+        after the backoff, retrying until it starts or `serve` stops. Returns the seconds it took."""
         t0 = time.monotonic()
-        self._count("tritonserver", f"tritonserver exited unexpectedly (status {code})")
-        self.on_event(f"tritonserver exited unexpectedly with status {code}; restarting it")
+        self.upstream.up = False
+        self.epoch += 1
+        if t0 - self.started_at >= self.stable_after:
+            self.delay = self.backoff[0]
+        self.on_event(f"{why or f'tritonserver exited unexpectedly with status {code}'}; restarting it in "
+                      f"{self.delay:.1f} s")
         self.server.stop()  # reaps what is left of its process group, removes its shared memory
-        try:
-            self.server.start(timeout=self.load_timeout)
-        except EdetError as e:
-            raise RecoveryFailed(f"tritonserver exited with status {code} and could not be restarted: {e}") from None
+        while not self.stop.wait(self.delay):
+            self.delay = min(self.delay * 2, self.backoff[1])
+            if port_in_use(self.server.http_address, self.server.http_port):  # taken meanwhile: the front follows
+                self.server.http_port = free_port()
+            try:
+                self.server.start(timeout=self.load_timeout)
+                break
+            except EdetError as e:
+                self.on_event(f"tritonserver did not start again ({e}); retrying in {self.delay:.1f} s")
+                self.server.stop()
+        else:
+            return time.monotonic() - t0  # serve is stopping
+        self.started_at = time.monotonic()
+        self.epoch += 1
         self.snapshot()
         seconds = time.monotonic() - t0
-        self.recoveries.append({"model": "tritonserver", "dead": [f"status {code}"], "seconds": round(seconds, 3)})
+        self.recoveries.append({"model": "tritonserver", "dead": [why or f"status {code}"],
+                                "seconds": round(seconds, 3)})
         self.on_event(f"tritonserver restarted in {seconds:.1f} s")
         return seconds
 
@@ -198,79 +286,153 @@ class Supervisor:
         whose shared memory (and the server memory tied to their requests) goes with them."""
         t0 = time.monotonic()
         self.recycled.update(regions)  # the old stubs live on briefly: do not recycle them twice
-        status, body = self.server.admin(f"/v2/models/{model}/config", None, timeout=self.load_timeout)
-        if status != 200:
-            raise RecoveryFailed(f"cannot read the config of model {model}: HTTP {status} {body.strip()}")
-        config = json.loads(body)
+        config = json.loads(self._admin(f"cannot read the config of model {model}", f"/v2/models/{model}/config",
+                                        None))
         self.generation += 1
         config.setdefault("parameters", {})["edet_generation"] = {"string_value": str(self.generation)}
         self.on_event(f"model {model}'s shared memory grew past {self.shm_high_water >> 20} MiB; replacing its instances")
-        status, body = self.server.admin(f"/v2/repository/models/{model}/load",
-                                         json.dumps({"parameters": {"config": json.dumps(config)}}).encode(),
-                                         timeout=self.load_timeout)
-        if status != 200:
-            raise RecoveryFailed(f"cannot reload model {model} to release its memory: HTTP {status} {body.strip()}")
+        self._admin(f"cannot reload model {model} to release its memory", f"/v2/repository/models/{model}/load",
+                    json.dumps({"parameters": {"config": json.dumps(config)}}).encode())
         seconds = time.monotonic() - t0
         self.recoveries.append({"model": model, "recycled": list(regions), "seconds": round(seconds, 3)})
         return seconds
 
+    def kill_hung(self) -> List[Stub]:
+        """SIGKILL the stubs that are stopped (/proc state T or t) or that the canary found hung, after marking
+        their models down; the next round recovers them like dead ones. Returns them."""
+        victims: Dict[int, Tuple[Stub, str]] = {}
+        stubs = stub_processes(self.server.proc.pid)
+        for stub in stubs:
+            if _proc_state(stub.pid) in ("T", "t"):
+                victims[stub.pid] = (stub, "stopped")
+        while True:
+            try:
+                ensemble, instance, why = self.hung.get_nowait()
+            except Empty:
+                break
+            named = [s for s in stubs if s.instance == instance]
+            for stub in named or [s for s in stubs if s.model in self.upstream.dependencies(ensemble)]:
+                victims.setdefault(stub.pid, (stub, why))
+        if not victims:
+            return []
+        self._mark_down([stub.model for stub, _ in victims.values()])
+        for pid, (stub, why) in victims.items():
+            self.on_event(f"stub {stub.instance} of model {stub.model} is {why}; killing it")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_proc_state(p) not in (None, "Z", "X") for p in victims):
+            time.sleep(0.02)
+        return [stub for stub, _ in victims.values()]
+
     def check_once(self) -> None:
-        """One round: raise RecoveryFailed when the server or a model cannot be recovered."""
+        """One round; a server that died or stopped answering is restarted (never raises for either)."""
         code = self.server.proc.poll()
         if code is not None:
             self.restart_server(code)
             return
-        for model, dead in self.missing().items():
-            self.recover(model, dead)
-        for model, regions in self.swollen().items():
-            self.recycle(model, regions)
+        try:
+            self.kill_hung()
+            for model, dead in self.missing().items():
+                self.recover(model, dead)
+            for model, regions in self.swollen().items():
+                self.recycle(model, regions)
+        except ServerLost as e:
+            self.restart_server(None, f"{e}")
+
+    def canary(self, name: str, request: Tuple[bytes, int]) -> Optional[Tuple[str, Optional[str]]]:
+        """One canary through ensemble `name`, straight to tritonserver: None when it answered (or the server is
+        gone, which the poll sees), ("unhealthy", instance) or ("timeout", None)."""
+        body, header_length = request
+        req = urllib.request.Request(f"http://{self.server.http_url}/v2/models/{name}/infer", data=body,
+                                     headers={contract.INFERENCE_HEADER_LENGTH: str(header_length),
+                                              "Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.canary_timeout) as r:
+                r.read()
+            return None
+        except urllib.error.HTTPError as e:
+            found = UNHEALTHY_STUB.search(e.read().decode(errors="replace"))
+            return ("unhealthy", found.group(1)) if found else None
+        except TimeoutError:
+            return ("timeout", None)
+        except (OSError, http.client.HTTPException) as e:
+            return ("timeout", None) if isinstance(getattr(e, "reason", None), TimeoutError) else None
+
+    def watch_canaries(self) -> None:
+        """Until `stop`: every `canary_interval` s, when no request succeeded meanwhile, a canary through each
+        ensemble; a hung verdict goes to `hung` (a timeout counts only when no other request completed)."""
+        requests = {n: r for n, info in self.upstream.models.items() if info.members
+                    for r in [canary_request(info)] if r}
+        while not self.stop.wait(self.canary_interval):
+            for name, request in requests.items():
+                if (not self.upstream.model_ready(name)
+                        or time.monotonic() - self.upstream.last_success < self.canary_interval):
+                    continue
+                epoch, completed = self.epoch, self.upstream.completed
+                verdict = self.canary(name, request)
+                if verdict is None or epoch != self.epoch or not self.upstream.model_ready(name):
+                    continue
+                if verdict[0] == "timeout" and self.upstream.completed != completed:
+                    continue  # slow under load, not hung
+                why = ("not healthy (canary)" if verdict[0] == "unhealthy"
+                       else f"not answering (canary timed out after {self.canary_timeout:.0f} s)")
+                self.hung.put((name, verdict[1], why))
 
     def run(self, stop: threading.Event) -> None:
-        """Watch until `stop` is set; raises RecoveryFailed."""
+        """Watch until `stop` is set."""
+        self.stop = stop
         if not self.expected:
             self.snapshot()
+        threading.Thread(target=self.watch_canaries, name="edet-canary", daemon=True).start()
         while not stop.wait(self.poll):
-            self.check_once()
+            try:
+                self.check_once()
+            except Exception:  # a bug of ours must not end serving: log it, try again next round
+                logger.exception("supervisor: unexpected error")
 
 
 def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
           address: str = "127.0.0.1", log_file: Optional[str] = None, grace_period: float = 30.0,
           open_apis: Sequence[str] = (), force: bool = False, start_timeout: float = 300.0,
           announce: Callable[[str], None] = print) -> int:
-    """Start, supervise and stop tritonserver; returns the exit status for `edet-deploy serve`:
-    the server's own status after SIGTERM/SIGINT/SIGHUP (0 when it drained and stopped cleanly), 1 with one
-    line on stderr when the server died or could not be recovered."""
-    server = TritonServer(repo, http_port, grpc_port, metrics_port, address, log_file=log_file,
-                          grace_period=grace_period, open_apis=open_apis, force=force)
+    """Start the front and tritonserver (HTTP on a loopback port behind the front; gRPC and metrics direct),
+    supervise until SIGTERM/SIGINT/SIGHUP, drain, stop; returns the exit status for `edet-deploy serve`: the
+    server's own status (0 when it stopped cleanly). Start-up failures raise EdetError."""
+    check_port("http", address, http_port)
+    server = TritonServer(repo, free_port(), grpc_port, metrics_port, address, log_file=log_file,
+                          grace_period=grace_period, open_apis=open_apis, force=force, http_address="127.0.0.1")
+    upstream = Upstream(server.http_address, server.http_port, repository_models(repo))
+    front = Front(upstream, address, http_port)  # binds now: the port is ours before Triton starts
     stop = threading.Event()
-    received: List[int] = []
 
     def on_signal(signum, _frame):
-        received.append(signum)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a closed terminal sends SIGHUP
         signal.signal(sig, on_signal)
     try:
         server.start(timeout=start_timeout)
+        supervisor = Supervisor(server, upstream)
+        supervisor.snapshot()
+        front.start()
     except BaseException:
         server.stop()
+        front.close()
         raise
-    supervisor = Supervisor(server)
-    supervisor.snapshot()
-    announce(f"serving {repo}: http {server.http_url}, grpc {server.grpc_url}, metrics "
+    announce(f"serving {repo}: http {front.url}, grpc {server.grpc_url}, metrics "
              f"http://{address}:{metrics_port}/metrics (supervised; Ctrl-C to stop)")
     sys.stdout.flush()
-    failure: Optional[str] = None
     try:
         supervisor.run(stop)
-    except RecoveryFailed as e:
-        failure = str(e)
     finally:
         t0 = time.monotonic()
+        left = front.drain(grace_period)
+        if left:
+            logger.warning("%d request(s) still running after the %.0f s grace period", left, grace_period)
+        front.close()  # its pooled connections too: tritonserver waits for every HTTP connection to close
         status = server.stop()
         logger.info("stopped in %.1f s", time.monotonic() - t0)
-    if failure:
-        print(f"edet-deploy serve: error: {failure}", file=sys.stderr)
-        return 1
     return 0 if status is None else (status if status >= 0 else 128 - status)

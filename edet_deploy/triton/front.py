@@ -1,0 +1,561 @@
+"""The HTTP front of `serve`: an asyncio HTTP/1.1 reverse proxy between clients and tritonserver's HTTP port.
+
+Triton 2.51 trusts what it parses: a body of 10^6 `[` segfaults it, a batch dimension of 0 or 2^62 gives a
+200 without the batch dimension, and its readiness endpoints answer 200 while a stub hangs. The front
+
+- refuses, with one JSON `{"error": ...}` line like Triton's, JSON nested deeper than `max_depth`, bodies
+  over `max_body` (413, before reading them), and inference inputs whose shape is not a list of positive
+  integers, whose batch is outside 1..max_batch_size, or whose element count disagrees with the binary
+  data it declares;
+- answers health itself from `Upstream` (what the supervisor knows), and 503 + Retry-After instead of
+  forwarding while a model is being recovered or the server is restarting; Triton's "unknown model" for a model
+  the repository has, and its "stub is not healthy", become that 503 too (both are over in seconds);
+- forwards everything else unchanged (headers included, so the restricted-API key reaches Triton), keeping
+  connections alive both ways, and streams the answer back.
+
+It runs its own event loop in a thread (`start`, `drain`, `close`), so a synchronous supervisor can own it."""
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import math
+import re
+import socket
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Set, Tuple
+
+import numpy as np
+
+from .. import contract
+from ..errors import EdetError
+from ..log import logger
+from ..preprocess import MAX_ENCODED_BYTES
+
+MAX_DEPTH = 64  # legitimate requests nest 3-7 levels (inline tensors one level per dimension)
+# The request limit the preprocess model applies to its images, plus room for the JSON part and the 4-byte
+# length of each element, so that a body the model would accept is never refused here.
+MAX_BODY = MAX_ENCODED_BYTES + (1 << 20)
+MAX_HEAD = 64 << 10  # request line + headers
+RETRY_AFTER_S = 2
+IDLE_TIMEOUT_S = 75.0  # a client connection waiting for its next request
+BODY_TIMEOUT_S = 300.0
+DRAIN_BODY_S = 10.0  # after a 413, how long the rest of the body is read and dropped so the client sees it
+MAX_IDLE_UPSTREAM = 64
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
+              "expect", "content-length"}
+MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/([a-z_]+))?$")
+RECOVERABLE = re.compile(r"is not healthy|[Uu]nknown model|is not found|is not ready|not loaded")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    max_batch_size: int
+    members: Tuple[str, ...] = ()  # an ensemble's step models
+    inputs: Tuple[Tuple[str, str, Tuple[int, ...]], ...] = ()  # (name, KServe datatype, dims without batch)
+
+
+def repository_models(repo) -> Dict[str, ModelInfo]:
+    """What the front and the supervisor need of a repository's configs."""
+    from .repo import _pb, load_configs
+
+    pb = _pb()
+    models = {}
+    for name, cfg in load_configs(repo).items():
+        inputs = tuple((t.name, pb.DataType.Name(t.data_type).replace("TYPE_", "").replace("STRING", "BYTES"),
+                        tuple(t.dims)) for t in cfg.input)
+        members = tuple(s.model_name for s in cfg.ensemble_scheduling.step) if cfg.platform == "ensemble" else ()
+        models[name] = ModelInfo(int(cfg.max_batch_size), members, inputs)
+    return models
+
+
+class Upstream:
+    """The server behind the front, as its supervisor sees it (written by the supervisor, read by the front)."""
+
+    def __init__(self, host: str, port: int, models: Dict[str, ModelInfo]):
+        self.host, self.port = host, port
+        self.models = models
+        self.up = False  # tritonserver started and ready
+        self.down: Set[str] = set()  # models being recovered
+        self.completed = 0  # inferences answered 200 through the front
+        self.last_success = 0.0  # time.monotonic() of the latest
+
+    def dependencies(self, model: str) -> Set[str]:
+        """The model itself and, for an ensemble, its members: it answers only when all of them do."""
+        info = self.models.get(model)
+        return {model, *(info.members if info else ())}
+
+    def dependents(self, model: str) -> Set[str]:
+        """The model and every ensemble that runs it."""
+        return {model, *(name for name, info in self.models.items() if model in info.members)}
+
+    def ready(self) -> bool:
+        return self.up and not self.down
+
+    def model_ready(self, model: str) -> bool:
+        return self.up and not (self.dependencies(model) & self.down)
+
+    def succeeded(self) -> None:
+        self.completed += 1
+        self.last_success = time.monotonic()
+
+
+def json_depth(data: bytes, limit: int = MAX_DEPTH, chunk: int = 4 << 20) -> int:
+    """Deepest nesting of `[`/`{` outside strings in JSON text (a quote counts when preceded by an even number
+    of backslashes), vectorised; stops early once past `limit`. Chunked, to bound memory on large bodies."""
+    a = np.frombuffer(data, np.uint8)
+    deepest, depth, inside, run = 0, 0, 0, 0  # carried over chunks: depth, in-string parity, trailing backslashes
+    for start in range(0, a.size, chunk):
+        c = a[start:start + chunk]
+        idx = np.arange(c.size, dtype=np.int64)
+        backslash = c == 0x5C
+        last_plain = np.maximum.accumulate(np.where(backslash, -1 - run, idx))  # last non-backslash index
+        before = np.empty(c.size, np.int64)  # backslashes right before each byte
+        before[0] = run
+        before[1:] = idx[:-1] - last_plain[:-1]
+        quote = (c == 0x22) & (before % 2 == 0)
+        in_string = (np.cumsum(quote, dtype=np.int64) + inside) & 1
+        outside = in_string == 0
+        step = (((c == 0x5B) | (c == 0x7B)) & outside).astype(np.int32) - (((c == 0x5D) | (c == 0x7D)) & outside)
+        levels = np.cumsum(step, dtype=np.int64) + depth
+        deepest = max(deepest, int(levels.max()))
+        if deepest > limit:
+            return deepest
+        depth, inside = int(levels[-1]), int(in_string[-1])
+        run = int(c.size - 1 - last_plain[-1])
+    return deepest
+
+
+def check_inference(request: object, binary_size: int, max_batch_size: Optional[int]) -> Optional[str]:
+    """Why an inference request's JSON part is refused, or None. Triton 2.51 answers 200 without the batch
+    dimension for a batch of 0 or 2^62, and 500 for shapes that are not integers."""
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        return "the inference request must be a JSON object with a list of 'inputs'"
+    declared = 0
+    for item in request["inputs"]:
+        if not isinstance(item, dict):
+            return "each input must be a JSON object"
+        name, shape = item.get("name"), item.get("shape")
+        if not (isinstance(shape, list) and all(type(d) is int and 0 < d < 2 ** 63 for d in shape)
+                and (shape or max_batch_size == 0)):
+            return f"input {name!r}: the shape must be a list of positive integers, got {json.dumps(shape)[:80]}"
+        if max_batch_size and shape[0] > max_batch_size:
+            return f"input {name!r}: batch {shape[0]} is more than the model's max_batch_size {max_batch_size}"
+        params = item.get("parameters") or {}
+        size = params.get(contract.BINARY_DATA_SIZE) if isinstance(params, dict) else None
+        if size is None:
+            continue
+        if type(size) is not int or size < 0:
+            return f"input {name!r}: {contract.BINARY_DATA_SIZE} must be a non-negative integer"
+        declared += size
+        elements = math.prod(shape)
+        width = contract.FIXED_DATATYPE_BYTES.get(item.get("datatype"))
+        if width is not None and elements * width != size:
+            return (f"input {name!r}: shape {shape} of {item.get('datatype')} is {elements * width} bytes, "
+                    f"but {contract.BINARY_DATA_SIZE} is {size}")
+        if item.get("datatype") == "BYTES" and elements * contract.BYTES_LENGTH_PREFIX > size:
+            return f"input {name!r}: shape {shape} has more elements than {size} bytes of BYTES data can hold"
+    if declared != binary_size:
+        return f"the inputs declare {declared} bytes of binary data, the body carries {binary_size}"
+    return None
+
+
+class Refused(Exception):
+    """A request answered by the front itself: (status, message, extra headers)."""
+
+    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None, close: bool = False):
+        super().__init__(message)
+        self.status, self.message, self.headers, self.close = status, message, headers or {}, close
+
+
+def _response(status: int, body: bytes = b"", headers: Optional[Dict[str, str]] = None, keep: bool = True) -> bytes:
+    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
+    for k, v in (headers or {}).items():
+        lines.append(f"{k}: {v}")
+    lines += [f"Content-Length: {len(body)}", f"Connection: {'keep-alive' if keep else 'close'}", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
+
+
+def _error(status: int, message: str, headers: Optional[Dict[str, str]] = None, keep: bool = True) -> bytes:
+    return _response(status, json.dumps({"error": message}).encode(),
+                     {"Content-Type": "application/json", **(headers or {})}, keep)
+
+
+def _parse_head(head: bytes) -> Tuple[str, str, str, List[Tuple[str, str]]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ValueError("malformed start line")
+    fields = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or line[0] in " \t":
+            raise ValueError("malformed header line")
+        fields.append((name, value.strip()))
+    return parts[0], parts[1], parts[2], fields
+
+
+def _content_length(fields: List[Tuple[str, str]]) -> Tuple[Optional[int], bool]:
+    """(Content-Length, chunked) of a message; ValueError when they are ambiguous."""
+    lengths = {v for k, v in fields if k.lower() == "content-length"}
+    encodings = [v.lower() for k, v in fields if k.lower() == "transfer-encoding"]
+    chunked = bool(encodings)
+    if chunked and (lengths or encodings != ["chunked"]):
+        raise ValueError("unsupported Transfer-Encoding")
+    if len(lengths) > 1 or any(not v.isdigit() for v in lengths):
+        raise ValueError("invalid Content-Length")
+    return (int(lengths.pop()) if lengths else None), chunked
+
+
+class Front:
+    """Listen on (address, port) and forward to `upstream` (see the module docstring). The socket is bound in
+    the constructor, so a taken port is refused before anything else starts."""
+
+    def __init__(self, upstream: Upstream, address: str, port: int, max_depth: int = MAX_DEPTH,
+                 max_body: int = MAX_BODY, retry_after: int = RETRY_AFTER_S):
+        self.upstream = upstream
+        self.max_depth, self.max_body, self.retry_after = max_depth, max_body, retry_after
+        family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((address, port))
+            self.sock.listen(1024)
+        except OSError:
+            self.sock.close()
+            raise EdetError(f"http port {port} on {address} is already in use; choose another (--http-port) or "
+                            f"stop what listens there") from None
+        self.address, self.port = address, self.sock.getsockname()[1]
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.thread: Optional[threading.Thread] = None
+        self.server: Optional[asyncio.AbstractServer] = None
+        self.connections: Dict[asyncio.StreamWriter, bool] = {}  # -> busy with a request
+        self.idle: List[Tuple[Tuple[str, int], asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.draining = False
+
+    @property
+    def url(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    # -- lifecycle (called from other threads) --------------------------------------------------------------
+    def start(self) -> "Front":
+        started = threading.Event()
+
+        def run() -> None:
+            self.loop = asyncio.new_event_loop()
+            self.server = self.loop.run_until_complete(
+                asyncio.start_server(self._serve_client, sock=self.sock, limit=MAX_HEAD))
+            started.set()
+            self.loop.run_forever()
+            self.loop.close()
+
+        self.thread = threading.Thread(target=run, name="edet-front", daemon=True)
+        self.thread.start()
+        started.wait(30)
+        return self
+
+    def drain(self, grace: float) -> int:
+        """Stop accepting, close idle connections, let requests in flight finish for up to `grace` s;
+        returns how many were still running then."""
+        if self.loop is None or self.loop.is_closed():
+            return 0
+        return asyncio.run_coroutine_threadsafe(self._drain(grace), self.loop).result(grace + 10)
+
+    def close(self) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+        self.sock.close()
+
+    async def _drain(self, grace: float) -> int:
+        self.draining = True
+        self.server.close()
+        for writer, busy in list(self.connections.items()):
+            if not busy:
+                writer.close()
+        deadline = time.monotonic() + grace
+        while any(self.connections.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for _, _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+        return sum(self.connections.values())
+
+    async def _close(self) -> None:
+        self.server.close()
+        for writer in [*self.connections, *(w for _, _, w in self.idle)]:
+            writer.close()
+        self.idle.clear()
+
+    # -- one client connection ------------------------------------------------------------------------------
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections[writer] = False
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Not set on sockets accepted from a listener we bound: without it, an answer written as head then
+            # body waits for the client's delayed ACK (+40 ms per request, measured).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while not self.draining:
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE_TIMEOUT_S)
+                except asyncio.LimitOverrunError:
+                    writer.write(_error(431, "request line and headers are too large", keep=False))
+                    break
+                except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+                    break
+                self.connections[writer] = True
+                try:
+                    keep = await self._request(head, reader, writer)
+                except Refused as r:
+                    writer.write(_error(r.status, r.message, r.headers, keep=not r.close))
+                    keep = not r.close
+                self.connections[writer] = False
+                if not keep:
+                    break
+                await writer.drain()
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            pass
+        except Exception:  # a bug of ours must not end the front: this connection only
+            logger.exception("front: unexpected error on a client connection")
+        finally:
+            self.connections.pop(writer, None)
+            writer.close()
+
+    async def _request(self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Handle one request; returns whether the client connection stays open."""
+        try:
+            method, target, version, fields = _parse_head(head)
+            length, chunked = _content_length(fields)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise Refused(400, f"malformed request: {e}", close=True) from None
+        headers = {k.lower(): v for k, v in fields}
+        tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+        keep = ("close" not in tokens) if version == "HTTP/1.1" else ("keep-alive" in tokens)
+        keep = keep and not self.draining
+        path = urllib.parse.unquote(target.split("?", 1)[0])
+        match = MODEL_PATH.match(path)
+        model = match.group(1) if match else None
+        action = match.group(3) if match else None
+
+        if length is not None and length > self.max_body:
+            await self._discard(reader, length)
+            raise Refused(413, f"request too large: a body of {length} bytes; the limit is {self.max_body} bytes",
+                          close=True)
+        if method == "GET" and (path in ("/v2/health/live", "/v2/health/ready") or action == "ready"):
+            if length or chunked:
+                raise Refused(400, "health requests carry no body", close=True)
+            writer.write(self._health(path, model, keep))
+            return keep
+        if headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = await asyncio.wait_for(self._read_body(reader, length, chunked), BODY_TIMEOUT_S)
+        if len(body) > (1 << 20):  # seconds of numpy and json on a large inline body: off the event loop
+            await asyncio.get_running_loop().run_in_executor(None, self._guard, body, headers, model, action)
+        elif body:
+            self._guard(body, headers, model, action)
+        if model in self.upstream.models and not self.upstream.model_ready(model):
+            raise Refused(503, f"model {model} is being recovered; retry", {"Retry-After": str(self.retry_after)},
+                          close=not keep)
+        return await self._forward(method, target, fields, body, writer, keep,
+                                   model if model in self.upstream.models else None, action == "infer")
+
+    def _health(self, path: str, model: Optional[str], keep: bool) -> bytes:
+        if path == "/v2/health/live":
+            return _response(200, keep=keep)
+        if path == "/v2/health/ready":
+            ok, what = self.upstream.ready(), "the server is"
+        elif model in self.upstream.models:
+            ok, what = self.upstream.model_ready(model), f"model {model} is"
+        else:
+            return _error(404, f"Request for unknown model: '{model}' is not found", keep=keep)
+        if ok:
+            return _response(200, keep=keep)
+        return _error(503, f"{what} not ready", {"Retry-After": str(self.retry_after)}, keep=keep)
+
+    def _guard(self, body: bytes, headers: Dict[str, str], model: Optional[str], action: Optional[str]) -> None:
+        declared = headers.get(contract.INFERENCE_HEADER_LENGTH.lower())
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > len(body):
+                raise Refused(400, f"{contract.INFERENCE_HEADER_LENGTH} {declared[:40]!r} does not fit a body "
+                                   f"of {len(body)} bytes")
+            json_part = body[:int(declared)]
+        else:
+            json_part = body
+        if json_depth(json_part, self.max_depth) > self.max_depth:
+            raise Refused(400, f"JSON nested deeper than {self.max_depth} levels")
+        if action != "infer":
+            return
+        try:
+            request = json.loads(json_part)
+        except (ValueError, RecursionError):
+            raise Refused(400, "the inference request is not valid JSON") from None
+        info = self.upstream.models.get(model)
+        reason = check_inference(request, len(body) - len(json_part), info.max_batch_size if info else None)
+        if reason:
+            raise Refused(400, reason)
+
+    async def _read_body(self, reader: asyncio.StreamReader, length: Optional[int], chunked: bool) -> bytes:
+        if not chunked:
+            return await reader.readexactly(length) if length else b""
+        parts, total = [], 0
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise Refused(400, "malformed chunked body", close=True) from None
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers: dropped
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > self.max_body:
+                raise Refused(413, f"request too large: the limit is {self.max_body} bytes", close=True)
+            parts.append(await reader.readexactly(size))
+            if await reader.readexactly(2) != b"\r\n":
+                raise Refused(400, "malformed chunked body", close=True)
+
+    @staticmethod
+    async def _discard(reader: asyncio.StreamReader, length: int) -> None:
+        """Read and drop a refused body for a while: a client that sends it all before reading (urllib, most
+        libraries) then sees the 413 instead of a reset connection. Nothing is kept."""
+        deadline = time.monotonic() + DRAIN_BODY_S
+        while length > 0 and time.monotonic() < deadline:
+            try:
+                data = await asyncio.wait_for(reader.read(min(length, 1 << 20)), max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return
+            if not data:
+                return
+            length -= len(data)
+
+    # -- upstream ---------------------------------------------------------------------------------------------
+    async def _connect(self, fresh: bool) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        key = (self.upstream.host, self.upstream.port)
+        while self.idle and not fresh:
+            k, r, w = self.idle.pop()
+            if k == key and not r.at_eof() and not w.is_closing():
+                return r, w, True
+            w.close()
+        r, w = await asyncio.wait_for(asyncio.open_connection(*key, limit=MAX_HEAD), 5)
+        return r, w, False
+
+    def _release(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if len(self.idle) < MAX_IDLE_UPSTREAM and not self.draining:
+            self.idle.append(((self.upstream.host, self.upstream.port), r, w))
+        else:
+            w.close()
+
+    def _unavailable(self, model: Optional[str], keep: bool, why: str) -> Refused:
+        what = f"model {model}" if model else "the server"
+        return Refused(503, f"{what} is unavailable ({why}); retry", {"Retry-After": str(self.retry_after)},
+                       close=not keep)
+
+    async def _forward(self, method: str, target: str, fields: List[Tuple[str, str]], body: bytes,
+                       writer: asyncio.StreamWriter, keep: bool, model: Optional[str], infer: bool) -> bool:
+        head = [f"{method} {target} HTTP/1.1"]
+        head += [f"{k}: {v}" for k, v in fields if k.lower() not in HOP_BY_HOP]
+        if body or method in ("POST", "PUT", "PATCH"):
+            head.append(f"Content-Length: {len(body)}")
+        request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        for attempt in (0, 1):
+            try:
+                r, w, reused = await self._connect(fresh=attempt > 0)
+            except (OSError, asyncio.TimeoutError):
+                raise self._unavailable(model, keep, "the server is restarting") from None
+            try:
+                w.write(request)
+                await w.drain()
+                status_head = await r.readuntil(b"\r\n\r\n")
+                break
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+                w.close()
+                # A pooled connection the server had closed: nothing was received, send again once.
+                if reused and attempt == 0 and not (isinstance(e, asyncio.IncompleteReadError) and e.partial):
+                    continue
+                raise self._unavailable(model, keep, "the server closed the connection") from None
+        try:
+            start, _, _ = status_head.partition(b"\r\n")
+            status = int(start.split(b" ", 2)[1])
+            _, _, _, upstream_fields = _parse_head(b"GET / HTTP/1.1" + status_head[len(start):])
+            length, chunked = _content_length(upstream_fields)
+        except (ValueError, IndexError):
+            w.close()
+            raise Refused(502, "malformed answer from tritonserver", close=True) from None
+        up_tokens = {t.strip().lower() for k, v in upstream_fields if k.lower() == "connection" for t in v.split(",")}
+        reusable = "close" not in up_tokens
+        no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        if no_body:
+            length, chunked = 0, False
+        if length is None and not chunked:
+            reusable, keep = False, False  # the body ends when the server closes
+
+        if model and status in (400, 404, 500, 503) and length is not None and length <= MAX_HEAD:
+            # Small errors are read whole: a model in recovery shows as unknown/unhealthy for a moment.
+            data = await r.readexactly(length)
+            self._release(r, w) if reusable else w.close()
+            if RECOVERABLE.search(data.decode("utf-8", "replace")):
+                raise self._unavailable(model, keep, "it is being recovered")
+            writer.write(self._relayed_head(start, upstream_fields, keep, chunked=False, length=length) + data)
+            return keep
+        if infer and status == 200:
+            self.upstream.succeeded()
+        writer.write(self._relayed_head(start, upstream_fields, keep, chunked, length))
+        try:
+            await self._relay(r, writer, length, chunked)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            w.close()
+            return False  # the answer was cut: the client must not take what follows as the next answer
+        self._release(r, w) if reusable else w.close()
+        return keep
+
+    @staticmethod
+    def _relayed_head(start: bytes, fields: List[Tuple[str, str]], keep: bool, chunked: bool,
+                      length: Optional[int]) -> bytes:
+        lines = [start.decode("latin-1")]
+        lines += [f"{k}: {v}" for k, v in fields if k.lower() not in HOP_BY_HOP]
+        if chunked:
+            lines.append("Transfer-Encoding: chunked")
+        elif length is not None:
+            lines.append(f"Content-Length: {length}")
+        lines.append(f"Connection: {'keep-alive' if keep else 'close'}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    @staticmethod
+    async def _relay(r: asyncio.StreamReader, writer: asyncio.StreamWriter, length: Optional[int],
+                     chunked: bool) -> None:
+        async def copy(n: int) -> None:
+            while n > 0:
+                data = await r.read(min(n, 1 << 16))
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", n)
+                writer.write(data)
+                n -= len(data)
+                await writer.drain()
+
+        if chunked:
+            while True:
+                line = await r.readuntil(b"\r\n")
+                writer.write(line)
+                size = int(line.split(b";", 1)[0].strip(), 16)
+                if size == 0:
+                    while True:
+                        trailer = await r.readuntil(b"\r\n")
+                        writer.write(trailer)
+                        if trailer == b"\r\n":
+                            return
+                await copy(size + 2)
+        elif length is not None:
+            await copy(length)
+        else:
+            while data := await r.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
