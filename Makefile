@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow repo bench sweep clean
+.PHONY: demo test test-unit test-slow repo bench sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --timeout=900
+
+# The unit layer alone: no real server started, no large variant (a few minutes).
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not server" --timeout=900
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow --timeout=3600

@@ -1,10 +1,53 @@
+import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 # effdet (the peer we test against) must never try to download anything.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "edet_deploy" / "assets" / "shapes_d0.safetensors"
+# Fixtures that start a real tritonserver: every test using one is marked `server` (see below).
+SERVER_FIXTURES = {"served"}
+
+
+def pytest_collection_modifyitems(items):
+    """`make test-unit` (-m "not slow and not server") skips the tests that start a real server; a module whose
+    every test does (the fault suite) carries `pytestmark = pytest.mark.server` itself."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
+def encode(arr, fmt: str) -> bytes:
+    """An image array as the bytes of a `fmt` (PNG, JPEG, ...) file."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def random_d0_256(tmp_path_factory) -> Path:
+    """The seed-0, randomly initialised D0 at 256 px, dynamic batch up to 8: the graph the serving tests serve.
+    Shared by the session: read it, copy it before changing anything beside it."""
+    import torch
+
+    from edet_deploy.export import export_onnx
+    torch.manual_seed(0)
+    return export_onnx("d0", tmp_path_factory.mktemp("d0-random-256"), image_size=256, dynamic_batch=8).onnx_path
+
+
+@pytest.fixture(scope="session")
+def bundled_d0(tmp_path_factory) -> Path:
+    """The bundled shapes D0 (trained, 256 px, 4 classes), dynamic batch up to 4. Shared by the session."""
+    if not BUNDLED_WEIGHTS.is_file():
+        pytest.skip("bundled shapes model missing")
+    from edet_deploy.export import export_onnx
+    return export_onnx("d0", tmp_path_factory.mktemp("d0-bundled"), weights=str(BUNDLED_WEIGHTS),
+                       dynamic_batch=4).onnx_path
 
 
 @pytest.fixture(scope="session")

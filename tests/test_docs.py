@@ -119,12 +119,14 @@ def test_cli_table_names_real_commands_and_options():
 
 def test_readme_quotes_the_makefile_test_commands():
     makefile, readme = (ROOT / "Makefile").read_text(), README.read_text()
-    for target in ("test", "test-slow"):
+    for target in ("test", "test-unit", "test-slow"):
         recipe = re.search(rf"^{target}:.*\n\t(.+)$", makefile, flags=re.M).group(1)
         args = recipe.split(" -m pytest ", 1)[1]
         assert f"`make {target}` is `pytest {args}`" in readme, f"README does not quote `make {target}`: pytest {args}"
     markers = re.search(r"^markers = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), flags=re.M).group(1)
-    assert re.findall(r'"(\w+):', markers) == ["slow"], "README says `slow` is the one marker"
+    defined = re.findall(r'"(\w+):', markers)
+    assert sorted(defined) == ["server", "slow"], "README names the markers `server` and `slow`"
+    assert all(f"`{m}`" in readme for m in defined)
 
 
 # --- links and cited markdown files ---------------------------------------------------------------------------

@@ -18,41 +18,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("tritonclient")
 pytest.importorskip("pytriton")
 
-from edet_deploy.export import export_onnx  # noqa: E402
+from conftest import encode  # noqa: E402
 from edet_deploy.triton.repo import generate_repository  # noqa: E402
 from edet_deploy.measure import free_port  # noqa: E402
 from edet_deploy.triton.server import SHM_PREFIX  # noqa: E402
 from edet_deploy.triton.supervisor import child_processes, stub_processes  # noqa: E402
 
+pytestmark = pytest.mark.server  # every test here starts a real `serve`
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 400  # seconds for serve to print its "serving" line on a loaded 2-core machine
 RECOVERY_BOUND = 90  # seconds from a stub kill to ready + a correct answer
 STALL_BOUND = 20  # seconds a good request may take while bad ones are refused (idle: well under 1 s)
 
 
-def encode(arr, fmt="JPEG"):
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
+def repo(tmp_path_factory, random_d0_256):
     d = tmp_path_factory.mktemp("faults")
-    torch.manual_seed(0)
-    res = export_onnx("d0", d / "export", image_size=256, dynamic_batch=8)
-    return generate_repository(d / "repo", variant="d0", onnx=str(res.onnx_path), max_batch_size=8)
+    return generate_repository(d / "repo", variant="d0", onnx=str(random_d0_256), max_batch_size=8)
 
 
 @pytest.fixture(scope="module")
 def picture():
-    return encode(np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8))
+    return encode(np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8), "JPEG")
 
 
 class Serve:

@@ -35,10 +35,8 @@ BOX_ATOL = 2e-3
 
 
 @pytest.fixture(scope="module")
-def graph(tmp_path_factory):
-    if not WEIGHTS.is_file():
-        pytest.skip("bundled shapes model missing")
-    return export_onnx("d0", tmp_path_factory.mktemp("ov"), weights=str(WEIGHTS), dynamic_batch=4).onnx_path
+def graph(bundled_d0):
+    return bundled_d0
 
 
 @pytest.fixture(scope="module")

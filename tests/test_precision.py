@@ -13,7 +13,6 @@ from edet_deploy import EdetError
 from edet_deploy.backends.onnxrt import OnnxRuntimeRunner
 from edet_deploy.box_ops import box_iou
 from edet_deploy.data import CocoDataset, generate_shapes
-from edet_deploy.export import export_onnx
 from edet_deploy.metadata import read_metadata
 from edet_deploy.trt.check import check_trt_compat
 from edet_deploy.precision.census import census
@@ -31,10 +30,8 @@ def shapes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fp32(tmp_path_factory):
-    if not WEIGHTS.is_file():
-        pytest.skip("bundled shapes model missing")
-    return export_onnx("d0", tmp_path_factory.mktemp("prec"), weights=str(WEIGHTS), dynamic_batch=4).onnx_path
+def fp32(bundled_d0):
+    return bundled_d0
 
 
 def _batch(shapes, n=4):

@@ -4,16 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import encode
 from edet_deploy import EdetError
 from edet_deploy.configs import MEAN_RGB
 from edet_deploy.postprocess import split_detections, to_original_pixels
 from edet_deploy.preprocess import decode_image, letterbox, preprocess
-
-
-def encode(arr, fmt="PNG"):
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def test_letterbox_scale_and_padding():
@@ -28,11 +23,11 @@ def test_letterbox_scale_and_padding():
 
 def test_decode_modes_and_sources(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(decode_image(encode(rgb)), rgb)
+    np.testing.assert_array_equal(decode_image(encode(rgb, "PNG")), rgb)
     path = tmp_path / "x.png"
-    path.write_bytes(encode(rgb))
+    path.write_bytes(encode(rgb, "PNG"))
     np.testing.assert_array_equal(decode_image(path), rgb)
-    gray = decode_image(encode(rgb[:, :, 0]))
+    gray = decode_image(encode(rgb[:, :, 0], "PNG"))
     assert gray.shape == (20, 30, 3)
     rgba = decode_image(Image.fromarray(np.dstack([rgb, rgb[:, :, :1]]), "RGBA"))
     np.testing.assert_array_equal(rgba, rgb)
@@ -50,14 +45,14 @@ def test_bad_bytes(data, match):
 
 
 def test_truncated_png():
-    data = encode(np.zeros((64, 64, 3), np.uint8))
+    data = encode(np.zeros((64, 64, 3), np.uint8), "PNG")
     with pytest.raises(EdetError):
         decode_image(data[: len(data) // 2])
 
 
 def test_decompression_bomb_refused_before_decoding():
     # A tiny file that declares a huge image: the header is enough to refuse it.
-    big = encode(np.zeros((1, 1, 3), np.uint8))
+    big = encode(np.zeros((1, 1, 3), np.uint8), "PNG")
     with pytest.raises(EdetError, match="too large"):
         decode_image(big, max_pixels=0)
     img = Image.new("L", (20000, 20000))  # 400 MP declared, a few KB encoded

@@ -42,14 +42,8 @@ BLOCKER = textwrap.dedent(f"""
 
 
 @pytest.fixture(scope="module")
-def graph(tmp_path_factory):
-    import torch
-
-    from edet_deploy.export import export_onnx
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("serving")
-    return export_onnx("d0", d / "export", image_size=256, dynamic_batch=8).onnx_path
+def graph(random_d0_256):
+    return random_d0_256
 
 
 def run_blocked(code: str, timeout: int = 300) -> subprocess.CompletedProcess:

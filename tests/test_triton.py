@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from edet_deploy import EdetError
 from edet_deploy.detector import Detector
 from edet_deploy.export import export_onnx
-from conftest import assert_same_detections, relabelled_graph
+from conftest import assert_same_detections, encode, relabelled_graph
 
 pytest.importorskip("tritonclient")
 pytest.importorskip("pytriton")
@@ -32,12 +31,6 @@ from edet_deploy.measure import free_port  # noqa: E402
 from edet_deploy.triton.server import TritonServer  # noqa: E402
 
 
-def encode(arr, fmt):
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def pictures():
     rng = np.random.default_rng(0)
@@ -49,14 +42,12 @@ CLASS_NAMES = [f"class {i}" for i in range(90)]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, random_d0_256):
     d = tmp_path_factory.mktemp("triton")
-    torch.manual_seed(0)
-    res = export_onnx("d0", d / "export", image_size=256, dynamic_batch=8)
-    named = relabelled_graph(res.onnx_path, d / "named", class_names=CLASS_NAMES)  # labels in the responses
+    named = relabelled_graph(random_d0_256, d / "named", class_names=CLASS_NAMES)  # labels in the responses
     repo = generate_repository(d / "repo", variant="d0", onnx=str(named), max_batch_size=8)
     server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=d / "triton.log").start()
-    yield server, res.onnx_path
+    yield server, random_d0_256
     server.stop()
 
 

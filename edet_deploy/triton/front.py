@@ -60,9 +60,9 @@ class ModelInfo:
 
 def repository_models(repo) -> Dict[str, ModelInfo]:
     """What the front and the supervisor need of a repository's configs."""
-    from .repo import _pb, load_configs
+    from .verify import load_configs, model_config_pb2
 
-    pb = _pb()
+    pb = model_config_pb2()
     models = {}
     for name, cfg in load_configs(repo).items():
         inputs = tuple((t.name, pb.DataType.Name(t.data_type).replace("TYPE_", "").replace("STRING", "BYTES"),
