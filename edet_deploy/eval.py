@@ -12,14 +12,18 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 
 
 def coco_results(detector, dataset, max_images: Optional[int] = None, progress: bool = True,
-                 batch_size: int = 8) -> List[Dict]:
-    """Run `detector` over the split and return detections in COCO results format."""
-    from tqdm import tqdm
+                 batch_size: int = 8, bar=None) -> List[Dict]:
+    """Run `detector` over the split and return detections in COCO results format: a step of `bar` per image
+    (a job's bar, e.g. training's), else a bar of its own when `progress`."""
+    import contextlib
+
+    from .progress import job_bar, phase
 
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     step = max(1, min(batch_size, detector.runner.max_batch))
     results = []
-    with tqdm(total=n, desc=f"eval {dataset.split}", unit="img", disable=not progress, leave=False) as bar:
+    phase(bar, f"eval {dataset.split}")
+    with (contextlib.nullcontext(bar) if bar is not None else job_bar(progress, n, f"eval {dataset.split}")) as bar:
         for start in range(0, n, step):
             idx = list(range(start, min(n, start + step)))
             for i, det in zip(idx, detector.detect([dataset.image_path(i) for i in idx])):
@@ -52,10 +56,11 @@ def coco_map(dataset, results: List[Dict], image_ids: Optional[List[int]] = None
     return {k: round(float(v), 5) for k, v in zip(STAT_NAMES, ev.stats)}
 
 
-def evaluate(detector, dataset, max_images: Optional[int] = None, progress: bool = True) -> Dict:
-    """mAP@[.5:.95], AP50, AP75, small/medium/large and recalls, plus what was evaluated."""
+def evaluate(detector, dataset, max_images: Optional[int] = None, progress: bool = True, bar=None) -> Dict:
+    """mAP@[.5:.95], AP50, AP75, small/medium/large and recalls, plus what was evaluated (`bar`: see
+    `coco_results`)."""
     t = time.perf_counter()
-    results = coco_results(detector, dataset, max_images, progress)
+    results = coco_results(detector, dataset, max_images, progress, bar=bar)
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     stats = coco_map(dataset, results, [dataset.image_id(i) for i in range(n)])
     return {"stats": stats, "images": n, "detections": len(results), "split": dataset.split,

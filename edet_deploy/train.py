@@ -99,8 +99,6 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
           max_minutes: Optional[float] = None, eval_images: Optional[int] = None, progress: bool = True) -> Dict:
     """Train `model_name` on the COCO-format dataset `data_dir` (splits train / val). Writes the best
     checkpoint (by val mAP) to `out` with its metadata and returns the history."""
-    from tqdm import tqdm
-
     from .backends.pytorch import TorchRunner
     from .data import CocoDataset
     from .detector import Detector
@@ -108,6 +106,7 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
     from .export.graph import CandidateGraph
     from .io import write_json
     from .model import create_model, save_weights
+    from .progress import job_bar
 
     if threads:
         torch.set_num_threads(threads)
@@ -137,12 +136,14 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
     best = -1.0
     start = time.perf_counter()
     out_path = Path(out)
+    eval_n = len(val_set) if eval_images is None else min(eval_images, len(val_set))
+    # One bar over the whole run: every training step and every evaluated image of every epoch.
+    bar = job_bar(progress, epochs * (steps_per_epoch + eval_n), f"train {model_name}")
     for epoch in range(epochs):
         model.train()
         order = rng.permutation(len(train_set))
         totals = np.zeros(2)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for step in bar:
+        for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
             images, labels, targets = [], [], []
             for i in idx:
@@ -161,10 +162,11 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
             opt.step()
             sched.step()
             totals += [cls_loss.item(), box_loss.item()]
-            bar.set_postfix(cls=f"{cls_loss.item():.3f}", box=f"{box_loss.item():.3f}")
+            bar.set_postfix_str(f"epoch {epoch + 1}/{epochs}, cls {cls_loss.item():.3f}, box {box_loss.item():.3f}")
+            bar.update(1)
         model.eval()
         detector = Detector(TorchRunner(model_name, model=model, class_names=train_set.class_names))
-        report = evaluate(detector, val_set, max_images=eval_images, progress=progress)
+        report = evaluate(detector, val_set, max_images=eval_images, bar=bar)
         elapsed = (time.perf_counter() - start) / 60
         row = {"epoch": epoch + 1, "cls_loss": round(totals[0] / steps_per_epoch, 4),
                "box_loss": round(totals[1] / steps_per_epoch, 4), "val_mAP": report["stats"]["AP"],
@@ -179,6 +181,7 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
         if max_minutes and elapsed * (epoch + 2) / (epoch + 1) > max_minutes:
             logger.info("stopping: the next epoch would exceed %.0f minutes", max_minutes)
             break
+    bar.close()
     if best < 0:
         raise EdetError("training ran no epoch")
     return {"best_val_mAP": best, "history": history, "checkpoint": str(out_path)}

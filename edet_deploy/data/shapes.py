@@ -95,16 +95,18 @@ def sample_image(path: Path, seed: int = 0, size: Tuple[int, int] = (480, 640)) 
 
 def generate_shapes(out_dir: str | Path, splits: Dict[str, int] = DEFAULT_SPLITS, seed: int = 0,
                     min_size: int = 224, max_size: int = 352, progress: bool = True) -> Path:
-    """Write `images/<split>/*.jpg` and `instances_<split>.json` for each split under `out_dir`."""
-    from tqdm import tqdm
+    """Write `images/<split>/*.jpg` and `instances_<split>.json` for each split under `out_dir` (`progress`: one
+    bar over every split's images)."""
+    from ..progress import job_bar, ticking
 
     out = Path(out_dir)
     categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)]
+    bar = job_bar(progress, sum(splits.values()), "shapes")
     for split_index, (split, count) in enumerate(splits.items()):
         img_dir = out / "images" / split
         img_dir.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
-        for i in tqdm(range(count), desc=f"shapes/{split}", disable=not progress, leave=False):
+        for i in ticking(range(count), bar, split):
             rng = np.random.default_rng([seed, split_index, i])
             h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
             img, objects = render_image(rng, (h, w))
@@ -119,4 +121,5 @@ def generate_shapes(out_dir: str | Path, splits: Dict[str, int] = DEFAULT_SPLITS
         write_json(out / f"instances_{split}.json", {"info": {"description": "edet-deploy shapes", "seed": seed},
                                                     "images": images, "annotations": annotations,
                                                     "categories": categories})
+    bar.close()
     return out

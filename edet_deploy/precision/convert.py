@@ -112,7 +112,7 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
 def graph_for(model: str, precision: str, out_dir: str | Path, *, weights: Optional[str] = None,
               dynamic_batch: Optional[int] = None, data: Optional[str | Path] = None, num_images: int = 500,
               method: str = "entropy", exclude: Iterable[str] = (), tag: str = "", reuse: bool = True,
-              equalize: bool = True, refine: bool = True) -> Path:
+              equalize: bool = True, refine: bool = True, progress: bool = False) -> Path:
     """The graph a benchmark runs for `model` at `precision`, written once here for the bench harness, the GPU
     acceptance and the accuracy benchmark: the FP32 export in `out_dir` (random weights seeded, so reruns
     measure the same network), its FP16 twin (`data`: keep overflowing nodes FP32) or its INT8 twin calibrated
@@ -139,4 +139,4 @@ def graph_for(model: str, precision: str, out_dir: str | Path, *, weights: Optio
     path = out_dir / f"{artifact_name(model, f'int8-{method}{tag}')}.onnx"
     options = Int8Options(num_images=num_images, method=method, exclude=tuple(exclude), equalize=equalize,
                           refine=refine)
-    return path if reuse and path.is_file() else to_int8(fp32, data, path, options).onnx_path
+    return path if reuse and path.is_file() else to_int8(fp32, data, path, options, progress=progress).onnx_path
