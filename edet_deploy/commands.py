@@ -85,35 +85,21 @@ def _check(p: argparse.ArgumentParser):
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the report")
 
     def run(args) -> int:
-        from .trt.check import check_trt_compat
-        from .io import load_onnx
-        path = Path(args.onnx)
-        model = load_onnx(path)  # once: the three reports below read the same graph
-        try:
-            findings = check_trt_compat(model)
-        except Exception as e:  # noqa: BLE001 - a malformed file is the user's problem
-            raise EdetError(f"cannot read {path} as ONNX: {e}") from None
-        from .precision.census import census, format_census
-        from .trt.check import not_ours_reason, plugin_report
-        plugins, precision, foreign = plugin_report(model), census(model), not_ours_reason(model, path)
-        # The last line (and exit status 0 = clean, 1 = problems, 2 = unusable input) is what scripts read.
-        ok = not findings and foreign is None
-        summary = (f"{path}: {len(findings)} problem(s)" if findings else f"{path}: OK, nothing TensorRT would reject"
-                   if ok else f"{path}: nothing TensorRT would reject, but not an edet-deploy detection graph")
+        from .precision.census import format_census
+        from .trt.check import graph_report
+        report = graph_report(args.onnx)
         if args.json:
-            print(json.dumps({"path": str(path), "ok": ok, "edet_graph": foreign is None, "not_ours": foreign,
-                              "problems": [dict(vars(f), text=str(f)) for f in findings], "plugins": plugins,
-                              "precision": precision, "summary": summary}, indent=2))
-            return 0 if ok else 1
-        for line in plugins:
-            print(line)
-        for f in findings:
-            print(f)
-        if foreign:
-            print(f"not an edet-deploy detection graph: {foreign}")
-        print(format_census(precision))
-        print(summary)
-        return 0 if ok else 1
+            print(json.dumps(report, indent=2))
+        else:
+            for line in report["plugins"]:
+                print(line)
+            for f in report["problems"]:
+                print(f["text"])
+            if report["not_ours"]:
+                print(f"not an edet-deploy detection graph: {report['not_ours']}")
+            print(format_census(report["precision"]))
+            print(report["summary"])  # the last line (and the exit status) is what scripts read
+        return 0 if report["ok"] else 1
     return run
 
 

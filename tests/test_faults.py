@@ -489,3 +489,43 @@ def test_six_tritonserver_crashes_in_a_row_do_not_end_serve(served, picture):
     print(f"\n6 SIGSEGVs of tritonserver: answering again {recovered and round(recovered, 2)} s after the last")
     assert recovered is not None and served.proc.poll() is None
     served.server_pid = served.triton_pid()
+
+
+def _raw_infer(url, blob):
+    """A request whose BYTES data is `blob` as given (length prefixes included, forged or not)."""
+    header = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(blob)}}],
+                         "outputs": [{"name": "num_detections", "parameters": {"binary_data": False}}]}).encode()
+    return http(url, "/v2/models/efficientdet_d0/infer", header + blob,
+                {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"})
+
+
+def test_a_malformed_request_fails_alone(served, picture):
+    """Poison: a string whose length prefix says 4 GiB with 4 bytes behind it. Sent by 4 clients beside 4
+    clients of good images, it fails only its own requests (it used to fail a third of the good ones: Triton
+    checks BYTES data while it gathers a batch, and the preprocess model batched)."""
+    poison = (0xFFFFFFFF).to_bytes(4, "little") + b"abcd"
+    good_blob = len(picture).to_bytes(4, "little") + picture
+    results = {"good": [], "poison": []}
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 12
+
+    def client(kind):
+        for _ in range(400):  # bounded in count and time
+            if time.monotonic() > stop_at:
+                return
+            status, body = _raw_infer(served.url, good_blob if kind == "good" else poison)
+            with lock:
+                results[kind].append((status, body[:160]))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in ["good"] * 4 + ["poison"] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    good_failed = [r for r in results["good"] if r[0] != 200]
+    print(f"\npoison beside good requests: {len(results['good'])} good, {len(good_failed)} failed; "
+          f"{len(results['poison'])} poisoned, answered {sorted({str(r[0]) for r in results['poison']})}")
+    assert len(results["good"]) >= 8 and results["poison"]
+    assert good_failed == [], good_failed[:3]
+    assert all(r[0] == 400 for r in results["poison"]), results["poison"][:3]

@@ -61,7 +61,9 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
             output=[_output(pb, contract.INPUT_NAME, "UINT8", [s, s, 3]), _output(pb, contract.SCALE, "FP32", [1]),
                     _output(pb, contract.ORIG_SIZE, "INT32", [2])],
             instance_group=[pb.ModelInstanceGroup(count=spec.preprocess_instances, kind=cpu)],
-            dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=spec.stage_queue_delay_us),
+            # No dynamic batching: Triton checks a BYTES input while it gathers a batch, so one malformed
+            # request (a string length past its data) failed every request batched with it. Alone, each
+            # request fails or succeeds by itself; decoding is per image anyway, in parallel instances.
             parameters=params({"image_size": s, "input_format": input_format}))
     warmup = pb.ModelWarmup(name="zeros", batch_size=1, inputs={contract.INPUT_NAME: pb.ModelWarmup.Input(
         data_type=pb.TYPE_UINT8, dims=[s, s, 3], zero_data=True)})

@@ -41,6 +41,30 @@ CONSTANT_INPUTS = {"Pad": {1: "pads"}, "TopK": {1: "K"}, "Slice": {3: "axes"}, "
 SHAPE_INPUTS = {"Reshape": {1: "shape"}, "Expand": {1: "shape"}, "Tile": {1: "repeats"}}
 
 
+def graph_report(path) -> Dict:
+    """Everything `edet-deploy check` says of a graph, read once: what TensorRT's parser would reject, how it
+    turns plugin nodes into plugins, the precision census, and whether it is an edet-deploy detection graph.
+    `ok` (exit 0) needs no problem and one of our graphs; `summary` is the line scripts read."""
+    from pathlib import Path
+
+    from ..errors import EdetError
+    from ..precision.census import census
+
+    path = Path(path)
+    model = load_onnx(path)
+    try:
+        findings = check_trt_compat(model)
+    except Exception as e:  # noqa: BLE001 - a malformed file is the user's problem
+        raise EdetError(f"cannot read {path} as ONNX: {e}") from None
+    foreign = not_ours_reason(model, path)
+    ok = not findings and foreign is None
+    summary = (f"{path}: {len(findings)} problem(s)" if findings else f"{path}: OK, nothing TensorRT would reject"
+               if ok else f"{path}: nothing TensorRT would reject, but not an edet-deploy detection graph")
+    return {"path": str(path), "ok": ok, "edet_graph": foreign is None, "not_ours": foreign,
+            "problems": [dict(vars(f), text=str(f)) for f in findings], "plugins": plugin_report(model),
+            "precision": census(model), "summary": summary}
+
+
 def not_ours_reason(model, path) -> Optional[str]:
     """Why `model` is not an edet-deploy detection graph, None when it is: `check` reads any ONNX, and a clean
     parser report on another graph must not read as ready for `build` or `triton-repo`."""
