@@ -20,9 +20,12 @@ from .log import logger
 from .measure import BACKENDS, LOADED_PSI_PCT, PRECISIONS, CpuPressure, machine_info, percentiles
 from .reports import write_reports
 
-# Input size from which ONNX Runtime's INT8 calibration (all intermediate activations kept) does not fit in
-# 24 GiB (D7 at 1536 px was OOM-killed): such variants are skipped with that reason rather than killed mid-sweep.
-# EDET_INT8_CALIB_MAX_SIZE moves the limit on a machine with more memory.
+# Input size from which INT8 calibration does not fit in 24 GiB, so such variants are skipped with that reason
+# rather than killed mid-sweep. Measured from D7's graph at 1536 px (shape inference, batch 1, float32): the
+# calibrated tensors (Conv and Add inputs, which ONNX Runtime holds for every image of a collect call) are
+# 8.3 GiB per image, and the FP16 overflow check's outputs (every float tensor of one image) 24.7 GiB; a run
+# with EDET_INT8_CALIB_MAX_SIZE=4096 was OOM-killed at 24 GiB. Chunking the images does not help: one image
+# is already too much. EDET_INT8_CALIB_MAX_SIZE moves the limit on a machine with more memory.
 INT8_CALIBRATION_MAX_SIZE = int(os.environ.get("EDET_INT8_CALIB_MAX_SIZE", "1536"))
 
 
@@ -214,8 +217,8 @@ class Bench:
     @staticmethod
     def skip_reason(backend: str, precision: str, image_size: int = 0) -> str:
         if backend in ("onnxruntime", "openvino") and precision == "int8" and image_size >= INT8_CALIBRATION_MAX_SIZE:
-            return (f"out of memory: INT8 calibration at {image_size} px keeps every activation of the network "
-                    f"(measured: D7 at 1536 px was killed on this 24 GiB machine)")
+            return (f"out of memory: INT8 calibration at {image_size} px holds more than 24 GiB for one image "
+                    f"(D7: 8.3 GiB of calibrated tensors, 24.7 GiB in the FP16 overflow check)")
         if backend == "torch" and precision != "fp32":
             return "torch eager is the FP32 reference; FP16/INT8 run through ONNX Runtime and TensorRT"
         if precision == "bf16":
