@@ -232,9 +232,11 @@ def test_batching_defaults(graph, tmp_path):
         engine = configs["efficientdet_d0_engine"]
         assert engine.HasField("dynamic_batching") and not engine.dynamic_batching.preferred_batch_size
         assert engine.dynamic_batching.max_queue_delay_microseconds == ENGINE_QUEUE_DELAY_US["cpu"] == 0
-        for stage in ("efficientdet_d0_preprocess", "efficientdet_d0_postprocess"):
-            assert configs[stage].HasField("dynamic_batching")
-            assert configs[stage].dynamic_batching.max_queue_delay_microseconds == 0
+        post = configs["efficientdet_d0_postprocess"]
+        assert post.HasField("dynamic_batching") and post.dynamic_batching.max_queue_delay_microseconds == 0
+        # Preprocess takes each request alone: one malformed BYTES request must not fail its batch-mates
+        # (test_faults.py::test_a_malformed_request_fails_alone).
+        assert not configs["efficientdet_d0_preprocess"].HasField("dynamic_batching")
     assert perf_input_path(ROOT / "model_repository", "efficientdet_d0").is_file()
 
 

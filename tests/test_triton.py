@@ -366,3 +366,46 @@ def test_serve_refuses_a_repository_without_its_graph(served, tmp_path):
     missing = repo / "efficientdet_d0_engine" / "1" / "model.onnx"
     assert f"{missing} is missing: run `make repo` or `edet-deploy triton-repo --out {repo} --onnx GRAPH`" in lines[0]
     assert str(repo) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("case", ["num_too_large", "num_negative", "size_negative", "scale_nan"])
+def test_postprocess_called_directly_validates_its_inputs(served, case):
+    """The postprocess member is reachable by name: what it gets from a client instead of the engine is checked
+    (0 <= num_detections <= K, positive sizes, finite values) and refused with a 400 for that request alone."""
+    import tritonclient.http as httpclient
+
+    from edet_deploy import contract
+    server, _ = served
+    k = 100
+    values = {contract.NUM_DETECTIONS: np.array([[3]], np.int32),
+              contract.DETECTION_BOXES: np.zeros((1, k, 4), np.float32),
+              contract.DETECTION_SCORES: np.zeros((1, k), np.float32),
+              contract.DETECTION_CLASSES: np.zeros((1, k), np.int32)}
+    scale, size = np.array([[0.5]], np.float32), np.array([[480, 640]], np.int32)
+    if case == "num_too_large":
+        values[contract.NUM_DETECTIONS][:] = 10**9
+    elif case == "num_negative":
+        values[contract.NUM_DETECTIONS][:] = -5
+    elif case == "size_negative":
+        size[:] = -1
+    else:
+        scale[:] = np.nan
+    tensors = [(contract.raw_output_name(n), v) for n, v in values.items()] + [(contract.SCALE, scale),
+                                                                                (contract.ORIG_SIZE, size)]
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        inputs = []
+        for name, v in tensors:
+            inp = httpclient.InferInput(name, list(v.shape), "INT32" if v.dtype == np.int32 else "FP32")
+            inp.set_data_from_numpy(v)
+            inputs.append(inp)
+        with pytest.raises(httpclient.InferenceServerException) as e:
+            client.infer(contract.postprocess_name("efficientdet_d0"), inputs)
+        assert e.value.status() == "400", e.value
+        assert "must be" in e.value.message(), e.value.message()
+        # The member carries on: the ensemble still answers.
+        detector = TritonDetectorClient(server.grpc_url, "efficientdet_d0", "grpc")
+        assert len(detector.detect([encode(np.zeros((64, 64, 3), np.uint8), "PNG")])) == 1
+        detector.close()
+    finally:
+        client.close()
