@@ -157,13 +157,14 @@ class Bench:
         from .precision.convert import graph_for
 
         folder = self.out / "graphs" / (f"{model}-{Path(self.weights).stem}" if self.weights else model)
-        if self.accuracy is not None:
-            return graph_for(model, precision, folder, weights=self.weights, dynamic_batch=max(8, max_batch),
-                             data=self.accuracy.data if precision in ("int8", "fp16") else None,
-                             num_images=self.accuracy.calib_images, method="entropy")
+        if self.accuracy is not None:  # as `calibrate` does by default, on the dataset being scored
+            data = self.accuracy.data if precision in ("int8", "fp16") else None
+            num_images, method = self.accuracy.calib_images, "entropy"
+        else:
+            data = self.calibration_data() if precision == "int8" else None
+            num_images, method = self.calib_images, "minmax"
         return graph_for(model, precision, folder, weights=self.weights, dynamic_batch=max(8, max_batch),
-                         data=self.calibration_data() if precision == "int8" else None,
-                         num_images=self.calib_images, method="minmax")
+                         data=data, num_images=num_images, method=method)
 
     def dataset(self):
         if self._dataset is None:

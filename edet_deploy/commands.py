@@ -9,7 +9,7 @@ from typing import Callable, Dict, Tuple
 
 from .cli_args import (BATCH, COUNT, FRACTION, IMAGE_SIZE, INSTANCES, PORT, SEED, THREADS, Bounded, BoundedList,
                        JsonOutArgs, NmsArgs, ProgressArgs, SourceArgs, batch_profile, detection_report)
-from .contract import artifact_name
+from .contract import EXPORT_OPSETS, artifact_name
 from .errors import EdetError, EdetRuntimeError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -57,7 +57,7 @@ def _export(p: argparse.ArgumentParser):
     b = p.add_mutually_exclusive_group()
     b.add_argument("--batch", type=BATCH, default=1, help="fixed batch size")
     b.add_argument("--dynamic-batch", type=BATCH, metavar="MAX", help="dynamic batch dimension up to MAX")
-    p.add_argument("--opset", type=Bounded(int, 13, 21), default=17, help="ONNX opset")
+    p.add_argument("--opset", type=Bounded(int, *EXPORT_OPSETS), default=17, help="ONNX opset")
     p.add_argument("--out", default="build/export", help="output directory")
     nms, progress = NmsArgs(), ProgressArgs()
     nms.add_to(p)

@@ -16,6 +16,8 @@ from typing import Callable, Tuple
 INPUT_NAME = "images"
 INPUT_DTYPE = "uint8"
 INPUT_LAYOUT = "NHWC"
+# ONNX opsets the exporter writes: what torch's TorchScript exporter and TensorRT's parser both take.
+EXPORT_OPSETS = (13, 21)
 
 # ONNX element types by numpy dtype name (onnx.TensorProto values, so this module needs no onnx import).
 ONNX_TYPES = {"float32": 1, "uint8": 2, "int32": 6}

@@ -11,7 +11,7 @@ import onnx
 
 from ..artifacts import ExportResult, save_graph
 from ..configs import get_config
-from ..contract import CANDIDATES, INPUT_NAME, artifact_name
+from ..contract import CANDIDATES, EXPORT_OPSETS, INPUT_NAME, artifact_name
 from ..errors import EdetError
 from ..log import logger
 from ..metadata import build_metadata
@@ -52,8 +52,8 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
         raise EdetError(f"pre_nms_top_k {pre_nms_top_k} exceeds TensorRT's TopK limit {TRT_MAX_TOPK}")
     if dynamic_batch is not None and dynamic_batch < 1 or batch < 1:
         raise EdetError("batch sizes must be >= 1")
-    if not 13 <= opset <= 21:
-        raise EdetError(f"opset {opset} is not supported (13..21)")
+    if not EXPORT_OPSETS[0] <= opset <= EXPORT_OPSETS[1]:
+        raise EdetError(f"opset {opset} is not supported ({EXPORT_OPSETS[0]}..{EXPORT_OPSETS[1]})")
 
     from tqdm import tqdm
 
