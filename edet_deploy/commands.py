@@ -9,7 +9,7 @@ from typing import Callable, Dict, Tuple
 
 from .cli_args import (BATCH, COUNT, FRACTION, IMAGE_SIZE, INSTANCES, PORT, SEED, THREADS, Bounded, BoundedList,
                        JsonOutArgs, NmsArgs, ProgressArgs, SourceArgs, batch_profile, detection_report)
-from .contract import EXPORT_OPSETS, artifact_name
+from .contract import EXPORT_OPSETS, INPUT_FORMATS, artifact_name
 from .errors import EdetError, EdetRuntimeError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -302,7 +302,7 @@ def _client(p: argparse.ArgumentParser):
                                                             "prefix (Triton listens on 8000 for http, 8001 for grpc)")
     p.add_argument("--protocol", choices=["http", "grpc"], help="default: the --url prefix's, else http")
     p.add_argument("--model", default=artifact_name("d0"), help="ensemble name")
-    p.add_argument("--input-format", default="encoded", choices=["encoded", "decoded"],
+    p.add_argument("--input-format", default="encoded", choices=INPUT_FORMATS,
                    help="decoded: decode here and send uint8 RGB (to the --model's <name>_decoded ensemble)")
     p.add_argument("--min-score", type=FRACTION, default=0.3, help="hide detections below this score")
     json_out = JsonOutArgs()

@@ -74,6 +74,10 @@ def cache_dir() -> Path:
 
 # Triton: the ensemble <name> (encoded input) and <name>_decoded run <name>_preprocess[_decoded] ->
 # <name>_engine -> <name>_postprocess.
+# How an ensemble takes its images: encoded bytes (JPEG, PNG, ...) or uint8 RGB the client decoded.
+INPUT_FORMATS = ("encoded", "decoded")
+
+
 def ensemble_name(name: str, input_format: str = "encoded") -> str:
     return name if input_format == "encoded" else f"{name}_{input_format}"
 

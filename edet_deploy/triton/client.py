@@ -9,8 +9,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..contract import (CLASS_NAMES_PARAMETER, DETECTION_CLASSES, DETECTION_LABELS, IMAGE, artifact_name,
-                        ensemble_name)
+from ..contract import (CLASS_NAMES_PARAMETER, DETECTION_CLASSES, DETECTION_LABELS, IMAGE, INPUT_FORMATS,
+                        artifact_name, ensemble_name)
 from ..errors import EdetError, EdetRuntimeError
 from ..postprocess import Detections, split_detections
 from ..preprocess import ImageSource, decode_image
@@ -56,8 +56,8 @@ class TritonDetectorClient:
 
     def __init__(self, url: str = "127.0.0.1:8000", model: str = artifact_name("d0"),
                  protocol: Optional[str] = None, timeout: float = 60.0, input_format: str = "encoded"):
-        if input_format not in ("encoded", "decoded"):
-            raise EdetError(f"input format must be encoded or decoded, got {input_format!r}")
+        if input_format not in INPUT_FORMATS:
+            raise EdetError(f"input format must be {' or '.join(INPUT_FORMATS)}, got {input_format!r}")
         address, self.protocol, ssl = parse_url(url, protocol)
         self.input_format = input_format
         self.url = url

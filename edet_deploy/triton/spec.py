@@ -14,7 +14,6 @@ from .verify import foreign_entries
 
 # Ensemble inputs: "encoded" = JPEG/PNG bytes (BYTES [1]); "decoded" = an RGB image the client already decoded
 # (UINT8 [H, W, 3], any size: the server only letterboxes it). Ensemble names: <name> and <name>_decoded.
-INPUT_FORMATS = ("encoded", "decoded")
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,8 @@ class RepoSpec:
         _check_counts(self.max_batch_size, (self.preprocess_instances, self.engine_instances,
                                             self.postprocess_instances), self.queue_delay_us)
         _check_bf16(self.precision, self.engine_backend)
-        if not self.input_formats or any(f not in INPUT_FORMATS for f in self.input_formats):
-            raise EdetError(f"input formats must be among {', '.join(INPUT_FORMATS)}, got "
+        if not self.input_formats or any(f not in contract.INPUT_FORMATS for f in self.input_formats):
+            raise EdetError(f"input formats must be among {', '.join(contract.INPUT_FORMATS)}, got "
                             f"{', '.join(self.input_formats) or 'none'}")
 
     @classmethod
