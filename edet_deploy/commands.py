@@ -98,6 +98,7 @@ def _check(p: argparse.ArgumentParser):
             if report["not_ours"]:
                 print(f"not an edet-deploy detection graph: {report['not_ours']}")
             print(format_census(report["precision"]))
+            print(report["tensorrt_line"])  # which TensorRT series (10.13, 11.x) would import the graph
             print(report["summary"])  # the last line (and the exit status) is what scripts read
         return 0 if report["ok"] else 1
     return run

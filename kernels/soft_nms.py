@@ -26,6 +26,15 @@ SIGNATURE = {"boxes_ptr": "*fp32", "scores_ptr": "*fp32", "classes_ptr": "*i32",
              "HAS_COUNTS": "constexpr"}
 
 
+# The oldest PTX ISA that can target each GPU architecture (PTX ISA manual, "PTX ISA Notes" of each `.target`;
+# OpenAI Triton targets sm_XYa from sm_90 on). Triton would write the newest ISA its ptxas knows (triton 3.8: 8.8 =
+# CUDA 12.9 up to sm_90, 9.x from sm_100 on, from its CUDA 13 ptxas), which a driver or image of an older CUDA
+# refuses to load; the oldest ISA of the architecture loads on every CUDA that knows the GPU, so one PTX serves
+# TensorRT 10.13 (CUDA 12.0+) and 11.x (CUDA 13.0+). Architectures not listed keep Triton's choice.
+ARCH_PTX_ISA = {75: 63, 80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 101: 86, 103: 88, 110: 90, 120: 87,
+                121: 88}
+
+
 def constexprs(settings, block: int, has_counts: bool = False) -> dict:
     """Compile-time constants for NmsSettings-like `settings` (method_id, sigma, thresholds, max_detections)."""
     return {"K": int(settings["max_detections"]), "SIGMA": float(settings["sigma"]),
@@ -91,8 +100,8 @@ def compile_ptx(num_candidates: int, method_id: int = 2, class_agnostic: bool = 
                 sigma: float = 0.5, iou_threshold: float = 0.3, score_threshold: float = 0.001,
                 max_detections: int = 100) -> CompiledKernel:
     """Compile the plugin's kernel to PTX for sm_`arch` without a GPU (Triton's CUDA backend needs only the
-    target). Its runtime parameters are RUNTIME_ARGS (plus Triton's trailing scratch pointers, unused: the
-    metadata reports 0 bytes of scratch)."""
+    target), in the oldest PTX ISA of that architecture (ARCH_PTX_ISA). Its runtime parameters are RUNTIME_ARGS
+    (plus Triton's trailing scratch pointers, unused: the metadata reports 0 bytes of scratch)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -104,7 +113,10 @@ def compile_ptx(num_candidates: int, method_id: int = 2, class_agnostic: bool = 
                          "class_agnostic": class_agnostic}, block)
     consts["counts_ptr"] = None
     src = ASTSource(fn=kernel(), signature=SIGNATURE, constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    options = {"num_warps": warps}
+    if arch in ARCH_PTX_ISA:
+        options["ptx_version"] = ARCH_PTX_ISA[arch]  # a CUDAOptions field: LLVM's +ptxNN and the `.version` line
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     md = compiled.metadata
     scratch = int(getattr(md, "global_scratch_size", 0) or 0) + int(getattr(md, "profile_scratch_size", 0) or 0)
     ptx = compiled.asm["ptx"]

@@ -61,21 +61,28 @@ def test_aot_launch_is_consistent(arch):
     assert other["ptx"] != launch["ptx"]
 
 
-def _bindings_dir() -> Path:
-    spec = importlib.util.find_spec("tensorrt_bindings")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("tensorrt-cu13-bindings (dev extra) not installed")
-    return Path(list(spec.submodule_search_locations)[0])
+def _bindings_dir(version: str) -> Path:
+    from trt_harness import BINDINGS, bindings_dir
+    d = bindings_dir(version)
+    if d is None:
+        pytest.skip(f"{BINDINGS[version]}=={version} could not be had: not installed, no package index reachable "
+                    f"and not in edet-deploy's wheel cache")
+    return d
 
 
-def test_tensorrt_calls_exist_in_11_4():
+@pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.106"])
+def test_tensorrt_calls_exist_in_each_release(version):
     """How: every name our code calls is listed in tests/trt_api.py; each listed name must appear in the compiled
-    bindings of the tensorrt-cu13-bindings 11.4.0.106 wheel (pybind11 keeps the Python names as strings in
-    tensorrt.so), and each tensorrt.plugin name must be defined in that wheel's plugin package sources."""
-    d = _bindings_dir()
+    bindings of that release's bindings wheel (pybind11 keeps the Python names as strings in tensorrt.so), and
+    each tensorrt.plugin name must be defined in that wheel's plugin package sources."""
+    d = _bindings_dir(version)
+    init = (d / "__init__.py").read_text()
+    assert f'__version__ = "{version}"' in init
     so = (d / "tensorrt.so").read_bytes()
-    missing = [n for n in TRT_API if n.encode() not in so]
-    assert not missing, f"not in TensorRT 11.4 bindings: {missing}"
+    module_names = {t.id for node in ast.walk(ast.parse(init)) if isinstance(node, ast.Assign) for t in node.targets
+                    if isinstance(t, ast.Name)}  # __version__ is set by the package's __init__
+    missing = [n for n in TRT_API if n.encode() not in so and n not in module_names]
+    assert not missing, f"not in TensorRT {version} bindings: {missing}"
     plugin_src = "\n".join(p.read_text() for p in (d / "plugin").glob("*.py"))
     defined = {node.name for node in ast.walk(ast.parse(plugin_src))
                if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
@@ -193,24 +200,24 @@ def _edit_node(graph, tmp_path, name, **attrs):
     return path
 
 
-@pytest.fixture
-def trt_py(monkeypatch):
-    from trt_harness import bindings_dir, tensorrt_python
-    if bindings_dir() is None:
-        pytest.skip("tensorrt-cu13-bindings (dev extra) not installed")
+@pytest.fixture(params=["10.13.3.9", "11.4.0.106"])
+def trt_py(request, monkeypatch):
+    """TensorRT's Python package of each release we build with, over the stand-in core."""
+    from trt_harness import tensorrt_python
+    d = _bindings_dir(request.param)
     # the one machine query of the AOT build (no GPU here): build for an H100/H200
     monkeypatch.setattr(plugin, "target_arch", lambda: 90)
-    with tensorrt_python() as trt:
+    with tensorrt_python(request.param, d) as trt:
+        assert trt.__version__ == request.param
         yield trt
 
 
 def test_plugin_builds_aot_as_tensorrt_would(graph, trt_py):
     """register -> creator fields -> loadFields -> create_plugin (node aot=1, build_engine's flags) -> output
     types and shapes -> formats -> tactics -> get_launch_params -> aot_impl -> get_kernel, all in TensorRT's
-    Python code; the PTX it returns assembles with ptxas for sm_90a."""
+    Python code (10.13 and 11.4)."""
     from trt_harness import drive_plugin
     trt = trt_py
-    assert trt.__version__.startswith("11.")
     plugin.register()
     res = drive_plugin(trt, graph)
     assert res["plugin_id"] == plugin.PLUGIN_ID and res["declared_fields"] == list(plugin.ATTRIBUTES)
@@ -230,16 +237,76 @@ def test_plugin_builds_aot_as_tensorrt_would(graph, trt_py):
     entry = ptx[ptx.index(f".entry {name}("):]
     entry = entry[:entry.index(")")]
     assert entry.count(".param") == 8  # exactly what TensorRT passes: 3 inputs, N, 4 outputs
-    import shutil
+
+
+# The first CUDA release that knows each GPU architecture (CUDA toolkit release notes): a PTX for that GPU may
+# need at most that CUDA, whatever the TensorRT series' own oldest CUDA is.
+FIRST_CUDA_OF_ARCH = {80: (11, 0), 86: (11, 1), 89: (11, 8), 90: (12, 0), 100: (12, 8), 120: (12, 8)}
+
+
+@pytest.mark.parametrize("arch", sorted(FIRST_CUDA_OF_ARCH))
+def test_plugin_ptx_loads_on_the_cuda_of_each_release(graph, trt_py, monkeypatch, arch):
+    """The PTX that TensorRT's own aot_impl path returns (10.13 and 11.4), per GPU architecture: its `.version`
+    needs no newer CUDA than the oldest the release runs with (10.13: CUDA 12.0, its CUDA 12 wheels; 11.x: CUDA
+    13.0) or than the GPU needs anyway, by cuda-python's own PTX ISA -> CUDA table
+    (cuda.bindings.utils.get_minimal_required_cuda_ver_from_ptx_ver, NVIDIA's PTX release history); and ptxas
+    of that CUDA major (CUDA 12.9 from the nvidia-cuda-nvcc-cu12 wheel, CUDA 13 on PATH) assembles it."""
+    import re
     import subprocess
-    if shutil.which("ptxas"):
-        import tempfile
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "k.ptx"
-            src.write_text(ptx)
-            out = subprocess.run(["ptxas", "-arch=sm_90a", str(src), "-o", str(Path(tmp) / "k.cubin")],
-                                 capture_output=True, text=True)
-            assert out.returncode == 0, out.stderr
+
+    from cuda.bindings.utils import get_minimal_required_cuda_ver_from_ptx_ver as cuda_for_ptx
+
+    from edet_deploy.trt.versions import series_of
+    from trt_harness import drive_plugin, ptxas_for
+    monkeypatch.setattr(plugin, "target_arch", lambda: arch)
+    plugin.register()
+    ptx = drive_plugin(trt_py, graph, enqueue_jit=False)["ptx"].decode()
+    isa = re.search(r"^\.version (\d+\.\d+)$", ptx, re.M).group(1)
+    target = re.search(r"^\.target (sm_\w+)", ptx, re.M).group(1)
+    assert re.fullmatch(f"sm_{arch}a?", target), target
+    series = series_of(trt_py.__version__)
+    allowed = max(series.min_cuda, FIRST_CUDA_OF_ARCH[arch])
+    needs = cuda_for_ptx(isa)
+    assert needs <= allowed[0] * 1000 + allowed[1] * 10, (
+        f"PTX ISA {isa} needs CUDA {needs}; TensorRT {series.name} on {target} runs with CUDA {allowed}")
+    ptxas = ptxas_for(series.min_cuda[0])
+    if ptxas is None:
+        pytest.skip(f"no ptxas of CUDA {series.min_cuda[0]} here (PTX ISA {isa} checked against the table)")
+    src = Path(str(graph)).parent / f"k_{trt_py.__version__}_{arch}.ptx"
+    src.write_text(ptx)
+    out = subprocess.run([str(ptxas), f"-arch={target}", str(src), "-o", str(src.with_suffix(".cubin"))],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_build_creates_strongly_typed_networks_that_prefer_aot(graph, tmp_path, trt_py, monkeypatch):
+    """build_engine asks TensorRT's Builder for a network with network_flags: on 10.13 STRONGLY_TYPED (a 10.x
+    network is weakly typed otherwise) and PREFER_AOT_PYTHON_PLUGINS; on 11.x (always strongly typed, the flag
+    deprecated) only PREFER_AOT. The flags are those of that release's enum (the stand-in takes its members from
+    the release's compiled module)."""
+    from edet_deploy.trt.builder import build_engine, network_flags
+    enum = trt_py.NetworkDefinitionCreationFlag
+    expected = 1 << int(enum.PREFER_AOT_PYTHON_PLUGINS)
+    if trt_py.__version__.startswith("10."):
+        assert hasattr(enum, "EXPLICIT_BATCH")  # the 10.x core still has it: the stand-in follows the release
+        expected |= 1 << int(enum.STRONGLY_TYPED)
+    else:
+        assert not hasattr(enum, "EXPLICIT_BATCH")
+    assert network_flags(trt_py) == expected
+    created = []
+
+    class Builder:  # records what build_engine asks for, then stops the build
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            created.append(flags)
+            raise EdetError("stop after create_network")
+
+    monkeypatch.setattr(trt_py, "Builder", Builder)
+    with pytest.raises(EdetError, match="stop after create_network"):
+        build_engine(graph, tmp_path / "x.plan", batch="1:4:8")
+    assert created == [expected] and not (tmp_path / "x.plan").exists()
 
 
 def test_plugin_without_aot_choice_fails_like_tensorrt(graph, tmp_path, trt_py):
@@ -253,8 +320,6 @@ def test_plugin_without_aot_choice_fails_like_tensorrt(graph, tmp_path, trt_py):
         drive_plugin(trt_py, bare, network_flags=())
     assert "both AOT and JIT" in " ".join(parser_rules.resolve(plugin_node(onnx.load(str(bare))), ()).problems)
     assert drive_plugin(trt_py, bare)["implementation"] == "AOT"
-    from edet_deploy.trt.builder import network_flags
-    assert network_flags(trt_py) == 1 << int(trt_py.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
 
 
 def test_jit_impl_runs_until_the_gpu(graph, tmp_path, trt_py):

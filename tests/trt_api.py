@@ -1,10 +1,10 @@
-"""Test data: every TensorRT Python entry point edet-deploy calls, for the test that checks them against TensorRT 11.4's
-bindings (names present in `tensorrt_bindings/tensorrt.so` of the `tensorrt-cu13-bindings` 11.4 wheel) and the
-`tensorrt.plugin` package it ships."""
+"""Test data: every TensorRT Python entry point edet-deploy calls, for the test that checks them against the bindings
+of TensorRT 10.13 and 11.4 (names present in `tensorrt_bindings/tensorrt.so` of each bindings wheel) and the
+`tensorrt.plugin` package each ships."""
 
 # trt.<name> and methods of the objects TensorRT returns
 TRT_API = (
-    "__version__", "Builder", "NetworkDefinitionCreationFlag", "PREFER_AOT_PYTHON_PLUGINS", "OnnxParser",
+    "__version__", "Builder", "NetworkDefinitionCreationFlag", "PREFER_AOT_PYTHON_PLUGINS", "STRONGLY_TYPED", "OnnxParser",
     "parse_from_file", "ProfilingVerbosity", "DETAILED", "profiling_verbosity", "create_engine_inspector",
     "get_engine_information", "LayerInformationFormat", "JSON", "ILogger", "WARNING", "BuilderFlag", "TF32",
     "clear_flag",

@@ -1,9 +1,10 @@
 """TensorRT-in-Python harness: TensorRT's real Python package over a stand-in for its compiled core, and a
 driver that does to our exported graph what TensorRT's ONNX parser and builder do to a plugin node.
 
-- `tensorrt_python()` puts together `tensorrt` as the `tensorrt-cu13` metapackage does (`tensorrt_bindings`'
-  real `__init__.py`, `tensorrt.plugin` = the wheel's pure-Python plugin package) with `trt_standin` in place
-  of `tensorrt_bindings/tensorrt.so`.
+- `tensorrt_python(version)` puts together `tensorrt` as the `tensorrt-cu12/13` metapackages do (the bindings
+  wheel's real `__init__.py`, `tensorrt.plugin` = its pure-Python plugin package) with `trt_standin` in place
+  of `tensorrt_bindings/tensorrt.so`, for TensorRT 10.13.3.9 or 11.4.0.106 (BINDINGS): each wheel is read from a
+  directory of its own (the installed dev-extra wheel, or one unpacked once into edet-deploy's cache).
 - `drive_plugin(trt, graph)` follows onnx-tensorrt and the builder: find the creator (op_type, version and
   namespace attributes, then the node's domain), build the fields as loadFields does, create the plugin with
   the QuickPluginCreationRequest implied by the node and the network flags, then get_output_data_types ->
@@ -30,11 +31,79 @@ ONNX_TO_TRT = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT32: "int32
                onnx.TensorProto.FLOAT16: "float16"}
 
 
-def bindings_dir() -> Optional[Path]:
+# The TensorRT releases whose Python code the tests run: version -> bindings wheel (both install the package
+# `tensorrt_bindings`, so each is read from a directory of its own, never installed side by side).
+BINDINGS = {"10.13.3.9": "tensorrt-cu12-bindings", "11.4.0.106": "tensorrt-cu13-bindings"}
+# The CUDA each release's engines run with at the oldest (versions.SERIES min_cuda) and a wheel with that
+# CUDA major's ptxas: the PTX our plugin returns must load and assemble there.
+PTXAS_WHEELS = {12: "nvidia-cuda-nvcc-cu12==12.9.86"}
+
+
+def wheel_dir(requirement: str) -> Optional[Path]:
+    """The unpacked wheel of `requirement` (NAME==VERSION) in edet-deploy's cache, fetched once with
+    `pip download --no-deps` (the wheel for this Python and platform) and reused offline; None when pip cannot
+    get it (no index reachable)."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    import zipfile
+
+    from edet_deploy.contract import cache_dir
+
+    target = cache_dir() / "wheels" / requirement.replace("==", "-")
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                              "--quiet", "-d", tmp, requirement], capture_output=True, text=True, timeout=600)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if out.returncode != 0 or len(wheels) != 1:
+            return None
+        unpacked = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(wheels[0]) as z:
+            z.extractall(unpacked)
+            for info in z.infolist():  # zip extraction drops the executable bits (ptxas)
+                mode = info.external_attr >> 16
+                if mode & 0o111:
+                    os.chmod(unpacked / info.filename, mode & 0o777)
+        (unpacked / ".complete").write_text(requirement)
+        try:
+            unpacked.rename(target)
+        except OSError:  # another process unpacked it first
+            shutil.rmtree(unpacked, ignore_errors=True)
+    return target if (target / ".complete").is_file() else None
+
+
+def bindings_dir(version: str = "11.4.0.106") -> Optional[Path]:
+    """`tensorrt_bindings/` of TensorRT `version`: the installed one (dev extra) when it is that version, else
+    the bindings wheel unpacked in the cache."""
     spec = importlib.util.find_spec("tensorrt_bindings")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
+    if spec is not None and spec.submodule_search_locations:
+        installed = Path(list(spec.submodule_search_locations)[0])
+        if f'__version__ = "{version}"' in (installed / "__init__.py").read_text():
+            return installed
+    unpacked = wheel_dir(f"{BINDINGS[version]}=={version}")
+    return unpacked / "tensorrt_bindings" if unpacked else None
+
+
+def ptxas_for(cuda_major: int) -> Optional[Path]:
+    """A ptxas of CUDA `cuda_major`: the one on PATH when it is that CUDA, else the CUDA wheel's."""
+    import re
+    import shutil
+    import subprocess
+
+    candidates = [shutil.which("ptxas")]
+    if cuda_major in PTXAS_WHEELS:
+        unpacked = wheel_dir(PTXAS_WHEELS[cuda_major])
+        candidates.append(str(unpacked / "nvidia" / "cuda_nvcc" / "bin" / "ptxas") if unpacked else None)
+    for exe in filter(None, candidates):
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True)
+        release = re.search(r"release (\d+)\.(\d+)", out.stdout)
+        if out.returncode == 0 and release and int(release.group(1)) == cuda_major:
+            return Path(exe)
+    return None
 
 
 def _names(prefixes: Sequence[str]):
@@ -42,16 +111,24 @@ def _names(prefixes: Sequence[str]):
 
 
 @contextlib.contextmanager
-def tensorrt_python() -> Iterator[types.ModuleType]:
-    """`import tensorrt` / `import tensorrt.plugin` inside the block give TensorRT 11.4's Python package over
-    the stand-in core; everything is restored afterwards (and our plugin may register again)."""
+def tensorrt_python(version: str = "11.4.0.106", directory: Optional[Path] = None) -> Iterator[types.ModuleType]:
+    """`import tensorrt` / `import tensorrt.plugin` inside the block give TensorRT `version`'s Python package
+    (from `directory`, default bindings_dir(version)) over the stand-in core; everything is restored afterwards
+    (and our plugin may register again)."""
     from edet_deploy.trt import plugin as our_plugin
 
+    directory = directory or bindings_dir(version)
     prefixes = ("tensorrt", "tensorrt_bindings", "trt_standin")
     saved = {k: sys.modules.pop(k) for k in _names(prefixes)}
+    on_path = importlib.util.find_spec("tensorrt_bindings") is not None and str(directory.parent) in sys.path
+    if not on_path:
+        sys.path.insert(0, str(directory.parent))
     try:
-        sys.modules["tensorrt_bindings.tensorrt"] = importlib.import_module("trt_standin")
+        standin = importlib.import_module("trt_standin")
+        standin.configure((directory / "tensorrt.so").read_bytes())  # the enums this release's core has
+        sys.modules["tensorrt_bindings.tensorrt"] = standin
         bindings = importlib.import_module("tensorrt_bindings")  # the wheel's __init__: `from .tensorrt import *`
+        assert Path(bindings.__file__).parent == directory, bindings.__file__
         trt = types.ModuleType("tensorrt")  # the metapackage: `from tensorrt_bindings import *` + __version__
         trt.__dict__.update({k: getattr(bindings, k) for k in dir(bindings) if not k.startswith("_")})
         trt.__version__ = bindings.__version__
@@ -61,6 +138,8 @@ def tensorrt_python() -> Iterator[types.ModuleType]:
         our_plugin._registered = False
         yield trt
     finally:
+        if not on_path:
+            sys.path.remove(str(directory.parent))
         for k in _names(prefixes):
             del sys.modules[k]
         sys.modules.update(saved)

@@ -2,7 +2,7 @@
 
 TensorRT's libraries cannot be installed on a CPU machine, but everything else of the real Python package
 can: `tensorrt_bindings/__init__.py` and the pure-Python `tensorrt.plugin` package (the quickly deployable
-plugin API) from the `tensorrt-cu13-bindings` 11.4 wheel. This module provides only what the compiled
+plugin API) from the bindings wheels of TensorRT 10.13 and 11.4. This module provides only what the compiled
 module would: enums, plain data holders (PluginField, Dims, tensor descriptors), the plugin base classes
 (whose C++ sides do nothing the Python side can observe), the plugin registry, and a symbolic dimension
 expression builder. It implements nothing of the plugin framework: registration, validation, field
@@ -51,8 +51,11 @@ PluginArgDataType = _Enum("PluginArgDataType", "INT8 INT16 INT32", start=0)
 QuickPluginCreationRequest = _Enum("QuickPluginCreationRequest", "UNKNOWN PREFER_JIT PREFER_AOT STRICT_JIT "
                                    "STRICT_AOT", start=0)
 TensorRTPhase = _Enum("TensorRTPhase", "BUILD RUNTIME", start=0)
-NetworkDefinitionCreationFlag = _Enum("NetworkDefinitionCreationFlag", "STRONGLY_TYPED PREFER_JIT_PYTHON_PLUGINS "
-                                      "PREFER_AOT_PYTHON_PLUGINS", start=1)
+# NvInfer.h's values; which members a release has is read from its compiled module (configure): 10.x still has
+# EXPLICIT_BATCH (deprecated), 11.x dropped it.
+_NETWORK_FLAGS = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1, "PREFER_JIT_PYTHON_PLUGINS": 2,
+                  "PREFER_AOT_PYTHON_PLUGINS": 3}
+NetworkDefinitionCreationFlag = _Enum("NetworkDefinitionCreationFlag", dict(list(_NETWORK_FLAGS.items())[1:]))
 TensorIOMode = _Enum("TensorIOMode", "NONE INPUT OUTPUT", start=0)
 
 # numpy dtype of PluginField.data for each field type (the bindings expose the buffer as such an array)
@@ -214,6 +217,14 @@ class IPluginRegistry:
 
 
 _REGISTRY = IPluginRegistry()
+
+
+def configure(compiled_module: bytes) -> None:
+    """Give the enums that differ between releases the members the real `tensorrt.so` of that release names
+    (pybind11 keeps every Python name as a string in the binary)."""
+    global NetworkDefinitionCreationFlag
+    NetworkDefinitionCreationFlag = _Enum("NetworkDefinitionCreationFlag", {
+        name: value for name, value in _NETWORK_FLAGS.items() if name.encode() in compiled_module})
 
 
 def get_plugin_registry() -> IPluginRegistry:

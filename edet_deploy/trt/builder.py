@@ -1,4 +1,5 @@
-"""Build a strongly typed TensorRT 11 engine from an exported graph (precision is whatever the ONNX says)."""
+"""Build a strongly typed TensorRT engine (10.13 or 11.x) from an exported graph (precision is whatever the ONNX
+says)."""
 from __future__ import annotations
 
 import time
@@ -12,6 +13,7 @@ from ..io import atomic_path, sha256_file
 from ..log import logger
 from ..metadata import read_artifact_metadata, write_metadata
 from .parser_rules import BUILD_NETWORK_FLAGS
+from .versions import supported_names
 
 
 def parse_batch(spec: str) -> Tuple[int, int, int]:
@@ -99,13 +101,32 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
 
 
 def network_flags(trt) -> int:
-    """Creation flags of our networks. TensorRT 11 networks are always strongly typed (STRONGLY_TYPED is
-    deprecated and ignored there); the plugin's AOT implementation is preferred, so the engine embeds the
-    soft-NMS kernel and needs no Python at run time (the exported node also says `aot=1`)."""
+    """Creation flags of our networks: strongly typed (precision is what the ONNX says) and the plugin's AOT
+    implementation preferred, so the engine embeds the soft-NMS kernel and needs no Python at run time (the
+    exported node also says `aot=1`). TensorRT 10.x networks are weakly typed unless STRONGLY_TYPED is given (an
+    FP16 graph would build mostly in FP32); TensorRT 11 networks are always strongly typed (the flag is
+    deprecated there), so it is asked for only where a network would otherwise be weakly typed. PREFER_AOT is
+    set where the enum has it."""
+    from .versions import series_of
+
+    series = series_of(trt.__version__)
+    if series is None:
+        raise EdetError(f"TensorRT {trt.__version__}: edet-deploy builds with TensorRT {supported_names()}")
+    enum = trt.NetworkDefinitionCreationFlag
+    names = list(network_flag_names(series.weakly_typed_by_default))
+    if series.weakly_typed_by_default and not hasattr(enum, "STRONGLY_TYPED"):
+        raise EdetError(f"TensorRT {trt.__version__} has no STRONGLY_TYPED networks: its engines would not keep "
+                        f"the graph's precision")
     flags = 0
-    for name in BUILD_NETWORK_FLAGS:
-        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    for name in names:
+        if hasattr(enum, name):
+            flags |= 1 << int(getattr(enum, name))
     return flags
+
+
+def network_flag_names(weakly_typed_by_default: bool) -> Tuple[str, ...]:
+    """The flag names network_flags asks for (the model `check` and the harness use: parser_rules)."""
+    return (("STRONGLY_TYPED",) if weakly_typed_by_default else ()) + tuple(BUILD_NETWORK_FLAGS)
 
 
 def trt_logger(trt: Any, verbose: bool = False) -> Any:

@@ -16,6 +16,7 @@ from ..io import load_onnx
 from ..nms import op as nms_op
 from . import parser_rules
 from ..nms.settings import TRT_MAX_TOPK
+from .versions import OPS_SINCE, readiness, readiness_line
 
 SUPPORTED_OPS: Set[str] = set("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization BlackmanWindow Cast
@@ -30,7 +31,7 @@ ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
 Resize ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink
 Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze STFT Sub Sum Tan Tanh
 ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
-""".split())
+""".split()) | set(OPS_SINCE)  # those only from some release on: `check` says which TensorRT is ready
 RESIZE_MODES = {"nearest", "linear", "cubic"}
 RESIZE_COORDINATES = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
 # Inputs that TensorRT needs as build-time constants, by op: input index -> what it is.
@@ -57,12 +58,24 @@ def graph_report(path) -> Dict:
     except Exception as e:  # noqa: BLE001 - a malformed file is the user's problem
         raise EdetError(f"cannot read {path} as ONNX: {e}") from None
     foreign = not_ours_reason(model, path)
-    ok = not findings and foreign is None
-    summary = (f"{path}: {len(findings)} problem(s)" if findings else f"{path}: OK, nothing TensorRT would reject"
-               if ok else f"{path}: nothing TensorRT would reject, but not an edet-deploy detection graph")
+    ready = tensorrt_readiness(model)
+    ok = not findings and foreign is None and any(not why for why in ready.values())
+    summary = (f"{path}: {len(findings)} problem(s)" if findings
+               else f"{path}: {readiness_line(ready)}" if ok is False and foreign is None
+               else f"{path}: OK, nothing TensorRT would reject" if ok
+               else f"{path}: nothing TensorRT would reject, but not an edet-deploy detection graph")
     return {"path": str(path), "ok": ok, "edet_graph": foreign is None, "not_ours": foreign,
             "problems": [dict(vars(f), text=str(f)) for f in findings], "plugins": plugin_report(model),
-            "precision": census(model), "summary": summary}
+            "precision": census(model), "tensorrt": ready, "tensorrt_line": readiness_line(ready),
+            "summary": summary}
+
+
+def tensorrt_readiness(model) -> Dict[str, List[str]]:
+    """For each TensorRT series we build with (10.13, 11.x), why its parser would not import the graph
+    ([] = ready), from what the graph needs: its ONNX opset and its ops."""
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                default=0)
+    return readiness([n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")], opset)
 
 
 def not_ours_reason(model, path) -> Optional[str]:

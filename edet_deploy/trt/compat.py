@@ -7,11 +7,13 @@ entrypoint refuse a plan from another TensorRT with one line. Nothing here impor
 installed, so the checks run (and are tested) on any machine.
 
     python -m edet_deploy.trt.compat check-plan model.plan   # exit 0: usable here; 1: missing or stale (why)
-    python -m edet_deploy.trt.compat check-image             # TensorRT bindings == the server's libnvinfer
+    python -m edet_deploy.trt.compat check-image             # TensorRT bindings == the server's libnvinfer,
+                                                             # of a series we build with (10.13+, 11.x)
 """
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 import sys
@@ -19,21 +21,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import EdetError
-
-
-def _parts(version: str) -> List[int]:
-    try:
-        return [int(p) for p in str(version).strip().split(".")]
-    except ValueError:
-        raise EdetError(f"not a TensorRT version: {version!r} (expected numbers such as 11.4 or 11.4.0.106)") from None
+from .versions import install_hint, series_of, supported_names, version_tuple
 
 
 def same_tensorrt(a: str, b: str) -> bool:
     """True when two TensorRT versions name the same release as far as both are spelled out ('11.4' matches
     '11.4.0.106'; '11.4.0.106' does not match '11.4.1.3' nor '11.3'). Major and minor are always compared."""
-    pa, pb = _parts(a), _parts(b)
-    if len(pa) < 2 or len(pb) < 2:
-        raise EdetError(f"TensorRT versions need at least MAJOR.MINOR, got {a!r} and {b!r}")
+    pa, pb = version_tuple(a), version_tuple(b)
     n = min(len(pa), len(pb))
     return pa[:n] == pb[:n]
 
@@ -45,15 +39,28 @@ def plan_info(sidecar: Dict) -> Dict[str, str]:
             "compute_capability": str(built.get("compute_capability") or "")}
 
 
+def tensorrt_mismatch(built: str, target_version: str, target: str, plan: str = "the engine") -> Optional[str]:
+    """Why a plan built by TensorRT `built` cannot be loaded by `target_version` (one line), None if it can.
+    Plans are compared within a major: a plan never crosses majors (10.x vs 11.x), and inside one it loads
+    only in the release that built it."""
+    if not built:
+        return f"{plan} has no TensorRT version in its metadata: rebuild it with `edet-deploy build`"
+    if version_tuple(built)[0] != version_tuple(target_version)[0]:
+        return (f"{plan} was built with TensorRT {built} but {target} has TensorRT {target_version}: a plan never "
+                f"loads in another major version ({version_tuple(built)[0]}.x vs {version_tuple(target_version)[0]}.x);"
+                f" rebuild it there with `edet-deploy build`")
+    if not same_tensorrt(built, target_version):
+        return (f"{plan} was built with TensorRT {built} but {target} has TensorRT {target_version}: "
+                f"rebuild it there with `edet-deploy build`")
+    return None
+
+
 def check_plan_tensorrt(sidecar: Dict, target_version: str, target: str, plan: str = "the engine") -> None:
     """Raise one line when the plan was built by another TensorRT than `target_version` (`target` names where
     that version comes from: 'this machine', 'the Triton image', ...)."""
-    built = plan_info(sidecar)["tensorrt_version"]
-    if not built:
-        raise EdetError(f"{plan} has no TensorRT version in its metadata: rebuild it with `edet-deploy build`")
-    if not same_tensorrt(built, target_version):
-        raise EdetError(f"{plan} was built with TensorRT {built} but {target} has TensorRT {target_version}: "
-                        f"rebuild it there with `edet-deploy build`")
+    problem = tensorrt_mismatch(plan_info(sidecar)["tensorrt_version"], target_version, target, plan)
+    if problem:
+        raise EdetError(problem)
 
 
 def installed_tensorrt_version() -> Optional[str]:
@@ -65,7 +72,8 @@ def installed_tensorrt_version() -> Optional[str]:
     return str(tensorrt.__version__)
 
 
-def runtime_library_version(names: Tuple[str, ...] = ("libnvinfer.so.11", "libnvinfer.so")) -> Optional[str]:
+def runtime_library_version(names: Tuple[str, ...] = ("libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer.so")
+                            ) -> Optional[str]:
     """MAJOR.MINOR.PATCH of the libnvinfer the dynamic loader finds (the one Triton's tensorrt backend runs),
     from `getInferLibVersion()` (NvInferVersion.h: MAJOR*10000 + MINOR*100 + PATCH); None where absent."""
     for name in names:
@@ -118,12 +126,33 @@ def plan_problem(plan: str | Path, tensorrt_version: Optional[str] = None,
     version = tensorrt_version or installed_tensorrt_version() or runtime_library_version()
     if version is None:
         return "no TensorRT on this machine to compare the plan with"
-    if not info["tensorrt_version"] or not same_tensorrt(info["tensorrt_version"], version):
-        return f"{plan} was built with TensorRT {info['tensorrt_version'] or '?'}, this machine has {version}"
+    mismatch = tensorrt_mismatch(info["tensorrt_version"], version, "this machine", str(plan))
+    if mismatch:
+        return mismatch
     cap = compute_capability or gpu_properties()[1]
     if info["compute_capability"] != cap:
         return f"{plan} was built for compute capability {info['compute_capability'] or '?'}, this GPU is {cap}"
     return None
+
+
+def image_problem(library: Optional[str], bindings: Optional[str]) -> Tuple[Optional[str], str]:
+    """(why the image cannot build plans its server loads, or None; the line saying it can). `library` is the
+    libnvinfer the server loads (read first: importing the bindings may load their own), `bindings` the Python
+    TensorRT that builds. Both must be one release of a series edet-deploy builds with."""
+    if bindings is None or library is None:
+        return f"cannot compare: TensorRT bindings {bindings}, libnvinfer {library}", ""
+    cuda = os.environ.get("CUDA_VERSION", "")  # set in NVIDIA's images: the wheel must match the image's CUDA
+    cuda_major = int(cuda.split(".")[0]) if cuda.split(".")[0].isdigit() else None
+    if series_of(library) is None:
+        return (f"the server's libnvinfer is TensorRT {library}; edet-deploy builds with TensorRT "
+                f"{supported_names()}: use an image that carries one of them"), ""
+    if version_tuple(bindings)[0] != version_tuple(library)[0]:
+        return (f"TensorRT bindings {bindings} are another major than the server's libnvinfer {library}: plans "
+                f"built here would not load in Triton; {install_hint(library, cuda_major)}"), ""
+    if not same_tensorrt(bindings, library):
+        return (f"TensorRT bindings {bindings} differ from the server's libnvinfer {library}: plans built here "
+                f"would not load in Triton; {install_hint(library, cuda_major)}"), ""
+    return None, f"TensorRT bindings {bindings} == libnvinfer {library} (TensorRT {series_of(library).name})"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -146,17 +175,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return 1
             print(f"{args.plan}: matches this machine")
             return 0
-        library = runtime_library_version()  # first: importing the bindings may load their own libnvinfer
-        bindings = installed_tensorrt_version()
-        if bindings is None or library is None:
-            print(f"cannot compare: TensorRT bindings {bindings}, libnvinfer {library}")
-            return 1
-        if not same_tensorrt(bindings, library):
-            print(f"TensorRT bindings {bindings} differ from the server's libnvinfer {library}: plans built here "
-                  f"would not load in Triton; install tensorrt-cu13=={library}.*")
-            return 1
-        print(f"TensorRT bindings {bindings} == libnvinfer {library}")
-        return 0
+        problem, ok = image_problem(runtime_library_version(), installed_tensorrt_version())
+        print(problem or ok)
+        return 1 if problem else 0
     except EdetError as e:
         print(str(e))
         return 2
