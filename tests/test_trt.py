@@ -384,3 +384,116 @@ def test_detect_and_eval_engine_without_tensorrt_one_line(graph, tmp_path, capsy
         rc = main(argv)
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and "TensorRT is not installed" in err, (argv, err)
+
+
+# --- TensorRT 10.13 and 11.x: plans, images, readiness, install extras ---------------------------------------
+
+@pytest.mark.parametrize("built,image,why", [
+    ("10.13.3.9", "10.13.3.9", None), ("10.13.3.9", "10.13", None), ("11.4.0.106", "11.4", None),
+    ("10.13.3.9", "11.4.0.106", "another major version (10.x vs 11.x)"),
+    ("11.4.0.106", "10.13.3.9", "another major version (11.x vs 10.x)"),
+    ("10.13.3.9", "10.14.1.48", "rebuild it there")])
+def test_check_plan_compares_within_a_major(graph, tmp_path, built, image, why):
+    """The container's `check-plan` (subprocess, as the entrypoint runs it): a 10.13 plan in a 10.13 image is
+    served, across majors it is refused in one line saying so; inside a major only the same release loads."""
+    import subprocess
+    import sys
+    from test_serving import fake_plan
+    plan = fake_plan(graph, tmp_path, built)
+    proc = subprocess.run([sys.executable, "-m", "edet_deploy.trt.compat", "check-plan", str(plan),
+                           "--tensorrt-version", image, "--compute-capability", "9.0"],
+                          capture_output=True, text=True, cwd=ROOT)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and proc.returncode == (0 if why is None else 1), proc.stdout + proc.stderr
+    if why:
+        assert why in lines[0] and built in lines[0] and image in lines[0]
+
+
+@pytest.mark.parametrize("library,bindings,cuda,expect", [
+    ("10.13.3.9", "10.13.3.9", "13.0.2.006", "== libnvinfer 10.13.3.9 (TensorRT 10.13)"),
+    ("11.4.0.106", "11.4.0.106", "13.0", "== libnvinfer 11.4.0.106 (TensorRT 11.x)"),
+    ("10.13.3.9", "11.4.0.106", "13.0.2.006", "another major than the server's libnvinfer 10.13.3.9"),
+    ("10.13.3.9", "10.13.0.35", "12.9.1", "pip install tensorrt-cu12==10.13.3.9`"),
+    ("10.13.3.9", "10.13.0.35", "13.0.2.006", "pip install tensorrt-cu13==10.13.3.9`"),
+    ("10.11.0.33", "10.11.0.33", "12.9.1", "edet-deploy builds with TensorRT 10.13 and 11.x")])
+def test_check_image_names_the_series_and_the_wheel(monkeypatch, capsys, library, bindings, cuda, expect):
+    """`check-image`: the bindings that build must be the release of the server's libnvinfer, of a series we
+    build with; a mismatch names the wheel for the image's CUDA (NVIDIA's images set CUDA_VERSION)."""
+    from edet_deploy.trt import compat
+    monkeypatch.setenv("CUDA_VERSION", cuda)
+    monkeypatch.setattr(compat, "runtime_library_version", lambda: library)
+    monkeypatch.setattr(compat, "installed_tensorrt_version", lambda: bindings)
+    rc = compat.main(["check-image"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and expect in out[0], out
+    assert rc == (0 if expect.startswith("==") else 1)
+    if "tensorrt-cu12" in expect:
+        assert "tensorrt-cu13" not in out[0]
+    if "tensorrt-cu13" in expect:
+        assert "tensorrt-cu12" not in out[0]
+
+
+def test_check_says_which_tensorrt_is_ready(graph, tmp_path, capsys):
+    """`check` names the TensorRT series that would import the graph, from its opset and ops: our export is
+    ready for both; a graph at opset 22 only for 11.x (10.13's parser is documented up to 21), and still
+    exits 0; at opset 25 for neither (exit 1, the last line says why)."""
+    import json
+    assert main(["check", str(graph)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == "ready for TensorRT 10.13 and 11.x", lines
+    for opset, rc, expect in ((22, 0, "ready for TensorRT 11.x (not 10.13: opset 22 is above the 21"),
+                              (25, 1, "ready for no supported TensorRT")):
+        model = onnx.load(str(graph))
+        next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = opset
+        path = tmp_path / f"opset{opset}.onnx"
+        onnx.save(model, str(path))
+        import shutil
+        shutil.copy(Path(graph).with_suffix(".json"), path.with_suffix(".json"))
+        assert main(["check", str(path)]) == rc
+        out = capsys.readouterr().out.strip().splitlines()
+        assert expect in out[-2] and (rc == 0 or expect in out[-1]), out
+        assert main(["check", str(path), "--json"]) == rc
+        report = json.loads(capsys.readouterr().out)
+        assert bool(report["tensorrt"]["10.13"]) and bool(report["tensorrt"]["11.x"]) == (opset > 24)
+
+
+def test_readiness_of_ops_imported_from_later_releases():
+    from edet_deploy.trt.versions import readiness
+    ready = readiness(["Conv", "Attention"], 21)
+    assert ready["11.x"] == [] and ready["10.13"] == ["Attention is imported from TensorRT 10.14 on"]
+    assert readiness(["Conv", "TopK"], 17) == {"10.13": [], "11.x": []}
+
+
+def test_install_extras_admit_each_series():
+    """pyproject.toml has an extra per TensorRT series and CUDA major (versions.SERIES); each pins the series'
+    wheel to its major, and pip resolves that requirement to a release of the series (`pip download
+    --no-deps`: the TensorRT metapackages cannot resolve their libraries here, they fetch them at install)."""
+    import re
+    import subprocess
+    import sys
+    import tempfile
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from edet_deploy.trt.versions import SERIES, series_of
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["gpu"] == ["edet-deploy[tensorrt11]"]
+    for s in SERIES:
+        for cuda, wheel, extra in s.wheels:
+            reqs = {Requirement(r).name: Requirement(r) for r in extras[extra]}
+            spec = reqs[wheel].specifier
+            assert spec.contains(f"{s.major}.{s.min_minor}.0.1") and not spec.contains(f"{s.major + 1}.0.0")
+            assert not spec.contains(f"{s.major}.{max(s.min_minor - 1, 0)}.9") or s.min_minor == 0
+            assert {"cuda-python", "triton"} <= set(reqs)
+            assert reqs["cuda-python"].specifier.contains(f"{cuda}.9.0")
+            with tempfile.TemporaryDirectory() as tmp:
+                out = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
+                                      str(reqs[wheel])], capture_output=True, text=True, timeout=600)
+                if out.returncode != 0 and any(e in out.stderr for e in ("NewConnectionError", "Network is "
+                                                                         "unreachable", "name resolution")):
+                    pytest.skip("no package index reachable")
+                assert out.returncode == 0, out.stderr[-2000:]
+                (got,) = [p.name for p in Path(tmp).iterdir()]
+                version = re.match(rf"{wheel.replace('-', '_')}-([\d.]+?)(\.tar\.gz|-)", got).group(1)
+                assert series_of(version) is s, (extra, got)
