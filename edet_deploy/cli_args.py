@@ -140,7 +140,7 @@ class SourceArgs:
         src = parser.add_mutually_exclusive_group()
         src.add_argument("--onnx", help="exported graph (its metadata JSON beside it)")
         src.add_argument("--engine", help="TensorRT plan from `edet-deploy build` (its JSON sidecar beside it); "
-                                          "runs on the tensorrt backend (NVIDIA GPU + TensorRT 11)")
+                                          "runs on the tensorrt backend (NVIDIA GPU + TensorRT 10.13 or 11.x)")
         parser.add_argument("--backend", choices=[*CPU_GRAPH_BACKENDS, "torch", "tensorrt"],
                             help=f"runtime (default: tensorrt with --engine, else {DEFAULT_CPU_BACKEND}); "
                                  f"onnxruntime / openvino export --model/--weights once into a cache when --onnx "

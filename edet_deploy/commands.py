@@ -403,7 +403,7 @@ def _calibrate(p: argparse.ArgumentParser):
     return run
 
 
-@command("build", "build a strongly typed TensorRT 11 engine (needs an NVIDIA GPU and TensorRT)")
+@command("build", "build a strongly typed TensorRT engine, 10.13 or 11.x (needs an NVIDIA GPU and TensorRT)")
 def _build(p: argparse.ArgumentParser):
     p.add_argument("onnx", help="graph from export / convert / calibrate (its precision is the engine's)")
     p.add_argument("--out", required=True, help="engine file (.plan); a JSON sidecar is written beside it")

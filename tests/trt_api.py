@@ -4,7 +4,8 @@ of TensorRT 10.13 and 11.4 (names present in `tensorrt_bindings/tensorrt.so` of 
 
 # trt.<name> and methods of the objects TensorRT returns
 TRT_API = (
-    "__version__", "Builder", "NetworkDefinitionCreationFlag", "PREFER_AOT_PYTHON_PLUGINS", "STRONGLY_TYPED", "OnnxParser",
+    "__version__", "Builder", "NetworkDefinitionCreationFlag", "PREFER_AOT_PYTHON_PLUGINS", "STRONGLY_TYPED",
+    "OnnxParser",
     "parse_from_file", "ProfilingVerbosity", "DETAILED", "profiling_verbosity", "create_engine_inspector",
     "get_engine_information", "LayerInformationFormat", "JSON", "ILogger", "WARNING", "BuilderFlag", "TF32",
     "clear_flag",

@@ -13,7 +13,7 @@ from ..io import atomic_path, sha256_file
 from ..log import logger
 from ..metadata import read_artifact_metadata, write_metadata
 from .parser_rules import BUILD_NETWORK_FLAGS
-from .versions import supported_names
+from .versions import series_of, supported_names
 
 
 def parse_batch(spec: str) -> Tuple[int, int, int]:
@@ -107,13 +107,11 @@ def network_flags(trt) -> int:
     FP16 graph would build mostly in FP32); TensorRT 11 networks are always strongly typed (the flag is
     deprecated there), so it is asked for only where a network would otherwise be weakly typed. PREFER_AOT is
     set where the enum has it."""
-    from .versions import series_of
-
     series = series_of(trt.__version__)
     if series is None:
         raise EdetError(f"TensorRT {trt.__version__}: edet-deploy builds with TensorRT {supported_names()}")
     enum = trt.NetworkDefinitionCreationFlag
-    names = list(network_flag_names(series.weakly_typed_by_default))
+    names = (("STRONGLY_TYPED",) if series.weakly_typed_by_default else ()) + tuple(BUILD_NETWORK_FLAGS)
     if series.weakly_typed_by_default and not hasattr(enum, "STRONGLY_TYPED"):
         raise EdetError(f"TensorRT {trt.__version__} has no STRONGLY_TYPED networks: its engines would not keep "
                         f"the graph's precision")
@@ -122,11 +120,6 @@ def network_flags(trt) -> int:
         if hasattr(enum, name):
             flags |= 1 << int(getattr(enum, name))
     return flags
-
-
-def network_flag_names(weakly_typed_by_default: bool) -> Tuple[str, ...]:
-    """The flag names network_flags asks for (the model `check` and the harness use: parser_rules)."""
-    return (("STRONGLY_TYPED",) if weakly_typed_by_default else ()) + tuple(BUILD_NETWORK_FLAGS)
 
 
 def trt_logger(trt: Any, verbose: bool = False) -> Any:

@@ -23,7 +23,8 @@ import numpy as np
 
 from ..nms import op as nms_op
 
-# The network flags `edet-deploy build` creates its network with (TensorRT 11: strongly typed always).
+# The plugin-related network flags `edet-deploy build` creates its network with (builder.network_flags adds
+# STRONGLY_TYPED on TensorRT 10.x; 11.x networks are always strongly typed).
 BUILD_NETWORK_FLAGS: Tuple[str, ...] = ("PREFER_AOT_PYTHON_PLUGINS",)
 
 

@@ -89,7 +89,8 @@ def target_arch() -> int:
 
 
 def register():
-    """Register the plugin with TensorRT (idempotent) and return `tensorrt.plugin`. Needs TensorRT >= 11."""
+    """Register the plugin with TensorRT (idempotent) and return `tensorrt.plugin`. Needs TensorRT 10.13 or 11.x
+    (require_tensorrt): both `tensorrt.plugin` packages have aot_impl and run this registration unchanged."""
     from . import require_tensorrt
 
     trt = require_tensorrt()

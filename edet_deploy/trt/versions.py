@@ -45,7 +45,8 @@ OPSET_SOURCES = {
              "for 10.13",
     "11.x": "onnx-tensorrt's operator matrix of 10.15 (opsets 9 to 24), which 11.x continues",
 }
-# ONNX ops the parser imports only from some release on (onnx-tensorrt docs/Changelog.md): (major, minor)
+# ONNX ops the parser imports only from some release on (onnx-tensorrt's changelog,
+# https://github.com/onnx/onnx-tensorrt/blob/main/docs/Changelog.md): (major, minor)
 OPS_SINCE: Dict[str, Tuple[int, int]] = {"Attention": (10, 14), "RotaryEmbedding": (10, 15),
                                          "RMSNormalization": (10, 15), "TensorScatter": (10, 15)}
 def version_tuple(version: str) -> Tuple[int, ...]:
