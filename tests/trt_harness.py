@@ -39,10 +39,10 @@ BINDINGS = {"10.13.3.9": "tensorrt-cu12-bindings", "11.4.0.106": "tensorrt-cu13-
 PTXAS_WHEELS = {12: "nvidia-cuda-nvcc-cu12==12.9.86"}
 
 
-def wheel_dir(requirement: str) -> Optional[Path]:
-    """The unpacked wheel of `requirement` (NAME==VERSION) in edet-deploy's cache, fetched once with
-    `pip download --no-deps` (the wheel for this Python and platform) and reused offline; None when pip cannot
-    get it (no index reachable)."""
+def wheel_dir(requirement: str, only: str = "") -> Optional[Path]:
+    """The unpacked wheel of `requirement` (NAME==VERSION; its members under `only`, default all) in edet-deploy's
+    cache, fetched once with `pip download --no-deps` (the wheel for this Python and platform) and reused
+    offline; None when pip cannot get it (no index reachable)."""
     import os
     import shutil
     import subprocess
@@ -63,11 +63,13 @@ def wheel_dir(requirement: str) -> Optional[Path]:
             return None
         unpacked = Path(tmp) / "unpacked"
         with zipfile.ZipFile(wheels[0]) as z:
-            z.extractall(unpacked)
-            for info in z.infolist():  # zip extraction drops the executable bits (ptxas)
+            members = [i for i in z.infolist() if i.filename.startswith(only)]
+            z.extractall(unpacked, members)
+            for info in members:  # zip extraction drops the executable bits (ptxas)
                 mode = info.external_attr >> 16
                 if mode & 0o111:
                     os.chmod(unpacked / info.filename, mode & 0o777)
+        unpacked.mkdir(exist_ok=True)
         (unpacked / ".complete").write_text(requirement)
         try:
             unpacked.rename(target)
@@ -96,7 +98,7 @@ def ptxas_for(cuda_major: int) -> Optional[Path]:
 
     candidates = [shutil.which("ptxas")]
     if cuda_major in PTXAS_WHEELS:
-        unpacked = wheel_dir(PTXAS_WHEELS[cuda_major])
+        unpacked = wheel_dir(PTXAS_WHEELS[cuda_major], only="nvidia/cuda_nvcc/bin/ptxas")
         candidates.append(str(unpacked / "nvidia" / "cuda_nvcc" / "bin" / "ptxas") if unpacked else None)
     for exe in filter(None, candidates):
         out = subprocess.run([exe, "--version"], capture_output=True, text=True)
