@@ -35,7 +35,8 @@ class TensorRTSeries:
 
 
 SERIES: Tuple[TensorRTSeries, ...] = (
-    # CUDA 12.0 is the oldest CUDA that TensorRT 10.13's CUDA 12 wheels support (its support matrix: 12.0-12.9)
+    # TensorRT 10's CUDA 12 build is one build for every CUDA 12.x (support matrices): 12.0 is the floor the PTX
+    # must load on; 10.13.2 added CUDA 13.0 builds
     TensorRTSeries("10.13", 10, 13, ((12, "tensorrt-cu12", "tensorrt10"), (13, "tensorrt-cu13", "tensorrt10-cu13")),
                    (12, 0), True, 21),
     TensorRTSeries("11.x", 11, 0, ((13, "tensorrt-cu13", "tensorrt11"),), (13, 0), False, 24),
