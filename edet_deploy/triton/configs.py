@@ -19,6 +19,13 @@ from .verify import CONFIG_HEADER, model_config_pb2
 # GPU). No preferred_batch_size: with 1 "preferred", the scheduler never waits (Triton's docs advise leaving it
 # unset for most models).
 ENGINE_QUEUE_DELAY_US = {"cpu": 0, "gpu": 2000}
+# Overload: without a queue policy Triton queues every request, so past saturation latency grows without bound
+# and clients time out after the work was spent. The engine's queue holds QUEUE_BATCHES full batches; a request
+# waiting longer than the target's timeout is rejected (clients may ask for another with the `timeout`
+# parameter). Either way the client gets a fast UNAVAILABLE (HTTP 503 / gRPC UNAVAILABLE): retry elsewhere or
+# later. CPU numbers: benchmarks/triton_overload.py at twice the saturating concurrency; GPU: unmeasured.
+ENGINE_QUEUE_BATCHES = 2
+ENGINE_QUEUE_TIMEOUT_US = {"cpu": 200_000, "gpu": 50_000}
 
 
 def _tensor(pb, name: str, dtype: str, dims: List[int]):
@@ -38,6 +45,15 @@ def _image_input(pb, input_format: str):
     if input_format == "encoded":
         return _tensor(pb, contract.IMAGE, "STRING", [1])
     return _tensor(pb, contract.IMAGE, "UINT8", [-1, -1, 3])
+
+
+def queue_policy(pb, target: str, max_batch_size: int):
+    """The engine's bounded queue (see ENGINE_QUEUE_BATCHES); None where ENGINE_QUEUE_BATCHES is 0 (unbounded)."""
+    if not ENGINE_QUEUE_BATCHES:
+        return None
+    return pb.ModelQueuePolicy(timeout_action=pb.ModelQueuePolicy.REJECT,
+                               default_timeout_microseconds=ENGINE_QUEUE_TIMEOUT_US[target],
+                               allow_timeout_override=True, max_queue_size=ENGINE_QUEUE_BATCHES * max_batch_size)
 
 
 def build_configs(spec: RepoSpec) -> Dict[str, object]:
@@ -72,7 +88,8 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
         output=_det_outputs(pb, k),
         dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=queue_delay_us,
                                                  preferred_batch_size=[b for b in spec.preferred_batch_sizes
-                                                                       if b <= mb]),
+                                                                       if b <= mb],
+                                                 default_queue_policy=queue_policy(pb, spec.target, mb)),
         model_warmup=[warmup])
     if spec.target == "gpu":
         engine.platform = "tensorrt_plan"
