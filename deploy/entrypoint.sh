@@ -53,7 +53,13 @@ prepare_gpu() {
     fi
     local trt cc sum key plan reason
     trt="${EDET_TENSORRT_VERSION:-$("$py" -c 'from edet_deploy.trt.compat import installed_tensorrt_version as v; print(v() or "")')}"
-    cc="${EDET_COMPUTE_CAPABILITY:-$("$py" -c 'from edet_deploy.trt.compat import gpu_properties as g; print(g()[1])')}"
+    cc="${EDET_COMPUTE_CAPABILITY:-$("$py" -c 'import sys
+from edet_deploy.errors import EdetError
+from edet_deploy.trt.compat import gpu_properties
+try:
+    print(gpu_properties()[1])
+except EdetError as e:
+    sys.exit(f"edet-entrypoint: {e}")')}"
     if [[ -z "$trt" ]]; then
         say "no TensorRT Python bindings in this image: cannot build or check a plan"
         exit 1

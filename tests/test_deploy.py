@@ -246,6 +246,17 @@ def test_checkov_finds_nothing(tmp_path):
 
 # --- compose ---------------------------------------------------------------------------------------------------
 
+def test_compose_file_validates_against_the_compose_spec(tmp_path):
+    checker = venv_tool("check-jsonschema")  # the lint extra; the compose spec's schema is vendored in it
+    out = subprocess.run([checker, "--builtin-schema", "vendor.compose-spec", str(DEPLOY / "docker-compose.yml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    bad = tmp_path / "docker-compose.yml"  # it really looks: a misspelt key is refused
+    bad.write_text((DEPLOY / "docker-compose.yml").read_text().replace("read_only:", "readonly:"))
+    assert subprocess.run([checker, "--builtin-schema", "vendor.compose-spec", str(bad)],
+                          capture_output=True, text=True).returncode != 0
+
+
 def test_compose_and_prometheus_agree():
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     triton, prom = compose["services"]["triton"], compose["services"]["prometheus"]
@@ -426,6 +437,57 @@ def test_entrypoint_refuses_a_tensorrt_mismatch_in_one_line(tmp_path):
     assert out.returncode != 0 and not calls
     said = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
     assert len(said) == 1 and "11.4.0.106" in said[0] and "10.13.3" in said[0], said
+
+
+# --- serve on the image's tritonserver ----------------------------------------------------------------------------
+
+def test_serve_takes_the_images_tritonserver_and_the_gpu_repository(tmp_path, random_d0_256, monkeypatch):
+    """The GPU repository the entrypoint writes (a tensorrt_plan engine) passes serve's checks, and serve runs the
+    binary EDET_TRITONSERVER names with the backends beside it (NVIDIA's /opt/tritonserver layout), restricted."""
+    from edet_deploy.errors import EdetError
+    from edet_deploy.triton.repo import generate_repository
+    from edet_deploy.triton.server import TritonServer, find_triton
+
+    opt = tmp_path / "opt" / "tritonserver"
+    (opt / "bin").mkdir(parents=True)
+    (opt / "backends" / "python").mkdir(parents=True)
+    (opt / "backends" / "tensorrt").mkdir()
+    (opt / "bin" / "tritonserver").write_text("#!/bin/sh\nexit 1\n")
+    (opt / "bin" / "tritonserver").chmod(0o755)
+    monkeypatch.setenv("EDET_TRITONSERVER", str(opt / "bin" / "tritonserver"))
+    monkeypatch.delenv("EDET_TRITON_BACKENDS", raising=False)
+    paths = find_triton()
+    assert (paths.binary, paths.backends, paths.libs) == (opt / "bin" / "tritonserver", opt / "backends", opt / "lib")
+
+    built = tmp_path / "engines" / "efficientdet_d0.plan"  # what `edet-deploy build` leaves: a plan and its sidecar
+    built.parent.mkdir()
+    built.write_bytes(b"plan")
+    meta = json.loads(random_d0_256.with_suffix(".json").read_text())
+    meta["tensorrt"] = {"version": "10.13.3.9", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    built.with_suffix(".json").write_text(json.dumps(meta))
+    repo = generate_repository(tmp_path / "repository", engine=str(built), target="gpu", tensorrt_version="10.13.3.9")
+    server = TritonServer(repo)  # validates and verifies the repository as serve does
+    cmd = server.cmd
+    assert cmd[0] == str(opt / "bin" / "tritonserver") and f"--backend-directory={opt / 'backends'}" in cmd
+    assert any(a.startswith("--http-restricted-api=") and "model-repository" in a for a in cmd)
+    assert str(opt / "lib") in server.env["LD_LIBRARY_PATH"].split(os.pathsep)
+
+    (opt / "backends" / "python").rmdir()  # no python backend: one line naming both settings
+    with pytest.raises(EdetError, match="EDET_TRITONSERVER=.*EDET_TRITON_BACKENDS"):
+        find_triton()
+
+
+def test_entrypoint_without_a_gpu_says_so_in_one_line(tmp_path):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has a GPU")
+    models = tmp_path / "models"
+    graph_dir(models)
+    env = {k: v for k, v in os.environ.items() if k != "EDET_COMPUTE_CAPABILITY"}
+    out = subprocess.run(["bash", str(DEPLOY / "entrypoint.sh"), "prepare"], capture_output=True, text=True,
+                         env=dict(env, EDET_PYTHON=sys.executable, EDET_MODELS_DIR=str(models), EDET_SKIP_IMAGE_CHECK="1",
+                                  EDET_TENSORRT_VERSION="10.13.3.9", PYTHONPATH=str(ROOT)))
+    said = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    assert out.returncode == 1 and len(said) == 1 and "no CUDA GPU found" in said[0], said
 
 
 # --- the entrypoint in serve mode, with the real CPU server ---------------------------------------------------------
