@@ -112,12 +112,14 @@ def main(argv=None) -> int:
              f"**{overloads[0]} clients** (2x) and {overloads[1]} (4x).", "",
              "p50/p99: answered requests; outcome p99: every request, answered or rejected (what a client waits for).",
              "",
-             "| | clients | answered | rejected | p50 ms | p99 ms | outcome p99 ms | img/s | rejection p50 / p99 ms | engine queue ms | CPU pressure |",
+             "| | clients | answered | rejected | p50 ms | p99 ms | outcome p99 ms | img/s | rejection p50 / p99 ms "
+             "| engine queue ms | CPU pressure |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in ((label, r) for label in result for r in result[label]):
         rej = "-" if r["rejection_p50_ms"] is None else f"{r['rejection_p50_ms']} / {r['rejection_p99_ms']}"
-        lines.append(f"| {label} | {r['concurrency']} | {r['answered']} | {r['rejected_pct']}% | {r['p50_ms']} | {r['p99_ms']} | {r['outcome_p99_ms']} | "
-                     f"{r['throughput_img_s']} | {rej} | {r['engine_queue_ms']} | {r['cpu_pressure_pct']}% |")
+        lines.append(f"| {label} | {r['concurrency']} | {r['answered']} | {r['rejected_pct']}% | {r['p50_ms']} | "
+                     f"{r['p99_ms']} | {r['outcome_p99_ms']} | {r['throughput_img_s']} | {rej} | "
+                     f"{r['engine_queue_ms']} | {r['cpu_pressure_pct']}% |")
     first = next((r["first_error"] for r in result["after"] if r["first_error"]), None)
     if first:
         lines += ["", f"A rejection reads: `{first}`"]

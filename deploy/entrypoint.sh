@@ -52,7 +52,8 @@ prepare_gpu() {
         "$py" -m edet_deploy.trt.compat check-image
     fi
     local trt cc sum key plan reason
-    trt="${EDET_TENSORRT_VERSION:-$("$py" -c 'from edet_deploy.trt.compat import installed_tensorrt_version as v; print(v() or "")')}"
+    trt="${EDET_TENSORRT_VERSION:-$("$py" -c 'from edet_deploy.trt.compat import installed_tensorrt_version as v
+print(v() or "")')}"
     cc="${EDET_COMPUTE_CAPABILITY:-$("$py" -c 'import sys
 from edet_deploy.errors import EdetError
 from edet_deploy.trt.compat import gpu_properties

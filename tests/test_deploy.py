@@ -169,7 +169,8 @@ def test_kubernetes_wiring(overlay):
     assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] == 1000
     for container in [*spec.get("initContainers", []), c]:
         sc = container["securityContext"]
-        assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
+        assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+        assert sc["capabilities"]["drop"] == ["ALL"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and mounts["/dev/shm"]["name"] == "dshm"
@@ -177,14 +178,16 @@ def test_kubernetes_wiring(overlay):
     assert mounts["/models/onnx"]["readOnly"]
     models = volumes[mounts["/models/onnx"]["name"]]["persistentVolumeClaim"]["claimName"]
     assert docs[("PersistentVolumeClaim", models)]["spec"]["accessModes"] == ["ReadWriteMany"]
-    gpus = [x.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") for x in [*spec.get("initContainers", []), c]]
+    gpus = [x.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+            for x in [*spec.get("initContainers", []), c]]
     if overlay == "gpu":
         # the engine cache: the init step (prepare) writes it on the shared volume, the server reads it
         (init,) = spec["initContainers"]
         assert init["args"] == ["prepare"] and init["image"] == c["image"] and env_of(init)["EDET_TARGET"] == "gpu"
         init_mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
         cache = init_mounts["/models/engines"]
-        assert not cache.get("readOnly") and cache["name"] == mounts["/models/onnx"]["name"] and cache["subPath"] == "engines"
+        assert not cache.get("readOnly") and cache["subPath"] == "engines"
+        assert cache["name"] == mounts["/models/onnx"]["name"]  # the models volume
         assert mounts["/models/engines"]["subPath"] == "engines" and "/models/repository" in init_mounts
         assert gpus == [1, 1]
     else:
@@ -484,8 +487,8 @@ def test_entrypoint_without_a_gpu_says_so_in_one_line(tmp_path):
     graph_dir(models)
     env = {k: v for k, v in os.environ.items() if k != "EDET_COMPUTE_CAPABILITY"}
     out = subprocess.run(["bash", str(DEPLOY / "entrypoint.sh"), "prepare"], capture_output=True, text=True,
-                         env=dict(env, EDET_PYTHON=sys.executable, EDET_MODELS_DIR=str(models), EDET_SKIP_IMAGE_CHECK="1",
-                                  EDET_TENSORRT_VERSION="10.13.3.9", PYTHONPATH=str(ROOT)))
+                         env=dict(env, EDET_PYTHON=sys.executable, EDET_MODELS_DIR=str(models),
+                                  EDET_SKIP_IMAGE_CHECK="1", EDET_TENSORRT_VERSION="10.13.3.9", PYTHONPATH=str(ROOT)))
     said = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
     assert out.returncode == 1 and len(said) == 1 and "no CUDA GPU found" in said[0], said
 
@@ -525,8 +528,9 @@ def test_container_runs_serve_with_the_given_tritonserver(tmp_path, random_d0_25
     (bin_dir / "edet-deploy").chmod(0o755)
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT), EDET_TARGET="cpu",
-               EDET_MODELS_DIR=str(models), EDET_TRITONSERVER=str(paths.binary), EDET_TRITON_BACKENDS=str(paths.backends),
-               LD_LIBRARY_PATH=str(paths.libs), EDET_ADDRESS="127.0.0.1", EDET_HTTP_PORT=str(http_port),
+               EDET_MODELS_DIR=str(models), EDET_TRITONSERVER=str(paths.binary),
+               EDET_TRITON_BACKENDS=str(paths.backends), LD_LIBRARY_PATH=str(paths.libs), EDET_ADDRESS="127.0.0.1",
+               EDET_HTTP_PORT=str(http_port),
                EDET_GRPC_PORT=str(grpc_port), EDET_METRICS_PORT=str(metrics_port), EDET_GRACE_PERIOD="5")
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(["bash", str(DEPLOY / "entrypoint.sh")], env=env, stdout=log, stderr=subprocess.STDOUT,

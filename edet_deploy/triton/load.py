@@ -94,7 +94,8 @@ def run_load(url: str, images: Sequence, model: str = "efficientdet_d0", protoco
                      "mean_ms": round(p["mean"], 2), "throughput_img_s": round(len(latencies) / wall, 2),
                      "server": server_split(before, after),
                      # every outcome, answered or refused: what a client waits for either way
-                     "outcome_p99_ms": round(percentiles(latencies + error_ms)["p99"], 2) if latencies or error_ms else 0,
+                     "outcome_p99_ms": (round(percentiles(latencies + error_ms)["p99"], 2)
+                                        if latencies or error_ms else 0),
                      **({"error_p50_ms": round(percentiles(error_ms)["p50"], 2),
                          "error_p99_ms": round(percentiles(error_ms)["p99"], 2), "first_error": errors[0][:200]}
                         if errors else {})})
