@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -505,6 +506,40 @@ def http(url: str, data: bytes = None, timeout: float = 5.0) -> int:
         return 0
 
 
+def overload_outcomes(url: str, clients: int = 8, each: int = 4) -> set:
+    """Concurrent requests that each allow themselves 1 us in the engine's queue (the policy lets a client lower its
+    timeout): those that had to wait are refused with 503 (retryable), through serve's front."""
+    import numpy as np
+    import tritonclient.http as th
+
+    from edet_deploy import contract
+    from edet_deploy.triton.tuning import default_tuning_images
+
+    blob = np.array([[default_tuning_images(1)[0]]], dtype=object)
+    seen = []
+
+    def client() -> None:
+        c = th.InferenceServerClient(url)
+        for _ in range(each):
+            inp = th.InferInput(contract.IMAGE, [1, 1], "BYTES")
+            inp.set_data_from_numpy(blob)
+            try:
+                c.infer("efficientdet_d0", [inp], timeout=1)
+                seen.append("200")
+            except th.InferenceServerException as e:
+                seen.append(f"{e.status()} {e.message().split(', ')[-1]}")
+        c.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outcomes = set(seen)
+    assert "503 Request timeout expired" in outcomes, seen  # 8 clients on this CPU: some had to queue
+    return outcomes
+
+
 @pytest.mark.server
 def test_container_runs_serve_with_the_given_tritonserver(tmp_path, random_d0_256):
     """EDET_TARGET=cpu (the staging overlay): the entrypoint execs `edet-deploy serve` on the tritonserver named
@@ -558,6 +593,7 @@ def test_container_runs_serve_with_the_given_tritonserver(tmp_path, random_d0_25
         (det,) = client.detect(default_tuning_images(1))
         client.close()
         assert det.boxes.ndim == 2
+        assert overload_outcomes(f"127.0.0.1:{http_port}") <= {"200", "503 Request timeout expired"}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
