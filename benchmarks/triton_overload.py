@@ -4,9 +4,11 @@
   * "after":  the default policy (edet_deploy/triton/configs.py: ENGINE_QUEUE_BATCHES full batches at most,
     ENGINE_QUEUE_TIMEOUT_US["cpu"], then a fast UNAVAILABLE rejection the client may retry).
 
-The saturating concurrency is found on "before" (the smallest of 1, 2, 4, 8 whose throughput reaches 90% of the
-best); both servers are then loaded at twice that, and at four times (closed loop, gRPC straight to Triton, real
-JPEG scenes).
+The saturating concurrency and throughput are found on "before" (the smallest of 1, 2, 4, 8 clients whose
+throughput reaches 90% of the best). Both servers then get (gRPC straight to Triton, real JPEG scenes):
+  * closed loop at twice and four times the saturating concurrency (N clients, one request in flight each), and
+  * open loop at twice the saturating throughput (requests sent at a fixed rate whatever the answers: the load
+    a queue has to absorb, where an unbounded queue grows for as long as it lasts).
 Reports p50/p99 of answered requests, the rejection rate and how long a rejection took, with the CPU pressure
 (PSI) of each block: this machine is shared. Writes benchmarks/results/triton_overload.{json,md}.
 
@@ -28,8 +30,9 @@ MODEL = "efficientdet_d0"
 WEIGHTS = Path(__file__).resolve().parents[1] / "edet_deploy" / "assets" / "shapes_d0.safetensors"
 
 
-def loaded(repo: Path, log: Path, blobs: list, plan: list) -> dict:
-    """Serve `repo`, warm it, run each (label, concurrencies, requests) of `plan`: {label: (rows, psi %)}."""
+def loaded(repo: Path, log: Path, blobs: list, plan: list, open_rate: float = 0.0, seconds: float = 10.0) -> dict:
+    """Serve `repo`, warm it, run each (label, concurrencies, requests) of `plan`: {label: (rows, psi %)}, then
+    (open_rate > 0) the open-loop load: {"open": (summary, psi %)}."""
     from edet_deploy.triton.server import TritonServer
 
     server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=log, open_apis=["statistics"]).start()
@@ -40,9 +43,58 @@ def loaded(repo: Path, log: Path, blobs: list, plan: list) -> dict:
             with CpuPressure() as psi:
                 rows = run_load(server.grpc_url, blobs, MODEL, concurrencies=conc, requests_per_client=n)
             out[label] = (rows, psi.pct)
+        if open_rate:
+            with CpuPressure() as psi:
+                row = open_loop(server.grpc_url, blobs, open_rate, seconds)
+            out["open"] = (row, psi.pct)
     finally:
         server.stop()
     return out
+
+
+def open_loop(url: str, blobs: list, rate: float, seconds: float) -> dict:
+    """Send `rate` requests per second for `seconds` (async gRPC, one image each), whatever the answers; wait for
+    every answer. Latencies are from each request's own send time."""
+    import threading
+    import time
+
+    import numpy as np
+    import tritonclient.grpc as tg
+
+    from edet_deploy import contract
+    from edet_deploy.measure import percentiles
+
+    client = tg.InferenceServerClient(url)
+    done: list = []
+    lock = threading.Condition()
+
+    def answered(t0: float, _result, error) -> None:
+        with lock:
+            done.append((time.perf_counter() - t0, error is None, "" if error is None else error.message()))
+            lock.notify()
+
+    n = int(rate * seconds)
+    start = time.perf_counter()
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        inp = tg.InferInput(contract.IMAGE, [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[blobs[i % len(blobs)]]], dtype=object))
+        t0 = time.perf_counter()
+        client.async_infer(MODEL, [inp], lambda result, error, t0=t0: answered(t0, result, error))
+    sent = time.perf_counter() - start
+    with lock:
+        lock.wait_for(lambda: len(done) == n, timeout=600)
+    client.close()
+    ok = [d[0] * 1000 for d in done if d[1]]
+    refused = [d[0] * 1000 for d in done if not d[1]]
+    pick = lambda v, k: round(percentiles(v)[k], 1) if v else None  # noqa: E731
+    return {"rate_req_s": round(rate, 1), "seconds": seconds, "sent_in_s": round(sent, 1), "requests": n,
+            "answered": len(ok), "rejected_pct": round(100.0 * len(refused) / n, 1) if n else 0.0,
+            "p50_ms": pick(ok, "p50"), "p99_ms": pick(ok, "p99"), "max_ms": round(max(ok), 1) if ok else None,
+            "rejection_p50_ms": pick(refused, "p50"), "rejection_p99_ms": pick(refused, "p99"),
+            "errors": sorted({d[2].split(", ")[-1][:80] for d in done if not d[1]})}
 
 
 def summary(row: dict) -> dict:
@@ -59,7 +111,8 @@ def summary(row: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--onnx", help="D0 graph with a dynamic batch >= 8 (default: export the bundled shapes D0)")
-    ap.add_argument("--requests", type=int, default=30, help="requests per client")
+    ap.add_argument("--requests", type=int, default=40, help="requests per client (closed loop)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of the open-loop load")
     ap.add_argument("--out", default="benchmarks/results/triton_overload")
     args = ap.parse_args(argv)
 
@@ -86,10 +139,14 @@ def main(argv=None) -> int:
         best = max(r["throughput_img_s"] for r in rows)
         saturating = next(r["concurrency"] for r in rows if r["throughput_img_s"] >= 0.9 * best)
         overloads = [2 * saturating, 4 * saturating]
-        result = {}
+        rate = 2 * best
+        result, opened = {}, {}
         for label in ("before", "after"):
             got = loaded(repos[label], tmp / f"{label}.log", blobs,
-                         [(f"{label} {k}", [k], args.requests) for k in overloads])
+                         [(f"{label} {k}", [k], args.requests) for k in overloads], open_rate=rate,
+                         seconds=args.seconds)
+            row, psi = got.pop("open")
+            opened[label] = {**row, "cpu_pressure_pct": psi}
             result[label] = [{**summary(rows_[0]), "cpu_pressure_pct": psi} for rows_, psi in got.values()]
     report = {"machine": machine_info(None), "protocol": "grpc", "images": len(blobs),
               "policy": {"max_queue_size": policy * 8, "default_timeout_us": configs.ENGINE_QUEUE_TIMEOUT_US["cpu"],
@@ -97,7 +154,8 @@ def main(argv=None) -> int:
               "sweep": [{"concurrency": r["concurrency"], "throughput_img_s": r["throughput_img_s"],
                          "p99_ms": r["p99_ms"]} for r in rows],
               "sweep_cpu_pressure_pct": sweep["sweep"][1], "saturating_concurrency": saturating,
-              "overload_concurrencies": overloads, "results": result}
+              "overload_concurrencies": overloads, "results": result,
+              "open_loop": opened}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -120,6 +178,15 @@ def main(argv=None) -> int:
         lines.append(f"| {label} | {r['concurrency']} | {r['answered']} | {r['rejected_pct']}% | {r['p50_ms']} | "
                      f"{r['p99_ms']} | {r['outcome_p99_ms']} | {r['throughput_img_s']} | {rej} | "
                      f"{r['engine_queue_ms']} | {r['cpu_pressure_pct']}% |")
+    lines += ["", f"Open loop: {rate:.1f} requests/s (twice the best throughput) for {args.seconds:.0f} s, each "
+              "latency from its own send time:", "",
+              "| | requests | answered | rejected | p50 ms | p99 ms | max ms | rejection p50 / p99 ms | errors "
+              "| CPU pressure |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for label, r in opened.items():
+        rej = "-" if r["rejection_p50_ms"] is None else f"{r['rejection_p50_ms']} / {r['rejection_p99_ms']}"
+        lines.append(f"| {label} | {r['requests']} | {r['answered']} | {r['rejected_pct']}% | {r['p50_ms']} | "
+                     f"{r['p99_ms']} | {r['max_ms']} | {rej} | {'; '.join(r['errors']) or '-'} | "
+                     f"{r['cpu_pressure_pct']}% |")
     first = next((r["first_error"] for r in result["after"] if r["first_error"]), None)
     if first:
         lines += ["", f"A rejection reads: `{first}`"]
