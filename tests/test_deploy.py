@@ -420,6 +420,28 @@ def test_entrypoint_caches_engines_by_tensorrt_gpu_and_graph(tmp_path):
     assert out.returncode == 2 and "no ONNX graph" in out.stderr and not calls
 
 
+def test_pods_starting_together_build_once(tmp_path):
+    """Two `prepare` steps on one cache at the same time (two pods scaled out together): the lock makes one build
+    (slowed to 2 s here) and the other wait, then find the plan."""
+    models = tmp_path / "models"
+    graph_dir(models)
+    bin_dir = fake_tools(tmp_path)
+    build = (bin_dir / "edet-deploy").read_text().replace("plan.write_bytes(b'plan')",
+                                                           "import time; time.sleep(2); plan.write_bytes(b'plan')")
+    (bin_dir / "edet-deploy").write_text(build)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", EDET_PYTHON=sys.executable,
+               EDET_MODELS_DIR=str(models), EDET_SKIP_IMAGE_CHECK="1", EDET_TENSORRT_VERSION="11.4.0.106",
+               EDET_COMPUTE_CAPABILITY="9.0", PYTHONPATH=str(ROOT), EDET_TARGET="gpu")  # what the stand-in builds
+    pods = [subprocess.Popen(["bash", str(DEPLOY / "entrypoint.sh"), "prepare"],
+                             env=dict(env, EDET_REPO=str(models / f"repo{i}")),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in pods]
+    assert [p.returncode for p in pods] == [0, 0], outs
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert sum(c.startswith("edet-deploy build") for c in calls) == 1, calls
+    assert sum("engine cache hit" in err for _, err in outs) == 1
+
+
 def test_entrypoint_refuses_a_tensorrt_mismatch_in_one_line(tmp_path):
     """check-image, with a stand-in TensorRT Python module (11.4) and a stand-in libnvinfer (10.13.3, built
     here exporting getInferLibVersion as NvInferVersion.h encodes it): the container stops before anything."""
