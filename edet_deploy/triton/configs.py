@@ -19,6 +19,16 @@ from .verify import CONFIG_HEADER, model_config_pb2
 # GPU). No preferred_batch_size: with 1 "preferred", the scheduler never waits (Triton's docs advise leaving it
 # unset for most models).
 ENGINE_QUEUE_DELAY_US = {"cpu": 0, "gpu": 2000}
+# Overload: without a queue policy Triton queues every request, so when requests arrive faster than the engine
+# runs them the queue and the latency grow without bound, and clients time out after the work was spent. The
+# engine's queue holds at most ENGINE_QUEUE_BATCHES full batches (a wait of about that many executions, whatever
+# the variant): a request beyond that is refused at once. One that waited past the target's timeout (a backstop,
+# far above a D0's normal wait; clients with a deadline send their own `timeout`) is refused too. Either way:
+# UNAVAILABLE (HTTP 503 / gRPC UNAVAILABLE), retry later or elsewhere. benchmarks/triton_overload.py measures it
+# on CPU; the GPU values are unmeasured. A closed loop of N clients never queues more than N requests, so the
+# size bound (16 at max batch 8) leaves the test suite's 16-client loops alone.
+ENGINE_QUEUE_BATCHES = 2
+ENGINE_QUEUE_TIMEOUT_US = {"cpu": 5_000_000, "gpu": 500_000}
 
 
 def _tensor(pb, name: str, dtype: str, dims: List[int]):
@@ -38,6 +48,15 @@ def _image_input(pb, input_format: str):
     if input_format == "encoded":
         return _tensor(pb, contract.IMAGE, "STRING", [1])
     return _tensor(pb, contract.IMAGE, "UINT8", [-1, -1, 3])
+
+
+def queue_policy(pb, target: str, max_batch_size: int):
+    """The engine's bounded queue (see ENGINE_QUEUE_BATCHES); None where ENGINE_QUEUE_BATCHES is 0 (unbounded)."""
+    if not ENGINE_QUEUE_BATCHES:
+        return None
+    return pb.ModelQueuePolicy(timeout_action=pb.ModelQueuePolicy.REJECT,
+                               default_timeout_microseconds=ENGINE_QUEUE_TIMEOUT_US[target],
+                               allow_timeout_override=True, max_queue_size=ENGINE_QUEUE_BATCHES * max_batch_size)
 
 
 def build_configs(spec: RepoSpec) -> Dict[str, object]:
@@ -72,7 +91,8 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
         output=_det_outputs(pb, k),
         dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=queue_delay_us,
                                                  preferred_batch_size=[b for b in spec.preferred_batch_sizes
-                                                                       if b <= mb]),
+                                                                       if b <= mb],
+                                                 default_queue_policy=queue_policy(pb, spec.target, mb)),
         model_warmup=[warmup])
     if spec.target == "gpu":
         engine.platform = "tensorrt_plan"

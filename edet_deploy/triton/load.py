@@ -60,6 +60,7 @@ def run_load(url: str, images: Sequence, model: str = "efficientdet_d0", protoco
         before = _stats(probe.client, [model, *composing])
         latencies: List[float] = []
         errors: List[str] = []
+        error_ms: List[float] = []  # how long a failed request took: a queue-full rejection should be quick
         lock = threading.Lock()
 
         def worker(k: int) -> None:
@@ -75,6 +76,7 @@ def run_load(url: str, images: Sequence, model: str = "efficientdet_d0", protoco
                     except EdetError as e:
                         with lock:
                             errors.append(str(e))
+                            error_ms.append((time.perf_counter() - t) * 1000)
             finally:
                 client.close()
 
@@ -90,7 +92,13 @@ def run_load(url: str, images: Sequence, model: str = "efficientdet_d0", protoco
         rows.append({"concurrency": conc, "requests": len(latencies) + len(errors), "errors": len(errors),
                      "p50_ms": round(p["p50"], 2), "p90_ms": round(p["p90"], 2), "p99_ms": round(p["p99"], 2),
                      "mean_ms": round(p["mean"], 2), "throughput_img_s": round(len(latencies) / wall, 2),
-                     "server": server_split(before, after)})
+                     "server": server_split(before, after),
+                     # every outcome, answered or refused: what a client waits for either way
+                     "outcome_p99_ms": (round(percentiles(latencies + error_ms)["p99"], 2)
+                                        if latencies or error_ms else 0),
+                     **({"error_p50_ms": round(percentiles(error_ms)["p50"], 2),
+                         "error_p99_ms": round(percentiles(error_ms)["p99"], 2), "first_error": errors[0][:200]}
+                        if errors else {})})
     probe.close()
     return rows
 

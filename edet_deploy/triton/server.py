@@ -29,8 +29,21 @@ class TritonPaths:
     libs: Path
 
 
+# Another tritonserver than pytriton's (NVIDIA's image: /opt/tritonserver/bin/tritonserver, whose backends/ holds
+# tensorrt and a python backend with the image's stub): `serve` is then the same supervisor on GPU as on CPU.
+TRITONSERVER_ENV, BACKENDS_ENV = "EDET_TRITONSERVER", "EDET_TRITON_BACKENDS"
+
+
 def find_triton() -> TritonPaths:
-    """Locate the tritonserver binary in nvidia-pytriton and assemble a backend directory for this Python."""
+    """Locate the tritonserver binary: $EDET_TRITONSERVER (backends in $EDET_TRITON_BACKENDS, else its
+    ../backends), else nvidia-pytriton's, with a backend directory assembled for this Python."""
+    if os.environ.get(TRITONSERVER_ENV):
+        binary = Path(os.environ[TRITONSERVER_ENV])
+        backends = Path(os.environ.get(BACKENDS_ENV) or binary.parent.parent / "backends")
+        if not binary.is_file() or not os.access(binary, os.X_OK) or not (backends / "python").is_dir():
+            raise EdetError(f"{TRITONSERVER_ENV}={binary} must be an executable tritonserver with a python backend "
+                            f"under {backends} (set {BACKENDS_ENV} to its backends directory)")
+        return TritonPaths(binary, backends, binary.parent.parent / "lib")
     try:
         import pytriton
     except ImportError:
