@@ -68,8 +68,24 @@ def test_parity_with_onnxruntime_real_images(graph, scenes, tmp_path):
         assert int(ref["num_detections"][0, 0]) > 0 and ref["detection_scores"][0, 0] > 0.5  # a real scene
         assert_identical_detections(got, ref)
     x, _, _ = preprocess(scenes[:3], 256)
-    assert_identical_detections(ov.infer(x), ort.infer(x))
-    assert ov.compiled_batches == [1, 3]
+    assert_identical_detections(ov.infer(x), ort.infer(x))  # batch 3: the bounded-dynamic model
+    assert ov.static_batches == [1]
+
+
+def test_every_batch_size_is_compiled_at_load(graph, scenes):
+    """No compilation inside a request: all sizes 1..max are ready when the runner is, and running each of them
+    (in an order no warm-up follows) makes no compile_model call."""
+    ov = OpenVinoRunner(graph, cache_dir=False)
+    assert ov.max_batch == 4 and ov.compiled_batches == [1, 2, 3, 4]
+    assert ov.compile_count == 2  # batch 1 static + one model for 2..4
+    x, _, _ = preprocess(scenes[:4], 256)
+    single = [ov.infer(x[i:i + 1]) for i in range(4)]
+    for b in (3, 1, 4, 2):
+        got = ov.infer(x[:b])
+        for i in range(b):  # each image's detections do not depend on the batch it ran in
+            np.testing.assert_array_equal(got["num_detections"][i], single[i]["num_detections"][0])
+            np.testing.assert_allclose(got["detection_scores"][i], single[i]["detection_scores"][0], atol=SCORE_ATOL)
+    assert ov.compile_count == 2
 
 
 def _with_nms(graph: Path, out: Path, **attrs) -> Path:
