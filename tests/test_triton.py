@@ -338,7 +338,30 @@ def test_triton_repo_takes_variant_and_precision_from_the_graph(served, tmp_path
     assert main(["triton-repo", "--onnx", str(onnx_path), "--precision", "bf16", "--engine-backend", "openvino",
                  "--no-copy", "--out", str(tmp_path / "r_bf16")]) == 0
     assert _engine_params(tmp_path / "r_bf16")["precision"] == "bf16"
+    # Unstated, an FP32 graph on the OpenVINO engine runs bf16 where this CPU has bf16 instructions (logged with
+    # the CPU); --precision fp32 keeps f32; ONNX Runtime runs the graph's.
+    from edet_deploy.backends.openvino import cpu_has_bf16
+    assert _engine_params(tmp_path / "r_d2", "efficientdet_d2_engine")["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    assert "OpenVINO runs the network in" in capsys.readouterr().err
+    assert _engine_params(tmp_path / "r_d2b", "efficientdet_d2_engine")["precision"] == "fp32"
+    assert main(["triton-repo", "--onnx", str(onnx_path), "--engine-backend", "onnxruntime", "--no-copy",
+                 "--out", str(tmp_path / "r_ort")]) == 0
+    assert _engine_params(tmp_path / "r_ort")["precision"] == "fp32"
     capsys.readouterr()
+
+
+def test_engine_compiles_every_batch_size_before_ready(served, pictures):
+    """The OpenVINO engine reports, in tritonserver's log, every batch size 1..max_batch compiled while the
+    model loaded, and its precision; requests of several batch sizes later add no compilation line."""
+    server, _ = served
+    client = TritonDetectorClient(server.grpc_url, "efficientdet_d0", "grpc")
+    for n in (3, 1, 2):
+        assert len(client.detect((pictures * 3)[:n])) == n
+    client.close()
+    lines = [ln for ln in server.log_file.read_text(errors="replace").splitlines() if "compiled at load" in ln]
+    assert len(lines) == 1, lines
+    assert "batch sizes [1, 2, 3, 4, 5, 6, 7, 8] compiled at load in" in lines[0]
+    assert "OpenVINO runs the network in f32 (as asked)" in lines[0]
 
 
 @pytest.mark.parametrize("graph_says,flags,message", [
