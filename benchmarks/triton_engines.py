@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from edet_deploy.measure import CpuPressure, machine_info, percentiles
-from edet_deploy.triton.load import perf_analyzer_command, run_load
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's edet_deploy, also in the stubs
+from edet_deploy.measure import CpuPressure, machine_info, percentiles  # noqa: E402
+from edet_deploy.triton.load import perf_analyzer_command, run_load  # noqa: E402
 
 
 def stub_memory(server_pid: int) -> dict:

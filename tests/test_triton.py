@@ -282,7 +282,9 @@ def test_gpu_repository_configs_validate(tmp_path):
         validate_repository(repo)
 
 
-def test_python_models_do_not_import_torch():
+def test_python_models_do_not_import_torch(random_d0_256):
+    """Neither importing the models nor making the engines' runners brings torch into a stub (onnxruntime-
+    extensions tries to import it)."""
     code = (
         "import sys, types\n"
         "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils')\n"
@@ -290,8 +292,15 @@ def test_python_models_do_not_import_torch():
         "import edet_deploy.triton.models.engine_onnxruntime, edet_deploy.triton.models.engine_openvino\n"
         "import edet_deploy.backends.openvino, edet_deploy.backends.onnxrt\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
+        f"graph = {str(random_d0_256)!r}\n"
+        "ort = edet_deploy.triton.models.engine_onnxruntime.TritonPythonModel().make_runner(graph, 1)\n"
+        "ov = edet_deploy.triton.models.engine_openvino.TritonPythonModel()\n"
+        "ov.cache_dir, ov.precision = False, 'fp32'\n"
+        "ov.make_runner(graph, 1)\n"
+        "assert 'torch' not in sys.modules, 'torch imported by a runner'\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
