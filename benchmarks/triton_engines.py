@@ -215,7 +215,8 @@ def main(argv=None) -> int:
     lines = [f"# Triton load test (embedded tritonserver on CPU)\n",
              f"Machine: {m['cpu']}, {m['cores']} cores shared with other work, no GPU; {m['date']}. Ensemble "
              f"efficientdet_d0 (bundled D0, 256 px) over gRPC, {len(blobs)} real images, closed loop, "
-             f"{args.requests} requests per client; one run per CPU engine backend.\n",
+             f"{args.requests} requests per client; one run per CPU engine backend. Other work may have shared the "
+             "machine: the CPU pressure columns say how much (rerun quietly with `python benchmarks/triton_engines.py`).\n",
              "Ensemble at concurrency 1 vs the in-process pipeline of the same backend (decode + letterbox + graph + "
              f"soft-NMS + mapping), {args.interleaved} calls each, in-process / ensemble / in-process blocks, p50:\n",
              "| engine backend | in-process p50 ms | ensemble c=1 p50 ms | ensemble / in-process | CPU pressure % |",
