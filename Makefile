@@ -40,9 +40,10 @@ $(TOOLS)/model-analyzer/.installed:
 	$(TOOLS)/model-analyzer/bin/python -m pip install -q triton-model-analyzer==1.58.0
 	touch $@
 
-# The committed model_repository/ holds configs and model.py shims; this adds the ONNX graph it serves.
+# The committed model_repository/ holds configs and model.py shims; this adds the ONNX graph it serves. fp32 by
+# name: triton-repo's default is bf16 on CPUs that have it, and the committed configs must not depend on the CPU.
 repo: $(STAMP)
-	$(PY) -m edet_deploy triton-repo --model d0 --weights edet_deploy/assets/shapes_d0.safetensors --out model_repository
+	$(PY) -m edet_deploy triton-repo --model d0 --weights edet_deploy/assets/shapes_d0.safetensors --precision fp32 --out model_repository
 
 bench: $(STAMP)
 	$(PY) -m edet_deploy bench --models d0 --quick --out build/bench

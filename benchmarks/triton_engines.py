@@ -17,22 +17,57 @@ import sys
 import time
 from pathlib import Path
 
-from edet_deploy.measure import machine_info, percentiles
-from edet_deploy.triton.load import perf_analyzer_command, run_load
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's edet_deploy, also in the stubs
+from edet_deploy.measure import CpuPressure, machine_info, percentiles  # noqa: E402
+from edet_deploy.triton.load import perf_analyzer_command, run_load  # noqa: E402
 
 
-def stub_memory(repo: str = "") -> dict:
-    """Resident memory (MB) of each Python-backend stub process of the repository `repo` (a path fragment; other
-    servers on the machine are not ours), by model (one process per instance)."""
-    import subprocess
-    out = subprocess.run(["ps", "-eo", "rss,args"], capture_output=True, text=True).stdout.splitlines()[1:]
+def stub_memory(server_pid: int) -> dict:
+    """Resident memory (MB) of each Python-backend stub the server started, by model (one process per
+    instance), read from /proc (the server's children, never `ps` columns)."""
+    from edet_deploy.triton.supervisor import child_processes
     mem: dict = {}
-    for line in out:
-        rss, _, cmd = line.strip().partition(" ")
-        if "triton_python_backend_stub" in cmd and repo in cmd:
-            model = next((part.split("/")[-3] for part in cmd.split() if "/1/model.py" in part), "?")
-            mem.setdefault(model, []).append(round(int(rss) / 1024, 1))
+    for pid, argv in child_processes(server_pid):
+        if not argv or not argv[0].endswith(b"triton_python_backend_stub"):
+            continue
+        model = next((a.decode().split("/")[-3] for a in argv if a.endswith(b"/1/model.py")), "?")
+        mem.setdefault(model, []).append(round(_rss_kb(pid) / 1024, 1))
     return mem
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        return int(next(ln for ln in open(f"/proc/{pid}/status") if ln.startswith("VmRSS")).split()[1])
+    except (OSError, StopIteration):
+        return 0
+
+
+def engine_smaps(server_pid: int, top: int = 8) -> dict:
+    """Where the engine stub's resident memory is (MB by mapping: shared libraries by file, the rest as
+    anonymous heap), from /proc/PID/smaps: the biggest `top`, the rest summed."""
+    from edet_deploy.triton.supervisor import child_processes
+    pid = next((p for p, argv in child_processes(server_pid)
+                if any(a.endswith(b"_engine/1/model.py") for a in argv)), None)
+    if pid is None:
+        return {}
+    groups: dict = {}
+    name = "?"
+    try:
+        for line in open(f"/proc/{pid}/smaps"):
+            parts = line.split()
+            if "-" in parts[0] and len(parts) >= 5 and ":" not in parts[0]:
+                path = parts[5] if len(parts) > 5 else "[anon]"
+                name = path.rsplit("/", 1)[-1] if path.startswith("/") else path
+                if "site-packages/" in path:  # group a package's libraries under its name
+                    name = path.split("site-packages/", 1)[1].split("/", 1)[0]
+            elif parts[0] == "Rss:":
+                groups[name] = groups.get(name, 0) + int(parts[1])
+    except OSError:
+        return {}
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1])
+    out = {k: round(v / 1024, 1) for k, v in ranked[:top]}
+    out["other"] = round(sum(v for _, v in ranked[top:]) / 1024, 1)
+    return out
 
 
 def export_graph(repo: Path, out: Path) -> Path:
@@ -95,14 +130,31 @@ def run_backend(engine: str, graph: Path, blobs, args, conc) -> dict:
         url = args.url
     try:
         local = Detector.from_onnx(graph, backend=backend, bf16=bf16)
-        inter = interleaved(local, url, blobs, args.interleaved)
-        rows = run_load(url, blobs, concurrencies=conc, requests_per_client=args.requests)
-        stubs = stub_memory(f"repo_{engine}/" if args.url is None else "")
+        with CpuPressure() as pressure:
+            inter = interleaved(local, url, blobs, args.interleaved)
+        inter["cpu_pressure_pct"] = pressure.pct
         local.runner.close()
+        rows = []
+        for c in conc:  # one level at a time, each with the CPU pressure during it (ours included)
+            with CpuPressure() as pressure:
+                row = run_load(url, blobs, concurrencies=[c], requests_per_client=args.requests)[0]
+            rows.append({**row, "cpu_pressure_pct": pressure.pct})
+        stubs = stub_memory(server.proc.pid) if server else {}
+        smaps = engine_smaps(server.proc.pid) if server else {}
     finally:
         if server:
             server.stop()
-    return {"engine_backend": engine, "url": url, **inter, "load": rows, "stub_rss_mb": stubs}
+    return {"engine_backend": engine, "url": url, **inter, "load": rows, "stub_rss_mb": stubs,
+            "engine_smaps_mb": smaps, "checks": load_checks(rows)}
+
+
+def load_checks(rows: list) -> dict:
+    """Issue #29's bars on one run: p99 <= 3x p50 at every level, img/s never down >10% from one level to the
+    next, the top level's img/s >= the first's."""
+    tput = [r["throughput_img_s"] for r in rows]
+    return {"p99_le_3x_p50": all(r["p99_ms"] <= 3 * r["p50_ms"] for r in rows),
+            "no_drop_over_10pct": all(b >= 0.9 * a for a, b in zip(tput, tput[1:])),
+            "top_ge_first": tput[-1] >= tput[0]}
 
 
 def write_csv(path: Path, runs: dict) -> None:
@@ -163,27 +215,36 @@ def main(argv=None) -> int:
     lines = [f"# Triton load test (embedded tritonserver on CPU)\n",
              f"Machine: {m['cpu']}, {m['cores']} cores shared with other work, no GPU; {m['date']}. Ensemble "
              f"efficientdet_d0 (bundled D0, 256 px) over gRPC, {len(blobs)} real images, closed loop, "
-             f"{args.requests} requests per client; one run per CPU engine backend.\n",
+             f"{args.requests} requests per client; one run per CPU engine backend. Other work may have shared the "
+             "machine: the CPU pressure columns say how much (rerun quietly with `python benchmarks/triton_engines.py`).\n",
              "Ensemble at concurrency 1 vs the in-process pipeline of the same backend (decode + letterbox + graph + "
              f"soft-NMS + mapping), {args.interleaved} calls each, in-process / ensemble / in-process blocks, p50:\n",
-             "| engine backend | in-process p50 ms | ensemble c=1 p50 ms | ensemble / in-process |", "|---|---:|---:|---:|"]
+             "| engine backend | in-process p50 ms | ensemble c=1 p50 ms | ensemble / in-process | CPU pressure % |",
+             "|---|---:|---:|---:|---:|"]
     for b, run in runs.items():
         lines.append(f"| {b} | {run['in_process']['p50']:.1f} | {run['ensemble_c1']['p50']:.1f} | "
-                     f"**{run['ratio_p50']:.2f}x** |")
+                     f"**{run['ratio_p50']:.2f}x** | {run['cpu_pressure_pct']} |")
+    lines += ["", "CPU pressure = share of the block's wall time in which some task waited for a core (Linux PSI), "
+              "our own server and clients included: at c>=2 they load both cores by design, so only the c=1 and "
+              "in-process blocks say how busy the machine was otherwise."]
     for b, run in runs.items():
         lines += ["", f"## Engine: {b}\n",
                   "| concurrency | requests | errors | p50 ms | p90 ms | p99 ms | img/s | engine queue ms | engine compute ms "
-                  "| engine mean batch | preprocess ms | postprocess ms |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| engine mean batch | preprocess ms | postprocess ms | CPU pressure % |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in run["load"]:
             s = r["server"]
             e, p, q = (s.get(f"efficientdet_d0_{k}", {}) for k in ("engine", "preprocess", "postprocess"))
             lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p90_ms']} | "
                          f"{r['p99_ms']} | {r['throughput_img_s']} | {e.get('queue_ms', '')} | "
                          f"{e.get('compute_ms', '')} | {e.get('mean_batch', '')} | {p.get('compute_ms', '')} | "
-                         f"{q.get('compute_ms', '')} |")
-        lines += ["", "Resident memory of the Python-backend stubs (MB, one process per instance): " +
-                  "; ".join(f"{k}: {v}" for k, v in run["stub_rss_mb"].items())]
+                         f"{q.get('compute_ms', '')} | {r['cpu_pressure_pct']} |")
+        lines += ["", "Issue #29's bars in this run: " + ", ".join(f"{k} **{'yes' if v else 'NO'}**"
+                                                                 for k, v in run["checks"].items()),
+                  "", "Resident memory of the Python-backend stubs (MB, one process per instance): " +
+                  "; ".join(f"{k}: {v}" for k, v in run["stub_rss_mb"].items()),
+                  "", "Engine stub resident memory by mapping (MB, /proc/PID/smaps): " +
+                  ", ".join(f"{k} {v}" for k, v in run["engine_smaps_mb"].items())]
     lines += ["", f"Where perf_analyzer runs: `{report['perf_analyzer_equivalent']}`"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

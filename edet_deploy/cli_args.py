@@ -148,9 +148,13 @@ class SourceArgs:
         parser.add_argument("--cuda-graph", action="store_true",
                             help="tensorrt: replay CUDA graphs (one per batch size)")
         parser.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores)")
-        parser.add_argument("--bf16", action="store_true",
-                            help="openvino: run the network in bfloat16 (CPUs with AVX512_BF16 or AMX; OpenVINO's "
-                                 "own default there). Faster, not bit-exact: accuracy in docs/cpu-backends.md")
+        precision = parser.add_mutually_exclusive_group()
+        precision.add_argument("--bf16", action="store_true",
+                               help="openvino: run the network in bfloat16 (CPUs with AVX512_BF16 or AMX; the "
+                                    "default there). Faster, not bit-exact: accuracy in docs/cpu-backends.md")
+        precision.add_argument("--f32", action="store_true",
+                               help="openvino: run the network in float32, the parity reference (the default on "
+                                    "CPUs without bf16 instructions)")
 
     @staticmethod
     def backend(args: argparse.Namespace) -> str:
@@ -178,6 +182,10 @@ class SourceArgs:
         if args.bf16:
             from .backends import bf16_options
             bf16_options(backend, "--bf16")  # not ignored beside --engine
+        if args.f32 and backend == "tensorrt":
+            raise EdetError("--f32 is for the CPU backends (a TensorRT plan's precision is the graph's)")
+        # None: the CPU's default (OpenVINO: bf16 where the CPU has it; the runner logs the choice and the CPU)
+        bf16 = True if args.bf16 else False if args.f32 else None
         if args.engine:
             if backend != "tensorrt":
                 raise EdetError("--engine runs on the tensorrt backend")
@@ -189,9 +197,9 @@ class SourceArgs:
             if backend not in CPU_GRAPH_BACKENDS:
                 raise EdetError(f"--onnx runs on the {' or '.join(CPU_GRAPH_BACKENDS)} backend")
             return Detector.from_onnx(args.onnx, backend=backend, threads=args.threads, min_score=min_score,
-                                      bf16=args.bf16)
+                                      bf16=bf16)
         return Detector.from_model(args.model, args.weights, backend=backend, threads=args.threads,
-                                   min_score=min_score, bf16=args.bf16)
+                                   min_score=min_score, bf16=bf16)
 
 
 class ProgressArgs:

@@ -236,8 +236,9 @@ def _triton_repo(p: argparse.ArgumentParser):
     src.add_argument("--engine", help="TensorRT plan for --target gpu (metadata JSON beside it)")
     p.add_argument("--weights", help="with --target cpu and no --onnx: export these weights first")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"],
-                   help="default: the graph's (from its metadata JSON), which a stated one must match; bf16: the "
-                        "FP32 graph run in bfloat16 by the OpenVINO CPU engine (CPUs with AVX512_BF16 or AMX)")
+                   help="default: the graph's (from its metadata JSON), which a stated one must match, except that "
+                        "an FP32 graph on the OpenVINO CPU engine runs bf16 where this CPU has bf16 instructions "
+                        "(AVX512_BF16 or AMX; --precision fp32 keeps f32); bf16: the FP32 graph run in bfloat16")
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--engine-backend", choices=["openvino", "onnxruntime"],
                    help="--target cpu: the runner of the engine model (default: the CPU backend `detect` uses)")
@@ -260,11 +261,14 @@ def _triton_repo(p: argparse.ArgumentParser):
     progress.add_to(p)
 
     def run(args) -> int:
+        from .backends import cpu_engine_precision
         from .triton.repo import generate_repository_from_model
         repo = generate_repository_from_model(
             args.out, model=args.model, weights=args.weights, onnx=args.onnx, engine=args.engine,
             progress=progress.build(args),
-            precision=args.precision, target=args.target, max_batch_size=args.max_batch,
+            precision=args.precision or (cpu_engine_precision(args.engine_backend, args.onnx)
+                                         if args.target == "cpu" else None),
+            target=args.target, max_batch_size=args.max_batch,
             copy_artifact=not args.no_copy, preprocess_instances=args.preprocess_instances,
             engine_instances=args.engine_instances, cuda_graphs=args.cuda_graphs,
             engine_backend=args.engine_backend, force=args.force, tensorrt_version=args.tensorrt_version,

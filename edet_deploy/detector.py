@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from .backends import CPU_GRAPH_BACKENDS, DEFAULT_CPU_BACKEND, Runner, bf16_options, create_runner
+from .backends import CPU_GRAPH_BACKENDS, DEFAULT_CPU_BACKEND, Runner, bf16_options, create_runner, precision_options
 from .contract import artifact_name, cache_dir
 from .errors import EdetError
 from .log import logger
@@ -31,9 +31,10 @@ class Detector:
 
     @classmethod
     def from_onnx(cls, onnx_path: str | os.PathLike, backend: str = DEFAULT_CPU_BACKEND, threads: Optional[int] = None,
-                  min_score: float = 0.0, bf16: bool = False) -> "Detector":
-        """`bf16`: OpenVINO runs the network in bfloat16 (CPUs with bf16 instructions; the graph stays FP32)."""
-        extra = bf16_options(backend) if bf16 else {}
+                  min_score: float = 0.0, bf16: Optional[bool] = False) -> "Detector":
+        """`bf16`: OpenVINO runs the network in bfloat16 (CPUs with bf16 instructions; the graph stays FP32);
+        False: f32 (the parity reference); None: the CPU's default (bf16 where it has the instructions)."""
+        extra = precision_options(backend, bf16)
         return cls(create_runner(backend, onnx_path=str(onnx_path), threads=threads, **extra), min_score)
 
     @classmethod
@@ -44,7 +45,7 @@ class Detector:
 
     @classmethod
     def from_model(cls, name: str, weights: Optional[str] = None, backend: str = DEFAULT_CPU_BACKEND,
-                   threads: Optional[int] = None, min_score: float = 0.0, bf16: bool = False,
+                   threads: Optional[int] = None, min_score: float = 0.0, bf16: Optional[bool] = False,
                    **export_kwargs) -> "Detector":
         """From a variant and weights: `torch` runs eagerly; `onnxruntime` / `openvino` export once into the
         cache."""

@@ -65,13 +65,17 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in flags)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform says."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine_info(threads: Optional[int]) -> Dict:
     """CPU, cores, threads used, GPU, platform and library versions: a number means little without them."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     versions = {}
     for mod in ("torch", "onnxruntime", "openvino", "numpy", "onnx", "timm", "tensorrt"):
         try:

@@ -1,6 +1,7 @@
 """The OpenVINO backend against ONNX Runtime (the reference runner of the exact TensorRT graph): same
 detections on the bundled model and real images, soft-NMS settings read from the graph's node, thread count
 and compiled-model cache honoured, user errors as EdetError."""
+import functools
 import json
 from pathlib import Path
 
@@ -68,8 +69,24 @@ def test_parity_with_onnxruntime_real_images(graph, scenes, tmp_path):
         assert int(ref["num_detections"][0, 0]) > 0 and ref["detection_scores"][0, 0] > 0.5  # a real scene
         assert_identical_detections(got, ref)
     x, _, _ = preprocess(scenes[:3], 256)
-    assert_identical_detections(ov.infer(x), ort.infer(x))
-    assert ov.compiled_batches == [1, 3]
+    assert_identical_detections(ov.infer(x), ort.infer(x))  # batch 3: the bounded-dynamic model
+    assert ov.static_batches == [1]
+
+
+def test_every_batch_size_is_compiled_at_load(graph, scenes):
+    """No compilation inside a request: all sizes 1..max are ready when the runner is, and running each of them
+    (in an order no warm-up follows) makes no compile_model call."""
+    ov = OpenVinoRunner(graph, cache_dir=False)
+    assert ov.max_batch == 4 and ov.compiled_batches == [1, 2, 3, 4]
+    assert ov.compile_count == 2  # batch 1 static + one model for 2..4
+    x, _, _ = preprocess(scenes[:4], 256)
+    single = [ov.infer(x[i:i + 1]) for i in range(4)]
+    for b in (3, 1, 4, 2):
+        got = ov.infer(x[:b])
+        for i in range(b):  # each image's detections do not depend on the batch it ran in
+            np.testing.assert_array_equal(got["num_detections"][i], single[i]["num_detections"][0])
+            np.testing.assert_allclose(got["detection_scores"][i], single[i]["detection_scores"][0], atol=SCORE_ATOL)
+    assert ov.compile_count == 2
 
 
 def _with_nms(graph: Path, out: Path, **attrs) -> Path:
@@ -159,9 +176,9 @@ def test_user_errors(graph, tmp_path):
 
 def test_cli_detect_and_eval_with_openvino(graph, scenes, shapes_dir, tmp_path, capsys):
     outs = {}
-    for backend in ("openvino", "onnxruntime"):
+    for backend in ("openvino", "onnxruntime"):  # parity: OpenVINO in f32, by name
         dst = tmp_path / f"{backend}.json"
-        assert main(["detect", *map(str, scenes[:2]), "--onnx", str(graph), "--backend", backend,
+        assert main(["detect", *map(str, scenes[:2]), "--onnx", str(graph), "--backend", backend, "--f32",
                      "--min-score", "0.3", "--json", str(dst)]) == 0
         outs[backend] = json.loads(dst.read_text())
     capsys.readouterr()
@@ -174,7 +191,7 @@ def test_cli_detect_and_eval_with_openvino(graph, scenes, shapes_dir, tmp_path, 
     stats = {}
     for backend in ("openvino", "onnxruntime"):
         dst = tmp_path / f"eval_{backend}.json"
-        assert main(["eval", "--onnx", str(graph), "--backend", backend, "--data", str(shapes_dir),
+        assert main(["eval", "--onnx", str(graph), "--backend", backend, "--f32", "--data", str(shapes_dir),
                      "--report", str(dst)]) == 0
         stats[backend] = json.loads(dst.read_text())["stats"]
     assert stats["onnxruntime"]["AP"] > 0.5  # the bundled model on real scenes
@@ -187,6 +204,34 @@ def test_precision_is_pinned_whatever_the_cpu(graph):
     assert OpenVinoRunner(graph, cache_dir=False).property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
     with pytest.raises(EdetError, match="inference precision"):
         OpenVinoRunner(graph, inference_precision="fp8")
+
+
+def test_default_precision_follows_the_cpu(graph, scenes, tmp_path, capsys, monkeypatch):
+    """detect / eval run OpenVINO in bf16 where the CPU has bf16 instructions (f32 elsewhere), say so once with
+    the CPU's name, and --f32 gives back the f32 reference."""
+    from edet_deploy.measure import cpu_name
+    want = "bf16" if cpu_has_bf16() else "f32"
+    used = []
+    real = ov_backend.OpenVinoRunner.__init__
+
+    @functools.wraps(real)  # create_runner checks the options against the signature
+    def spy(self, *a, **kw):
+        real(self, *a, **kw)
+        used.append(self.property("INFERENCE_PRECISION_HINT").get_type_name())
+    monkeypatch.setattr(ov_backend.OpenVinoRunner, "__init__", spy)
+    for flags, expected in (([], want), (["--f32"], "f32")):
+        assert main(["detect", str(scenes[0]), "--onnx", str(graph), *flags, "--json", str(tmp_path / "d.json")]) == 0
+        err = capsys.readouterr().err
+        assert used.pop() == expected
+        notes = [line for line in err.splitlines() if "OpenVINO runs the network in" in line]
+        assert len(notes) == 1 and f"in {expected} (" in notes[0] and cpu_name() in notes[0], err
+    assert main(["detect", str(scenes[0]), "--onnx", str(graph), "--backend", "onnxruntime", "--bf16"]) == 2
+    assert main(["detect", str(scenes[0]), "--onnx", str(graph), "--f32", "--bf16"]) == 2
+    capsys.readouterr()
+    monkeypatch.undo()
+    assert OpenVinoRunner(graph, cache_dir=False, inference_precision=None).property(
+        "INFERENCE_PRECISION_HINT").get_type_name() == want
+    assert OpenVinoRunner(graph, cache_dir=False).property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
 
 
 def test_bf16_needs_the_instructions(graph, monkeypatch):

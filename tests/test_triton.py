@@ -282,7 +282,9 @@ def test_gpu_repository_configs_validate(tmp_path):
         validate_repository(repo)
 
 
-def test_python_models_do_not_import_torch():
+def test_python_models_do_not_import_torch(random_d0_256):
+    """Neither importing the models nor making the engines' runners brings torch into a stub (onnxruntime-
+    extensions tries to import it)."""
     code = (
         "import sys, types\n"
         "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils')\n"
@@ -290,8 +292,15 @@ def test_python_models_do_not_import_torch():
         "import edet_deploy.triton.models.engine_onnxruntime, edet_deploy.triton.models.engine_openvino\n"
         "import edet_deploy.backends.openvino, edet_deploy.backends.onnxrt\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
+        f"graph = {str(random_d0_256)!r}\n"
+        "ort = edet_deploy.triton.models.engine_onnxruntime.TritonPythonModel().make_runner(graph, 1)\n"
+        "ov = edet_deploy.triton.models.engine_openvino.TritonPythonModel()\n"
+        "ov.cache_dir, ov.precision = False, 'fp32'\n"
+        "ov.make_runner(graph, 1)\n"
+        "assert 'torch' not in sys.modules, 'torch imported by a runner'\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
@@ -338,7 +347,30 @@ def test_triton_repo_takes_variant_and_precision_from_the_graph(served, tmp_path
     assert main(["triton-repo", "--onnx", str(onnx_path), "--precision", "bf16", "--engine-backend", "openvino",
                  "--no-copy", "--out", str(tmp_path / "r_bf16")]) == 0
     assert _engine_params(tmp_path / "r_bf16")["precision"] == "bf16"
+    # Unstated, an FP32 graph on the OpenVINO engine runs bf16 where this CPU has bf16 instructions (logged with
+    # the CPU); --precision fp32 keeps f32; ONNX Runtime runs the graph's.
+    from edet_deploy.backends.openvino import cpu_has_bf16
+    assert _engine_params(tmp_path / "r_d2", "efficientdet_d2_engine")["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    assert "OpenVINO runs the network in" in capsys.readouterr().err
+    assert _engine_params(tmp_path / "r_d2b", "efficientdet_d2_engine")["precision"] == "fp32"
+    assert main(["triton-repo", "--onnx", str(onnx_path), "--engine-backend", "onnxruntime", "--no-copy",
+                 "--out", str(tmp_path / "r_ort")]) == 0
+    assert _engine_params(tmp_path / "r_ort")["precision"] == "fp32"
     capsys.readouterr()
+
+
+def test_engine_compiles_every_batch_size_before_ready(served, pictures):
+    """The OpenVINO engine reports, in tritonserver's log, every batch size 1..max_batch compiled while the
+    model loaded, and its precision; requests of several batch sizes later add no compilation line."""
+    server, _ = served
+    client = TritonDetectorClient(server.grpc_url, "efficientdet_d0", "grpc")
+    for n in (3, 1, 2):
+        assert len(client.detect((pictures * 3)[:n])) == n
+    client.close()
+    lines = [ln for ln in server.log_file.read_text(errors="replace").splitlines() if "compiled at load" in ln]
+    assert len(lines) == 1, lines
+    assert "batch sizes [1, 2, 3, 4, 5, 6, 7, 8] compiled at load in" in lines[0]
+    assert "OpenVINO runs the network in f32 (as asked)" in lines[0]
 
 
 @pytest.mark.parametrize("graph_says,flags,message", [

@@ -32,6 +32,32 @@ def bf16_options(backend: str, flag: str = "bf16") -> Dict[str, str]:
     return {"inference_precision": "bf16"}
 
 
+def precision_options(backend: str, bf16: Optional[bool], flag: str = "bf16") -> Dict[str, Optional[str]]:
+    """The runner options for a precision choice: True = bf16 (refused where `backend` has none), False = f32,
+    None = the backend's default (OpenVINO: bf16 on CPUs with bf16 instructions, openvino.default_precision)."""
+    if bf16:
+        return bf16_options(backend, flag)
+    if backend != BF16_BACKEND:
+        return {}
+    return {"inference_precision": None if bf16 is None else "f32"}
+
+
+def cpu_engine_precision(engine_backend: Optional[str], onnx: Optional[str] = None) -> Optional[str]:
+    """The precision a CPU Triton repository runs when none is stated: bf16 for an FP32 graph (`onnx`, None: one
+    exported from weights) on the OpenVINO engine where this CPU has bf16 instructions, else None (the graph's).
+    The choice and the CPU are logged."""
+    from ..log import logger
+    from ..metadata import read_metadata
+    from .openvino import default_precision, precision_note
+    if (engine_backend or DEFAULT_CPU_BACKEND) != BF16_BACKEND:
+        return None
+    if onnx is not None and read_metadata(onnx).get("precision", "fp32") != "fp32":
+        return None
+    chosen = default_precision()
+    logger.info(precision_note(chosen, stated=False))
+    return "bf16" if chosen == "bf16" else None
+
+
 def create_runner(backend: str, *, onnx_path: Optional[str] = None, engine_path: Optional[str] = None,
                   **options) -> Runner:
     """The runner registered as `backend`: `onnxruntime` / `openvino` need onnx_path, `tensorrt` engine_path,
@@ -43,5 +69,5 @@ def create_runner(backend: str, *, onnx_path: Optional[str] = None, engine_path:
     return runner.create(**artifacts, **options)
 
 
-__all__ = ["Runner", "RUNNERS", "create_runner", "bf16_options", "BACKENDS", "BF16_BACKEND", "CPU_GRAPH_BACKENDS",
+__all__ = ["Runner", "RUNNERS", "create_runner", "bf16_options", "precision_options", "cpu_engine_precision", "BACKENDS", "BF16_BACKEND", "CPU_GRAPH_BACKENDS",
            "DEFAULT_CPU_BACKEND", "REFERENCE_BACKEND"]

@@ -37,6 +37,16 @@ class EngineModel:
     def make_runner(self, onnx_path: str, threads):  # pragma: no cover - overridden
         raise NotImplementedError
 
+    @staticmethod
+    def log(message: str) -> None:
+        """One line in tritonserver's log (the stub's Logger), or on stderr outside the stub."""
+        try:
+            import triton_python_backend_utils as pb_utils
+            pb_utils.Logger.log_info(message)
+        except (ImportError, AttributeError):
+            import sys
+            print(message, file=sys.stderr)
+
     def initialize(self, args):
         import os
         params = parameters(args)

@@ -16,7 +16,11 @@ class TritonPythonModel(EngineModel):
         super().initialize(args)
 
     def make_runner(self, onnx_path: str, threads):
-        from edet_deploy.backends import bf16_options
-        from edet_deploy.backends.openvino import OpenVinoRunner
-        extra = bf16_options("openvino") if self.precision == "bf16" else {}
-        return OpenVinoRunner(onnx_path, threads=threads, cache_dir=self.cache_dir, **extra)
+        from edet_deploy.backends import precision_options
+        from edet_deploy.backends.openvino import OpenVinoRunner, precision_note
+        # The repository states the precision (triton-repo resolved the CPU default when it was written).
+        extra = precision_options("openvino", self.precision == "bf16")
+        runner = OpenVinoRunner(onnx_path, threads=threads, cache_dir=self.cache_dir, **extra)
+        self.log(f"{precision_note(runner.inference_precision, stated=True)}; batch sizes "
+                 f"{runner.compiled_batches} compiled at load in {runner.load_ms:.0f} ms")
+        return runner
