@@ -1,30 +1,37 @@
 """The EfficientDet family as data: one row per variant, one lookup function.
 
 Numbers follow the published EfficientDet family (automl's README and model configs, as effdet builds them):
-input size, backbone, BiFPN width and depth, head depth, fusion method, anchor scale and pyramid levels. The
-README's variant table is this table; tests/test_docs.py compares them cell by cell.
+input size, backbone, BiFPN width and depth, head depth, fusion method, activation, anchor scale, pyramid
+levels and input normalisation. D0-D7x and the edge family Lite0-Lite4 (+ Lite3x) are rows of one table built
+by one factory. The variant table in docs/models.md (and README) is this table; tests/test_docs.py compares
+them cell by cell.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Tuple
+from typing import Optional, Tuple
 
 from .errors import EdetError
 
 # ImageNet normalisation in 0..255 pixel units (the graph takes uint8 input).
 MEAN_RGB: Tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD_RGB: Tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# Lite normalisation: effdet's mean = std = 0.5 (x 255 in its loader), i.e. (x - 127.5) / 127.5, inputs in [-1, 1].
+# (automl's TFLite models use 127 / 128; effdet's is what its weights were ported and evaluated with.)
+LITE_MEAN_RGB: Tuple[float, float, float] = (127.5, 127.5, 127.5)
+LITE_STD_RGB: Tuple[float, float, float] = (127.5, 127.5, 127.5)
 
 
 @dataclass(frozen=True)
 class VariantConfig:
-    name: str  # canonical short name: d0 .. d7, d7x
+    name: str  # canonical short name: d0 .. d7, d7x, lite0 .. lite4, lite3x
     image_size: int
     backbone: str  # timm model name
     fpn_channels: int
     fpn_repeats: int
     head_repeats: int
     fusion: str = "fastattn"  # "fastattn" (relu(w) / (sum + 1e-4)) or "sum"
+    act: str = "silu"  # BiFPN and head activation: "silu" (D-family) or "relu6" (Lite; the backbone's own too)
     anchor_scale: float = 4.0
     min_level: int = 3
     max_level: int = 7
@@ -37,8 +44,21 @@ class VariantConfig:
     backbone_drop_path: float = 0.2
     mean: Tuple[float, float, float] = MEAN_RGB
     std: Tuple[float, float, float] = STD_RGB
-    # Published COCO numbers (automl README) for reports: AP test-dev, params (M), FLOPs (B), V100 latency (ms).
+    # Published COCO numbers for reports (see _pub / _pub_lite): AP, params (M), FLOPs (B), latency, source.
     published: dict = field(default_factory=dict, compare=False, hash=False)
+    # Input sizes must be multiples of this; None = the stride of the coarsest level (2 ** max_level). Lite's
+    # native 320 and 448 are not multiples of 128: effdet runs them with ceil-rounded coarse levels (P7 of 320 is
+    # 3x3, stride 106.7), which our network, anchors and graph compute the same way.
+    size_multiple: Optional[int] = None
+
+    @property
+    def input_multiple(self) -> int:
+        return self.size_multiple or 2 ** self.max_level
+
+    @property
+    def display_name(self) -> str:
+        """As tables write it: D0, D7x, Lite0, Lite3x."""
+        return f"Lite{self.name[4:]}" if self.name.startswith("lite") else self.name.upper().replace("X", "x")
 
     @property
     def num_levels(self) -> int:
@@ -58,7 +78,26 @@ class VariantConfig:
 
 
 def _pub(ap: float, params: float, flops: float, latency_ms: float) -> dict:
-    return {"coco_ap": ap, "params_m": params, "flops_b": flops, "v100_latency_ms": latency_ms}
+    """automl's README (D-family): AP on COCO test-dev, params, FLOPs, V100 latency."""
+    return {"coco_ap": ap, "params_m": params, "flops_b": flops, "v100_latency_ms": latency_ms,
+            "source": "automl README (test-dev)"}
+
+
+def _pub_lite(ap: float, int8_ap: float, params: float, flops: float, mobile_ms: float) -> dict:
+    """automl's EfficientDet-Lite table (AP on COCO val2017, FP32 and post-training INT8, params, Pixel 4 CPU
+    latency). Neither automl nor effdet publishes Lite FLOPs: `flops_b` is the multiply-add count of our network
+    (= effdet 0.4.1's, to the parameter) at the native input by torch.utils.flop_counter, a count that gives
+    D0 2.49B against automl's 2.54B and D1 6.00B against 6.10B (tests/test_model.py recounts Lite0)."""
+    return {"coco_ap": ap, "int8_coco_ap": int8_ap, "params_m": params, "flops_b": flops,
+            "mobile_latency_ms": mobile_ms, "source": "automl EfficientDet-Lite table (val2017); FLOPs counted"}
+
+
+def _lite(name: str, size: int, backbone: str, width: int, repeats: int, head: int, anchor_scale: float,
+          published: dict, drop_path: float = 0.2) -> "VariantConfig":
+    """A Lite row: effdet's tf_efficientdet_lite_common (sum fusion, ReLU6, mean = std = 0.5) + its own sizes."""
+    return VariantConfig(name, size, backbone, width, repeats, head, fusion="sum", act="relu6",
+                         anchor_scale=anchor_scale, backbone_drop_path=drop_path, mean=LITE_MEAN_RGB,
+                         std=LITE_STD_RGB, published=published, size_multiple=64)
 
 
 VARIANTS: dict[str, VariantConfig] = {
@@ -76,6 +115,14 @@ VARIANTS: dict[str, VariantConfig] = {
                       published=_pub(53.7, 51.9, 325.0, 122.0)),
         VariantConfig("d7x", 1536, "tf_efficientnet_b7", 384, 8, 5, fusion="sum", max_level=8,
                       published=_pub(55.1, 77.0, 410.0, 153.0)),
+        # effdet 0.4.1 model_config.py tf_efficientdet_lite*: lite3 and lite4 keep the default anchor scale 4.
+        _lite("lite0", 320, "tf_efficientnet_lite0", 64, 3, 3, 3.0, _pub_lite(26.41, 26.10, 3.2, 0.97, 36.0),
+              drop_path=0.0),
+        _lite("lite1", 384, "tf_efficientnet_lite1", 88, 4, 3, 3.0, _pub_lite(31.50, 31.12, 4.2, 1.97, 49.0)),
+        _lite("lite2", 448, "tf_efficientnet_lite2", 112, 5, 3, 3.0, _pub_lite(35.06, 34.69, 5.3, 3.37, 69.0)),
+        _lite("lite3", 512, "tf_efficientnet_lite3", 160, 6, 4, 4.0, _pub_lite(38.77, 38.42, 8.4, 7.48, 116.0)),
+        _lite("lite3x", 640, "tf_efficientnet_lite3", 200, 6, 4, 3.0, _pub_lite(42.64, 41.87, 9.3, 13.98, 208.0)),
+        _lite("lite4", 640, "tf_efficientnet_lite4", 224, 7, 4, 4.0, _pub_lite(43.18, 42.83, 15.1, 20.17, 260.0)),
     )
 }
 
@@ -89,7 +136,7 @@ def canonical_name(name: str) -> str:
             break
     if key not in VARIANTS:
         raise EdetError(f"unknown model {name!r}; valid names: {', '.join(VARIANTS)} "
-                        f"(also as efficientdet-d0 or tf_efficientdet_d0)")
+                        f"(also as efficientdet-d0 / efficientdet-lite0 or tf_efficientdet_d0)")
     return key
 
 

@@ -109,6 +109,8 @@ SCALE = "scale"
 ORIG_SIZE = "orig_size"
 DETECTION_LABELS = "detection_labels"
 CLASS_NAMES_PARAMETER = "class_names"
+# The preprocess model's letterbox padding colour (a JSON list: the graph metadata's `mean`, the variant's).
+FILL_PARAMETER = "fill"
 
 
 def raw_output_name(output: str) -> str:

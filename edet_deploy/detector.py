@@ -27,6 +27,7 @@ class Detector:
         if not meta.get("nms"):
             raise EdetError("this graph was exported with --nms none; Detector needs the soft-NMS outputs")
         self.image_size = int(meta["image_size"])
+        self.fill = tuple(meta["mean"])  # the letterbox padding: the variant's mean colour
         self.class_names: Sequence[str] = meta.get("class_names") or []
 
     @classmethod
@@ -63,7 +64,7 @@ class Detector:
         step = self.runner.max_batch
         for start in range(0, len(sources), step):
             chunk = sources[start:start + step]
-            batch, scales, sizes = preprocess(chunk, self.image_size)
+            batch, scales, sizes = preprocess(chunk, self.image_size, fill=self.fill)
             n = len(chunk)
             if not self.runner.dynamic_batch and n < step:  # fixed-batch graph: pad, then drop the padding
                 batch = np.concatenate([batch, np.repeat(batch[-1:], step - n, axis=0)])

@@ -2,6 +2,8 @@
 
 numpy and Pillow only (no torch). Output is what the detection graph takes: uint8 RGB, resized keeping the
 aspect ratio with scale = min(S/h, S/w) (bilinear), padded bottom/right to S x S with the mean colour.
+The mean colour is the variant's (VariantConfig.mean, carried by every graph's metadata as `mean`): callers
+pass `fill=meta["mean"]` so that the padding normalises to zero for D0 (ImageNet mean) and Lite (127.5) alike.
 """
 from __future__ import annotations
 
@@ -163,15 +165,15 @@ def letterbox(image: np.ndarray, size: int, fill: Sequence[float] = MEAN_RGB) ->
     return out, scale
 
 
-def preprocess(images: Iterable[ImageSource], size: int, max_pixels: int = MAX_IMAGE_PIXELS
-               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def preprocess(images: Iterable[ImageSource], size: int, max_pixels: int = MAX_IMAGE_PIXELS,
+               fill: Sequence[float] = MEAN_RGB) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode and letterbox images into the graph input (original size = the displayed, EXIF-rotated frame).
     Returns (batch uint8 [B,S,S,3], scales float32 [B], original sizes int32 [B,2] as (height, width))."""
     batch: List[np.ndarray] = []
     scales, sizes = [], []
     for src in images:
         img = decode_image(src, max_pixels)
-        boxed, scale = letterbox(img, size)
+        boxed, scale = letterbox(img, size, fill)
         batch.append(boxed)
         scales.append(scale)
         sizes.append(img.shape[:2])

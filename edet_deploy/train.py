@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -67,9 +67,11 @@ def detection_loss(logits: torch.Tensor, codes: torch.Tensor, labels: torch.Tens
 # --- augmentation ------------------------------------------------------------------------------------------
 
 def augment(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, size: int, rng: np.random.Generator,
-            jitter: Tuple[float, float] = (0.8, 1.25)) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+            jitter: Tuple[float, float] = (0.8, 1.25), fill: Sequence[float] = MEAN_RGB
+            ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Horizontal flip, then standard scale jittering: resize to size/max(h, w) times U(0.8, 1.25), random
-    crop (or pad bottom/right with the mean colour) to size x size. Boxes that lose most of their area go."""
+    crop (or pad bottom/right with the variant's mean colour `fill`, as preprocess pads) to size x size.
+    Boxes that lose most of their area go."""
     from PIL import Image
 
     h, w = image.shape[:2]
@@ -83,7 +85,7 @@ def augment(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, size: int
     oy = int(rng.integers(0, nh - size + 1)) if nh > size else 0
     ox = int(rng.integers(0, nw - size + 1)) if nw > size else 0
     out = np.empty((size, size, 3), np.uint8)
-    out[...] = np.round(MEAN_RGB).astype(np.uint8)
+    out[...] = np.round(fill).astype(np.uint8)
     crop = resized[oy:oy + size, ox:ox + size]
     out[:crop.shape[0], :crop.shape[1]] = crop
     b = boxes * scale - np.array([ox, oy, ox, oy], np.float32)
@@ -148,7 +150,8 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
             images, labels, targets = [], [], []
             for i in idx:
                 boxes, classes = train_set.target(i)
-                img, boxes, classes = augment(train_set.load_image(i), boxes, classes, image_size, rng)
+                img, boxes, classes = augment(train_set.load_image(i), boxes, classes, image_size, rng,
+                                              fill=model.config.mean)
                 lab, tgt = assign_targets(anchors, torch.from_numpy(boxes), torch.from_numpy(classes))
                 images.append(img)
                 labels.append(lab)

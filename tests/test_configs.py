@@ -26,7 +26,26 @@ def test_table_follows_reference():
         assert (cfg.image_size, cfg.fpn_channels, cfg.fpn_repeats, cfg.head_repeats) == row
     assert get_config("d7").anchor_scale == 5.0 and get_config("d7x").max_level == 8
     assert get_config("d7").backbone == "tf_efficientnet_b6" and get_config("d7x").backbone == "tf_efficientnet_b7"
-    assert {n for n in VARIANTS if get_config(n).fusion == "sum"} == {"d6", "d7", "d7x"}
+    assert {n for n in VARIANTS if get_config(n).fusion == "sum" and n.startswith("d")} == {"d6", "d7", "d7x"}
+
+
+def test_lite_rows_follow_effdet():
+    """Every Lite row against effdet 0.4.1's own config (model_config.py): sizes, widths, depths, anchor scale,
+    backbone, activation, fusion and normalisation (effdet's 0.5 / 0.5 in 0..1 units, x 255 in its loader)."""
+    from effdet.config.model_config import get_efficientdet_config
+
+    lite = [n for n in VARIANTS if n.startswith("lite")]
+    assert lite == ["lite0", "lite1", "lite2", "lite3", "lite3x", "lite4"]
+    for name in lite:
+        ours, ref = get_config(name), get_efficientdet_config(f"tf_efficientdet_{name}")
+        assert (ours.image_size, ours.fpn_channels, ours.fpn_repeats, ours.head_repeats, ours.anchor_scale,
+                ours.backbone) == (ref.image_size[0], ref.fpn_channels, ref.fpn_cell_repeats,
+                                   ref.box_class_repeats, ref.anchor_scale, ref.backbone_name)
+        assert (ours.act, ref.act_type, ours.fusion, ref.fpn_name) == ("relu6", "relu6", "sum", "bifpn_sum")
+        assert ours.mean == tuple(m * 255 for m in ref.mean) and ours.std == tuple(s * 255 for s in ref.std)
+        assert ours.backbone_drop_path == ref.backbone_args["drop_path_rate"]
+    assert canonical_name("efficientdet-lite3x") == "lite3x" and canonical_name("tf_efficientdet_lite0") == "lite0"
+    assert parse_model_list("lite2-lite4") == ["lite2", "lite3", "lite3x", "lite4"]
 
 
 def test_overrides_and_ranges():

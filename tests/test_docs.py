@@ -52,7 +52,7 @@ def _doc_pages() -> list:
 def _variant_row(cfg) -> list:
     """A variant as the docs' table writes it: the figures rounded as `edet-deploy models` prints them."""
     pub = cfg.published
-    return [f"D{cfg.name[1:]}", str(cfg.image_size), cfg.backbone, f"{cfg.fpn_channels} / {cfg.fpn_repeats}",
+    return [cfg.display_name, str(cfg.image_size), cfg.backbone, f"{cfg.fpn_channels} / {cfg.fpn_repeats}",
             str(cfg.head_repeats), cfg.fusion, f"{cfg.anchor_scale:.1f}", f"P{cfg.min_level}-P{cfg.max_level}",
             f"{pub['params_m']:.1f}M", f"{pub['flops_b']:.1f}B", f"{pub['coco_ap']:.1f}"]
 

@@ -228,3 +228,44 @@ def test_parity_trained_model_real_images(tmp_path):
         np.testing.assert_array_equal(got["detection_classes"], ref["detection_classes"])
         np.testing.assert_allclose(got["detection_scores"], ref["detection_scores"], atol=1e-4, rtol=0)
         np.testing.assert_allclose(got["detection_boxes"], ref["detection_boxes"], atol=1e-3, rtol=1e-5)
+
+
+def test_lite0_every_cpu_path_on_the_trained_model(tmp_path):
+    """The trained shapes Lite0 through the D0 paths: export (soft-NMS inside) checks clean for TensorRT; ONNX
+    Runtime and OpenVINO agree with the PyTorch reference on real images letterboxed with Lite's own padding
+    colour (mean 127.5 -> 128, which normalises to ~0 in the graph); the Detector and the Triton preprocess
+    member take that colour from the graph's metadata."""
+    from pathlib import Path
+    from edet_deploy.backends.openvino import OpenVinoRunner
+    from edet_deploy.data import generate_shapes, CocoDataset
+    from edet_deploy.detector import Detector
+    from edet_deploy.preprocess import preprocess
+    from edet_deploy.triton.repo import generate_repository
+
+    weights = Path(__file__).resolve().parents[1] / "edet_deploy" / "assets" / "shapes_lite0.safetensors"
+    res = export_onnx("lite0", tmp_path, weights=str(weights), dynamic_batch=8)
+    assert check_trt_compat(res.onnx_path) == []
+    runners = [OnnxRuntimeRunner(res.onnx_path), OpenVinoRunner(res.onnx_path)]
+    torch_runner = TorchRunner("lite0", weights=str(weights))
+    assert runners[0].metadata["mean"] == [127.5] * 3
+    det = Detector(runners[0])
+    assert det.fill == (127.5, 127.5, 127.5)
+    ds = CocoDataset(generate_shapes(tmp_path / "shapes", {"val": 3}, seed=21, progress=False), "val")
+    found = 0
+    for i in range(len(ds)):
+        x, _, _ = preprocess([ds.image_path(i)], 256, fill=det.fill)
+        ref = torch_runner.infer(x)
+        found += int(ref["num_detections"][0, 0])
+        for runner in runners:
+            got = runner.infer(x)
+            np.testing.assert_array_equal(got["num_detections"], ref["num_detections"])
+            np.testing.assert_array_equal(got["detection_classes"], ref["detection_classes"])
+            np.testing.assert_allclose(got["detection_scores"], ref["detection_scores"], atol=2e-3, rtol=0)
+            np.testing.assert_allclose(got["detection_boxes"], ref["detection_boxes"], atol=0.1, rtol=1e-3)
+    assert found > 0
+    # Padding: a wide image leaves rows of pure fill, which the detector pads with 128, not D0's (124, 116, 104).
+    batch, _, _ = preprocess([np.zeros((50, 100, 3), np.uint8)], 256, fill=det.fill)
+    assert (batch[0, 200:] == 128).all()
+    repo = generate_repository(tmp_path / "repo", variant="lite0", onnx=str(res.onnx_path), copy_artifact=False)
+    pre = (repo / "efficientdet_lite0_preprocess" / "config.pbtxt").read_text()
+    assert 'key: "fill"' in pre and "[127.5, 127.5, 127.5]" in pre

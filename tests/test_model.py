@@ -7,7 +7,9 @@ from conftest import make_effdet
 
 # effdet 0.4.1's parameter counts (the version the dev extra pins), counted from its models.
 EFFDET_PARAMS = {"d0": 3_880_067, "d1": 6_625_898, "d2": 8_097_039, "d3": 12_032_296, "d4": 20_723_675,
-                 "d5": 33_653_315, "d6": 51_871_782, "d7": 51_871_782, "d7x": 77_147_166}
+                 "d5": 33_653_315, "d6": 51_871_782, "d7": 51_871_782, "d7x": 77_147_166,
+                 "lite0": 3_243_470, "lite1": 4_248_318, "lite2": 5_252_334, "lite3": 8_350_862,
+                 "lite3x": 9_280_862, "lite4": 15_130_894}
 
 
 def _num_params(model):
@@ -51,15 +53,40 @@ def test_bad_image_size():
         create_model("d0", image_size=500)
 
 
-@pytest.mark.parametrize("name", ["d0", "d1"])
+@pytest.mark.parametrize("name", ["d0", "d1", "lite0", "lite1"])
 def test_conformance_with_effdet(name):
     _conformance(name)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["d2", "d3", "d4", "d5", "d6", "d7", "d7x"])
+@pytest.mark.parametrize("name", ["d2", "d3", "d4", "d5", "d6", "d7", "d7x", "lite2", "lite3", "lite3x", "lite4"])
 def test_conformance_with_effdet_large(name):
     _conformance(name)
+
+
+def test_lite_is_relu6_and_unweighted_sum():
+    """What makes Lite quantize well is really there: no SiLU anywhere (backbone, BiFPN, heads), no fusion
+    weights; and the non-multiple-of-128 native input (320) builds with effdet's ceil-rounded P7 (3x3)."""
+    model = create_model("lite0")
+    kinds = {type(m) for m in model.modules()}
+    assert torch.nn.ReLU6 in kinds and torch.nn.SiLU not in kinds
+    assert not [n for n, _ in model.named_parameters() if "edge_weights" in n]
+    with torch.no_grad():
+        cls, _ = model(torch.zeros(1, 3, 320, 320))
+    assert [c.shape[-1] for c in cls] == [40, 20, 10, 5, 3]
+    with pytest.raises(EdetError, match="multiple of 64"):
+        create_model("lite0", image_size=300)
+
+
+def test_lite_flops_in_the_table_are_the_count():
+    """The table's Lite FLOPs (none are published) are this count of multiply-adds at the native input."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from edet_deploy import get_config
+
+    model = create_model("lite0")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 320, 320))
+    assert counter.get_total_flops() / 2e9 == pytest.approx(get_config("lite0").published["flops_b"], abs=0.005)
 
 
 def _conformance(name):
@@ -104,6 +131,28 @@ def test_effdet_checkpoint_file_loads(tmp_path):
     ref.toggle_head_bn_level_first()
     torch.save({"state_dict": {f"model.{k}": v for k, v in ref.state_dict().items()}}, path)
     load_weights(create_model("d0"), path)
+
+
+def test_effdet_lite_checkpoint_file_loads_through_the_cli(tmp_path):
+    """An effdet tf_efficientdet_lite0 .pth goes through --weights like a D-variant's: exported, and the graph's
+    metadata carries Lite's normalisation (mean = std = 127.5), which the graph applies."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ref = make_effdet("lite0", num_classes=3)
+    path = tmp_path / "tf_efficientdet_lite0.pth"
+    torch.save(ref.state_dict(), path)
+    model = create_model("lite0", weights=str(path))
+    assert model.config.num_classes == 3
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "edet_deploy", "export", "--model", "tf_efficientdet_lite0",
+                           "--weights", str(path), "--image-size", "128", "--out", str(tmp_path / "out"),
+                           "--no-progress"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert meta["variant"] == "lite0" and meta["mean"] == [127.5] * 3 and meta["std"] == [127.5] * 3
 
 
 def test_mismatch_names_keys_and_leaves_model_untouched(tmp_path):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import ConvBn, SeparableConv2d, max_pool_same
+from .layers import ConvBn, SeparableConv2d, activation, max_pool_same
 
 
 def feature_sizes(image_size: int, max_level: int) -> list[int]:
@@ -92,7 +92,7 @@ class Fnode(nn.Module):
 
 class BiFpnLayer(nn.Module):
     def __init__(self, in_channels: Sequence[int], sizes: Sequence[int], fpn_channels: int, min_level: int,
-                 max_level: int, fusion: str, norm_layer: Callable):
+                 max_level: int, fusion: str, norm_layer: Callable, act: str = "silu"):
         super().__init__()
         self.num_levels = max_level - min_level + 1
         channels, node_sizes = list(in_channels), [sizes[min_level + i] for i in range(self.num_levels)]
@@ -100,7 +100,7 @@ class BiFpnLayer(nn.Module):
         for level, inputs in bifpn_nodes(min_level, max_level):
             combine = FpnCombine(channels, node_sizes, inputs, fpn_channels, sizes[level], fusion, norm_layer)
             after = nn.Sequential()
-            after.add_module("act", nn.SiLU(inplace=True))
+            after.add_module("act", activation(act))
             after.add_module("conv", SeparableConv2d(fpn_channels, fpn_channels, bias=True, norm_layer=norm_layer))
             self.fnode.append(Fnode(combine, after))
             channels.append(fpn_channels)
@@ -117,7 +117,7 @@ class BiFpn(nn.Module):
     """Adds the coarser levels missing from the backbone, then repeats the BiFPN cell."""
 
     def __init__(self, backbone_channels: Sequence[int], image_size: int, fpn_channels: int, repeats: int,
-                 min_level: int, max_level: int, fusion: str, norm_layer: Callable):
+                 min_level: int, max_level: int, fusion: str, norm_layer: Callable, act: str = "silu"):
         super().__init__()
         sizes = feature_sizes(image_size, max_level)
         self.resample = nn.ModuleDict()
@@ -130,7 +130,7 @@ class BiFpn(nn.Module):
         self.cell = nn.Sequential()
         for rep in range(repeats):
             self.cell.add_module(str(rep), BiFpnLayer(channels, sizes, fpn_channels, min_level, max_level,
-                                                      fusion, norm_layer))
+                                                      fusion, norm_layer, act))
             channels = [fpn_channels] * len(channels)
 
     def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:

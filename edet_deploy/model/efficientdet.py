@@ -28,11 +28,11 @@ class EfficientDet(nn.Module):
         channels = self.backbone.feature_info.channels()
         norm = batch_norm(config.bn_eps, config.bn_momentum)
         self.fpn = BiFpn(channels, config.image_size, config.fpn_channels, config.fpn_repeats,
-                         config.min_level, config.max_level, config.fusion, norm)
+                         config.min_level, config.max_level, config.fusion, norm, config.act)
         self.class_net = HeadNet(config.fpn_channels, config.head_repeats, config.num_levels,
-                                 config.num_classes, config.num_anchors, norm)
+                                 config.num_classes, config.num_anchors, norm, config.act)
         self.box_net = HeadNet(config.fpn_channels, config.head_repeats, config.num_levels, 4,
-                               config.num_anchors, norm)
+                               config.num_anchors, norm, config.act)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -97,7 +97,7 @@ def create_model(name: Union[str, VariantConfig], num_classes: Optional[int] = N
 def _check_image_size(config: VariantConfig) -> None:
     from ..errors import EdetError
 
-    stride = 2 ** config.max_level
-    if config.image_size <= 0 or config.image_size % stride:
-        raise EdetError(f"image size {config.image_size} for {config.name} must be a positive multiple of "
-                        f"{stride} (the stride of level P{config.max_level})")
+    step = config.input_multiple
+    if config.image_size <= 0 or config.image_size % step:
+        raise EdetError(f"image size {config.image_size} for {config.name} must be a positive multiple of {step}"
+                        + (f" (the stride of level P{config.max_level})" if step == 2 ** config.max_level else ""))

@@ -6,12 +6,12 @@ from typing import Callable, List
 import torch
 import torch.nn as nn
 
-from .layers import SeparableConv2d
+from .layers import SeparableConv2d, activation
 
 
 class HeadNet(nn.Module):
     def __init__(self, channels: int, repeats: int, num_levels: int, num_outputs: int, num_anchors: int,
-                 norm_layer: Callable):
+                 norm_layer: Callable, act: str = "silu"):
         super().__init__()
         self.num_levels = num_levels
         self.conv_rep = nn.ModuleList([SeparableConv2d(channels, channels, bias=True) for _ in range(repeats)])
@@ -21,7 +21,7 @@ class HeadNet(nn.Module):
         for per_level in self.bn_rep:
             for seq in per_level:
                 seq.add_module("bn", norm_layer(channels))
-        self.act = nn.SiLU(inplace=True)
+        self.act = activation(act)
         self.predict = SeparableConv2d(channels, num_outputs * num_anchors, bias=True)
 
     def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:

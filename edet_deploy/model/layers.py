@@ -20,6 +20,16 @@ def batch_norm(eps: float, momentum: float) -> Callable[[int], nn.BatchNorm2d]:
     return partial(nn.BatchNorm2d, eps=eps, momentum=momentum)
 
 
+# The activations a variant names (VariantConfig.act): SiLU for D0-D7x, ReLU6 for Lite (it quantizes well).
+_ACTIVATIONS = {"silu": nn.SiLU, "relu6": nn.ReLU6}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name](inplace=True)
+
+
 class ConvBn(nn.Module):
     """1x1 channel projection used when resampling a feature map: conv (+ batch norm)."""
 
@@ -38,12 +48,12 @@ class SeparableConv2d(nn.Module):
     """Depthwise 3x3 then pointwise 1x1, optional batch norm and activation."""
 
     def __init__(self, in_channels: int, out_channels: int, *, bias: bool = True,
-                 norm_layer: Optional[Callable] = None, act: bool = False):
+                 norm_layer: Optional[Callable] = None, act: Optional[str] = None):
         super().__init__()
         self.conv_dw = create_conv2d(in_channels, in_channels, 3, padding="same", depthwise=True)
         self.conv_pw = create_conv2d(in_channels, out_channels, 1, padding="same", bias=bias)
         self.bn = norm_layer(out_channels) if norm_layer is not None else None
-        self.act = nn.SiLU(inplace=True) if act else None
+        self.act = activation(act) if act else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_pw(self.conv_dw(x))

@@ -45,7 +45,7 @@ def _twin_path(path: Path, meta: ArtifactMetadata, precision: str, nms: bool) ->
 def _feeds(paths, meta: ArtifactMetadata) -> list:
     """Graph inputs (batch 1) of the images at `paths`, letterboxed."""
     from ..preprocess import decode_image, letterbox
-    return [{INPUT_NAME: letterbox(decode_image(p), meta.image_size)[0][None]} for p in paths]
+    return [{INPUT_NAME: letterbox(decode_image(p), meta.image_size, meta.mean)[0][None]} for p in paths]
 
 
 def _overflow_keep(candidate, meta: ArtifactMetadata, data, num_images: int, bar=None) -> set:
@@ -97,7 +97,7 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
             candidate, equalized = equalize_channels(candidate, feeds, bar=bar)
         keep = _overflow_keep(candidate, meta, data, overflow_images, bar)
         quantized, info = quantize_candidates(candidate, images, method, opts.exclude, cache, int(meta.image_size),
-                                              keep, bar, feeds if refine else None)
+                                              keep, bar, feeds if refine else None, fill=meta.mean)
         phase(bar, "writing the graph")
         info["equalization"] = equalized
         info.update(check_qdq(quantized))

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..configs import MEAN_RGB
 from ..contract import INPUT_NAME
 from ..errors import EdetError
 from ..log import logger
@@ -59,10 +60,12 @@ class ImageReader:
     Runtime keeps every activation of every image it is given until its histograms are made (about 54 MB per
     image for D0 at 256 px, so 500 images overflowed 24 GiB), and it merges histograms across calls."""
 
-    def __init__(self, paths: Sequence[Path], size: int, chunk: int, bar=None, phase: str = "calibration"):
+    def __init__(self, paths: Sequence[Path], size: int, chunk: int, bar=None, phase: str = "calibration",
+                 fill: Sequence[float] = MEAN_RGB):
         from ..progress import phase as name_phase
 
         self.paths, self.size, self.chunk, self.i, self.end = list(paths), size, chunk, 0, 0
+        self.fill = fill  # letterbox padding: the graph's mean colour
         self.bar = bar  # one step per image handed out
         name_phase(bar, phase)
 
@@ -77,7 +80,7 @@ class ImageReader:
         from ..preprocess import decode_image, letterbox
         if self.i >= self.end:
             return None
-        img, _ = letterbox(decode_image(self.paths[self.i]), self.size)
+        img, _ = letterbox(decode_image(self.paths[self.i]), self.size, self.fill)
         self.i += 1
         if self.bar is not None:
             self.bar.update(1)
@@ -166,7 +169,8 @@ def calibration_steps(candidate: onnx.ModelProto, images: Sequence[Path], method
 
 
 def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, cache_dir: Optional[Path],
-              image_size: int, bar=None) -> Tuple[Dict[str, float], bool, Optional[Path]]:
+              image_size: int, bar=None, fill: Sequence[float] = MEAN_RGB
+              ) -> Tuple[Dict[str, float], bool, Optional[Path]]:
     """|max| per activation tensor ({name: amax}), from the cache when the same graph, images and method were
     calibrated before. Returns (ranges, cache hit, cache file). ONNX Runtime's own prints go to the debug log,
     never to stdout."""
@@ -208,9 +212,9 @@ def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, c
                                            extra_options={"symmetric": True, "percentile": 99.999,
                                                           "num_bins": CALIB_OPTIONS["CalibNumBins"]})
         if method != "minmax":  # min/max merge exactly; histograms only over fixed edges
-            _seed_histograms(calibrator, ImageReader(images, image_size, chunk, bar, "calibration: ranges"))
+            _seed_histograms(calibrator, ImageReader(images, image_size, chunk, bar, "calibration: ranges", fill))
         reader = ImageReader(images, image_size, chunk, bar, "calibration: " +
-                             ("min/max" if method == "minmax" else "histograms"))
+                             ("min/max" if method == "minmax" else "histograms"), fill)
         while reader.next_chunk():
             calibrator.collect_data(reader)
         if method == "entropy":
@@ -264,7 +268,8 @@ def _seed_histograms(calibrator, reader: ImageReader) -> None:
 def quantize_candidates(candidate: onnx.ModelProto, images: Sequence[Path], method: str = "entropy",
                         exclude: Iterable[str] = (), cache_dir: Optional[Path] = None, image_size: int = 512,
                         keep_fp32: Iterable[str] = (), bar=None,
-                        refine_feeds: Optional[Sequence[Dict[str, np.ndarray]]] = None) -> Tuple[onnx.ModelProto, Dict]:
+                        refine_feeds: Optional[Sequence[Dict[str, np.ndarray]]] = None,
+                        fill: Sequence[float] = MEAN_RGB) -> Tuple[onnx.ModelProto, Dict]:
     """The INT8 twin of a candidate graph: its FP16 twin (nodes in `keep_fp32` stay FP32) with Q/DQ on the
     inputs of the network Convs not excluded, and on the residual inputs of the Adds TensorRT fuses with them.
     With `refine_feeds` (graph inputs), the calibrated Conv-input thresholds are tightened by the error of the
@@ -276,7 +281,7 @@ def quantize_candidates(candidate: onnx.ModelProto, images: Sequence[Path], meth
         raise EdetError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     include, excluded = network_nodes(candidate, exclude)
     t = time.perf_counter()
-    amax, hit, cache = calibrate(candidate, images, method, cache_dir, image_size, bar)
+    amax, hit, cache = calibrate(candidate, images, method, cache_dir, image_size, bar, fill)
     refined = None
     if refine_feeds is not None:
         from .refine import refine_thresholds

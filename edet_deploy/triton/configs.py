@@ -83,7 +83,8 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
             # No dynamic batching: Triton checks a BYTES input while it gathers a batch, so one malformed
             # request (a string length past its data) failed every request batched with it. Alone, each
             # request fails or succeeds by itself; decoding is per image anyway, in parallel instances.
-            parameters=params({"image_size": s, "input_format": input_format}))
+            parameters=params({"image_size": s, "input_format": input_format,
+                               contract.FILL_PARAMETER: json.dumps([float(v) for v in spec.fill])}))
     warmup = pb.ModelWarmup(name="zeros", batch_size=1, inputs={contract.INPUT_NAME: pb.ModelWarmup.Input(
         data_type=pb.TYPE_UINT8, dims=[s, s, 3], zero_data=True)})
     engine = pb.ModelConfig(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from .. import contract
+from ..configs import MEAN_RGB
 from ..errors import EdetError
 from .models import ENGINE_BACKENDS
 from .verify import foreign_entries
@@ -24,6 +25,7 @@ class RepoSpec:
     image_size: int
     max_detections: int
     class_names: List[str]
+    fill: Tuple[float, ...] = MEAN_RGB  # letterbox padding: the graph's mean colour (metadata `mean`)
     precision: str = "fp32"
     target: str = "cpu"  # cpu: our CPU runner (engine_backend) in the Python backend; gpu: tensorrt_plan
     # the engine's runner. cpu: openvino | onnxruntime (None: the CPU default backend); gpu: tensorrt (or None)
@@ -89,7 +91,8 @@ class RepoSpec:
             choices = {**choices, "plan": _checked_plan(meta, artifact, tensorrt_version)}
         return cls(variant=variant, image_size=int(meta["image_size"]),
                    max_detections=int(meta["nms"]["max_detections"]),
-                   class_names=list(meta.get("class_names") or []), precision=precision, target=target,
+                   class_names=list(meta.get("class_names") or []), fill=tuple(meta["mean"]),
+                   precision=precision, target=target,
                    max_batch_size=max_batch_size, engine_backend=engine_backend,
                    artifact=artifact if copy_artifact else None, artifact_metadata=meta, **choices)
 

@@ -4,10 +4,12 @@ image the client decoded already: only the letterbox runs here. Either way the r
 budgets are checked before any decoding (headers only for encoded images)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from edet_deploy.contract import IMAGE, INPUT_NAME, ORIG_SIZE, SCALE
+from edet_deploy.contract import FILL_PARAMETER, IMAGE, INPUT_NAME, ORIG_SIZE, SCALE
 from edet_deploy.errors import EdetError
 from edet_deploy.preprocess import (MAX_ENCODED_BYTES, MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, check_request_pixels,
                                    decode_image, letterbox, open_image, to_rgb)
@@ -18,6 +20,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = parameters(args)
         self.size = int(params["image_size"])
+        self.fill = json.loads(params[FILL_PARAMETER])  # the variant's mean colour, from the graph metadata
         self.max_pixels = int(params.get("max_pixels", MAX_IMAGE_PIXELS))
         self.max_request_pixels = int(params.get("max_request_pixels", MAX_REQUEST_PIXELS))
         self.max_request_bytes = int(params.get("max_request_bytes", MAX_ENCODED_BYTES))
@@ -54,7 +57,7 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy()
                 images, scales, sizes = [], [], []
                 for img in (self._decoded(tensor) if self.decoded else self._encoded(tensor)):
-                    boxed, scale = letterbox(img, self.size)
+                    boxed, scale = letterbox(img, self.size, self.fill)
                     images.append(boxed)
                     scales.append([scale])
                     sizes.append(img.shape[:2])
