@@ -159,7 +159,7 @@ class Bench:
         folder = self.out / "graphs" / (f"{model}-{Path(self.weights).stem}" if self.weights else model)
         if self.accuracy is not None:  # as `calibrate` does by default, on the dataset being scored
             data = self.accuracy.data if precision in ("int8", "fp16") else None
-            num_images, method = self.accuracy.calib_images, "entropy"
+            num_images, method = self.accuracy.calib_images, None  # the variant's method
         else:
             data = self.calibration_data() if precision == "int8" else None
             num_images, method = self.calib_images, "minmax"

@@ -353,9 +353,10 @@ def _calibrate(p: argparse.ArgumentParser):
     p.add_argument("onnx", help="FP32 graph from `edet-deploy export`")
     p.add_argument("--data", required=True, help="COCO-format dataset (split calib, else train) or image folder")
     p.add_argument("--num-images", type=COUNT, default=500, help="calibration images")
-    p.add_argument("--method", default="entropy", choices=["entropy", "percentile", "minmax"],
+    p.add_argument("--method", choices=["entropy", "percentile", "minmax"],
                    help="activation ranges: entropy = TensorRT's KL search over a 2048-bin |x| histogram; "
-                        "percentile = 99.999th of |x|; minmax = max |x|")
+                        "percentile = 99.999th of |x|; minmax = max |x|. Default: the variant's, entropy for "
+                        "D0-D7x, minmax for Lite (bounded ReLU6 activations; measured in docs/precision.md)")
     p.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN",
                    help="node-name patterns kept in float (fnmatch or substring), e.g. '*/class_net/predict/*'")
     p.add_argument("--cache-dir", help="calibration-range cache (default: .calibration_cache beside the graph)")

@@ -44,6 +44,10 @@ class VariantConfig:
     backbone_drop_path: float = 0.2
     mean: Tuple[float, float, float] = MEAN_RGB
     std: Tuple[float, float, float] = STD_RGB
+    # INT8 activation ranges unless asked otherwise (precision/int8.METHODS). Measured on the shapes data
+    # (benchmarks/results/precision_accuracy_lite.md): entropy keeps D0 within 1.9 points and minmax loses 2.8;
+    # on Lite0, whose ReLU6 activations are bounded, minmax loses 0.04 points and entropy 26.
+    calib_method: str = "entropy"
     # Published COCO numbers for reports (see _pub / _pub_lite): AP, params (M), FLOPs (B), latency, source.
     published: dict = field(default_factory=dict, compare=False, hash=False)
     # Input sizes must be multiples of this; None = the stride of the coarsest level (2 ** max_level). Lite's
@@ -97,7 +101,8 @@ def _lite(name: str, size: int, backbone: str, width: int, repeats: int, head: i
     """A Lite row: effdet's tf_efficientdet_lite_common (sum fusion, ReLU6, mean = std = 0.5) + its own sizes."""
     return VariantConfig(name, size, backbone, width, repeats, head, fusion="sum", act="relu6",
                          anchor_scale=anchor_scale, backbone_drop_path=drop_path, mean=LITE_MEAN_RGB,
-                         std=LITE_STD_RGB, published=published, size_multiple=64)
+                         std=LITE_STD_RGB, published=published, size_multiple=64,
+                         calib_method="minmax")
 
 
 VARIANTS: dict[str, VariantConfig] = {

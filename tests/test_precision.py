@@ -685,3 +685,13 @@ def test_calibrate_shows_one_bar_over_every_phase_and_keeps_stdout_clean(fp32, s
     # ONNX Runtime's own prints never reach stdout: only our report is there.
     assert "Collecting tensor data" not in out and "Finding optimal threshold" not in out
     assert out.splitlines()[0].startswith(f"wrote {tmp_path / 't.onnx'}")
+
+
+def test_default_calibration_method_is_the_variants():
+    """Unless asked, D-variants calibrate with entropy and Lite (bounded ReLU6 activations, where entropy lost 26
+    points on the shapes Lite0 and minmax 0.04) with minmax; a stated method always wins."""
+    from edet_deploy.configs import VARIANTS
+    from edet_deploy.precision.int8 import Int8Options
+    for name, cfg in VARIANTS.items():
+        assert Int8Options().for_variant(name).method == ("minmax" if cfg.act == "relu6" else "entropy")
+        assert Int8Options(method="percentile").for_variant(name).method == "percentile"

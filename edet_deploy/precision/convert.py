@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..artifacts import ExportResult, save_graph
+from ..configs import get_config
 from ..contract import INPUT_NAME, artifact_name
 from ..errors import EdetError
 from ..io import load_onnx, sha256_file
@@ -79,8 +80,9 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
     from ..progress import job_bar, phase, tick
 
     opts = replace(options or Int8Options(), **choices)
-    num_images, method, equalize, refine = opts.num_images, opts.method, opts.equalize, opts.refine
     path, meta, candidate, settings = _load(onnx_path)
+    opts = opts.for_variant(meta.variant)
+    num_images, method, equalize, refine = opts.num_images, opts.method, opts.equalize, opts.refine
     if not meta.batch.get("dynamic") and meta.batch.get("max", 1) != 1:
         raise EdetError("calibrate a batch-1 or dynamic-batch export")
     images = calibration_images(data, num_images)
@@ -111,12 +113,12 @@ def to_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | Path] =
 
 def graph_for(model: str, precision: str, out_dir: str | Path, *, weights: Optional[str] = None,
               dynamic_batch: Optional[int] = None, data: Optional[str | Path] = None, num_images: int = 500,
-              method: str = "entropy", exclude: Iterable[str] = (), tag: str = "", reuse: bool = True,
+              method: Optional[str] = None, exclude: Iterable[str] = (), tag: str = "", reuse: bool = True,
               equalize: bool = True, refine: bool = True, progress: bool = False) -> Path:
     """The graph a benchmark runs for `model` at `precision`, written once here for the bench harness, the GPU
     acceptance and the accuracy benchmark: the FP32 export in `out_dir` (random weights seeded, so reruns
     measure the same network), its FP16 twin (`data`: keep overflowing nodes FP32) or its INT8 twin calibrated
-    on `num_images` of `data` with `method`. `tag` tells apart INT8 twins with different `exclude`s. With
+    on `num_images` of `data` with `method` (None: the variant's). `tag` tells apart INT8 twins with different `exclude`s. With
     `reuse`, a graph already on disk is returned as it is; without, the requested one is made again (its FP32
     source is still reused once exported)."""
     if precision not in ("fp32", "fp16", "int8"):
@@ -136,6 +138,7 @@ def graph_for(model: str, precision: str, out_dir: str | Path, *, weights: Optio
     if precision == "fp16":
         path = out_dir / f"{artifact_name(model, 'fp16')}.onnx"
         return path if reuse and path.is_file() else to_fp16(fp32, path, data).onnx_path
+    method = method or get_config(model).calib_method
     path = out_dir / f"{artifact_name(model, f'int8-{method}{tag}')}.onnx"
     options = Int8Options(num_images=num_images, method=method, exclude=tuple(exclude), equalize=equalize,
                           refine=refine)

@@ -9,7 +9,7 @@ import fnmatch
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..configs import MEAN_RGB
+from ..configs import MEAN_RGB, get_config
 from ..contract import INPUT_NAME
 from ..errors import EdetError
 from ..log import logger
@@ -33,20 +33,24 @@ class Int8Options:
     """How an INT8 twin is calibrated: the one set of choices that `calibrate`, `to_int8`, the sensitivity sweep
     and the benchmarks pass on (instead of a positional list through four files)."""
     num_images: int = 500
-    method: str = "entropy"  # activation ranges: see METHODS and `calibrate`
+    method: Optional[str] = None  # activation ranges (METHODS, `calibrate`); None: the variant's calib_method
     exclude: Tuple[str, ...] = ()  # node-name patterns kept in float (fnmatch or substring)
     cache_dir: Optional[Path] = None  # calibration-range cache; None: .calibration_cache beside the graph
     equalize: bool = True  # equalize depthwise channels first (equalize.py)
     refine: bool = True  # tighten thresholds by the error of the layer each feeds (refine.py)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method is not None and self.method not in METHODS:
             raise EdetError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
         if int(self.num_images) < 1:
             raise EdetError(f"calibration needs at least 1 image, got {self.num_images}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+
+    def for_variant(self, variant: str) -> "Int8Options":
+        """These options with the method stated: the given one, else `variant`'s (configs.calib_method)."""
+        return self if self.method else replace(self, method=get_config(variant).calib_method)
 QUANTIZED_OPS = ("Conv",)
 # Entropy calibration as TensorRT's entropy calibrator does it: a 2048-bin histogram of |x|, searched for the
 # clipping threshold whose 128-level quantization has the least KL divergence to it (`kl_threshold`). ONNX

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
 import onnx
 
 from ..log import logger
+from ..metadata import read_metadata
 from .fp16 import NETWORK_PREFIX
 from .int8 import Int8Options
 
@@ -54,6 +55,7 @@ def sensitivity_sweep(onnx_path: str | Path, data: str | Path, options: Optional
     work = Path(work_dir or path.parent / "sensitivity")
     work.mkdir(parents=True, exist_ok=True)
     options = replace(options or Int8Options(num_images=100), cache_dir=path.parent / ".calibration_cache")
+    options = options.for_variant(read_metadata(path)["variant"])
     val = CocoDataset(data, "val")
 
     def twin(out: Path, exclude: Iterable[str]) -> Path:
@@ -111,7 +113,7 @@ def calibrate_int8(onnx_path: str | Path, data: str | Path, out: Optional[str | 
     (report written beside the graph; its per-block table goes to stdout) and keep them in float too; then
     `to_int8`, with one bar over its phases when `progress`."""
     from .convert import to_int8
-    options = options or Int8Options()
+    options = (options or Int8Options()).for_variant(read_metadata(onnx_path)["variant"])
     sweep = sweep_path = None
     if sensitivity is not None:
         from ..io import write_json
