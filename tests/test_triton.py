@@ -305,7 +305,7 @@ def test_committed_repository_is_what_the_generator_writes(tmp_path):
     # model_analyzer.yaml names the output path: it is compared by test_serving's tuning-file test instead
     names = sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*") if p.is_file() and p.suffix != ".yaml")
     assert names == sorted(str(p.relative_to(committed)) for p in committed.rglob("*")
-                           if p.is_file() and p.suffix in (".pbtxt", ".py", ".json"))
+                           if p.is_file() and p.suffix in (".pbtxt", ".py", ".json", ".sha256"))
     for name in names:
         assert (fresh / name).read_text() == (committed / name).read_text(), name
 

@@ -13,6 +13,10 @@ instance, named in their command line) every `poll` seconds and tells the front 
   as above;
 - a stub whose shared-memory region grew past a high-water mark (an oversized request is copied in before the
   model can refuse it, and the region never shrinks): its model's instances are replaced without downtime;
+- before any reload (of a model, or of the whole server): the model's files are checked against the repository's
+  manifest (`verify.model_problems`); a model whose files changed is not loaded: it and its ensembles stay down
+  (not ready) with one log line naming the file, and are loaded once the files check out again (re-signed or put
+  back; checked every `recheck` s);
 - tritonserver dead (any cause), an admin call failing, or a model needing more than `max_recoveries`
   recoveries within `recovery_window` s: tritonserver is (killed and) started again after a backoff that
   doubles from `backoff[0]` to `backoff[1]` s and resets once it has run `stable_after` s, for as long as
@@ -46,6 +50,7 @@ from ..log import logger
 from ..measure import free_port
 from .front import Front, ModelInfo, Upstream, repository_models
 from .server import TritonServer, check_port, port_in_use
+from .verify import drop_bytecode, model_problems, refusal
 
 
 class ServerLost(Exception):
@@ -144,7 +149,7 @@ class Supervisor:
                  load_timeout: float = 300.0, max_recoveries: int = 5, recovery_window: float = 300.0,
                  shm_high_water_mib: int = 128, backoff: Tuple[float, float] = (0.5, 30.0),
                  stable_after: float = 60.0, canary_interval: float = 2.0, canary_timeout: float = 7.0,
-                 on_event: Optional[Callable[[str], None]] = None):
+                 recheck: float = 5.0, on_event: Optional[Callable[[str], None]] = None):
         self.server = server
         self.upstream = upstream or Upstream(server.http_address, server.http_port, repository_models(server.repo))
         self.poll = poll
@@ -163,6 +168,8 @@ class Supervisor:
         self.generation = 0
         self.epoch = 0  # server starts: a canary verdict from an earlier server is void
         self.started_at = time.monotonic()
+        self.refused: Dict[str, str] = {}  # model -> why its files may not be loaded
+        self.recheck, self.rechecked = recheck, time.monotonic()
         self.hung: "SimpleQueue[Tuple[str, Optional[str], str]]" = SimpleQueue()  # (ensemble, instance, why)
         self.stop = threading.Event()
 
@@ -171,9 +178,9 @@ class Supervisor:
         expected: Dict[str, set] = defaultdict(set)
         for stub in stub_processes(self.server.proc.pid):
             expected[stub.model].add(stub.instance)
-        self.expected = dict(expected)
+        self.expected = {m: inst for m, inst in expected.items() if m not in self.refused}
         self.upstream.port = self.server.http_port
-        self.upstream.down = frozenset()
+        self.upstream.down = self._refused_closure()
         self.upstream.up = True
         return self.expected
 
@@ -194,6 +201,46 @@ class Supervisor:
             raise ServerLost(f"{what}: HTTP {status} {text.strip()}")
         return text
 
+    def _refused_closure(self) -> frozenset:
+        """The refused models and every ensemble running one: down until their files check out."""
+        return frozenset().union(*(self.upstream.dependents(m) for m in self.refused))
+
+    def _verified(self, model: str) -> bool:
+        """Check `model`'s files before (re)loading it; a failure refuses it (see `refuse`)."""
+        problem = model_problems(self.server.repo, [model]).get(model)
+        if problem:
+            self.refuse(model, problem)
+        else:
+            drop_bytecode(self.server.repo, [model])
+        return problem is None
+
+    def refuse(self, model: str, problem: str) -> None:
+        """Keep `model` and its ensembles down and unloaded, with one log line naming the file."""
+        if model not in self.refused:
+            self.on_event(f"model {model} is not loaded: {refusal(self.server.repo, problem)}")
+        self.refused[model] = problem
+        self.expected.pop(model, None)
+        self.upstream.down = self.upstream.down | self._refused_closure()
+        # Unloaded, so that Triton's own health (gRPC goes to it directly) says not ready, ensembles first.
+        for name in sorted(self.upstream.dependents(model), key=lambda m: m == model):
+            self._admin(f"cannot unload model {name}", f"/v2/repository/models/{name}/unload")
+
+    def readmit(self) -> None:
+        """Every `recheck` s: load the refused models whose files check out again, then their ensembles."""
+        if not self.refused or time.monotonic() - self.rechecked < self.recheck:
+            return
+        self.rechecked = time.monotonic()
+        problems = model_problems(self.server.repo, list(self.refused))
+        for model in [m for m in self.refused if m not in problems]:
+            del self.refused[model]
+            drop_bytecode(self.server.repo, [model])
+            self.on_event(f"model {model}'s files check out again; loading it")
+            self._admin(f"cannot load model {model}", f"/v2/repository/models/{model}/load")
+            for name in sorted(self.upstream.dependents(model) - {model} - self._refused_closure()):
+                self._admin(f"cannot load model {name}", f"/v2/repository/models/{name}/load")
+            self.expected[model] = {s.instance for s in stub_processes(self.server.proc.pid) if s.model == model}
+            self.upstream.down = (self.upstream.down - self.upstream.dependents(model)) | self._refused_closure()
+
     def _mark_down(self, models: Sequence[str]) -> frozenset:
         affected = frozenset().union(*(self.upstream.dependents(m) for m in models))
         self.upstream.down = self.upstream.down | affected  # a new set: the front reads it from another thread
@@ -208,6 +255,8 @@ class Supervisor:
                 raise ServerLost(f"model {model} lost a stub more than {self.max_recoveries} times within "
                                  f"{self.recovery_window:.0f} s")
             self.on_event(f"stub(s) {', '.join(dead)} of model {model} died; reloading {model}")
+            if not self._verified(model):
+                return time.monotonic() - t0
             self._admin(f"cannot unload model {model}", f"/v2/repository/models/{model}/unload")
             self._admin(f"cannot reload model {model}", f"/v2/repository/models/{model}/load")
             alive = {s.instance for s in stub_processes(self.server.proc.pid) if s.model == model}
@@ -217,7 +266,7 @@ class Supervisor:
             self.upstream.up = False
             raise
         finally:
-            self.upstream.down = self.upstream.down - affected
+            self.upstream.down = (self.upstream.down - affected) | self._refused_closure()
         self.expected[model] = alive
         seconds = time.monotonic() - t0
         self.recoveries.append({"model": model, "dead": list(dead), "seconds": round(seconds, 3)})
@@ -246,6 +295,12 @@ class Supervisor:
         self.server.stop()  # reaps what is left of its process group, removes its shared memory
         while not self.stop.wait(self.delay):
             self.delay = min(self.delay * 2, self.backoff[1])
+            problems = model_problems(self.server.repo)
+            for model in problems.keys() - self.refused.keys():
+                self.on_event(f"model {model} is not loaded: {refusal(self.server.repo, problems[model])}")
+            self.refused = problems
+            self.server.excluded = sorted(self._refused_closure())
+            drop_bytecode(self.server.repo)
             if port_in_use(self.server.http_address, self.server.http_port):  # taken meanwhile: the front follows
                 self.server.http_port = free_port()
             try:
@@ -286,6 +341,8 @@ class Supervisor:
         whose shared memory (and the server memory tied to their requests) goes with them."""
         t0 = time.monotonic()
         self.recycled.update(regions)  # the old stubs live on briefly: do not recycle them twice
+        if not self._verified(model):
+            return time.monotonic() - t0
         config = json.loads(self._admin(f"cannot read the config of model {model}", f"/v2/models/{model}/config",
                                         None))
         self.generation += 1
@@ -337,6 +394,7 @@ class Supervisor:
             self.kill_hung()
             for model, dead in self.missing().items():
                 self.recover(model, dead)
+            self.readmit()
             for model, regions in self.swollen().items():
                 self.recycle(model, regions)
         except ServerLost as e:
@@ -414,6 +472,7 @@ def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metric
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a closed terminal sends SIGHUP
         signal.signal(sig, on_signal)
     try:
+        drop_bytecode(repo)
         server.start(timeout=start_timeout)
         supervisor = Supervisor(server, upstream)
         supervisor.snapshot()
