@@ -627,3 +627,53 @@ def test_tampered_files_are_never_loaded_on_a_reload_or_a_start(repo, tmp_path, 
     out = subprocess.run([sys.executable, "-m", "edet_deploy", "serve", "--repo", str(copy), "--http-port",
                           str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and REPOSITORY_MANIFEST in out.stderr, out.stderr
+
+
+def test_sigterm_after_a_recovery_under_load_drains_and_exits_0(repo, tmp_path, picture):
+    """SIGKILL of the engine stub with clients running, recovery, then SIGTERM: the stop drains within the grace
+    period and exits 0, leaving no process and no /dev/shm region (it used to take the whole grace period and
+    exit 1: 'Exit timeout expired', a model still live)."""
+    grace = 30
+    s = Serve(repo, tmp_path, grace=grace)
+    statuses, lock, done = [], threading.Lock(), threading.Event()
+    stop_at = time.monotonic() + 300
+
+    def client():
+        for _ in range(1000):  # bounded in count and time
+            if time.monotonic() > stop_at or done.is_set():
+                return
+            status, _ = infer(s.url, [picture], timeout=60)
+            with lock:
+                statuses.append(status)
+            if status is None:  # the front stopped listening: serve is stopping
+                return
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        os.kill(_stub_of(s, "_engine").pid, signal.SIGKILL)
+        assert await_recovery(s.url, picture, RECOVERY_BOUND, 0.1)[1] is not None
+        time.sleep(2)  # traffic on the recovered engine
+        s.server_pid = s.triton_pid()
+        family, regions = s.descendants(), s.shm()
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        code = s.proc.wait(grace + 60)
+        took = time.monotonic() - t0
+        done.set()
+        for t in threads:
+            t.join(120)
+        s.stderr.seek(0)
+        log = s.stderr.read()
+        print(f"\nSIGTERM after a recovery under load: exit {code} in {took:.1f} s (grace {grace} s); "
+              f"{len(statuses)} requests answered {sorted({str(x) for x in statuses})}")
+        assert code == 0, log[-2000:]
+        assert took < grace, took
+        assert gone(family, 30) == []
+        assert regions and s.shm() == []
+        assert set(statuses) <= {200, 503, None}
+    finally:
+        done.set()
+        s.kill()

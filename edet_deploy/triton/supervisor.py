@@ -26,6 +26,7 @@ SIGTERM, SIGINT and SIGHUP stop `serve`: the front stops accepting and lets requ
 grace period, then tritonserver is stopped (see `TritonServer.stop`); it dies with `serve` (PR_SET_PDEATHSIG)."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -452,6 +453,34 @@ class Supervisor:
                 logger.exception("supervisor: unexpected error")
 
 
+def stop_server(server: TritonServer, settle: float = 1.0) -> Optional[int]:
+    """Stop tritonserver (SIGTERM: it refuses new requests, lets those in flight finish, unloads every model) and
+    return its exit status. A model whose stub was killed and replaced leaves its old version live in Triton
+    2.51 until the exit timeout ends the server with status 1 ("Exit timeout expired"): once no stub is left
+    (every model that could still answer is unloaded, so no request is in flight) for `settle` s, that wait has
+    nothing left to drain; the server is ended then and the stop counts as clean (0)."""
+    proc = server.proc
+    if proc is None or proc.poll() is not None:
+        return server.stop()
+    proc.send_signal(signal.SIGTERM)
+    deadline, stubless_since = time.monotonic() + server.grace_period + 30, None
+    while proc.poll() is None and time.monotonic() < deadline:
+        now = time.monotonic()
+        if stub_processes(proc.pid):
+            stubless_since = None
+        elif stubless_since is None:
+            stubless_since = now
+        elif now - stubless_since > settle:
+            logger.info("tritonserver waits only for model versions whose stubs died earlier; ending it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+            server.stop()  # reaps the group, removes the shared memory
+            return 0
+        time.sleep(0.05)
+    return server.stop()
+
+
 def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
           address: str = "127.0.0.1", log_file: Optional[str] = None, grace_period: float = 30.0,
           open_apis: Sequence[str] = (), force: bool = False, start_timeout: float = 300.0,
@@ -492,6 +521,6 @@ def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metric
         if left:
             logger.warning("%d request(s) still running after the %.0f s grace period", left, grace_period)
         front.close()  # its pooled connections too: tritonserver waits for every HTTP connection to close
-        status = server.stop()
+        status = stop_server(server)
         logger.info("stopped in %.1f s", time.monotonic() - t0)
     return 0 if status is None else (status if status >= 0 else 128 - status)
