@@ -51,6 +51,14 @@ class Serve:
     """`python -m edet_deploy serve` as a child process, as a user would run it."""
 
     def __init__(self, repo, tmp, grace=30.0):
+        for attempt in range(3):  # a free port can be taken by another process before serve binds it
+            try:
+                return self._start(repo, tmp, grace)
+            except AssertionError as e:
+                if "already in use" not in str(e) or attempt == 2:
+                    raise
+
+    def _start(self, repo, tmp, grace):
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
         self.log = Path(tmp) / f"serve-{self.http}.log"
         self.stderr = open(Path(tmp) / f"serve-{self.http}.err", "w+")
