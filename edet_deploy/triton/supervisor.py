@@ -477,25 +477,25 @@ def return_freed_memory_to_the_os() -> None:
         pass
 
 
-def stop_server(server: TritonServer, settle: float = 1.0) -> Optional[int]:
-    """Stop tritonserver (SIGTERM: it refuses new requests, lets those in flight finish, unloads every model) and
-    return its exit status. A model whose stub was killed and replaced leaves its old version live in Triton
-    2.51 until the exit timeout ends the server with status 1 ("Exit timeout expired"): once no stub is left
-    (every model that could still answer is unloaded, so no request is in flight) for `settle` s, that wait has
-    nothing left to drain; the server is ended then and the stop counts as clean (0)."""
+def stop_server(server: TritonServer, settle: float = 2.0) -> Optional[int]:
+    """Stop tritonserver (SIGTERM: it refuses new requests, lets those in flight finish, then unloads every
+    model) and return its exit status. A model whose stub was killed and replaced leaves a version live in Triton
+    2.51 that never unloads, so the stop ran into the exit timeout (the whole grace period, status 1, "Exit
+    timeout expired"). Triton unloads models only once nothing is in flight: when some stubs have ended since
+    the SIGTERM and the rest have not changed for `settle` s, nothing is left to drain; the server is ended
+    then and the stop counts as clean (0)."""
     proc = server.proc
     if proc is None or proc.poll() is not None:
         return server.stop()
+    before = {s.pid for s in stub_processes(proc.pid)}
     proc.send_signal(signal.SIGTERM)
-    deadline, stubless_since = time.monotonic() + server.grace_period + 30, None
+    deadline, last, since = time.monotonic() + server.grace_period + 30, None, time.monotonic()
     while proc.poll() is None and time.monotonic() < deadline:
-        now = time.monotonic()
-        if stub_processes(proc.pid):
-            stubless_since = None
-        elif stubless_since is None:
-            stubless_since = now
-        elif now - stubless_since > settle:
-            logger.info("tritonserver waits only for model versions whose stubs died earlier; ending it")
+        now, alive = time.monotonic(), {s.pid for s in stub_processes(proc.pid)}
+        if alive != last:
+            last, since = alive, now
+        elif alive < before and now - since > settle:
+            logger.info("tritonserver has unloaded what it could (stubs left: %d); ending it", len(alive))
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
