@@ -257,10 +257,16 @@ def _triton_repo(p: argparse.ArgumentParser):
     p.add_argument("--force", action="store_true", help="write into an --out holding models or files edet-deploy "
                                                          "did not generate")
     p.add_argument("--out", default="model_repository")
+    p.add_argument("--resign", metavar="DIR", help="after an intended edit of DIR's files (a config, class names): "
+                   "check DIR as `serve` does and write its checksum manifest anew (nothing is generated)")
     progress = ProgressArgs()
     progress.add_to(p)
 
     def run(args) -> int:
+        if args.resign:
+            from .triton.verify import resign_repository
+            print(f"signed {args.resign}: {resign_repository(args.resign, force=args.force)}")
+            return 0
         from .backends import cpu_engine_precision
         from .triton.repo import generate_repository_from_model
         repo = generate_repository_from_model(

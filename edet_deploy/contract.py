@@ -99,6 +99,11 @@ def member_names(name: str) -> Tuple[str, str, str]:
     return preprocess_name(name), engine_name(name), postprocess_name(name)
 
 
+# The checksums of every file of a repository's model directories (configs, shims, graphs, sidecars), written by
+# `triton-repo` at the repository's top level (Triton's scan skips files there) in `sha256sum` format, so that
+# `sha256sum -c` checks it too; `serve` checks it at start and before every reload.
+REPOSITORY_MANIFEST = "edet_manifest.sha256"
+
 # Triton wire names: the ensemble's image input (BYTES [1] encoded, UINT8 [H, W, 3] decoded); what the
 # preprocess model hands on beside the graph input (INPUT_NAME): the letterbox scale and the original
 # (height, width); the engine's outputs renamed on their way to the postprocess model; the labels that

@@ -51,6 +51,14 @@ class Serve:
     """`python -m edet_deploy serve` as a child process, as a user would run it."""
 
     def __init__(self, repo, tmp, grace=30.0):
+        for attempt in range(3):  # a free port can be taken by another process before serve binds it
+            try:
+                return self._start(repo, tmp, grace)
+            except AssertionError as e:
+                if "already in use" not in str(e) or attempt == 2:
+                    raise
+
+    def _start(self, repo, tmp, grace):
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
         self.log = Path(tmp) / f"serve-{self.http}.log"
         self.stderr = open(Path(tmp) / f"serve-{self.http}.err", "w+")
@@ -519,3 +527,161 @@ def test_a_malformed_request_fails_alone(served, picture):
     assert len(results["good"]) >= 8 and results["poison"]
     assert good_failed == [], good_failed[:3]
     assert all(r[0] == 400 for r in results["poison"]), results["poison"][:3]
+
+
+def _stub_of(s, suffix):
+    return next((st for st in s.stubs() if st.model.endswith(suffix)), None)
+
+
+def _settled(s, count=4, bound=60.0):
+    """Wait until `count` stubs have run unchanged for 2 s (a reload starts new instances before it ends the
+    old ones: a stub picked meanwhile may be one on its way out)."""
+    t0, last, since = time.monotonic(), None, time.monotonic()
+    while time.monotonic() - t0 < bound:
+        now = sorted(st.pid for st in s.stubs())
+        if now != last:
+            last, since = now, time.monotonic()
+        elif len(now) == count and time.monotonic() - since > 2:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"stubs did not settle within {bound:.0f} s: {last}")
+
+
+def _edit_class_names(path):
+    """Give the postprocess member other class names (what a client shows as labels)."""
+    import re
+    text, n = re.subn(r'(key: "class_names"\s*value \{\s*string_value: )"[^\n]*"', r'\1"[\\"tampered\\"]"',
+                      path.read_text())
+    assert n == 1
+    path.write_text(text)
+
+
+def test_tampered_files_are_never_loaded_on_a_reload_or_a_start(repo, tmp_path, picture):
+    """A changed config (class names), a shim replaced with other code, a substituted graph whose sidecar was
+    deleted: the member whose stub then dies is not loaded again (readiness non-200, one log line naming the
+    file, the substitute code never runs); put back, the model is loaded again; re-signed, the edit is served;
+    a fresh `serve` refuses the tampered repository at start (exit 2, one line)."""
+    import shutil
+
+    from edet_deploy.contract import REPOSITORY_MANIFEST
+
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    marker = tmp_path / "substitute-ran"
+    engine_dir = copy / "efficientdet_d0_engine" / "1"
+    graph, sidecar = engine_dir / "model.onnx", engine_dir / "model.json"
+    post_config = copy / "efficientdet_d0_postprocess" / "config.pbtxt"
+    originals = {p: p.read_bytes() for p in (graph, sidecar, post_config, engine_dir / "model.py")}
+    substitute_graph = bytearray(originals[graph])
+    substitute_graph[len(substitute_graph) // 2] ^= 0xFF
+    tamperings = [  # (member, what is done to its files, the file the log line names)
+        ("_postprocess", lambda: _edit_class_names(post_config), post_config),
+        ("_engine", lambda: (engine_dir / "model.py").write_text(
+            f"open({str(marker)!r}, 'w').write('ran')\n" + originals[engine_dir / "model.py"].decode()),
+         engine_dir / "model.py"),
+        ("_engine", lambda: (graph.write_bytes(bytes(substitute_graph)), sidecar.unlink()), graph),
+    ]
+    s = Serve(copy, tmp_path)
+    try:
+        assert infer(s.url, [picture])[0] == 200
+        for member, tamper, named in tamperings:
+            _settled(s)
+            tamper()
+            stub = _stub_of(s, member)
+            os.kill(stub.pid, signal.SIGKILL)
+            t0, lines = time.monotonic(), []
+            while time.monotonic() - t0 < RECOVERY_BOUND and not lines:
+                s.stderr.seek(0)
+                lines = [ln for ln in s.stderr.read().splitlines() if str(named) in ln]
+                time.sleep(0.2)
+            assert len(lines) == 1 and "--resign" in lines[0], lines
+            time.sleep(3)  # several supervisor rounds and re-checks: still refused, still one line
+            s.stderr.seek(0)
+            assert [ln for ln in s.stderr.read().splitlines() if str(named) in ln] == lines
+            assert ready(s.url) != 200 and http(s.url, "/v2/models/efficientdet_d0/ready")[0] != 200
+            assert _stub_of(s, member) is None and not marker.exists()
+            status, body = infer(s.url, [picture])
+            assert status == 503, (status, body[:200])
+            print(f"\n{named.relative_to(copy)} tampered, {member[1:]} stub killed: refused: {lines[0][-160:]}")
+            for path, data in originals.items():  # put back: checked again, loaded again
+                path.write_bytes(data)
+            seen_not_ready, recovered, body = await_recovery(s.url, picture, RECOVERY_BOUND, 0.2)
+            assert recovered is not None, f"not loaded again once {named.name} was put back"
+        # An intended edit, re-signed, is served (the re-check finds the signed files and loads them).
+        _settled(s)
+        _edit_class_names(post_config)
+        os.kill(_stub_of(s, "_postprocess").pid, signal.SIGKILL)
+        time.sleep(2)
+        from edet_deploy.cli import main
+        assert main(["triton-repo", "--resign", str(copy)]) == 0
+        assert await_recovery(s.url, picture, RECOVERY_BOUND, 0.2)[1] is not None
+        check = subprocess.run(["sha256sum", "--strict", "-c", REPOSITORY_MANIFEST], cwd=copy, capture_output=True,
+                               text=True)
+        assert check.returncode == 0 and "config.pbtxt: OK" in check.stdout, check.stdout + check.stderr
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(120) == 0
+    finally:
+        s.kill()
+    assert not marker.exists()
+    # A fresh serve refuses a tampered repository before anything starts.
+    graph.write_bytes(bytes(substitute_graph))
+    sidecar.unlink()
+    out = subprocess.run([sys.executable, "-m", "edet_deploy", "serve", "--repo", str(copy), "--http-port",
+                          str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    err = [ln for ln in out.stderr.splitlines() if not ln.startswith(("INFO", "WARNING"))]
+    assert out.returncode == 2 and len(err) == 1 and "model.json" in err[0] and "--resign" in err[0], out.stderr
+    (copy / REPOSITORY_MANIFEST).unlink()
+    out = subprocess.run([sys.executable, "-m", "edet_deploy", "serve", "--repo", str(copy), "--http-port",
+                          str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and REPOSITORY_MANIFEST in out.stderr, out.stderr
+
+
+def test_sigterm_after_a_recovery_under_load_drains_and_exits_0(repo, tmp_path, picture):
+    """SIGKILL of the engine stub with clients running, recovery, then SIGTERM: the stop drains within the grace
+    period and exits 0, leaving no process and no /dev/shm region (it used to take the whole grace period and
+    exit 1: 'Exit timeout expired', a model still live)."""
+    grace = 30
+    s = Serve(repo, tmp_path, grace=grace)
+    statuses, lock, done = [], threading.Lock(), threading.Event()
+    stop_at = time.monotonic() + 300
+
+    def client():
+        for _ in range(1000):  # bounded in count and time
+            if time.monotonic() > stop_at or done.is_set():
+                return
+            status, _ = infer(s.url, [picture], timeout=60)
+            with lock:
+                statuses.append(status)
+            if status is None:  # the front stopped listening: serve is stopping
+                return
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        os.kill(_stub_of(s, "_engine").pid, signal.SIGKILL)
+        assert await_recovery(s.url, picture, RECOVERY_BOUND, 0.1)[1] is not None
+        time.sleep(2)  # traffic on the recovered engine
+        s.server_pid = s.triton_pid()
+        family, regions = s.descendants(), s.shm()
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        code = s.proc.wait(grace + 60)
+        took = time.monotonic() - t0
+        done.set()
+        for t in threads:
+            t.join(120)
+        s.stderr.seek(0)
+        log = s.stderr.read()
+        print(f"\nSIGTERM after a recovery under load: exit {code} in {took:.1f} s (grace {grace} s); "
+              f"{len(statuses)} requests answered {sorted({str(x) for x in statuses})}")
+        assert code == 0, log[-2000:]
+        assert took < grace, took
+        assert gone(family, 30) == []
+        assert regions and s.shm() == []
+        assert set(statuses) <= {200, 503, None}
+    finally:
+        done.set()
+        s.kill()

@@ -314,7 +314,7 @@ def test_committed_repository_is_what_the_generator_writes(tmp_path):
     # model_analyzer.yaml names the output path: it is compared by test_serving's tuning-file test instead
     names = sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*") if p.is_file() and p.suffix != ".yaml")
     assert names == sorted(str(p.relative_to(committed)) for p in committed.rglob("*")
-                           if p.is_file() and p.suffix in (".pbtxt", ".py", ".json"))
+                           if p.is_file() and p.suffix in (".pbtxt", ".py", ".json", ".sha256"))
     for name in names:
         assert (fresh / name).read_text() == (committed / name).read_text(), name
 
@@ -441,3 +441,47 @@ def test_postprocess_called_directly_validates_its_inputs(served, case):
         detector.close()
     finally:
         client.close()
+
+
+def test_manifest_covers_every_served_file_and_resign_checks_first(tmp_path, random_d0_256, capsys):
+    """The manifest lists every file of the model directories and `sha256sum -c` (an independent reader) agrees;
+    each kind of change is named in one problem for its model only; --resign refuses a graph without its
+    sidecar and signs an intended config edit."""
+    from edet_deploy.cli import main
+    from edet_deploy.contract import REPOSITORY_MANIFEST
+    from edet_deploy.triton.verify import load_configs, model_problems, verify_served_repository
+
+    repo = generate_repository(tmp_path / "repo", variant="d0", onnx=str(random_d0_256), max_batch_size=8)
+    listed = sorted(ln.split("  ", 1)[1] for ln in (repo / REPOSITORY_MANIFEST).read_text().splitlines())
+    assert listed == sorted(str(p.relative_to(repo)) for p in repo.glob("*/**/*") if p.is_file())
+    check = subprocess.run(["sha256sum", "--strict", "-c", REPOSITORY_MANIFEST], cwd=repo, capture_output=True,
+                           text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == len(listed), check.stdout + check.stderr
+    assert model_problems(repo) == {}
+    (repo / "efficientdet_d0_engine" / "1" / "__pycache__").mkdir()  # what a stub writes: not a change
+    (repo / "efficientdet_d0_engine" / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"x")
+    assert model_problems(repo) == {}
+    post = repo / "efficientdet_d0_postprocess" / "config.pbtxt"
+    assert post.read_text().count("count: 1") == 1
+    post.write_text(post.read_text().replace("count: 1", "count: 2"))  # an intended edit: two instances
+    extra = repo / "efficientdet_d0_preprocess" / "1" / "extra.py"
+    extra.write_text("")
+    problems = model_problems(repo)
+    assert sorted(problems) == ["efficientdet_d0_postprocess", "efficientdet_d0_preprocess"]
+    assert "config.pbtxt does not match" in problems["efficientdet_d0_postprocess"]
+    assert "extra.py is not in the manifest" in problems["efficientdet_d0_preprocess"]
+    extra.unlink()
+    with pytest.raises(EdetError, match="config.pbtxt does not match.*--resign"):
+        verify_served_repository(repo)
+    sidecar = repo / "efficientdet_d0_engine" / "1" / "model.json"
+    saved = sidecar.read_bytes()
+    sidecar.unlink()
+    assert "has no metadata sidecar" in model_problems(repo)["efficientdet_d0_engine"]
+    rc, lines = _one_line_error(["triton-repo", "--resign", str(repo)], capsys)
+    assert rc == 2 and len(lines) == 1 and "model.onnx has no metadata sidecar" in lines[0], lines  # never signed
+    sidecar.write_bytes(saved)
+    assert main(["triton-repo", "--resign", str(repo)]) == 0
+    assert model_problems(repo) == {}
+    assert not (repo / "efficientdet_d0_engine" / "1" / "__pycache__").exists()
+    verify_served_repository(repo)
+    assert load_configs(repo)["efficientdet_d0_postprocess"].instance_group[0].count == 2

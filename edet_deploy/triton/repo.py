@@ -1,6 +1,6 @@
 """Generate a Triton model repository: the configs (`configs`), a `model.py` shim per Python model, the engine's
 graph or plan with its metadata, and the tuning tools' inputs (`tuning`), from one checked `RepoSpec` (`spec`);
-the result is re-read and cross-checked (`verify.validate_repository`)."""
+the result is re-read and cross-checked (`verify.validate_repository`) and signed (`verify.write_manifest`)."""
 from __future__ import annotations
 
 import shutil
@@ -15,7 +15,7 @@ from .configs import build_configs, config_text
 from .models import SHIM
 from .spec import RepoSpec
 from .tuning import write_tuning_files
-from .verify import validate_repository
+from .verify import validate_repository, write_manifest
 
 
 def generate_repository(out: str | Path, *, tuning_images: Optional[Sequence[bytes]] = None,
@@ -61,6 +61,7 @@ def generate_repository(out: str | Path, *, tuning_images: Optional[Sequence[byt
         write_metadata(dst, typed)
     write_tuning_files(out, spec, tuning_images)
     validate_repository(out)
+    write_manifest(out)  # last: it signs what is there now, which `serve` checks at start and every reload
     return out
 
 

@@ -164,19 +164,24 @@ class TritonServer:
         self.fixed_args = [f"--model-repository={self.repo.resolve()}", f"--backend-directory={paths.backends}",
                            f"--grpc-address={address}", f"--metrics-address={address}", "--allow-metrics=true",
                            "--allow-gpu-metrics=false", "--strict-readiness=true", f"--log-verbose={log_verbose}",
-                           "--model-control-mode=explicit", "--load-model=*",
+                           "--model-control-mode=explicit",
                            f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}",
                            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                            f"--exit-timeout-secs={max(1, int(round(self.grace_period)))}", *(extra_args or [])]
         self.env = server_env(paths)
         self.log_file = Path(log_file) if log_file else None
         self.proc: Optional[subprocess.Popen] = None
+        self.excluded: Sequence[str] = ()  # models not to load at start (the supervisor refused their files)
 
     @property
     def cmd(self) -> List[str]:
         """The command line (ports as they are now: a restart may move the HTTP port)."""
+        from .verify import model_dirs
+
+        load = ["*"] if not self.excluded else [m for m in model_dirs(self.repo) if m not in self.excluded]
         return [str(self.binary), f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
-                f"--metrics-port={self.metrics_port}", f"--http-address={self.http_address}", *self.fixed_args]
+                f"--metrics-port={self.metrics_port}", f"--http-address={self.http_address}", *self.fixed_args,
+                *(f"--load-model={m}" for m in load)]
 
     @property
     def http_url(self) -> str:

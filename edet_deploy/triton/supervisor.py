@@ -13,6 +13,10 @@ instance, named in their command line) every `poll` seconds and tells the front 
   as above;
 - a stub whose shared-memory region grew past a high-water mark (an oversized request is copied in before the
   model can refuse it, and the region never shrinks): its model's instances are replaced without downtime;
+- before any reload (of a model, or of the whole server): the model's files are checked against the repository's
+  manifest (`verify.model_problems`); a model whose files changed is not loaded: it and its ensembles stay down
+  (not ready) with one log line naming the file, and are loaded once the files check out again (re-signed or put
+  back; checked every `recheck` s);
 - tritonserver dead (any cause), an admin call failing, or a model needing more than `max_recoveries`
   recoveries within `recovery_window` s: tritonserver is (killed and) started again after a backoff that
   doubles from `backoff[0]` to `backoff[1]` s and resets once it has run `stable_after` s, for as long as
@@ -22,6 +26,7 @@ SIGTERM, SIGINT and SIGHUP stop `serve`: the front stops accepting and lets requ
 grace period, then tritonserver is stopped (see `TritonServer.stop`); it dies with `serve` (PR_SET_PDEATHSIG)."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -46,6 +51,7 @@ from ..log import logger
 from ..measure import free_port
 from .front import Front, ModelInfo, Upstream, repository_models
 from .server import TritonServer, check_port, port_in_use
+from .verify import drop_bytecode, model_problems, refusal
 
 
 class ServerLost(Exception):
@@ -144,7 +150,7 @@ class Supervisor:
                  load_timeout: float = 300.0, max_recoveries: int = 5, recovery_window: float = 300.0,
                  shm_high_water_mib: int = 128, backoff: Tuple[float, float] = (0.5, 30.0),
                  stable_after: float = 60.0, canary_interval: float = 2.0, canary_timeout: float = 7.0,
-                 on_event: Optional[Callable[[str], None]] = None):
+                 recheck: float = 5.0, on_event: Optional[Callable[[str], None]] = None):
         self.server = server
         self.upstream = upstream or Upstream(server.http_address, server.http_port, repository_models(server.repo))
         self.poll = poll
@@ -163,6 +169,8 @@ class Supervisor:
         self.generation = 0
         self.epoch = 0  # server starts: a canary verdict from an earlier server is void
         self.started_at = time.monotonic()
+        self.refused: Dict[str, str] = {}  # model -> why its files may not be loaded
+        self.recheck, self.rechecked = recheck, time.monotonic()
         self.hung: "SimpleQueue[Tuple[str, Optional[str], str]]" = SimpleQueue()  # (ensemble, instance, why)
         self.stop = threading.Event()
 
@@ -171,9 +179,9 @@ class Supervisor:
         expected: Dict[str, set] = defaultdict(set)
         for stub in stub_processes(self.server.proc.pid):
             expected[stub.model].add(stub.instance)
-        self.expected = dict(expected)
+        self.expected = {m: inst for m, inst in expected.items() if m not in self.refused}
         self.upstream.port = self.server.http_port
-        self.upstream.down = frozenset()
+        self.upstream.down = self._refused_closure()
         self.upstream.up = True
         return self.expected
 
@@ -194,6 +202,46 @@ class Supervisor:
             raise ServerLost(f"{what}: HTTP {status} {text.strip()}")
         return text
 
+    def _refused_closure(self) -> frozenset:
+        """The refused models and every ensemble running one: down until their files check out."""
+        return frozenset().union(*(self.upstream.dependents(m) for m in self.refused))
+
+    def _verified(self, model: str) -> bool:
+        """Check `model`'s files before (re)loading it; a failure refuses it (see `refuse`)."""
+        problem = model_problems(self.server.repo, [model]).get(model)
+        if problem:
+            self.refuse(model, problem)
+        else:
+            drop_bytecode(self.server.repo, [model])
+        return problem is None
+
+    def refuse(self, model: str, problem: str) -> None:
+        """Keep `model` and its ensembles down and unloaded, with one log line naming the file."""
+        if model not in self.refused:
+            self.on_event(f"model {model} is not loaded: {refusal(self.server.repo, problem)}")
+        self.refused[model] = problem
+        self.expected.pop(model, None)
+        self.upstream.down = self.upstream.down | self._refused_closure()
+        # Unloaded, so that Triton's own health (gRPC goes to it directly) says not ready, ensembles first.
+        for name in sorted(self.upstream.dependents(model), key=lambda m: m == model):
+            self._admin(f"cannot unload model {name}", f"/v2/repository/models/{name}/unload")
+
+    def readmit(self) -> None:
+        """Every `recheck` s: load the refused models whose files check out again, then their ensembles."""
+        if not self.refused or time.monotonic() - self.rechecked < self.recheck:
+            return
+        self.rechecked = time.monotonic()
+        problems = model_problems(self.server.repo, list(self.refused))
+        for model in [m for m in self.refused if m not in problems]:
+            del self.refused[model]
+            drop_bytecode(self.server.repo, [model])
+            self.on_event(f"model {model}'s files check out again; loading it")
+            self._admin(f"cannot load model {model}", f"/v2/repository/models/{model}/load")
+            for name in sorted(self.upstream.dependents(model) - {model} - self._refused_closure()):
+                self._admin(f"cannot load model {name}", f"/v2/repository/models/{name}/load")
+            self.expected[model] = {s.instance for s in stub_processes(self.server.proc.pid) if s.model == model}
+            self.upstream.down = (self.upstream.down - self.upstream.dependents(model)) | self._refused_closure()
+
     def _mark_down(self, models: Sequence[str]) -> frozenset:
         affected = frozenset().union(*(self.upstream.dependents(m) for m in models))
         self.upstream.down = self.upstream.down | affected  # a new set: the front reads it from another thread
@@ -208,6 +256,8 @@ class Supervisor:
                 raise ServerLost(f"model {model} lost a stub more than {self.max_recoveries} times within "
                                  f"{self.recovery_window:.0f} s")
             self.on_event(f"stub(s) {', '.join(dead)} of model {model} died; reloading {model}")
+            if not self._verified(model):
+                return time.monotonic() - t0
             self._admin(f"cannot unload model {model}", f"/v2/repository/models/{model}/unload")
             self._admin(f"cannot reload model {model}", f"/v2/repository/models/{model}/load")
             alive = {s.instance for s in stub_processes(self.server.proc.pid) if s.model == model}
@@ -217,7 +267,7 @@ class Supervisor:
             self.upstream.up = False
             raise
         finally:
-            self.upstream.down = self.upstream.down - affected
+            self.upstream.down = (self.upstream.down - affected) | self._refused_closure()
         self.expected[model] = alive
         seconds = time.monotonic() - t0
         self.recoveries.append({"model": model, "dead": list(dead), "seconds": round(seconds, 3)})
@@ -246,6 +296,12 @@ class Supervisor:
         self.server.stop()  # reaps what is left of its process group, removes its shared memory
         while not self.stop.wait(self.delay):
             self.delay = min(self.delay * 2, self.backoff[1])
+            problems = model_problems(self.server.repo)
+            for model in problems.keys() - self.refused.keys():
+                self.on_event(f"model {model} is not loaded: {refusal(self.server.repo, problems[model])}")
+            self.refused = problems
+            self.server.excluded = sorted(self._refused_closure())
+            drop_bytecode(self.server.repo)
             if port_in_use(self.server.http_address, self.server.http_port):  # taken meanwhile: the front follows
                 self.server.http_port = free_port()
             try:
@@ -286,6 +342,8 @@ class Supervisor:
         whose shared memory (and the server memory tied to their requests) goes with them."""
         t0 = time.monotonic()
         self.recycled.update(regions)  # the old stubs live on briefly: do not recycle them twice
+        if not self._verified(model):
+            return time.monotonic() - t0
         config = json.loads(self._admin(f"cannot read the config of model {model}", f"/v2/models/{model}/config",
                                         None))
         self.generation += 1
@@ -337,6 +395,7 @@ class Supervisor:
             self.kill_hung()
             for model, dead in self.missing().items():
                 self.recover(model, dead)
+            self.readmit()
             for model, regions in self.swollen().items():
                 self.recycle(model, regions)
         except ServerLost as e:
@@ -394,6 +453,58 @@ class Supervisor:
                 logger.exception("supervisor: unexpected error")
 
 
+# glibc's allocator for serve, tritonserver and the stubs: a burst of large request bodies (200 concurrent 24 MP
+# JPEGs) otherwise stays resident after it is over (the mmap threshold rises to the largest block freed, so
+# later large blocks come from heaps and arenas that are never given back): RSS stayed at 190% of its baseline
+# 60 s after such a burst; with these, 106% (up to ~220 MiB more when the burst makes the OpenVINO engine compile
+# new batch sizes, which it keeps: docs/serving.md). Fixed thresholds: blocks of 256 KiB and more are mmapped
+# and returned when freed.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 << 10), "MALLOC_TRIM_THRESHOLD_": str(1 << 20),
+              "MALLOC_ARENA_MAX": "2"}
+
+
+def return_freed_memory_to_the_os() -> None:
+    """The same allocator settings for this (already started) process, where glibc is there (mallopt)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+        libc.mallopt(M_MMAP_THRESHOLD, int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]))
+        libc.mallopt(M_TRIM_THRESHOLD, int(MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]))
+        libc.mallopt(M_ARENA_MAX, int(MALLOC_ENV["MALLOC_ARENA_MAX"]))
+    except (OSError, AttributeError):  # not glibc: its own defaults
+        pass
+
+
+def stop_server(server: TritonServer, settle: float = 2.0) -> Optional[int]:
+    """Stop tritonserver (SIGTERM: it refuses new requests, lets those in flight finish, then unloads every
+    model) and return its exit status. A model whose stub was killed and replaced leaves a version live in Triton
+    2.51 that never unloads, so the stop ran into the exit timeout (the whole grace period, status 1, "Exit
+    timeout expired"). Triton unloads models only once nothing is in flight: when some stubs have ended since
+    the SIGTERM and the rest have not changed for `settle` s, nothing is left to drain; the server is ended
+    then and the stop counts as clean (0)."""
+    proc = server.proc
+    if proc is None or proc.poll() is not None:
+        return server.stop()
+    before = {s.pid for s in stub_processes(proc.pid)}
+    proc.send_signal(signal.SIGTERM)
+    deadline, last, since = time.monotonic() + server.grace_period + 30, None, time.monotonic()
+    while proc.poll() is None and time.monotonic() < deadline:
+        now, alive = time.monotonic(), {s.pid for s in stub_processes(proc.pid)}
+        if alive != last:
+            last, since = alive, now
+        elif alive < before and now - since > settle:
+            logger.info("tritonserver has unloaded what it could (stubs left: %d); ending it", len(alive))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+            server.stop()  # reaps the group, removes the shared memory
+            return 0
+        time.sleep(0.05)
+    return server.stop()
+
+
 def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
           address: str = "127.0.0.1", log_file: Optional[str] = None, grace_period: float = 30.0,
           open_apis: Sequence[str] = (), force: bool = False, start_timeout: float = 300.0,
@@ -404,6 +515,9 @@ def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metric
     check_port("http", address, http_port)
     server = TritonServer(repo, free_port(), grpc_port, metrics_port, address, log_file=log_file,
                           grace_period=grace_period, open_apis=open_apis, force=force, http_address="127.0.0.1")
+    for key, value in MALLOC_ENV.items():
+        server.env.setdefault(key, value)  # tritonserver and, inheriting it, the stubs
+    return_freed_memory_to_the_os()
     upstream = Upstream(server.http_address, server.http_port, repository_models(repo))
     front = Front(upstream, address, http_port)  # binds now: the port is ours before Triton starts
     stop = threading.Event()
@@ -414,6 +528,7 @@ def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metric
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a closed terminal sends SIGHUP
         signal.signal(sig, on_signal)
     try:
+        drop_bytecode(repo)
         server.start(timeout=start_timeout)
         supervisor = Supervisor(server, upstream)
         supervisor.snapshot()
@@ -433,6 +548,6 @@ def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metric
         if left:
             logger.warning("%d request(s) still running after the %.0f s grace period", left, grace_period)
         front.close()  # its pooled connections too: tritonserver waits for every HTTP connection to close
-        status = server.stop()
+        status = stop_server(server)
         logger.info("stopped in %.1f s", time.monotonic() - t0)
     return 0 if status is None else (status if status >= 0 else 128 - status)

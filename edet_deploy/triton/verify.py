@@ -1,12 +1,16 @@
 """What makes a Triton repository ours and sound: every config parses as a `ModelConfig` and every ensemble's
 wiring checks out (`validate_repository`); every model directory holds only what the generator writes
-(`foreign_entries`); before serving, every engine's graph or plan is there and matches its metadata
-(`verify_served_repository`)."""
+(`foreign_entries`); every file of the model directories is what `triton-repo` wrote, by the checksums of the
+repository's manifest (`write_manifest`, `model_problems`), and every graph or plan has its metadata sidecar and
+matches it; `verify_served_repository` checks all of it before serving, `model_problems` again before each
+reload."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterable, List, Optional
 
+from ..contract import REPOSITORY_MANIFEST
 from ..errors import EdetError
 from .models import MODEL_MODULES, SHIM
 
@@ -69,6 +73,135 @@ def foreign_entries(repo: str | Path) -> List[str]:
     return found
 
 
+def manifest_path(repo: str | Path) -> Path:
+    return Path(repo) / REPOSITORY_MANIFEST
+
+
+def resign_hint(repo: str | Path) -> str:
+    """What a user who changed a file on purpose runs (in every refusal the manifest causes)."""
+    return f"if the change is intended, re-sign with `edet-deploy triton-repo --resign {repo}`"
+
+
+def model_dirs(repo: str | Path) -> List[str]:
+    return sorted(p.name for p in Path(repo).iterdir() if p.is_dir())
+
+
+def _model_files(repo: Path, model: str) -> Dict[str, Path]:
+    """Every file (or link) under a model directory but bytecode caches, by path relative to the repository."""
+    return {f.relative_to(repo).as_posix(): f for f in sorted((repo / model).rglob("*"))
+            if (f.is_file() or f.is_symlink()) and "__pycache__" not in f.parts}
+
+
+def drop_bytecode(repo: str | Path, models: Optional[Iterable[str]] = None) -> None:
+    """Remove the bytecode caches the stubs write beside model.py (Triton's stub writes them whatever the
+    environment says): a planted .pyc with the shim's mtime and size would run instead of the signed shim, so
+    none may be there when a model loads. Best effort (a read-only repository has none we could not write)."""
+    repo = Path(repo)
+    for model in model_dirs(repo) if models is None else models:
+        for cache in sorted((repo / model).rglob("__pycache__")):
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+def write_manifest(repo: str | Path) -> Path:
+    """Checksum every file of every model directory (bytecode caches aside) into the manifest (sha256sum
+    format)."""
+    from ..io import atomic_path, sha256_file
+
+    repo = Path(repo)
+    drop_bytecode(repo)
+    lines = []
+    for model in model_dirs(repo):
+        lines += [f"{sha256_file(path)}  {rel}\n" for rel, path in _model_files(repo, model).items()]
+    with atomic_path(manifest_path(repo)) as tmp:
+        tmp.write_text("".join(lines))
+    return manifest_path(repo)
+
+
+def read_manifest(repo: str | Path) -> Optional[Dict[str, str]]:
+    """The manifest as {relative path: sha256}; None when the repository has none."""
+    path = manifest_path(repo)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdetError(f"cannot read {path}: {e}") from None
+    entries = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64 or not rel:
+            raise EdetError(f"{path}:{n}: not a sha256sum line; {resign_hint(repo)}")
+        entries[rel] = digest
+    return entries
+
+
+def model_problems(repo: str | Path, models: Optional[Iterable[str]] = None) -> Dict[str, str]:
+    """Why each of `models` (default: every model directory) must not be loaded, by model, one line naming the
+    file: absent from the manifest, missing, changed, or a graph or plan without its matching sidecar."""
+    from ..io import sha256_file
+    from ..metadata import read_metadata, sidecar_path
+
+    repo = Path(repo)
+    try:
+        manifest, unreadable = read_manifest(repo), None
+    except EdetError as e:
+        manifest, unreadable = None, str(e).split("; ")[0]
+    problems: Dict[str, str] = {}
+    for model in model_dirs(repo) if models is None else models:
+        if manifest is None:
+            problems[model] = unreadable or f"{manifest_path(repo)} is missing"
+            continue
+        # A graph or plan first: it must have its sidecar (the copy inside a graph cannot vouch for the graph)
+        # and match it; then every file of the directory must be as the manifest says.
+        for artifact in sorted([*(repo / model).glob("*/model.onnx"), *(repo / model).glob("*/model.plan")]):
+            if not sidecar_path(artifact).is_file():
+                problems[model] = f"{artifact} has no metadata sidecar {sidecar_path(artifact).name}"
+                break
+            try:
+                read_metadata(artifact)  # verifies the checksum
+            except EdetError as e:
+                problems[model] = str(e)
+                break
+        listed = {rel: d for rel, d in manifest.items() if rel.split("/", 1)[0] == model}
+        present = _model_files(repo, model)
+        for rel in [] if model in problems else sorted(set(listed) | set(present)):
+            if rel not in present:
+                problems[model] = f"{repo / rel} is missing (the manifest lists it)"
+            elif rel not in listed:
+                problems[model] = f"{repo / rel} is not in the manifest {manifest_path(repo)}"
+            elif present[rel].is_symlink() or sha256_file(present[rel]) != listed[rel]:
+                problems[model] = f"{repo / rel} does not match its checksum in {manifest_path(repo)}"
+            if model in problems:
+                break
+    return problems
+
+
+def refusal(repo: str | Path, problem: str) -> str:
+    return f"{problem}; {resign_hint(repo)}"
+
+
+def resign_repository(repo: str | Path, force: bool = False) -> Path:
+    """`triton-repo --resign`: after an intended edit, check the repository as `serve` would (valid configs,
+    only our models and shims unless `force`, every graph with its matching sidecar) and write its manifest
+    anew. Returns the manifest's path."""
+    from ..metadata import read_metadata, sidecar_path
+
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise EdetError(f"{repo} is not a directory")
+    validate_repository(repo)
+    foreign = [] if force else foreign_entries(repo)
+    if foreign:
+        raise EdetError(f"{repo} holds what edet-deploy did not generate ({', '.join(foreign[:5])}"
+                        f"{' ...' if len(foreign) > 5 else ''}); regenerate it, or pass --force to sign it anyway")
+    for artifact in sorted([*repo.glob("*/*/model.onnx"), *repo.glob("*/*/model.plan")]):
+        if not sidecar_path(artifact).is_file():
+            raise EdetError(f"{artifact} has no metadata sidecar {sidecar_path(artifact).name}: copy it in with "
+                            f"its graph or regenerate the repository")
+        read_metadata(artifact)
+    return write_manifest(repo)
+
+
 def engine_artifacts(repo: str | Path) -> List[Path]:
     """The graph or plan each engine model of `repo` loads (present or not)."""
     paths = []
@@ -82,10 +215,8 @@ def engine_artifacts(repo: str | Path) -> List[Path]:
 
 def verify_served_repository(repo: str | Path, force: bool = False) -> None:
     """Before serving: every model is one we generated (unless `force`), every engine's graph or plan is there
-    (a repository written with --no-copy, or the committed model_repository before `make repo`, has none)
-    and matches the checksum in its metadata (always)."""
-    from ..metadata import read_metadata
-
+    (a repository written with --no-copy, or the committed model_repository before `make repo`, has none), every
+    file matches the manifest and every graph its sidecar (with `force`: the models the manifest names)."""
     repo = Path(repo)
     if not force:
         foreign = foreign_entries(repo)
@@ -97,9 +228,13 @@ def verify_served_repository(repo: str | Path, force: bool = False) -> None:
             source = "--target gpu --engine PLAN" if artifact.suffix == ".plan" else "--onnx GRAPH"
             make = "`make repo` or " if repo.resolve().name == "model_repository" else ""
             raise EdetError(f"{artifact} is missing: run {make}`edet-deploy triton-repo --out {repo} {source}`")
-    for artifact in sorted([*repo.glob("*/1/model.onnx"), *repo.glob("*/1/model.plan")]):
-        if artifact.with_suffix(".json").is_file():
-            read_metadata(artifact)  # verifies the checksum
+    models = None
+    if force:
+        manifest = read_manifest(repo) or {}
+        models = [m for m in model_dirs(repo) if any(rel.split("/", 1)[0] == m for rel in manifest)]
+    problems = model_problems(repo, models)
+    if problems:
+        raise EdetError(refusal(repo, next(iter(problems.values()))))
 
 
 def validate_repository(repo: str | Path) -> List[str]:
