@@ -31,8 +31,11 @@ SIGNATURE = {"boxes_ptr": "*fp32", "scores_ptr": "*fp32", "classes_ptr": "*i32",
 # CUDA 12.9 up to sm_90, 9.x from sm_100 on, from its CUDA 13 ptxas), which a driver or image of an older CUDA
 # refuses to load; the oldest ISA of the architecture loads on every CUDA that knows the GPU, so one PTX serves
 # TensorRT 10.13 (CUDA 12.0+) and 11.x (CUDA 13.0+). Architectures not listed keep Triton's choice.
-ARCH_PTX_ISA = {75: 63, 80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 101: 86, 103: 88, 110: 90, 120: 87,
-                121: 88}
+# Floor: Triton's code generation uses `::cta`-scoped operations, which need PTX ISA 7.8 (CUDA 11.8) whatever the
+# architecture (sm_80's own 7.0 makes ptxas refuse the kernel); 7.8 still loads on every CUDA 12 and 13.
+TRITON_MIN_PTX_ISA = 78
+ARCH_PTX_ISA = {arch: max(isa, TRITON_MIN_PTX_ISA) for arch, isa in {
+    75: 63, 80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 101: 86, 103: 88, 110: 90, 120: 87, 121: 88}.items()}
 
 
 def constexprs(settings, block: int, has_counts: bool = False) -> dict:

@@ -31,7 +31,9 @@ def test_models_and_help(capsys):
     assert "d7x" in capsys.readouterr().out
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["model"] for r in rows][-2:] == ["d7", "d7x"] and rows[0]["image_size"] == 512
+    from edet_deploy.configs import VARIANTS
+    assert [r["model"] for r in rows] == list(VARIANTS) and rows[0]["image_size"] == 512
+    assert {"d7x", "lite0", "lite3x"} <= {r["model"] for r in rows}
     assert rows[0]["coco_ap"] == 34.6
     with pytest.raises(SystemExit) as e:
         main(["detect", "--help"])

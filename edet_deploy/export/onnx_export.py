@@ -43,10 +43,11 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
     ckpt_meta = checkpoint_metadata(weights) if weights else {}
     if ckpt_meta.get("variant") and get_config(name).name != ckpt_meta["variant"]:
         raise EdetError(f"weights {weights} are for {ckpt_meta['variant']}, not {name}")
-    num_classes = num_classes or ckpt_meta.get("num_classes") or 90
+    # None: the weights' class head says (effdet .pth files carry no metadata), else 90 (create_model).
+    num_classes = num_classes or ckpt_meta.get("num_classes") or (None if weights else 90)
     image_size = image_size or ckpt_meta.get("image_size")
     class_names = list(class_names or ckpt_meta.get("class_names") or [])
-    if class_names and len(class_names) != num_classes:
+    if class_names and num_classes and len(class_names) != num_classes:
         raise EdetError(f"{len(class_names)} class names given for {num_classes} classes")
     if pre_nms_top_k > TRT_MAX_TOPK:
         raise EdetError(f"pre_nms_top_k {pre_nms_top_k} exceeds TensorRT's TopK limit {TRT_MAX_TOPK}")
@@ -63,6 +64,8 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
     bar.set_postfix_str("build model")
     model = create_model(name, num_classes=num_classes, weights=weights, image_size=image_size)
     cfg = model.config
+    if class_names and len(class_names) != cfg.num_classes:
+        raise EdetError(f"{len(class_names)} class names given for {cfg.num_classes} classes")
     graph = CandidateGraph(model, pre_nms_top_k).eval()
     size = cfg.image_size
     example = torch.zeros(batch if dynamic_batch is None else min(2, dynamic_batch), size, size, 3, dtype=torch.uint8)
