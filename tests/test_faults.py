@@ -512,30 +512,40 @@ import threading as _threading
 _Engine = TritonPythonModel
 
 
-class TritonPythonModel(_Engine):  # test only: the first request after {marker} appears never returns
-    def execute(self, requests):
+class TritonPythonModel(_Engine):  # test only: the first request after {marker} appears never returns,
+    def execute(self, requests):     # the first after {busy} appears computes for {busy_s} s first
+        try:
+            _os.unlink({busy!r})
+            _time = __import__("time")
+            _end = _time.monotonic() + {busy_s}
+            while _time.monotonic() < _end:
+                pass
+        except FileNotFoundError:
+            pass
         try:
             _os.unlink({marker!r})
         except FileNotFoundError:
             return super().execute(requests)
         _threading.Event().wait()  # a deadlock: the stub sleeps (state S), it is not stopped
 """
+BUSY_S = 8  # one slow inference (a large model on a CPU): longer than the canary's timeout
 
 
 def test_hung_engine_stub_not_stopped_is_detected_and_replaced(repo, tmp_path, picture):
     """An engine stub that stops answering while it looks alive (blocked forever in execute: /proc state S, not
     T; its health flag in shared memory stays fine): the supervisor's canary finds it, readiness goes non-200
-    within 10 s, and the service answers again within 30 s of that. The test repository's engine shim is
-    replaced with one that hangs on demand and re-signed (`triton-repo --resign`): the manifest stays enforced."""
+    within 10 s, and the service answers again within 30 s of that. An engine that computes for longer than the
+    canary waits is left alone. The test repository's engine shim is replaced with one that hangs or computes
+    on demand and re-signed (`triton-repo --resign`): the manifest stays enforced."""
     import shutil
 
     from edet_deploy.cli import main
 
     copy = tmp_path / "repo"
     shutil.copytree(repo, copy)
-    marker = tmp_path / "hang-next-request"
+    marker, busy = tmp_path / "hang-next-request", tmp_path / "compute-long-on-next-request"
     shim = copy / "efficientdet_d0_engine" / "1" / "model.py"
-    shim.write_text(shim.read_text() + HANG_SHIM.format(marker=str(marker)))
+    shim.write_text(shim.read_text() + HANG_SHIM.format(marker=str(marker), busy=str(busy), busy_s=BUSY_S))
     # Not our shim, so signed and served with --force: its files are still checked against the manifest.
     assert main(["triton-repo", "--force", "--resign", str(copy)]) == 0
     s = Serve(copy, tmp_path, extra=["--force"])
@@ -565,6 +575,21 @@ def test_hung_engine_stub_not_stopped_is_detected_and_replaced(repo, tmp_path, p
               f"again after {recovered and round(recovered, 2)} s more")
         assert recovered is not None and json.loads(body)["outputs"], (time.monotonic() - t1, body)
         assert gone([engine.pid], 10) == []
+        # Slow is not hung: an inference computing for BUSY_S s (no request completes meanwhile) is left alone.
+        _settled(s)
+        engine = _stub_of(s, "_engine")
+        busy.write_text("")
+        t0, codes = time.monotonic(), []
+        slow = threading.Thread(target=lambda: codes.append(infer(s.url, [picture], 120.0)[0]), daemon=True)
+        slow.start()
+        while slow.is_alive() and time.monotonic() - t0 < BUSY_S + 60:
+            codes.append(ready(s.url))
+            time.sleep(0.1)
+        slow.join(1)
+        print(f"engine computing {BUSY_S} s: answered {codes[-1]} after {time.monotonic() - t0:.1f} s, "
+              f"readiness {sorted(set(codes[:-1]))}")
+        assert not busy.exists() and codes[-1] == 200 and set(codes[:-1]) == {200}, codes
+        assert _stub_of(s, "_engine").pid == engine.pid
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(120) == 0
     finally:
