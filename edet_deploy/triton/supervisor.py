@@ -168,8 +168,7 @@ class Supervisor:
                  load_timeout: float = 300.0, max_recoveries: int = 5, recovery_window: float = 300.0,
                  shm_high_water_mib: int = 128, backoff: Tuple[float, float] = (0.5, 30.0),
                  stable_after: float = 60.0, canary_interval: float = 1.0, canary_timeout: float = 3.0,
-                 busy_cpu: float = 0.1,
-                 recheck: float = 5.0, on_event: Optional[Callable[[str], None]] = None):
+                 busy_cpu: float = 0.1, recheck: float = 5.0, on_event: Optional[Callable[[str], None]] = None):
         self.server = server
         self.upstream = upstream or Upstream(server.http_address, server.http_port, repository_models(server.repo))
         self.poll = poll
@@ -452,7 +451,8 @@ class Supervisor:
 
     def watch_canaries(self) -> None:
         """Until `stop`: every `canary_interval` s, when no request succeeded meanwhile, a canary through each
-        ensemble; a hung verdict goes to `hung` (a timeout counts only when no other request completed)."""
+        ensemble; a hung verdict goes to `hung` (a timeout counts only when no other request completed and the
+        members' stubs used under `busy_cpu` s of CPU meanwhile)."""
         requests = {n: r for n, info in self.upstream.models.items() if info.members
                     for r in [canary_request(info)] if r}
         while not self.stop.wait(self.canary_interval):
