@@ -27,7 +27,7 @@ from conftest import encode  # noqa: E402
 from edet_deploy.triton.repo import generate_repository  # noqa: E402
 from edet_deploy.measure import free_port  # noqa: E402
 from edet_deploy.triton.server import SHM_PREFIX  # noqa: E402
-from edet_deploy.triton.supervisor import child_processes, stub_processes  # noqa: E402
+from edet_deploy.triton.supervisor import _proc_state, child_processes, stub_processes  # noqa: E402
 
 pytestmark = pytest.mark.server  # every test here starts a real `serve`
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,22 +50,22 @@ def picture():
 class Serve:
     """`python -m edet_deploy serve` as a child process, as a user would run it."""
 
-    def __init__(self, repo, tmp, grace=30.0):
+    def __init__(self, repo, tmp, grace=30.0, extra=()):
         for attempt in range(3):  # a free port can be taken by another process before serve binds it
             try:
-                return self._start(repo, tmp, grace)
+                return self._start(repo, tmp, grace, list(extra))
             except AssertionError as e:
                 if "already in use" not in str(e) or attempt == 2:
                     raise
 
-    def _start(self, repo, tmp, grace):
+    def _start(self, repo, tmp, grace, extra):
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
         self.log = Path(tmp) / f"serve-{self.http}.log"
         self.stderr = open(Path(tmp) / f"serve-{self.http}.err", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edet_deploy", "serve", "--repo", str(repo), "--http-port", str(self.http),
              "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--log-file", str(self.log),
-             "--grace-period", str(grace)], cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+             "--grace-period", str(grace), *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         try:  # whatever fails from here on, nothing of this serve is left running
             deadline = time.monotonic() + START_TIMEOUT
             line = ""
@@ -428,6 +428,62 @@ def test_bracket_bomb_and_forged_shapes_refused_without_a_restart(served, pictur
     assert served.triton_pid() == server_pid and served.proc.poll() is None and ready(served.url) == 200
 
 
+FORGED_BATCHES = ([0, 1], [2**62, 1], [2**32, 1], [2, 1])  # with one image: Triton keeps 32 bits of the batch
+
+
+def _grpc_forged_shapes(served, picture, model):
+    """Send `model` one image under each forged shape and one good request over gRPC (straight to tritonserver,
+    no front); returns {shape: (gRPC status, message) or "OK <output shape>"} and checks the good one."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc}")
+
+    def request(shape):
+        image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[picture]], dtype=np.object_))
+        image.set_shape(shape)  # forged after the data was set: the client sends one element
+        return client.infer(model, [image], client_timeout=120)
+
+    answers = {}
+    try:
+        for shape in FORGED_BATCHES:
+            try:
+                result = request(shape)
+                answers[str(shape)] = f"OK {list(result.get_response().outputs[0].shape)}"
+            except grpcclient.InferenceServerException as e:
+                answers[str(shape)] = (e.status(), e.message()[:200])
+        good = request([1, 1])
+        assert good.get_response().outputs[0].shape[0] == 1
+    finally:
+        client.close()
+    print(f"\ngRPC {model}: {answers}")
+    return answers
+
+
+def test_forged_batch_over_grpc_refused_by_a_member_called_directly(served, picture):
+    """A member called directly over gRPC (no front) refuses a batch dimension that disagrees with what it
+    received: INVALID_ARGUMENT (Triton's own count check for [2, 1]; the preprocess model's check for the
+    batches Triton truncates to 0, which reach it without a batch dimension); a good request is answered."""
+    import grpc
+
+    server_pid = served.triton_pid()
+    answers = _grpc_forged_shapes(served, picture, "efficientdet_d0_preprocess")
+    assert all(a[0] == str(grpc.StatusCode.INVALID_ARGUMENT) for a in answers.values()), answers
+    assert served.triton_pid() == server_pid and served.proc.poll() is None and ready(served.url) == 200
+
+
+@pytest.mark.xfail(strict=True, reason="Triton 2.51 keeps 32 bits of an ensemble's batch dimension: [0, 1], "
+                   "[2^62, 1] and [2^32, 1] become batch 0 and each member receives a consistent [1, 1], so no "
+                   "member can refuse it; the answer is OK without the batch dimension (HTTP: the front refuses)")
+def test_forged_batch_over_grpc_refused_by_the_ensemble(served, picture):
+    import grpc
+
+    server_pid = served.triton_pid()
+    answers = _grpc_forged_shapes(served, picture, "efficientdet_d0")
+    assert served.triton_pid() == server_pid and served.proc.poll() is None and ready(served.url) == 200
+    assert all(a[0] == str(grpc.StatusCode.INVALID_ARGUMENT) for a in answers.values()), answers
+
+
 def test_stopped_engine_stub_is_detected_killed_and_recovered(served, picture):
     engine = next(s for s in served.stubs() if s.model.endswith("_engine"))
     os.kill(engine.pid, signal.SIGSTOP)
@@ -447,6 +503,97 @@ def test_stopped_engine_stub_is_detected_killed_and_recovered(served, picture):
         with contextlib.suppress(ProcessLookupError):
             os.kill(engine.pid, signal.SIGKILL)
     assert served.proc.poll() is None
+
+
+HANG_SHIM = """
+import os as _os
+import threading as _threading
+
+_Engine = TritonPythonModel
+
+
+class TritonPythonModel(_Engine):  # test only: the first request after {marker} appears never returns,
+    def execute(self, requests):     # the first after {busy} appears computes for {busy_s} s first
+        try:
+            _os.unlink({busy!r})
+            _time = __import__("time")
+            _end = _time.monotonic() + {busy_s}
+            while _time.monotonic() < _end:
+                pass
+        except FileNotFoundError:
+            pass
+        try:
+            _os.unlink({marker!r})
+        except FileNotFoundError:
+            return super().execute(requests)
+        _threading.Event().wait()  # a deadlock: the stub sleeps (state S), it is not stopped
+"""
+BUSY_S = 8  # one slow inference (a large model on a CPU): longer than the canary's timeout
+
+
+def test_hung_engine_stub_not_stopped_is_detected_and_replaced(repo, tmp_path, picture):
+    """An engine stub that stops answering while it looks alive (blocked forever in execute: /proc state S, not
+    T; its health flag in shared memory stays fine): the supervisor's canary finds it, readiness goes non-200
+    within 10 s, and the service answers again within 30 s of that. An engine that computes for longer than the
+    canary waits is left alone. The test repository's engine shim is replaced with one that hangs or computes
+    on demand and re-signed (`triton-repo --resign`): the manifest stays enforced."""
+    import shutil
+
+    from edet_deploy.cli import main
+
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    marker, busy = tmp_path / "hang-next-request", tmp_path / "compute-long-on-next-request"
+    shim = copy / "efficientdet_d0_engine" / "1" / "model.py"
+    shim.write_text(shim.read_text() + HANG_SHIM.format(marker=str(marker), busy=str(busy), busy_s=BUSY_S))
+    # Not our shim, so signed and served with --force: its files are still checked against the manifest.
+    assert main(["triton-repo", "--force", "--resign", str(copy)]) == 0
+    s = Serve(copy, tmp_path, extra=["--force"])
+    try:
+        assert infer(s.url, [picture])[0] == 200
+        engine = _stub_of(s, "_engine")
+        marker.write_text("")
+        hung = threading.Thread(target=infer, args=(s.url, [picture], 120.0), daemon=True)
+        t0 = time.monotonic()
+        hung.start()
+        not_ready_after, states = None, set()
+        while time.monotonic() - t0 < 10 and not_ready_after is None:
+            if marker.exists():  # not taken yet: the request has not reached the engine
+                t0 = time.monotonic()
+            else:
+                states.add(_proc_state(engine.pid))
+            if ready(s.url) != 200:
+                not_ready_after = time.monotonic() - t0
+            time.sleep(0.05)
+        assert not marker.exists(), "the request never reached the engine"
+        assert states & {"S", "R"} and not states & {"T", "t"}, states  # hung, not stopped
+        assert not_ready_after is not None, "readiness stayed 200 for 10 s with the engine stub hung"
+        assert http(s.url, "/v2/models/efficientdet_d0/ready", timeout=2.0)[0] != 200 or ready(s.url) == 200
+        t1 = time.monotonic()
+        seen_not_ready, recovered, body = await_recovery(s.url, picture, 30, 0.1)
+        print(f"\nengine stub hung (state {sorted(states)}): not ready after {not_ready_after:.2f} s, answering "
+              f"again after {recovered and round(recovered, 2)} s more")
+        assert recovered is not None and json.loads(body)["outputs"], (time.monotonic() - t1, body)
+        assert gone([engine.pid], 10) == []
+        # Slow is not hung: an inference computing for BUSY_S s (no request completes meanwhile) is left alone.
+        _settled(s)
+        engine = _stub_of(s, "_engine")
+        busy.write_text("")
+        t0, codes = time.monotonic(), []
+        slow = threading.Thread(target=lambda: codes.append(infer(s.url, [picture], 120.0)[0]), daemon=True)
+        slow.start()
+        while slow.is_alive() and time.monotonic() - t0 < BUSY_S + 60:
+            codes.append(ready(s.url))
+            time.sleep(0.1)
+        slow.join(1)
+        print(f"engine computing {BUSY_S} s: answered {codes[-1]} after {time.monotonic() - t0:.1f} s, "
+              f"readiness {sorted(set(codes[:-1]))}")
+        assert not busy.exists() and codes[-1] == 200 and set(codes[:-1]) == {200}, codes
+        assert _stub_of(s, "_engine").pid == engine.pid
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(120) == 0
+    finally:
+        s.kill()
 
 
 def test_no_404_while_a_stub_is_recovered_under_load(served, picture):

@@ -9,8 +9,9 @@ instance, named in their command line) every `poll` seconds and tells the front 
   their requests with 503 + Retry-After), the model is unloaded and loaded again through the model-repository
   API (explicit model control, restricted to our admin key), then marked up;
 - a stub stopped (/proc state T) or hung (a canary request through each ensemble, sent only when no request has
-  succeeded lately, fails with "is not healthy", or times out while no other request completed): SIGKILL, then
-  as above;
+  succeeded lately, fails with "is not healthy", or times out, in the canary or in a member's queue, while no
+  other request completed and the members' stubs used almost no CPU: a deadlocked stub sleeps in state S and
+  looks healthy to Triton, a slow one computes): SIGKILL, then as above;
 - a stub whose shared-memory region grew past a high-water mark (an oversized request is copied in before the
   model can refuse it, and the region never shrinks): its model's instances are replaced without downtime;
 - before any reload (of a model, or of the whole server): the model's files are checked against the repository's
@@ -75,6 +76,19 @@ def _proc_state(pid: int) -> Optional[str]:
         return None
 
 
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU time (user + system) the processes `pids` have used so far; gone ones count 0."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _ppid(pid: int) -> Optional[int]:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -116,6 +130,10 @@ def stub_processes(server_pid: int) -> List[Stub]:
 
 
 UNHEALTHY_STUB = re.compile(r"Stub process '([^']+)' is not healthy")
+# A canary that waited out a member's queue timeout (the engine's default_timeout_microseconds, 5 s) behind a
+# stub that never returns from execute (a deadlock: the stub sleeps, its health flag stays fine): Triton answers
+# 503 with this before the canary's own timeout.
+QUEUE_TIMEOUT = re.compile(r"Request timeout expired")
 
 
 def canary_request(info: ModelInfo) -> Optional[Tuple[bytes, int]]:
@@ -149,8 +167,8 @@ class Supervisor:
     def __init__(self, server: TritonServer, upstream: Optional[Upstream] = None, poll: float = 0.25,
                  load_timeout: float = 300.0, max_recoveries: int = 5, recovery_window: float = 300.0,
                  shm_high_water_mib: int = 128, backoff: Tuple[float, float] = (0.5, 30.0),
-                 stable_after: float = 60.0, canary_interval: float = 2.0, canary_timeout: float = 7.0,
-                 recheck: float = 5.0, on_event: Optional[Callable[[str], None]] = None):
+                 stable_after: float = 60.0, canary_interval: float = 1.0, canary_timeout: float = 3.0,
+                 busy_cpu: float = 0.1, recheck: float = 5.0, on_event: Optional[Callable[[str], None]] = None):
         self.server = server
         self.upstream = upstream or Upstream(server.http_address, server.http_port, repository_models(server.repo))
         self.poll = poll
@@ -159,6 +177,8 @@ class Supervisor:
         self.recovery_window = recovery_window
         self.backoff, self.delay, self.stable_after = backoff, backoff[0], stable_after
         self.canary_interval, self.canary_timeout = canary_interval, canary_timeout
+        # A canary that timed out while the ensemble's stubs used this much CPU met a slow model, not a hung one.
+        self.busy_cpu = busy_cpu
         self.on_event = on_event or (lambda msg: logger.warning("%s", msg))
         self.expected: Dict[str, set] = {}  # model -> instance names that must have a live stub
         self.history: Dict[str, Deque[float]] = defaultdict(deque)
@@ -413,16 +433,26 @@ class Supervisor:
                 r.read()
             return None
         except urllib.error.HTTPError as e:
-            found = UNHEALTHY_STUB.search(e.read().decode(errors="replace"))
-            return ("unhealthy", found.group(1)) if found else None
+            text = e.read().decode(errors="replace")
+            found = UNHEALTHY_STUB.search(text)
+            if found:
+                return ("unhealthy", found.group(1))
+            return ("timeout", None) if QUEUE_TIMEOUT.search(text) else None
         except TimeoutError:
             return ("timeout", None)
         except (OSError, http.client.HTTPException) as e:
             return ("timeout", None) if isinstance(getattr(e, "reason", None), TimeoutError) else None
 
+    def _members_cpu(self, ensemble: str) -> float:
+        """CPU seconds used so far by the stubs of `ensemble`'s members: a deadlocked stub uses none, a busy one
+        (a large model on a CPU, seconds per batch) a core or more."""
+        members = self.upstream.dependencies(ensemble)
+        return _cpu_seconds([s.pid for s in stub_processes(self.server.proc.pid) if s.model in members])
+
     def watch_canaries(self) -> None:
         """Until `stop`: every `canary_interval` s, when no request succeeded meanwhile, a canary through each
-        ensemble; a hung verdict goes to `hung` (a timeout counts only when no other request completed)."""
+        ensemble; a hung verdict goes to `hung` (a timeout counts only when no other request completed and the
+        members' stubs used under `busy_cpu` s of CPU meanwhile)."""
         requests = {n: r for n, info in self.upstream.models.items() if info.members
                     for r in [canary_request(info)] if r}
         while not self.stop.wait(self.canary_interval):
@@ -431,13 +461,15 @@ class Supervisor:
                         or time.monotonic() - self.upstream.last_success < self.canary_interval):
                     continue
                 epoch, completed = self.epoch, self.upstream.completed
+                cpu = self._members_cpu(name)
                 verdict = self.canary(name, request)
                 if verdict is None or epoch != self.epoch or not self.upstream.model_ready(name):
                     continue
-                if verdict[0] == "timeout" and self.upstream.completed != completed:
-                    continue  # slow under load, not hung
+                if verdict[0] == "timeout" and (self.upstream.completed != completed
+                                                or self._members_cpu(name) - cpu >= self.busy_cpu):
+                    continue  # slow under load, or one long inference: working, not hung
                 why = ("not healthy (canary)" if verdict[0] == "unhealthy"
-                       else f"not answering (canary timed out after {self.canary_timeout:.0f} s)")
+                       else f"not answering (a canary timed out, within {self.canary_timeout:.0f} s)")
                 self.hung.put((name, verdict[1], why))
 
     def run(self, stop: threading.Event) -> None:
