@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from edet_deploy.configs import get_config
 from edet_deploy.data import CocoDataset, generate_shapes
 from edet_deploy.detector import Detector
 from edet_deploy.eval import evaluate
@@ -35,17 +36,22 @@ def weights_of(model: str) -> Path:
 
 
 def model_graphs(model: str, args, work: Path) -> tuple:
-    """(graphs by row name, sensitivity report or None) of one model: FP32, FP16, the default INT8 (entropy,
-    equalized, refined) and, unless --quick, the ablations, the other methods and the sensitivity exclusions."""
+    """(graphs by row name, sensitivity report or None) of one model: FP32, FP16, INT8 entropy and minmax
+    (equalized, refined; the variant's method marked default) and, unless --quick, the ablations, the other methods and the sensitivity exclusions."""
     fp32 = graph_for(model, "fp32", work, weights=str(weights_of(model)), reuse=False)
     graphs = {"fp32": fp32, "fp16": graph_for(model, "fp16", work, data=args.data, reuse=False)}
 
     def int8(**kw) -> Path:
         return graph_for(model, "int8", work, data=args.data, num_images=args.calib_images, reuse=False, **kw)
 
-    graphs["int8 entropy (default)"] = int8(method="entropy")
+    default = get_config(model).calib_method  # what `calibrate` uses unless told
+
+    def label(method: str) -> str:
+        return f"int8 {method}" + (" (default)" if method == default else "")
+
+    graphs[label("entropy")] = int8(method="entropy")
     if args.quick:
-        graphs["int8 minmax"] = int8(method="minmax")
+        graphs[label("minmax")] = int8(method="minmax")
         return graphs, None
     t = time.perf_counter()
     sens = sensitivity_sweep(fp32, args.data, Int8Options(num_images=args.calib_images, method="entropy"),
@@ -56,7 +62,7 @@ def model_graphs(model: str, args, work: Path) -> tuple:
     graphs["int8 entropy, not equalized"] = int8(method="entropy", tag="-noeq", equalize=False)
     graphs["int8 entropy, not refined"] = int8(method="entropy", tag="-noref", refine=False)
     for method in ("percentile", "minmax"):
-        graphs[f"int8 {method}"] = int8(method=method)
+        graphs[label(method)] = int8(method=method)
     for method in ("entropy", "percentile", "minmax"):
         graphs[f"int8 {method} + sensitivity"] = int8(method=method, exclude=sens["exclude_patterns"], tag="-sens")
     return graphs, sens
