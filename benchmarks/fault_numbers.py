@@ -17,6 +17,7 @@ import collections
 import contextlib
 import json
 import math
+import re
 import os
 import shutil
 import signal
@@ -65,7 +66,7 @@ H: "Helpers" = None  # type: ignore[assignment]  # set by main(), after argument
 
 # ---------------------------------------------------------------- processes -------------------------------------
 class Watch:
-    """Samples, every 0.5 s, readiness and serve's tritonserver pid; remembers every process of serve's tree it
+    """Samples, every 0.5 s, readiness and serve's tritonserver pid(s); remembers every process of serve's tree it
     saw (pid -> argv), so that cleanup can kill an orphan a dying serve left behind."""
 
     def __init__(self, serve, seen: Dict[int, bytes]) -> None:
@@ -89,18 +90,21 @@ class Watch:
         self._stop.set()
         self._t.join(10)
 
-    def pids(self, since: float = 0.0) -> List[int]:
-        return sorted({p for t, _, ps in self.samples if t >= since for p in ps})
-
-    def restarts(self, since: float = 0.0) -> int:
-        return max(0, len(self.pids(since)) - 1)
-
 
 def _argv(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def log_events(serve) -> Dict[str, int]:
+    """tritonserver restarts begun by serve's supervisor (both sides log "...; restarting it") and tritonserver
+    crashes by signal (Triton logs "Signal (N) received." for SIGSEGV/SIGABRT, 15 and 2 are stops), from serve's
+    log file: a restart can fall between two /proc samples."""
+    text = serve.log.read_text(errors="replace") if serve.log.exists() else ""
+    return {"tritonserver_restarts": text.count("; restarting it"),
+            "tritonserver_crash_signals": len(re.findall(r"^Signal \((?!15\)|2\))\d+\) received", text, re.M))}
 
 
 def kill_leftovers(seen: Dict[int, bytes]) -> List[int]:
@@ -274,8 +278,7 @@ def attack_sigstop(serve, picture: bytes, watch: Watch) -> Dict:
             "requests_from_stop": len(after), "failed": len(fails), "statuses": counts(after),
             "slowest_request_s": round(max((r[1] - r[0] for r in after), default=0), 1),
             "recovered_s_after_stop": recovered, "answering_s_after_sigcont": back,
-            "serve_alive": serve.proc.poll() is None, "serve_exit": serve.proc.poll(),
-            "tritonserver_restarts": watch.restarts(t_stop)}
+            "serve_alive": serve.proc.poll() is None, "serve_exit": serve.proc.poll()}
 
 
 def attack_bracket(serve, picture: bytes, watch: Watch) -> Dict:
@@ -291,8 +294,7 @@ def attack_bracket(serve, picture: bytes, watch: Watch) -> Dict:
     time.sleep(2)
     recs = [r for r in load.halt() if r[0] >= t0]
     return {"bomb_answers": [str(a) for a in answers], "serve_alive": serve.proc.poll() is None,
-            "serve_exit": serve.proc.poll(), "tritonserver_restarts": watch.restarts(t0),
-            "tritonserver_pids": watch.pids(t0),
+            "serve_exit": serve.proc.poll(),
             "good": len(recs), "good_failed": failed(recs), "good_statuses": counts(recs),
             "answering_again_s": back}
 
@@ -424,9 +426,10 @@ def run_side(name: str, code: Path, work: Path, picture: bytes, burst: int, log:
         for key, step in steps:
             s, w = fresh(s, w)
             log(f"{name}: {key}")
+            e0 = log_events(s)
             with CpuPressure() as p:
                 res[key] = step()
-            res[key]["cpu_psi_pct"] = p.pct
+            res[key].update({k: v - e0[k] for k, v in log_events(s).items()}, cpu_psi_pct=p.pct)
             log(f"{name}: {key}: {res[key]}")
         w.stop()
         s.kill()
@@ -453,13 +456,14 @@ def _fmt(d: Dict) -> str:
 ROWS = [
     ("bracket bomb: 2 bodies of 10^6 '[' + 10^6 ']' 4 s apart, 2 good clients", "bracket",
      lambda r: f"bomb answers {r['bomb_answers']}; serve {'alive' if r['serve_alive'] else 'EXITED ' + str(r['serve_exit'])}; "
-               f"tritonserver restarts {r['tritonserver_restarts']}; good failed {r['good_failed']}/{r['good']} "
+               f"tritonserver crashes {r['tritonserver_crash_signals']}, restarts {r['tritonserver_restarts']}; good failed {r['good_failed']}/{r['good']} "
                f"({_fmt(r['good_statuses'])}); answering again after {r['answering_again_s']} s"),
     (f"SIGSTOP engine stub {STOP_S:.0f} s under 3 clients", "sigstop",
      lambda r: f"readiness during stop {_fmt(r['readiness_during_stop'])} (first non-200 at {r['first_not_ready_s']} s); "
                f"failed {r['failed']}/{r['requests_from_stop']} ({_fmt(r['statuses'])}); recovered "
                f"{r['recovered_s_after_stop']} s after SIGSTOP, answering {r['answering_s_after_sigcont']} s after "
-               f"SIGCONT; serve {'alive' if r['serve_alive'] else 'EXITED ' + str(r['serve_exit'])}"),
+               f"SIGCONT; tritonserver crashes {r['tritonserver_crash_signals']}, restarts {r['tritonserver_restarts']}; serve "
+               f"{'alive' if r['serve_alive'] else 'EXITED ' + str(r['serve_exit'])}"),
     (f"poison BYTES (prefix 0xffffffff) from 2 clients beside 2 good, {POISON_S:.0f} s", "poison",
      lambda r: f"good failed {r['good_failed']}/{r['good']} = {r['good_failed_pct']}% ({_fmt(r['good_statuses'])}); "
                f"poison answered {_fmt(r['poison_statuses'])}"),
@@ -502,7 +506,10 @@ def markdown(report: Dict) -> str:
         f"Scaled down from the issue's table to fit ~15 min on 2 loaded cores: {report['burst']} concurrent JPEGs "
         f"(not 200), SIGSTOP {STOP_S:.0f} s under 3 clients, poison from 2 clients beside 2 good ones for "
         f"{POISON_S:.0f} s, two bracket bodies. When an attack ended `serve` (or left it unable to answer within "
-        "60 s), the benchmark started a fresh one for the next attack; that count is the last row.",
+        "60 s), the benchmark started a fresh one for the next attack; that count is the last row. Clients send "
+        "their next request as soon as an answer comes (0.2 s after a refused connection), so fast 503s add up "
+        "to large counts. tritonserver crashes: \"Signal (N) received\" in its log (a SIGSEGV may not log it); "
+        "restarts: serve's supervisor's \"restarting it\" lines.",
         "",
         "| attack | before | after |",
         "|---|---|---|",
@@ -514,8 +521,8 @@ def markdown(report: Dict) -> str:
             r = sides.get(side, {}).get(key)
             cells.append("not measured" if r is None else f"{fmt(r)} (PSI {r.get('cpu_psi_pct')}%)")
         lines.append(f"| {title} | {cells[0]} | {cells[1]} |")
-    lines.append("| serves the benchmark had to start (fresh one after an attack ended serve) / orphans killed at "
-                 "cleanup | " + " | ".join(
+    lines.append("| serves the benchmark started (2 planned: the attacks' and the tamper one; more: a fresh one after an "
+                 "attack left serve dead or not answering) / processes of a serve's tree still alive at cleanup | " + " | ".join(
                      f"{sides[s]['benchmark_started_serve']} / {sides[s]['orphans_killed_at_cleanup']}"
                      if s in sides else "-" for s in ("before", "after")) + " |")
     lines += ["", "Raw numbers: [fault_numbers.json](fault_numbers.json). What serve does about each attack: "
