@@ -9,16 +9,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from edet_deploy.triton.supervisor import child_processes
+
 def tree(pid):
+    """pid and its live descendants (supervisor.child_processes: /proc, zombies left out)."""
     out, frontier = [], [pid]
     while frontier:
         p = frontier.pop(); out.append(p)
-        for e in Path("/proc").iterdir():
-            if e.name.isdigit():
-                try:
-                    st = (e / "stat").read_text().rsplit(")", 1)[1].split()
-                    if int(st[1]) == p and st[0] not in "ZX": frontier.append(int(e.name))
-                except (OSError, ValueError): pass
+        frontier.extend(child for child, _ in child_processes(p))
     return out
 
 def rss(pid):
