@@ -104,7 +104,8 @@ def member_names(name: str) -> Tuple[str, str, str]:
 # `sha256sum -c` checks it too; `serve` checks it at start and before every reload.
 REPOSITORY_MANIFEST = "edet_manifest.sha256"
 
-# Triton wire names: the ensemble's image input (BYTES [1] encoded, UINT8 [H, W, 3] decoded); what the
+# Triton wire names: the ensemble's image input (per image BYTES [1] encoded, UINT8 [H, W, 3] decoded; the
+# ensemble names the batch first: [-1, 1], [-1, -1, -1, 3], see triton/configs.ENSEMBLE_MAX_BATCH_SIZE); what the
 # preprocess model hands on beside the graph input (INPUT_NAME): the letterbox scale and the original
 # (height, width); the engine's outputs renamed on their way to the postprocess model; the labels that
 # model adds to the graph outputs when the repository has class names, which are also the ensemble config's

@@ -472,16 +472,32 @@ def test_forged_batch_over_grpc_refused_by_a_member_called_directly(served, pict
     assert served.triton_pid() == server_pid and served.proc.poll() is None and ready(served.url) == 200
 
 
-@pytest.mark.xfail(strict=True, reason="Triton 2.51 keeps 32 bits of an ensemble's batch dimension: [0, 1], "
-                   "[2^62, 1] and [2^32, 1] become batch 0 and each member receives a consistent [1, 1], so no "
-                   "member can refuse it; the answer is OK without the batch dimension (HTTP: the front refuses)")
 def test_forged_batch_over_grpc_refused_by_the_ensemble(served, picture):
+    """The ensemble over gRPC (no front) refuses every forged batch: INVALID_ARGUMENT. Triton 2.51 keeps 32 bits
+    of a batching ensemble's batch dimension, so [0, 1], [2^32, 1] and [2^62, 1] became batch 0 and were
+    answered OK without the batch dimension; the generated ensemble declares max_batch_size 0 with the batch as
+    its first dim (configs.ENSEMBLE_MAX_BATCH_SIZE), so Triton counts the elements against the full 64-bit shape
+    and refuses the request itself ("expected 4294967296 string elements ... for model 'efficientdet_d0'")."""
     import grpc
+    import tritonclient.grpc as grpcclient
 
     server_pid = served.triton_pid()
     answers = _grpc_forged_shapes(served, picture, "efficientdet_d0")
-    assert served.triton_pid() == server_pid and served.proc.poll() is None and ready(served.url) == 200
     assert all(a[0] == str(grpc.StatusCode.INVALID_ARGUMENT) for a in answers.values()), answers
+    # A real batch above the members' max_batch_size 8 (the ensemble itself declares none) is the request's
+    # fault on both ports: the front's 400 over HTTP, the preprocess member's INVALID_ARGUMENT over gRPC.
+    status, body = infer(served.url, [picture] * 9)
+    assert status == 400 and b"batch 9" in body, (status, body[:200])
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc}")
+    try:
+        image = grpcclient.InferInput("IMAGE", [9, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[picture]] * 9, dtype=np.object_))
+        with pytest.raises(grpcclient.InferenceServerException) as refused:
+            client.infer("efficientdet_d0", [image], client_timeout=120)
+    finally:
+        client.close()
+    assert refused.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT), refused.value
+    assert served.triton_pid() == server_pid and served.proc.poll() is None and ready(served.url) == 200
 
 
 def test_stopped_engine_stub_is_detected_killed_and_recovered(served, picture):

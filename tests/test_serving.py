@@ -193,15 +193,17 @@ def test_decoded_batch_of_one_size_and_bad_arrays(served):
 
 
 def _tensor_from_perf_input(entry: dict, input_format: str):
-    """Read one perf_analyzer input entry as perf_analyzer documents it: base64 content, explicit shape;
-    BYTES elements are a 4-byte little-endian length followed by the bytes."""
+    """Read one perf_analyzer input entry as perf_analyzer documents it: base64 content, explicit shape (the
+    full shape, batch 1 first: the ensemble declares max_batch_size 0); BYTES elements are a 4-byte
+    little-endian length followed by the bytes."""
     raw = base64.b64decode(entry["IMAGE"]["content"]["b64"])
     shape = entry["IMAGE"]["shape"]
+    assert shape[0] == 1, shape
     if input_format == "encoded":
         n = int.from_bytes(raw[:4], "little")
-        assert shape == [1] and len(raw) == 4 + n
+        assert shape == [1, 1] and len(raw) == 4 + n
         return raw[4:]
-    return np.frombuffer(raw, np.uint8).reshape(shape)
+    return np.frombuffer(raw, np.uint8).reshape(shape)[0]
 
 
 def test_perf_analyzer_input_and_model_analyzer_config(served, graph):
@@ -239,6 +241,53 @@ def test_batching_defaults(graph, tmp_path):
         # (test_faults.py::test_a_malformed_request_fails_alone).
         assert not configs["efficientdet_d0_preprocess"].HasField("dynamic_batching")
     assert perf_input_path(ROOT / "model_repository", "efficientdet_d0").is_file()
+
+
+def test_ensemble_names_its_batch_and_readers_follow(graph, tmp_path):
+    """The ensembles declare max_batch_size 0 with the batch as their first dim (IMAGE [-1, 1] / [-1, -1, -1, 3],
+    outputs [-1, ...]; configs.ENSEMBLE_MAX_BATCH_SIZE), the members batch: the validator takes that wiring, the
+    front and the canary read the members' bound (8) and the dims without the batch, and the validator still
+    refuses a batch above a member's and dims that disagree."""
+    from edet_deploy.triton.front import check_inference, repository_models
+    from edet_deploy.triton.supervisor import canary_request
+    from edet_deploy.triton.verify import batch_bound
+
+    repo = generate_repository(tmp_path / "r", variant="d0", onnx=str(graph), copy_artifact=False,
+                               input_formats=("encoded", "decoded"))
+    configs = load_configs(repo)
+    for name, dims in (("efficientdet_d0", [-1, 1]), ("efficientdet_d0_decoded", [-1, -1, -1, 3])):
+        ens = configs[name]
+        assert ens.max_batch_size == 0 and list(ens.input[0].dims) == dims
+        assert all(o.dims[0] == -1 for o in ens.output)
+        assert batch_bound(ens, configs) == (8, True)
+    assert batch_bound(configs["efficientdet_d0_engine"], configs) == (8, False)
+    models = repository_models(repo)
+    assert models["efficientdet_d0"].max_batch_size == 8 and models["efficientdet_d0"].inputs == (
+        ("IMAGE", "BYTES", (1,)),)
+    assert models["efficientdet_d0_decoded"].inputs == (("IMAGE", "UINT8", (-1, -1, 3)),)
+    body, n = canary_request(models["efficientdet_d0"])
+    assert json.loads(body[:n])["inputs"][0]["shape"] == [1, 1]
+    body, n = canary_request(models["efficientdet_d0_decoded"])
+    assert json.loads(body[:n])["inputs"][0]["shape"] == [1, 16, 16, 3]
+
+    def request(batch):
+        return {"inputs": [{"name": "IMAGE", "shape": [batch, 1], "datatype": "BYTES",
+                            "parameters": {"binary_data_size": 5 * batch}}]}
+
+    bound = models["efficientdet_d0"].max_batch_size
+    assert check_inference(request(8), 40, bound) is None
+    assert "batch 9" in check_inference(request(9), 45, bound)
+    # The validator: a fixed batch dim above a member's max_batch_size, and dims that disagree with a member's.
+    path = repo / "efficientdet_d0" / "config.pbtxt"
+    text = path.read_text()
+    path.write_text(text.replace("dims: -1\n  dims: 1\n}", "dims: 16\n  dims: 1\n}", 1))
+    with pytest.raises(EdetError, match="batch dim 16 exceeds efficientdet_d0_preprocess's max_batch_size 8"):
+        validate_repository(repo)
+    path.write_text(text.replace("dims: -1\n  dims: 1\n}", "dims: 1\n}", 1))  # the old, batching-less dims
+    with pytest.raises(EdetError, match=r"'IMAGE' is TYPE_STRING\[1\] but efficientdet_d0_preprocess.IMAGE wants"):
+        validate_repository(repo)
+    path.write_text(text)
+    assert "efficientdet_d0" in validate_repository(repo)
 
 
 # --- the plan and the server agree on TensorRT -------------------------------------------------------------

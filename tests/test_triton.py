@@ -83,6 +83,30 @@ def test_http_and_grpc_match_in_process(served, pictures):
         _assert_same_as_local(remote, local + local)
 
 
+def test_batches_up_to_the_members_bound_equal_single_requests(served, pictures):
+    """The ensemble declares max_batch_size 0 and names its batch first (IMAGE [-1, 1] in its metadata;
+    configs.ENSEMBLE_MAX_BATCH_SIZE), the members batch: a request of 2..8 images still gives, per image, the
+    detections of one request each, over HTTP and gRPC; 9 images (above the members' max_batch_size 8) are the
+    request's fault (400 / INVALID_ARGUMENT from the preprocess member), not the server's (500)."""
+    from edet_deploy.errors import EdetRuntimeError
+
+    server, _ = served
+    images = [pictures[i % len(pictures)] for i in range(9)]
+    for url, proto in ((server.http_url, "http"), (server.grpc_url, "grpc")):
+        client = TritonDetectorClient(url, "efficientdet_d0", proto)
+        meta = client.client.get_model_metadata("efficientdet_d0")
+        shape = meta["inputs"][0]["shape"] if proto == "http" else list(meta.inputs[0].shape)
+        assert [int(d) for d in shape] == [-1, 1], meta
+        singles = [client.detect([p])[0] for p in pictures]
+        for b in (2, 5, 8):
+            _assert_same_as_local(client.detect(images[:b]), [singles[i % len(pictures)] for i in range(b)])
+        with pytest.raises(EdetError, match="batch") as refused:
+            client.detect(images)
+        assert not isinstance(refused.value, EdetRuntimeError), refused.value
+        print(f"\n{proto}, batch of 9: {refused.value}")
+        client.close()
+
+
 def test_locked_down_server_labels_come_with_each_response(served, pictures):
     """The config API is closed (the default): the client learns no class names at construction, and labels
     each detection from the labels its response carries."""

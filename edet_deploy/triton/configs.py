@@ -29,6 +29,15 @@ ENGINE_QUEUE_DELAY_US = {"cpu": 0, "gpu": 2000}
 # size bound (16 at max batch 8) leaves the test suite's 16-client loops alone.
 ENGINE_QUEUE_BATCHES = 2
 ENGINE_QUEUE_TIMEOUT_US = {"cpu": 5_000_000, "gpu": 500_000}
+# The ensemble declares no batching (max_batch_size 0) and names the batch as the first dim of its tensors
+# (IMAGE [-1, 1], outputs [-1, ...]): Triton 2.51's gRPC keeps 32 bits of a batching ensemble's batch
+# dimension, so a forged [0, 1], [2^32, 1] or [2^62, 1] with one image became batch 0, each member received a
+# consistent [1, 1] and the answer was OK without the batch dimension. Without batching, Triton counts the
+# elements against the full shape and refuses those requests itself (INVALID_ARGUMENT). The members keep their
+# max_batch_size and dynamic batching (the batching happens there); the batch bound of a request to the ensemble
+# is theirs (verify.batch_bound): the front enforces it over HTTP, the preprocess member over gRPC (400 /
+# INVALID_ARGUMENT "batch-size must be <= 8"). Clients see IMAGE [-1, 1] in the ensemble's metadata.
+ENSEMBLE_MAX_BATCH_SIZE = 0
 
 
 def _tensor(pb, name: str, dtype: str, dims: List[int]):
@@ -44,10 +53,12 @@ def _det_outputs(pb, k: int, rename=lambda name: name, make=_output) -> list:
     return [make(pb, rename(s.name), s.triton_type, list(s.shape(0, k))[1:]) for s in contract.OUTPUT_SPECS]
 
 
-def _image_input(pb, input_format: str):
+def _image_input(pb, input_format: str, batch_first: bool = False):
+    """The image input; `batch_first`: with the batch as an explicit leading dim (a non-batching ensemble)."""
+    batch = [-1] if batch_first else []
     if input_format == "encoded":
-        return _tensor(pb, contract.IMAGE, "STRING", [1])
-    return _tensor(pb, contract.IMAGE, "UINT8", [-1, -1, 3])
+        return _tensor(pb, contract.IMAGE, "STRING", [*batch, 1])
+    return _tensor(pb, contract.IMAGE, "UINT8", [*batch, -1, -1, 3])
 
 
 def queue_policy(pb, target: str, max_batch_size: int):
@@ -137,10 +148,11 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
                  output_map={o.name: o.name for o in post_out}),
         ]
         name = spec.ensemble_name(input_format)
-        configs[name] = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=mb,
-                                       input=[_image_input(pb, input_format)],
-                                       output=[_output(pb, o.name, pb.DataType.Name(o.data_type)[5:], list(o.dims))
-                                               for o in post_out],
+        # No batching declared, the batch named first (see ENSEMBLE_MAX_BATCH_SIZE); the members batch.
+        configs[name] = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=ENSEMBLE_MAX_BATCH_SIZE,
+                                       input=[_image_input(pb, input_format, batch_first=True)],
+                                       output=[_output(pb, o.name, pb.DataType.Name(o.data_type)[5:],
+                                                       [-1, *o.dims]) for o in post_out],
                                        ensemble_scheduling=pb.ModelEnsembling(step=steps),
                                        parameters=post.parameters)
         configs[pre.name] = pre

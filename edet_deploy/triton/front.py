@@ -53,6 +53,8 @@ RECOVERABLE = re.compile(r"is not healthy|[Uu]nknown model|is not found|is not r
 
 @dataclass(frozen=True)
 class ModelInfo:
+    # The largest batch (first dim) a request may carry; 0: the model takes no batch. For an ensemble that
+    # declares max_batch_size 0 and names its batch first (configs.ENSEMBLE_MAX_BATCH_SIZE), its members' bound.
     max_batch_size: int
     members: Tuple[str, ...] = ()  # an ensemble's step models
     inputs: Tuple[Tuple[str, str, Tuple[int, ...]], ...] = ()  # (name, KServe datatype, dims without batch)
@@ -60,15 +62,17 @@ class ModelInfo:
 
 def repository_models(repo) -> Dict[str, ModelInfo]:
     """What the front and the supervisor need of a repository's configs."""
-    from .verify import load_configs, model_config_pb2
+    from .verify import batch_bound, load_configs, model_config_pb2
 
     pb = model_config_pb2()
+    configs = load_configs(repo)
     models = {}
-    for name, cfg in load_configs(repo).items():
+    for name, cfg in configs.items():
+        bound, batch_first = batch_bound(cfg, configs)
         inputs = tuple((t.name, pb.DataType.Name(t.data_type).replace("TYPE_", "").replace("STRING", "BYTES"),
-                        tuple(t.dims)) for t in cfg.input)
+                        tuple(t.dims)[1 if batch_first else 0:]) for t in cfg.input)
         members = tuple(s.model_name for s in cfg.ensemble_scheduling.step) if cfg.platform == "ensemble" else ()
-        models[name] = ModelInfo(int(cfg.max_batch_size), members, inputs)
+        models[name] = ModelInfo(bound, members, inputs)
     return models
 
 
@@ -130,8 +134,9 @@ def json_depth(data: bytes, limit: int = MAX_DEPTH, chunk: int = 4 << 20) -> int
 
 
 def check_inference(request: object, binary_size: int, max_batch_size: Optional[int]) -> Optional[str]:
-    """Why an inference request's JSON part is refused, or None. Triton 2.51 answers 200 without the batch
-    dimension for a batch of 0 or 2^62, and 500 for shapes that are not integers."""
+    """Why an inference request's JSON part is refused, or None. `max_batch_size`: the model's batch bound
+    (`ModelInfo.max_batch_size`; 0: no batch dim; None: a model the repository lacks). Triton 2.51 answers 200
+    without the batch dimension for a batch of 0 or 2^62, and 500 for shapes that are not integers."""
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         return "the inference request must be a JSON object with a list of 'inputs'"
     declared = 0
@@ -143,7 +148,7 @@ def check_inference(request: object, binary_size: int, max_batch_size: Optional[
                 and (shape or max_batch_size == 0)):
             return f"input {name!r}: the shape must be a list of positive integers, got {json.dumps(shape)[:80]}"
         if max_batch_size and shape[0] > max_batch_size:
-            return f"input {name!r}: batch {shape[0]} is more than the model's max_batch_size {max_batch_size}"
+            return f"input {name!r}: batch {shape[0]} is more than the model's limit of {max_batch_size}"
         params = item.get("parameters") or {}
         size = params.get(contract.BINARY_DATA_SIZE) if isinstance(params, dict) else None
         if size is None:

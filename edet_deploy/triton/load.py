@@ -105,7 +105,9 @@ def run_load(url: str, images: Sequence, model: str = "efficientdet_d0", protoco
 
 def perf_analyzer_command(model: str, url: str, protocol: str, concurrencies: Sequence[int],
                           input_data: str | Path = "model_repository/efficientdet_d0.perf_input.json") -> str:
-    """The equivalent perf_analyzer run; `input_data` is the JSON `triton-repo` writes beside the models."""
+    """The equivalent perf_analyzer run; `input_data` is the JSON `triton-repo` writes beside the models. No -b:
+    the ensemble declares max_batch_size 0 and the input data's shapes carry the batch ([1, 1]), so perf_analyzer
+    must keep its default batch of 1 (and needs no --shape: every entry states its shape)."""
     return (f"perf_analyzer -m {model} -u {url} -i {protocol} --input-data {input_data} "
             f"--concurrency-range {min(concurrencies)}:{max(concurrencies)}:2 --percentile=99 "
             f"--collect-metrics -f perf.csv")

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .. import contract
 from ..io import atomic_path
+from .configs import ENSEMBLE_MAX_BATCH_SIZE
 from .spec import RepoSpec
 
 
@@ -35,18 +36,22 @@ def default_tuning_images(n: int = 4, seed: int = 0) -> List[bytes]:
     return blobs
 
 
-def perf_input_data(input_format: str, images: Sequence[bytes]) -> Dict:
+def perf_input_data(input_format: str, images: Sequence[bytes], batch_first: bool = True) -> Dict:
     """perf_analyzer's real-input JSON: one entry per image, a batch-1 request each. BYTES elements are a
-    4-byte little-endian length followed by the bytes (perf_analyzer's STRING serialization)."""
+    4-byte little-endian length followed by the bytes (perf_analyzer's STRING serialization). `batch_first`:
+    the shape is the full shape, batch 1 first, as perf_analyzer wants it for a model without max_batch_size
+    (the generated ensembles, configs.ENSEMBLE_MAX_BATCH_SIZE; run it with the default -b 1); else without the
+    batch, which perf_analyzer adds (-b)."""
     from ..preprocess import decode_image
 
+    batch = [1] if batch_first else []
     data = []
     for blob in images:
         if input_format == "encoded":
-            raw, shape = len(blob).to_bytes(4, "little") + bytes(blob), [1]
+            raw, shape = len(blob).to_bytes(4, "little") + bytes(blob), [*batch, 1]
         else:
             img = decode_image(blob)
-            raw, shape = img.tobytes(), list(img.shape)
+            raw, shape = img.tobytes(), [*batch, *img.shape]
         data.append({contract.IMAGE: {"content": {"b64": base64.b64encode(raw).decode()}, "shape": shape}})
     return {"data": data}
 
@@ -60,7 +65,7 @@ def write_tuning_files(repo: str | Path, spec: RepoSpec, images: Optional[Sequen
     for fmt in spec.input_formats:
         path = perf_input_path(repo, spec.ensemble_name(fmt))
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(perf_input_data(fmt, images)) + "\n")
+            tmp.write_text(json.dumps(perf_input_data(fmt, images, ENSEMBLE_MAX_BATCH_SIZE == 0)) + "\n")
         written.append(path)
     # Model Analyzer's docker mode starts Triton as a sibling container, which sees only the host's files at the
     # absolute paths Model Analyzer resolved: paths are relative to the repository's parent directory, run from

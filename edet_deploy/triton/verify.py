@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..contract import REPOSITORY_MANIFEST
 from ..errors import EdetError
@@ -256,20 +256,46 @@ def validate_repository(repo: str | Path) -> List[str]:
     return list(configs)
 
 
+def batch_bound(cfg, configs: Dict[str, object]) -> Tuple[int, bool]:
+    """(the largest batch one request to `cfg` may carry, whether `cfg`'s dims name that batch first). A model
+    with max_batch_size > 0: that, and its dims leave the batch out. An ensemble declaring max_batch_size 0 over
+    members that batch (what the generator writes, see configs.ENSEMBLE_MAX_BATCH_SIZE): its tensors' first dim
+    is their batch, bounded by the smallest member max_batch_size. Anything else: (0, False), no batch."""
+    if cfg.max_batch_size > 0:
+        return int(cfg.max_batch_size), False
+    if cfg.platform != "ensemble":
+        return 0, False
+    bounds = [configs[s.model_name].max_batch_size for s in cfg.ensemble_scheduling.step
+              if s.model_name in configs and configs[s.model_name].max_batch_size > 0]
+    return (int(min(bounds)), True) if bounds else (0, False)
+
+
+def _full_dims(cfg, tensor) -> List[int]:
+    """A tensor's dims as a request carries them: with a batching model's batch (-1) in front, as Triton's
+    ensemble check compares them, so an ensemble that names its batch first and one that batches both match
+    their batching members."""
+    return ([-1] if cfg.max_batch_size > 0 else []) + list(tensor.dims)
+
+
 def _check_ensemble(pb, ens, configs) -> List[str]:
     problems = []
-    # tensor name -> (dtype, dims) as produced so far; ensemble inputs first
-    available = {t.name: (t.data_type, list(t.dims)) for t in ens.input}
+    # The batch a request may declare: max_batch_size, or for a batch-first ensemble a fixed first dim of its
+    # inputs (-1, what the generator writes, leaves the bound to the members).
+    _, batch_first = batch_bound(ens, configs)
+    declared = ens.max_batch_size or max((t.dims[0] for t in ens.input if batch_first and t.dims), default=0)
+    what = "max_batch_size" if ens.max_batch_size else "batch dim"
+    # tensor name -> (dtype, full dims) as produced so far; ensemble inputs first
+    available = {t.name: (t.data_type, _full_dims(ens, t)) for t in ens.input}
     for step in ens.ensemble_scheduling.step:
         member = configs.get(step.model_name)
         if member is None:
             problems.append(f"{ens.name}: step model {step.model_name!r} is not in the repository")
             continue
-        if member.max_batch_size < ens.max_batch_size:
-            problems.append(f"{ens.name}: max_batch_size {ens.max_batch_size} exceeds {member.name}'s "
+        if 0 < member.max_batch_size < declared:
+            problems.append(f"{ens.name}: {what} {declared} exceeds {member.name}'s max_batch_size "
                             f"{member.max_batch_size}")
-        inputs = {t.name: (t.data_type, list(t.dims)) for t in member.input}
-        outputs = {t.name: (t.data_type, list(t.dims)) for t in member.output}
+        inputs = {t.name: (t.data_type, _full_dims(member, t)) for t in member.input}
+        outputs = {t.name: (t.data_type, _full_dims(member, t)) for t in member.output}
         for model_tensor, ens_tensor in step.input_map.items():
             if model_tensor not in inputs:
                 problems.append(f"{ens.name}: {member.name} has no input {model_tensor!r}")
@@ -289,9 +315,9 @@ def _check_ensemble(pb, ens, configs) -> List[str]:
     for t in ens.output:
         if t.name not in available:
             problems.append(f"{ens.name}: output {t.name!r} is produced by no step")
-        elif available[t.name] != (t.data_type, list(t.dims)):
-            problems.append(f"{ens.name}: output {t.name!r} declared {_fmt(pb, (t.data_type, list(t.dims)))} but "
-                            f"produced as {_fmt(pb, available[t.name])}")
+        elif available[t.name] != (t.data_type, _full_dims(ens, t)):
+            problems.append(f"{ens.name}: output {t.name!r} declared {_fmt(pb, (t.data_type, _full_dims(ens, t)))} "
+                            f"but produced as {_fmt(pb, available[t.name])}")
     return problems
 
 
