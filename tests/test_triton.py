@@ -84,10 +84,11 @@ def test_http_and_grpc_match_in_process(served, pictures):
 
 
 def test_batches_up_to_the_members_bound_equal_single_requests(served, pictures):
-    """The ensemble declares max_batch_size 0 and names its batch first (IMAGE [-1, 1] in its metadata;
-    configs.ENSEMBLE_MAX_BATCH_SIZE), the members batch: a request of 2..8 images still gives, per image, the
-    detections of one request each, over HTTP and gRPC; 9 images (above the members' max_batch_size 8) are the
-    request's fault (400 / INVALID_ARGUMENT from the preprocess member), not the server's (500)."""
+    """The ensemble declares max_batch_size 0 and names its batch first (configs.ENSEMBLE_MAX_BATCH_SIZE; its
+    metadata stays IMAGE [-1, 1], as for a batching ensemble), the members batch: a request of 2..8 images still
+    gives, per image, the detections of one request each, over HTTP and gRPC; 9 images (above the members'
+    max_batch_size 8) are the request's fault (400 / INVALID_ARGUMENT from the preprocess member), not the
+    server's (500)."""
     from edet_deploy.errors import EdetRuntimeError
 
     server, _ = served

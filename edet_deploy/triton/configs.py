@@ -36,7 +36,7 @@ ENGINE_QUEUE_TIMEOUT_US = {"cpu": 5_000_000, "gpu": 500_000}
 # elements against the full shape and refuses those requests itself (INVALID_ARGUMENT). The members keep their
 # max_batch_size and dynamic batching (the batching happens there); the batch bound of a request to the ensemble
 # is theirs (verify.batch_bound): the front enforces it over HTTP, the preprocess member over gRPC (400 /
-# INVALID_ARGUMENT "batch-size must be <= 8"). Clients see IMAGE [-1, 1] in the ensemble's metadata.
+# INVALID_ARGUMENT "batch-size must be <= 8"). The ensemble's metadata is what it was (IMAGE [-1, 1]).
 ENSEMBLE_MAX_BATCH_SIZE = 0
 
 
