@@ -129,7 +129,11 @@ def run_backend(engine: str, graph: Path, blobs, args, conc) -> dict:
     else:
         url = args.url
     try:
-        local = Detector.from_onnx(graph, backend=backend, bf16=bf16)
+        # The in-process side runs the runner as the engine stub does (same precision, same runner options).
+        from edet_deploy.backends import create_runner, precision_options
+        from edet_deploy.triton.models.engine_onnxruntime import RUNNER_OPTIONS
+        options = RUNNER_OPTIONS if backend == "onnxruntime" else {}
+        local = Detector(create_runner(backend, onnx_path=str(graph), **precision_options(backend, bf16), **options))
         with CpuPressure() as pressure:
             inter = interleaved(local, url, blobs, args.interleaved)
         inter["cpu_pressure_pct"] = pressure.pct

@@ -20,6 +20,18 @@ REQUIRED_HELP = {"onnx_path": "an ONNX graph (--onnx, or export one first)",
                  "model_name": "a model name (--model)"}
 
 
+def trim_heap() -> None:
+    """Give the heap memory a runner's load freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+    Compiling keeps temporaries that glibc would otherwise hold on to: 144 MB of the OpenVINO f32 runner's
+    685 MB after load (D0, two compiled models), resident for the process's life."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def register_runner(cls: Type[Runner]) -> Type[Runner]:
     """Class decorator: `cls` becomes the backend `cls.name` of `create_runner`."""
     RUNNERS[cls.name] = cls

@@ -6,6 +6,10 @@ import sys
 
 from edet_deploy.triton.models.common import EngineModel
 
+# The runner's options in the engine (benchmarks/triton_engines.py runs the in-process side with the same): its
+# threads stop spinning when a run ends, since the ensemble's other processes need the cores between runs.
+RUNNER_OPTIONS = {"spinning": False}
+
 
 class TritonPythonModel(EngineModel):
     def make_runner(self, onnx_path: str, threads):
@@ -17,7 +21,7 @@ class TritonPythonModel(EngineModel):
         if blocked:
             sys.modules["torch"] = None  # type: ignore[assignment] - makes `import torch` raise ImportError
         try:
-            return OnnxRuntimeRunner(onnx_path, threads=threads)
+            return OnnxRuntimeRunner(onnx_path, threads=threads, **RUNNER_OPTIONS)
         finally:
             if blocked and sys.modules.get("torch", 0) is None:
                 del sys.modules["torch"]
