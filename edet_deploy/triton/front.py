@@ -6,7 +6,8 @@ Triton 2.51 trusts what it parses: a body of 10^6 `[` segfaults it, a batch dime
 - refuses, with one JSON `{"error": ...}` line like Triton's, JSON nested deeper than `max_depth`, bodies
   over `max_body` (413, before reading them), and inference inputs whose shape is not a list of positive
   integers, whose batch is outside 1..max_batch_size, or whose element count disagrees with the binary
-  data it declares;
+  data it declares, and outputs that ask for the classification extension (a SIGFPE of tritonserver on a BYTES
+  output) or carry a `binary_data` that is not a boolean (a 500);
 - answers health itself from `Upstream` (what the supervisor knows), and 503 + Retry-After instead of
   forwarding while a model is being recovered or the server is restarting; Triton's "unknown model" for a model
   the repository has, and its "stub is not healthy", become that 503 too (both are over in seconds);
@@ -165,6 +166,30 @@ def check_inference(request: object, binary_size: int, max_batch_size: Optional[
             return f"input {name!r}: shape {shape} has more elements than {size} bytes of BYTES data can hold"
     if declared != binary_size:
         return f"the inputs declare {declared} bytes of binary data, the body carries {binary_size}"
+    return check_outputs(request.get("outputs"))
+
+
+def check_outputs(outputs: object) -> Optional[str]:
+    """Why an inference request's `outputs` are refused, or None. Triton 2.51 dies of SIGFPE (the whole server,
+    every model) on the classification extension asked of a BYTES output (detection_labels), and answers 500 for a
+    `binary_data` or `classification` of the wrong JSON type. A detector has nothing to classify: the extension is
+    refused for every output."""
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list):
+        return "'outputs' must be a list of JSON objects"
+    for item in outputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return "each output must be a JSON object with a string 'name'"
+        params = item.get("parameters")
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            return f"output {item['name']!r}: 'parameters' must be a JSON object"
+        if "classification" in params:
+            return f"output {item['name']!r}: the classification extension is not supported by these models"
+        if "binary_data" in params and type(params["binary_data"]) is not bool:
+            return f"output {item['name']!r}: binary_data must be true or false"
     return None
 
 
