@@ -24,6 +24,7 @@ pytest.importorskip("tritonclient")
 pytest.importorskip("pytriton")
 
 from conftest import encode  # noqa: E402
+from edet_deploy import contract  # noqa: E402
 from edet_deploy.triton.repo import generate_repository  # noqa: E402
 from edet_deploy.measure import free_port  # noqa: E402
 from edet_deploy.triton.server import SHM_PREFIX  # noqa: E402
@@ -593,9 +594,22 @@ import threading as _threading
 _Engine = TritonPythonModel
 
 
+def _a_real_picture(requests):
+    # The supervisor's canary sends a uniform grey picture: it must not take the busy marker meant for the
+    # test's request (under load it can reach the engine first; the test's request then waits behind it).
+    import triton_python_backend_utils as _pb
+    for _r in requests:
+        _a = _pb.get_input_tensor_by_name(_r, {input_name!r}).as_numpy()
+        if _a.min() != _a.max():
+            return True
+    return False
+
+
 class TritonPythonModel(_Engine):  # test only: the first request after {marker} appears never returns,
-    def execute(self, requests):     # the first after {busy} appears computes for {busy_s} s first
+    def execute(self, requests):     # the first real picture after {busy} appears computes for {busy_s} s first
         try:
+            if not _a_real_picture(requests):
+                raise FileNotFoundError
             _os.unlink({busy!r})
             _time = __import__("time")
             _end = _time.monotonic() + {busy_s}
@@ -626,7 +640,8 @@ def test_hung_engine_stub_not_stopped_is_detected_and_replaced(repo, tmp_path, p
     shutil.copytree(repo, copy)
     marker, busy = tmp_path / "hang-next-request", tmp_path / "compute-long-on-next-request"
     shim = copy / "efficientdet_d0_engine" / "1" / "model.py"
-    shim.write_text(shim.read_text() + HANG_SHIM.format(marker=str(marker), busy=str(busy), busy_s=BUSY_S))
+    shim.write_text(shim.read_text() + HANG_SHIM.format(marker=str(marker), busy=str(busy), busy_s=BUSY_S,
+                                                        input_name=contract.INPUT_NAME))
     # Not our shim, so signed and served with --force: its files are still checked against the manifest.
     assert main(["triton-repo", "--force", "--resign", str(copy)]) == 0
     s = Serve(copy, tmp_path, extra=["--force"])
