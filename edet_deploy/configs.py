@@ -45,8 +45,8 @@ class VariantConfig:
     mean: Tuple[float, float, float] = MEAN_RGB
     std: Tuple[float, float, float] = STD_RGB
     # INT8 activation ranges unless asked otherwise (precision/int8.METHODS). Measured on the shapes data
-    # (benchmarks/results/precision_accuracy_lite.md): entropy keeps D0 within 1.9 points and minmax loses 2.8;
-    # on Lite0, whose ReLU6 activations are bounded, minmax loses 0.04 points and entropy 26.
+    # (benchmarks/results/precision_accuracy.md, one run): entropy keeps D0 within 1.8 points and minmax loses
+    # 3.2; on Lite0 minmax loses 0.24 points and entropy 26 (docs/precision.md, "Why entropy breaks Lite0").
     calib_method: str = "entropy"
     # Published COCO numbers for reports (see _pub / _pub_lite): AP, params (M), FLOPs (B), latency, source.
     published: dict = field(default_factory=dict, compare=False, hash=False)
