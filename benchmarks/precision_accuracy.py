@@ -3,7 +3,7 @@ would get: FP32, FP16, and INT8 (Q/DQ on the FP16 twin) for each calibration met
 sensitivity exclusions; each row with its precision census (share of multiply-adds in int8 / fp16 / fp32).
 
     python benchmarks/precision_accuracy.py [--models d0,lite0] [--data build/shapes_full] [--calib-images 500]
-        [--max-loss 0.005] [--quick]
+        [--max-loss 0.005] [--quick] [--reuse-fp32]
 
 One run, every model in --models (the bundled shapes_<model>.safetensors), and for D0 the OpenVINO f32 / bf16
 pair on its FP32 graph. Writes benchmarks/results/precision_accuracy.{json,md}."""
@@ -38,7 +38,9 @@ def weights_of(model: str) -> Path:
 def model_graphs(model: str, args, work: Path) -> tuple:
     """(graphs by row name, sensitivity report or None) of one model: FP32, FP16, INT8 entropy and minmax
     (equalized, refined; the variant's method marked default) and, unless --quick, the ablations, the other methods and the sensitivity exclusions."""
-    fp32 = graph_for(model, "fp32", work, weights=str(weights_of(model)), reuse=False)
+    # --reuse-fp32: an FP32 export already in `work` is kept, so the calibration cache beside it (keyed by the
+    # graph's bytes, its export time included) still applies; the twins are made again either way.
+    fp32 = graph_for(model, "fp32", work, weights=str(weights_of(model)), reuse=args.reuse_fp32)
     graphs = {"fp32": fp32, "fp16": graph_for(model, "fp16", work, data=args.data, reuse=False)}
 
     def int8(**kw) -> Path:
@@ -90,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="per model only FP32, FP16, default INT8 and INT8 minmax (no sensitivity sweep)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the OpenVINO f32 / bf16 row pair of D0")
+    ap.add_argument("--reuse-fp32", action="store_true",
+                    help="keep the FP32 exports already in --work (their cached calibration ranges then apply)")
     ap.add_argument("--work", default="build/precision")
     ap.add_argument("--out", default="benchmarks/results/precision_accuracy")
     args = ap.parse_args(argv)

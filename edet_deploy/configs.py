@@ -45,8 +45,8 @@ class VariantConfig:
     mean: Tuple[float, float, float] = MEAN_RGB
     std: Tuple[float, float, float] = STD_RGB
     # INT8 activation ranges unless asked otherwise (precision/int8.METHODS). Measured on the shapes data
-    # (benchmarks/results/precision_accuracy_lite.md): entropy keeps D0 within 1.9 points and minmax loses 2.8;
-    # on Lite0, whose ReLU6 activations are bounded, minmax loses 0.04 points and entropy 26.
+    # (benchmarks/results/precision_accuracy.md, one run): entropy keeps D0 within 1.8 points and minmax loses
+    # 3.2; on Lite0 minmax loses 0.24 points and entropy 26 (docs/precision.md, "Why entropy breaks Lite0").
     calib_method: str = "entropy"
     # Published COCO numbers for reports (see _pub / _pub_lite): AP, params (M), FLOPs (B), latency, source.
     published: dict = field(default_factory=dict, compare=False, hash=False)
@@ -82,16 +82,23 @@ class VariantConfig:
 
 
 def _pub(ap: float, params: float, flops: float, latency_ms: float) -> dict:
-    """automl's README (D-family): AP on COCO test-dev, params, FLOPs, V100 latency."""
+    """automl's README (D-family): AP on COCO test-dev, params, FLOPs, V100 latency. Checked against a stored
+    copy (2025-03-01), https://github.com/google/automl/blob/6a54c8741e7c3265d4547c4f35f47a0391122dc5/efficientdet/README.md
+    section 2's checkpoint table (AP test, #params, #FLOPs) and section 4's end-to-end V100 table (batch-1
+    latency): every figure equal."""
     return {"coco_ap": ap, "params_m": params, "flops_b": flops, "v100_latency_ms": latency_ms,
             "source": "automl README (test-dev)"}
 
 
 def _pub_lite(ap: float, int8_ap: float, params: float, flops: float, mobile_ms: float) -> dict:
     """automl's EfficientDet-Lite table (AP on COCO val2017, FP32 and post-training INT8, params, Pixel 4 CPU
-    latency). Neither automl nor effdet publishes Lite FLOPs: `flops_b` is the multiply-add count of our network
-    (= effdet 0.4.1's, to the parameter) at the native input by torch.utils.flop_counter, a count that gives
-    D0 2.49B against automl's 2.54B and D1 6.00B against 6.10B (tests/test_model.py recounts Lite0)."""
+    latency), checked against a stored copy of the same README (section 2's "mobile-size lite models" table):
+    every figure equal. That table does not name its split; effdet's README, stored copy
+    https://github.com/rwightman/efficientdet-pytorch/blob/c6dff775a36cea0bf9b76c58e59f936411c5ce01/README.md
+    lists the same APs, rounded, as "mAP (TF official val2017)", and its params (3.24M .. 15.1M) round to automl's.
+    Neither automl nor effdet publishes Lite FLOPs: `flops_b` is the multiply-add count of our network (= effdet
+    0.4.1's, to the parameter) at the native input by torch.utils.flop_counter, a count that gives D0 2.49B
+    against automl's 2.54B and D1 6.00B against 6.10B (tests/test_model.py recounts Lite0)."""
     return {"coco_ap": ap, "int8_coco_ap": int8_ap, "params_m": params, "flops_b": flops,
             "mobile_latency_ms": mobile_ms, "source": "automl EfficientDet-Lite table (val2017); FLOPs counted"}
 

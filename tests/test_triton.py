@@ -61,11 +61,11 @@ def _assert_same_as_local(remote, local):
                                box_atol=1e-2, score_atol=1e-5)
 
 
-def _served_detections(repo, pictures, tmp_path):
+def _served_detections(repo, pictures, tmp_path, model: str = "efficientdet_d0"):
     """A fresh server on `repo`: its detections for the pictures as one batch, then one request each."""
     server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=tmp_path / "triton.log").start()
     try:
-        client = TritonDetectorClient(server.grpc_url, "efficientdet_d0", "grpc")
+        client = TritonDetectorClient(server.grpc_url, model, "grpc")
         remote = client.detect(pictures) + [client.detect([p])[0] for p in pictures]
         client.close()
     finally:
@@ -107,6 +107,41 @@ def test_batches_up_to_the_members_bound_equal_single_requests(served, pictures)
         assert not isinstance(refused.value, EdetRuntimeError), refused.value
         print(f"\n{proto}, batch of 9: {refused.value}")
         client.close()
+
+
+@pytest.mark.server  # starts its own tritonserver (no `served` fixture)
+def test_lite0_served_matches_in_process_with_its_own_fill(tmp_path):
+    """The bundled (trained) shapes Lite0 in a Triton repository, served by the real tritonserver: a wide shapes
+    picture (letterboxed: a third of the input is padding) gets the in-process detector's detections. The
+    preprocess member pads with the Lite mean (127.5, from the graph's metadata through the `fill` parameter),
+    not D0's ImageNet mean: with D0's colour the in-process detections of this picture differ, so equality
+    here is the fill, not luck."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from edet_deploy import contract
+    from edet_deploy.configs import MEAN_RGB
+    from edet_deploy.data import CocoDataset, generate_shapes
+
+    weights = Path(__file__).resolve().parents[1] / "edet_deploy" / "assets" / "shapes_lite0.safetensors"
+    graph = export_onnx("lite0", tmp_path / "export", weights=str(weights), dynamic_batch=2).onnx_path
+    repo = generate_repository(tmp_path / "repo", onnx=str(graph), max_batch_size=2)
+    cfg = text_format.Parse((repo / "efficientdet_lite0_preprocess" / "config.pbtxt").read_text(),
+                            model_config_pb2.ModelConfig())
+    assert json.loads(cfg.parameters[contract.FILL_PARAMETER].string_value) == [127.5] * 3
+    ds = CocoDataset(generate_shapes(tmp_path / "shapes", {"val": 1}, seed=3, progress=False), "val")
+    scene = np.asarray(Image.open(ds.image_path(0)).convert("RGB"))
+    wide = encode(scene[: scene.shape[0] * 2 // 3], "PNG")  # lossless: both sides decode the same pixels
+    local = Detector.from_onnx(graph)
+    assert local.fill == (127.5, 127.5, 127.5)
+    want = local.detect([wide])
+    remote = _served_detections(repo, [wide], tmp_path, "efficientdet_lite0")
+    confident = want[0].scores > 0.3
+    assert confident.any()  # the trained model finds the shapes: the comparison covers real detections
+    _assert_same_as_local(remote, want + want)
+    local.fill = MEAN_RGB  # D0's padding colour: other detections, so the equality above is the fill's doing
+    d0_fill = local.detect([wide])[0]
+    assert not np.allclose(d0_fill.scores, want[0].scores, atol=1e-5, rtol=0)
 
 
 def test_locked_down_server_labels_come_with_each_response(served, pictures):
