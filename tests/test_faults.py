@@ -138,14 +138,18 @@ def http(url, path, data=None, headers=None, timeout=60.0):
         return None, repr(e).encode()
 
 
-def infer(url, payloads, timeout=120.0, shape=None, blob=None):
+SCORE_OUTPUTS = [{"name": "num_detections", "parameters": {"binary_data": False}},
+                 {"name": "detection_scores", "parameters": {"binary_data": False}}]
+
+
+def infer(url, payloads, timeout=120.0, shape=None, blob=None, outputs=SCORE_OUTPUTS):
     """One request (batch = len(payloads), unless `shape` says otherwise) through the binary tensor extension;
-    `blob` replaces the length-prefixed payloads (forged prefixes included). Returns (status, body)."""
+    `blob` replaces the length-prefixed payloads (forged prefixes included); `outputs`: the request's outputs
+    field as sent (forged ones included). Returns (status, body)."""
     blob = b"".join(len(p).to_bytes(4, "little") + p for p in payloads) if blob is None else blob
     header = json.dumps({"inputs": [{"name": "IMAGE", "shape": shape or [len(payloads), 1], "datatype": "BYTES",
                                      "parameters": {"binary_data_size": len(blob)}}],
-                         "outputs": [{"name": "num_detections", "parameters": {"binary_data": False}},
-                                     {"name": "detection_scores", "parameters": {"binary_data": False}}]}).encode()
+                         "outputs": outputs}).encode()
     return http(url, "/v2/models/efficientdet_d0/infer", header + blob,
                 {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
                 timeout)
@@ -434,17 +438,12 @@ def test_classification_extension_and_bad_output_parameters_refused_without_a_cr
     extension asked of a BYTES output (the ensemble's detection_labels), and answers 500 for a `binary_data` or
     `classification` of the wrong JSON type: the front refuses all of them with a 400; a good request follows."""
     server_pid = served.triton_pid()
-    blob = len(picture).to_bytes(4, "little") + picture
     for outputs in ([{"name": "detection_labels", "parameters": {"classification": 3}}],
                     [{"name": "detection_scores", "parameters": {"classification": 3}}],
                     [{"name": "detection_scores", "parameters": {"classification": -1}}],
                     [{"name": "detection_scores", "parameters": {"binary_data": "yes"}}],
                     {"name": "detection_scores"}, [1]):
-        header = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES",
-                                         "parameters": {"binary_data_size": len(blob)}}],
-                             "outputs": outputs}).encode()
-        status, body = http(served.url, "/v2/models/efficientdet_d0/infer", header + blob,
-                            {"Inference-Header-Content-Length": str(len(header))})
+        status, body = infer(served.url, [picture], outputs=outputs)
         assert status == 400 and json.loads(body)["error"], (outputs, status, body[:200])
     status, body = infer(served.url, [picture])
     assert status == 200 and np.array(json.loads(body)["outputs"][0]["shape"])[0] == 1
@@ -470,7 +469,7 @@ def test_forged_engine_batch_over_grpc_fails_alone(served):
             for _ in range(200):  # bounded in count and time
                 if time.monotonic() > stop_at:
                     return
-                t = grpcclient.InferInput("images", [1, 256, 256, 3], "UINT8")
+                t = grpcclient.InferInput(contract.INPUT_NAME, [1, 256, 256, 3], "UINT8")
                 t.set_data_from_numpy(image)
                 if kind == "forged":
                     t.set_shape([2**32, 256, 256, 3])

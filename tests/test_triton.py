@@ -343,12 +343,19 @@ def test_gpu_repository_configs_validate(tmp_path):
         validate_repository(repo)
 
 
+def _run_as_a_stub(code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh Python process that imports the Triton models as a stub does (Triton's
+    triton_python_backend_utils, which exists only inside a stub, stood in by an empty module)."""
+    preamble = ("import sys, types\n"
+                "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils')\n")
+    return subprocess.run([sys.executable, "-c", preamble + code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
 def test_python_models_do_not_import_torch(random_d0_256):
     """Neither importing the models nor making the engines' runners brings torch into a stub (onnxruntime-
     extensions tries to import it)."""
     code = (
-        "import sys, types\n"
-        "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils')\n"
         "import edet_deploy.triton.models.preprocess, edet_deploy.triton.models.postprocess\n"
         "import edet_deploy.triton.models.engine_onnxruntime, edet_deploy.triton.models.engine_openvino\n"
         "import edet_deploy.backends.openvino, edet_deploy.backends.onnxrt\n"
@@ -360,8 +367,7 @@ def test_python_models_do_not_import_torch(random_d0_256):
         "ov.make_runner(graph, 1)\n"
         "assert 'torch' not in sys.modules, 'torch imported by a runner'\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = _run_as_a_stub(code)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
@@ -373,8 +379,7 @@ def test_engine_runners_hand_back_freed_memory_and_do_not_spin(random_d0_256, tm
     bundled D0), and ONNX Runtime's threads do not spin after a run (they burnt up to a core the other stubs
     need)."""
     code = (
-        "import ctypes, sys, types\n"
-        "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils')\n"
+        "import ctypes\n"
         "import edet_deploy.triton.models.engine_onnxruntime as eo, edet_deploy.triton.models.engine_openvino as ev\n"
         "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) >> 10\n"
         "trim = ctypes.CDLL(None).malloc_trim\n"
@@ -389,8 +394,7 @@ def test_engine_runners_hand_back_freed_memory_and_do_not_spin(random_d0_256, tm
         "before = rss(); trim(0); print('onnxruntime', before - rss())\n"
         "print('spin', ort.session.get_session_options().get_session_config_entry("
         "'session.intra_op.allow_spinning'))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = _run_as_a_stub(code)
     assert out.returncode == 0, out.stderr
     got = dict(line.split() for line in out.stdout.splitlines())
     assert max(int(got["openvino0"]), int(got["openvino1"]), int(got["onnxruntime"])) < 24, got  # MB
