@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's edet_deploy, also in the stubs
-from edet_deploy.measure import CpuPressure, machine_info, percentiles  # noqa: E402
+from edet_deploy.measure import CpuPressure, gc_paused, machine_info, percentiles  # noqa: E402
 from edet_deploy.triton.load import perf_analyzer_command, run_load  # noqa: E402
 
 
@@ -83,10 +83,12 @@ def export_graph(repo: Path, out: Path) -> Path:
     return export_onnx("d0", out / "export", weights=str(ASSET), dynamic_batch=8).onnx_path
 
 
-def interleaved(local, url: str, blobs, n: int) -> dict:
-    """In-process pipeline and ensemble at concurrency 1 on the same images, in blocks: in-process, ensemble,
-    in-process again (the sandwich evens out the shared CPU's drift). Not call by call: both runtimes keep their
-    worker threads spinning for a moment after each call, which would slow whichever runs next."""
+def interleaved(local, url: str, blobs, n: int, rounds: int = 6) -> dict:
+    """In-process pipeline and ensemble at concurrency 1 on the same images, `n` calls each, in blocks of
+    n / rounds that alternate (in-process first in even rounds, the ensemble first in odd ones), so the shared
+    CPU's drift (30% between blocks a minute apart on this VM) falls on both alike. Not call by call: both
+    runtimes keep their worker threads spinning for a moment after each call, which would slow whichever runs
+    next."""
     from edet_deploy.triton.client import TritonDetectorClient
     client = TritonDetectorClient(url, "efficientdet_d0", "grpc")
     for b in blobs[:3]:
@@ -101,9 +103,12 @@ def interleaved(local, url: str, blobs, n: int) -> dict:
             fn([blob])
             out.append((time.perf_counter() - t) * 1000)
         return out
-    t_local = block(local.detect, n // 2)
-    t_remote = block(client.detect, n)
-    t_local += block(local.detect, n - n // 2)
+    t_local, t_remote = [], []
+    size = max(1, n // rounds)
+    with gc_paused():
+        for r in range(rounds):
+            for side in ((t_local, local.detect), (t_remote, client.detect))[::1 if r % 2 == 0 else -1]:
+                side[0].extend(block(side[1], size))
     client.close()
     a, b = percentiles(t_local), percentiles(t_remote)
     return {"in_process": {k: round(v, 2) for k, v in a.items()}, "ensemble_c1": {k: round(v, 2) for k, v in b.items()},
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", default="build/shapes", help="COCO-format dataset whose val images are sent")
     ap.add_argument("--num-images", type=int, default=32)
     ap.add_argument("--requests", type=int, default=20, help="requests per client per concurrency level")
-    ap.add_argument("--interleaved", type=int, default=60, help="in-process/ensemble pairs for the c=1 ratio")
+    ap.add_argument("--interleaved", type=int, default=120, help="in-process/ensemble calls each for the c=1 ratio")
     ap.add_argument("--concurrency", default="1,2,4,8,16")
     ap.add_argument("--work", default="build/triton_engines", help="generated repositories and server logs")
     ap.add_argument("--out", default="benchmarks/results/triton_engines")
@@ -222,7 +227,7 @@ def main(argv=None) -> int:
              f"{args.requests} requests per client; one run per CPU engine backend. Other work may have shared the "
              "machine: the CPU pressure columns say how much (rerun quietly with `python benchmarks/triton_engines.py`).\n",
              "Ensemble at concurrency 1 vs the in-process pipeline of the same backend (decode + letterbox + graph + "
-             f"soft-NMS + mapping), {args.interleaved} calls each, in-process / ensemble / in-process blocks, p50:\n",
+             f"soft-NMS + mapping), {args.interleaved} calls each in 6 alternating blocks per side, p50:\n",
              "| engine backend | in-process p50 ms | ensemble c=1 p50 ms | ensemble / in-process | CPU pressure % |",
              "|---|---:|---:|---:|---:|"]
     for b, run in runs.items():

@@ -1,11 +1,12 @@
-"""Overload with and without the engine's queue policy, in one run, on the embedded CPU server:
+"""Overload with and without serve's bound on requests in flight, in one run, on the embedded CPU server:
 
-  * "before": the engine's dynamic batching with no queue policy (every request queues, however long),
-  * "after":  the default policy (edet_deploy/triton/configs.py: ENGINE_QUEUE_BATCHES full batches at most,
-    ENGINE_QUEUE_TIMEOUT_US["cpu"], then a fast UNAVAILABLE rejection the client may retry).
+  * "alone": tritonserver alone (gRPC straight to it): every request queues in the engine's dynamic batcher,
+    however long,
+  * "serve N": `edet-deploy serve --max-in-flight N` (gRPC through its front): at most N inference requests in
+    flight, one more gets UNAVAILABLE at once, retryable; N = the default (configs.MAX_IN_FLIGHT) and 24.
 
-The saturating concurrency and throughput are found on "before" (the smallest of 1, 2, 4, 8 clients whose
-throughput reaches 90% of the best). Both servers then get (gRPC straight to Triton, real JPEG scenes):
+The saturating concurrency and throughput are found on "alone" (the smallest of 1, 2, 4, 8 clients whose
+throughput reaches 90% of the best). Both then get (real JPEG scenes):
   * closed loop at twice and four times the saturating concurrency (N clients, one request in flight each), and
   * open loop at twice the saturating throughput (requests sent at a fixed rate whatever the answers: the load
     a queue has to absorb, where an unbounded queue grows for as long as it lasts).
@@ -17,38 +18,50 @@ Reports p50/p99 of answered requests, the rejection rate and how long a rejectio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator, Optional
 
 from edet_deploy.measure import CpuPressure, free_port, machine_info
-from edet_deploy.triton import configs
+from edet_deploy.triton.configs import MAX_IN_FLIGHT
 from edet_deploy.triton.load import run_load
+from serve_process import serve_process
 
 MODEL = "efficientdet_d0"
 WEIGHTS = Path(__file__).resolve().parents[1] / "edet_deploy" / "assets" / "shapes_d0.safetensors"
 
 
-def loaded(repo: Path, log: Path, blobs: list, plan: list, open_rate: float = 0.0, seconds: float = 10.0) -> dict:
-    """Serve `repo`, warm it, run each (label, concurrencies, requests) of `plan`: {label: (rows, psi %)}, then
-    (open_rate > 0) the open-loop load: {"open": (summary, psi %)}."""
+@contextlib.contextmanager
+def grpc_endpoint(repo: Path, log: Path, bound: Optional[int]) -> Iterator[str]:
+    """The gRPC address of tritonserver alone on `repo` (bound None), or of `edet-deploy serve --max-in-flight
+    bound`'s front."""
+    if bound is not None:
+        with serve_process(repo, ["--open-api", "statistics", "--log-file", str(log), "--max-in-flight",
+                                  str(bound)]) as served:
+            yield f"127.0.0.1:{served.grpc_port}"
+        return
     from edet_deploy.triton.server import TritonServer
 
-    server = TritonServer(repo, free_port(), free_port(), free_port(), log_file=log, open_apis=["statistics"]).start()
+    with TritonServer(repo, free_port(), free_port(), free_port(), log_file=log, open_apis=["statistics"]) as server:
+        yield server.grpc_url
+
+
+def loaded(url: str, blobs: list, plan: list, open_rate: float = 0.0, seconds: float = 10.0) -> dict:
+    """Warm the server at `url`, run each (label, concurrencies, requests) of `plan`: {label: (rows, psi %)},
+    then (open_rate > 0) the open-loop load: {"open": (summary, psi %)}."""
     out = {}
-    try:
-        run_load(server.grpc_url, blobs, MODEL, concurrencies=[2], requests_per_client=3)  # warm-up, not kept
-        for label, conc, n in plan:
-            with CpuPressure() as psi:
-                rows = run_load(server.grpc_url, blobs, MODEL, concurrencies=conc, requests_per_client=n)
-            out[label] = (rows, psi.pct)
-        if open_rate:
-            with CpuPressure() as psi:
-                row = open_loop(server.grpc_url, blobs, open_rate, seconds)
-            out["open"] = (row, psi.pct)
-    finally:
-        server.stop()
+    run_load(url, blobs, MODEL, concurrencies=[2], requests_per_client=3)  # warm-up, not kept
+    for label, conc, n in plan:
+        with CpuPressure() as psi:
+            rows = run_load(url, blobs, MODEL, concurrencies=conc, requests_per_client=n)
+        out[label] = (rows, psi.pct)
+    if open_rate:
+        with CpuPressure() as psi:
+            row = open_loop(url, blobs, open_rate, seconds)
+        out["open"] = (row, psi.pct)
     return out
 
 
@@ -120,37 +133,32 @@ def main(argv=None) -> int:
     from edet_deploy.triton.tuning import default_tuning_images
 
     blobs = default_tuning_images(16)
-    policy = configs.ENGINE_QUEUE_BATCHES
     with tempfile.TemporaryDirectory(prefix="edet-overload-") as tmp:
         tmp = Path(tmp)
         onnx = args.onnx
         if not onnx:
             from edet_deploy.export import export_onnx
             onnx = str(export_onnx("d0", tmp / "export", weights=str(WEIGHTS), dynamic_batch=8).onnx_path)
-        repos = {}
-        for label, batches in (("before", 0), ("after", policy)):
-            configs.ENGINE_QUEUE_BATCHES = batches  # read when the configs are built
-            repos[label] = generate_repository(tmp / label, onnx=onnx, target="cpu", max_batch_size=8,
-                                               tuning_images=blobs[:2])
-        configs.ENGINE_QUEUE_BATCHES = policy
+        repo = generate_repository(tmp / "repo", onnx=onnx, target="cpu", max_batch_size=8, tuning_images=blobs[:2])
+        variants = {"alone": None, f"serve {MAX_IN_FLIGHT}": MAX_IN_FLIGHT, "serve 24": 24}
 
-        sweep = loaded(repos["before"], tmp / "sweep.log", blobs, [("sweep", [1, 2, 4, 8], args.requests)])
+        with grpc_endpoint(repo, tmp / "sweep.log", None) as url:
+            sweep = loaded(url, blobs, [("sweep", [1, 2, 4, 8], args.requests)])
         rows = sweep["sweep"][0]
         best = max(r["throughput_img_s"] for r in rows)
         saturating = next(r["concurrency"] for r in rows if r["throughput_img_s"] >= 0.9 * best)
         overloads = [2 * saturating, 4 * saturating]
         rate = 2 * best
         result, opened = {}, {}
-        for label in ("before", "after"):
-            got = loaded(repos[label], tmp / f"{label}.log", blobs,
-                         [(f"{label} {k}", [k], args.requests) for k in overloads], open_rate=rate,
-                         seconds=args.seconds)
+        for label, bound in variants.items():
+            with grpc_endpoint(repo, tmp / f"{label.replace(' ', '_')}.log", bound) as url:
+                got = loaded(url, blobs, [(f"{label} {k}", [k], args.requests) for k in overloads], open_rate=rate,
+                             seconds=args.seconds)
             row, psi = got.pop("open")
             opened[label] = {**row, "cpu_pressure_pct": psi}
             result[label] = [{**summary(rows_[0]), "cpu_pressure_pct": psi} for rows_, psi in got.values()]
     report = {"machine": machine_info(None), "protocol": "grpc", "images": len(blobs),
-              "policy": {"max_queue_size": policy * 8, "default_timeout_us": configs.ENGINE_QUEUE_TIMEOUT_US["cpu"],
-                         "max_batch_size": 8},
+              "variants": variants, "max_batch_size": 8,
               "sweep": [{"concurrency": r["concurrency"], "throughput_img_s": r["throughput_img_s"],
                          "p99_ms": r["p99_ms"]} for r in rows],
               "sweep_cpu_pressure_pct": sweep["sweep"][1], "saturating_concurrency": saturating,
@@ -160,11 +168,13 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["machine"]
-    lines = ["# Overload: the engine's queue policy, before / after (embedded tritonserver on CPU)", "",
+    lines = ["# Overload: tritonserver alone / behind serve's bound on requests in flight, CPU", "",
+             "alone: gRPC straight to tritonserver; serve N: `edet-deploy serve --max-in-flight N`, gRPC through its "
+             f"front (N = {MAX_IN_FLIGHT}, the default, and 24).", "",
              f"Machine: {m.get('cpu')}, {m.get('cores')} cores, shared with other jobs (CPU pressure = PSI 'some' "
              f"share of each block's wall time); {len(blobs)} JPEG scenes, gRPC, closed loop, {args.requests} "
              "requests per client; every number from this one run.", "",
-             f"Saturation sweep (no policy): " + ", ".join(f"c{r['concurrency']} {r['throughput_img_s']} img/s"
+             f"Saturation sweep (tritonserver alone): " + ", ".join(f"c{r['concurrency']} {r['throughput_img_s']} img/s"
                                                            for r in rows)
              + f" (CPU pressure {sweep['sweep'][1]}%): saturating concurrency {saturating}; overload = "
              f"**{overloads[0]} clients** (2x) and {overloads[1]} (4x).", "",
@@ -187,7 +197,7 @@ def main(argv=None) -> int:
         lines.append(f"| {label} | {r['requests']} | {r['answered']} | {r['rejected_pct']}% | {r['p50_ms']} | "
                      f"{r['p99_ms']} | {r['max_ms']} | {rej} | {'; '.join(r['errors']) or '-'} | "
                      f"{r['cpu_pressure_pct']}% |")
-    first = next((r["first_error"] for r in result["after"] if r["first_error"]), None)
+    first = next((r["first_error"] for rows in result.values() for r in rows if r["first_error"]), None)
     if first:
         lines += ["", f"A rejection reads: `{first}`"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

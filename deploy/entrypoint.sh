@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Container entrypoint: one mechanism for GPU and CPU serving, `edet-deploy serve` (HTTP front with truthful
-# per-member health, supervisor that repairs dead and hung stubs, restricted admin APIs whose key only it holds,
-# bounded drain on SIGTERM) running this image's tritonserver ($EDET_TRITONSERVER).
+# Container entrypoint: one mechanism for GPU and CPU serving, `edet-deploy serve` (HTTP and gRPC fronts with
+# request guards, truthful per-member health and a bound on inference requests in flight ($EDET_MAX_IN_FLIGHT,
+# default 256), supervisor that repairs dead and hung stubs, restricted admin APIs whose key only it
+# holds, bounded drain on SIGTERM) running this image's tritonserver ($EDET_TRITONSERVER).
 #
 #   serve (default)  prepare, then exec `edet-deploy serve` on the repository
 #   prepare          write the repository (building the engine if the cache lacks it) and exit: an init step
@@ -105,4 +106,4 @@ fi
 # drain, then tritonserver's own exit timeout for gRPC requests) + a margin (deploy/k8s, tested).
 exec "$edet" serve --repo "$repo" --address "${EDET_ADDRESS:-0.0.0.0}" --http-port "${EDET_HTTP_PORT:-8000}" \
     --grpc-port "${EDET_GRPC_PORT:-8001}" --metrics-port "${EDET_METRICS_PORT:-8002}" \
-    --grace-period "${EDET_GRACE_PERIOD:-30}" "$@"
+    --grace-period "${EDET_GRACE_PERIOD:-30}" ${EDET_MAX_IN_FLIGHT:+--max-in-flight "$EDET_MAX_IN_FLIGHT"} "$@"

@@ -297,12 +297,17 @@ def _serve(p: argparse.ArgumentParser):
     p.add_argument("--open-api", action="append", default=[], metavar="GROUP",
                    help="leave a restricted Triton API group open to every client (shared-memory, model-config, "
                         "statistics, trace, logging, or all; default: only inference, health and metadata)")
+    p.add_argument("--max-in-flight", type=Bounded(int, 0, 100000, meanings={0: "no bound"}), default=None,
+                   help="inference requests in flight at once over HTTP and gRPC; one more gets 503 / UNAVAILABLE "
+                        "at once (retryable) instead of waiting in Triton's queue; lower it for shorter waits under "
+                        "overload (default: 256)")
     p.add_argument("--force", action="store_true", help="serve a repository holding models edet-deploy did not generate")
 
     def run(args) -> int:
         from .triton.supervisor import serve
         return serve(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.address, args.log_file,
-                     args.grace_period, [g for v in args.open_api for g in v.split(",") if g], args.force)
+                     args.grace_period, [g for v in args.open_api for g in v.split(",") if g], args.force,
+                     max_in_flight=args.max_in_flight)
     return run
 
 

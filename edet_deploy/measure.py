@@ -3,11 +3,13 @@ under test, and the backends and precisions a benchmark row can name (in report 
 so the Triton load test, the benchmarks and the tests can import it without pulling in the bench harness."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import platform
 import socket
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -21,6 +23,24 @@ def percentiles(times_ms: Sequence[float]) -> Dict[str, float]:
     a = np.asarray(times_ms, np.float64)
     return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "n": int(a.size)}
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Time a block without the measuring process's own garbage collector in it (what timeit does): a client
+    thread's gen-2 collection stops every thread of the process for 40-280 ms (measured in the Triton load test,
+    growing with the heap), and that lands on whichever requests are in flight as a p99 the server never caused.
+    Collect first, freeze what survives, restore afterwards."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 # Share of a run's wall time during which some runnable task waited for a CPU (Linux PSI "some") above which

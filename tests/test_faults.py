@@ -93,6 +93,12 @@ class Serve:
     def url(self):
         return f"127.0.0.1:{self.http}"
 
+    def triton_grpc(self):
+        """tritonserver's own gRPC address on loopback, behind serve's gRPC front (from its argv in /proc)."""
+        argv = Path(f"/proc/{self.triton_pid()}/cmdline").read_bytes().split(b"\0")
+        port = next(a.split(b"=", 1)[1] for a in argv if a.startswith(b"--grpc-port="))
+        return f"127.0.0.1:{int(port)}"
+
     def stubs(self):
         return stub_processes(self.server_pid)
 
@@ -334,17 +340,19 @@ def test_shared_memory_and_admin_apis_refused(served):
     assert ready(served.url) == 200 and served.proc.poll() is None
 
 
-def test_port_taken_is_a_clear_error(repo):
+@pytest.mark.parametrize("which", ["http", "grpc"])
+def test_port_taken_is_a_clear_error(repo, which):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
+        ports = {"http": free_port(), "grpc": free_port(), which: port}
         out = subprocess.run([sys.executable, "-m", "edet_deploy", "serve", "--repo", str(repo), "--http-port",
-                              str(port), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              str(ports["http"]), "--grpc-port", str(ports["grpc"]), "--metrics-port",
+                              str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=300)
     err = [ln for ln in out.stderr.splitlines() if not ln.startswith(("INFO", "WARNING"))]
     assert out.returncode == 2 and len(err) == 1, out.stderr
-    assert f"http port {port} on 127.0.0.1 is already in use" in err[0]
+    assert f"{which} port {port} on 127.0.0.1 is already in use" in err[0]
     assert "serving" not in out.stdout
 
 
@@ -450,12 +458,12 @@ def test_classification_extension_and_bad_output_parameters_refused_without_a_cr
     assert served.triton_pid() == server_pid and served.proc.poll() is None and ready(served.url) == 200
 
 
-@pytest.mark.xfail(strict=True, reason="Triton 2.51 (gRPC, engine member called directly): a forged batch "
-                   "[2^32, S, S, 3] arrives without its batch dimension, the Python backend sees batch S > 8 and fails "
-                   "the whole dynamic batch with INTERNAL before the model runs; not fixable in the model")
 def test_forged_engine_batch_over_grpc_fails_alone(served):
-    """gRPC straight to the engine member: 2 clients of forged [2^32, 256, 256, 3] (one image's bytes) beside 2
-    clients of good [1, 256, 256, 3] for a few seconds; every good request must be answered."""
+    """gRPC to the engine member called directly: 2 clients of forged [2^32, 256, 256, 3] (one image's bytes)
+    beside 2 clients of good [1, 256, 256, 3] for a few seconds; every good request is answered and every forged
+    one refused (INVALID_ARGUMENT). Sent to Triton 2.51 itself, the forged batch arrives without its batch
+    dimension, the Python backend sees batch 256 > 8 and fails the whole dynamic batch with INTERNAL before the
+    model runs (not fixable in the model): the gRPC front refuses it first, as the HTTP front does."""
     import tritonclient.grpc as grpcclient
 
     image = np.zeros((1, 256, 256, 3), np.uint8)
@@ -489,19 +497,21 @@ def test_forged_engine_batch_over_grpc_fails_alone(served):
     for t in threads:
         t.join(120)
     failed = [a for a in results["good"] if a != "OK"]
-    print(f"\nforged engine batches beside good ones: {len(results['good'])} good, {len(failed)} failed")
+    print(f"\nforged engine batches beside good ones: {len(results['good'])} good, {len(failed)} failed; "
+          f"forged answered {sorted(set(results['forged']))}")
     assert results["good"] and results["forged"] and failed == [], failed[:3]
+    assert set(results["forged"]) == {"StatusCode.INVALID_ARGUMENT"}, results["forged"][:3]
 
 
 FORGED_BATCHES = ([0, 1], [2**62, 1], [2**32, 1], [2, 1])  # with one image: Triton keeps 32 bits of the batch
 
 
-def _grpc_forged_shapes(served, picture, model):
-    """Send `model` one image under each forged shape and one good request over gRPC (straight to tritonserver,
-    no front); returns {shape: (gRPC status, message) or "OK <output shape>"} and checks the good one."""
+def _grpc_forged_shapes(url, picture, model):
+    """Send `model` at `url` one image under each forged shape and one good request over gRPC; returns
+    {shape: (gRPC status, message) or "OK <output shape>"} and checks the good one."""
     import tritonclient.grpc as grpcclient
 
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc}")
+    client = grpcclient.InferenceServerClient(url)
 
     def request(shape):
         image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
@@ -526,19 +536,20 @@ def _grpc_forged_shapes(served, picture, model):
 
 
 def test_forged_batch_over_grpc_refused_by_a_member_called_directly(served, picture):
-    """A member called directly over gRPC (no front) refuses a batch dimension that disagrees with what it
-    received: INVALID_ARGUMENT (Triton's own count check for [2, 1]; the preprocess model's check for the
-    batches Triton truncates to 0, which reach it without a batch dimension); a good request is answered."""
+    """Behind the front too (Triton's own gRPC port, on loopback): a member called directly refuses a batch
+    dimension that disagrees with what it received: INVALID_ARGUMENT (Triton's own count check for [2, 1]; the
+    preprocess model's check for the batches Triton truncates to 0, which reach it without a batch dimension);
+    a good request is answered."""
     import grpc
 
     server_pid = served.triton_pid()
-    answers = _grpc_forged_shapes(served, picture, "efficientdet_d0_preprocess")
+    answers = _grpc_forged_shapes(served.triton_grpc(), picture, "efficientdet_d0_preprocess")
     assert all(a[0] == str(grpc.StatusCode.INVALID_ARGUMENT) for a in answers.values()), answers
     assert served.triton_pid() == server_pid and served.proc.poll() is None and ready(served.url) == 200
 
 
 def test_forged_batch_over_grpc_refused_by_the_ensemble(served, picture):
-    """The ensemble over gRPC (no front) refuses every forged batch: INVALID_ARGUMENT. Triton 2.51 keeps 32 bits
+    """Behind the front too (Triton's own gRPC port), the ensemble refuses every forged batch: INVALID_ARGUMENT. Triton 2.51 keeps 32 bits
     of a batching ensemble's batch dimension, so [0, 1], [2^32, 1] and [2^62, 1] became batch 0 and were
     answered OK without the batch dimension; the generated ensemble declares max_batch_size 0 with the batch as
     its first dim (configs.ENSEMBLE_MAX_BATCH_SIZE), so Triton counts the elements against the full 64-bit shape
@@ -547,13 +558,13 @@ def test_forged_batch_over_grpc_refused_by_the_ensemble(served, picture):
     import tritonclient.grpc as grpcclient
 
     server_pid = served.triton_pid()
-    answers = _grpc_forged_shapes(served, picture, "efficientdet_d0")
+    answers = _grpc_forged_shapes(served.triton_grpc(), picture, "efficientdet_d0")
     assert all(a[0] == str(grpc.StatusCode.INVALID_ARGUMENT) for a in answers.values()), answers
     # A real batch above the members' max_batch_size 8 (the ensemble itself declares none) is the request's
-    # fault on both ports: the front's 400 over HTTP, the preprocess member's INVALID_ARGUMENT over gRPC.
+    # fault everywhere: the front's 400 over HTTP, the preprocess member's INVALID_ARGUMENT behind the fronts.
     status, body = infer(served.url, [picture] * 9)
     assert status == 400 and b"batch 9" in body, (status, body[:200])
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc}")
+    client = grpcclient.InferenceServerClient(served.triton_grpc())
     try:
         image = grpcclient.InferInput("IMAGE", [9, 1], "BYTES")
         image.set_data_from_numpy(np.array([[picture]] * 9, dtype=np.object_))
@@ -563,6 +574,124 @@ def test_forged_batch_over_grpc_refused_by_the_ensemble(served, picture):
         client.close()
     assert refused.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT), refused.value
     assert served.triton_pid() == server_pid and served.proc.poll() is None and ready(served.url) == 200
+
+
+def test_grpc_front_refuses_what_the_http_front_refuses(served, picture):
+    """serve's public gRPC port is a front with the HTTP front's checks: forged batches, the classification
+    extension (a SIGFPE of Triton 2.51 on the BYTES output), raw contents that disagree with their shape and
+    oversized messages are refused (INVALID_ARGUMENT / RESOURCE_EXHAUSTED) without reaching Triton, also as
+    messages of a stream; health, metadata, inference and the restricted-API refusal pass through unchanged."""
+    import queue
+
+    import grpc
+    import tritonclient.grpc as grpcclient
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    server_pid = served.triton_pid()
+    url = f"127.0.0.1:{served.grpc}"
+    answers = _grpc_forged_shapes(url, picture, "efficientdet_d0")
+    assert all(a[0] == str(grpc.StatusCode.INVALID_ARGUMENT) for a in answers.values()), answers
+    assert "positive integers" in answers["[0, 1]"][1] and "limit of 8" in answers[str([2**62, 1])][1], answers
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("efficientdet_d0")
+        image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[picture]], dtype=np.object_))
+        with pytest.raises(grpcclient.InferenceServerException, match="classification") as refused:
+            client.infer("efficientdet_d0", [image], outputs=[
+                grpcclient.InferRequestedOutput("detection_labels", class_count=3)], client_timeout=120)
+        assert refused.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
+        big = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+        big.set_data_from_numpy(np.array([[b"x" * (80 << 20)]], dtype=np.object_))
+        with pytest.raises(grpcclient.InferenceServerException) as refused:
+            client.infer("efficientdet_d0", [big], client_timeout=120)
+        assert refused.value.status() == str(grpc.StatusCode.RESOURCE_EXHAUSTED), refused.value
+        with pytest.raises(grpcclient.InferenceServerException, match="restricted"):
+            client.unload_model("efficientdet_d0_engine")
+        # a stream: the forged message is answered with its error, the good one with detections
+        answered = queue.Queue()
+        client.start_stream(callback=lambda result, error: answered.put((result, error)))
+        image.set_shape([2**32, 1])
+        client.async_stream_infer("efficientdet_d0", [image], request_id="forged")
+        image.set_shape([1, 1])
+        client.async_stream_infer("efficientdet_d0", [image], request_id="good")
+        got = [answered.get(timeout=120) for _ in range(2)]
+        client.stop_stream()
+        errors = [str(e) for r, e in got if e is not None]
+        results = [r for r, e in got if e is None]
+        assert len(errors) == 1 and "limit of 8" in errors[0], got
+        assert len(results) == 1 and results[0].get_response().id == "good"
+        assert results[0].as_numpy("num_detections").shape == (1, 1)
+    finally:
+        client.close()
+    # raw contents that disagree with the declared shape (the stub a generated client would use)
+    channel = grpc.insecure_channel(url)
+    try:
+        request = service_pb2.ModelInferRequest(model_name="efficientdet_d0_engine")
+        request.inputs.add(name=contract.INPUT_NAME, datatype="UINT8", shape=[2, 256, 256, 3])
+        request.raw_input_contents.append(bytes(256 * 256 * 3))
+        with pytest.raises(grpc.RpcError) as refused:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in refused.value.details()
+    finally:
+        channel.close()
+    assert served.triton_pid() == server_pid and served.proc.poll() is None and ready(served.url) == 200
+
+
+def test_requests_beyond_the_in_flight_bound_are_refused_at_once(repo, tmp_path, picture):
+    """`serve --max-in-flight 1`: of 6 requests sent together (3 HTTP, 3 gRPC), those beyond the one slot are
+    refused with 503 / UNAVAILABLE "at capacity" instead of queueing in Triton; the others are answered, and every
+    slot is given back (afterwards single requests on both protocols are answered)."""
+    import grpc
+    import tritonclient.grpc as grpcclient
+
+    s = Serve(repo, tmp_path, extra=["--max-in-flight", "1"])
+    try:
+        def grpc_infer():
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{s.grpc}")
+            try:
+                image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+                image.set_data_from_numpy(np.array([[picture]], dtype=np.object_))
+                client.infer("efficientdet_d0", [image], client_timeout=120)
+                return "OK", ""
+            except grpcclient.InferenceServerException as e:
+                return e.status(), e.message()
+            finally:
+                client.close()
+
+        def http_infer():
+            status, body = infer(s.url, [picture])
+            return status, body.decode("utf-8", "replace")
+
+        seen = []
+        for _ in range(5):  # requests of ~20+ ms sent together overlap; a few rounds make it certain
+            start = threading.Barrier(6)
+            results = [None] * 6
+
+            def one(k):
+                start.wait(30)
+                results[k] = (http_infer if k < 3 else grpc_infer)()
+
+            threads = [threading.Thread(target=one, args=(k,)) for k in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            seen += results
+            if any(r[0] in (503, str(grpc.StatusCode.UNAVAILABLE)) for r in results[:3]) and \
+                    any(r[0] == str(grpc.StatusCode.UNAVAILABLE) for r in results[3:]):
+                break
+        refused = [r for r in seen if r[0] in (503, str(grpc.StatusCode.UNAVAILABLE))]
+        answered = [r for r in seen if r[0] in (200, "OK")]
+        print(f"\n--max-in-flight 1, 6 requests at once: {len(answered)} answered, {len(refused)} refused")
+        assert len(answered) + len(refused) == len(seen), [r for r in seen if r not in answered + refused][:3]
+        assert answered and refused and all("at capacity" in r[1] for r in refused), refused[:3]
+        assert {r[0] for r in refused} == {503, str(grpc.StatusCode.UNAVAILABLE)}, refused[:3]
+        for _ in range(3):  # every slot came back
+            assert http_infer()[0] == 200 and grpc_infer()[0] == "OK"
+        assert ready(s.url) == 200
+    finally:
+        s.kill()
 
 
 def test_stopped_engine_stub_is_detected_killed_and_recovered(served, picture):
@@ -575,6 +704,12 @@ def test_stopped_engine_stub_is_detected_killed_and_recovered(served, picture):
                 not_ready_after = time.monotonic() - t0
             time.sleep(0.05)
         assert not_ready_after is not None, "readiness stayed 200 for 10 s with the engine stub stopped"
+        import tritonclient.grpc as grpcclient
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc}")
+        try:  # gRPC health comes from the same supervisor (unless the recovery was already over)
+            assert not (client.is_server_ready() and client.is_model_ready("efficientdet_d0")) or ready(served.url) == 200
+        finally:
+            client.close()
         seen_not_ready, recovered, body = await_recovery(served.url, picture, 30 + RECOVERY_BOUND, 0.1)
         print(f"\nSIGSTOP of the engine stub: not ready after {not_ready_after:.2f} s, answering again after "
               f"{recovered and round(recovered, 2)} s more")
@@ -692,19 +827,37 @@ def test_hung_engine_stub_not_stopped_is_detected_and_replaced(repo, tmp_path, p
 
 
 def test_no_404_while_a_stub_is_recovered_under_load(served, picture):
+    """4 HTTP and 2 gRPC clients while the engine and a preprocess stub are killed and recovered: every answer is
+    200 / OK or a retryable 503 / UNAVAILABLE, never 404 / NOT_FOUND or an internal error."""
+    import tritonclient.grpc as grpcclient
+
     statuses, lock = [], threading.Lock()
     stop_at = time.monotonic() + 60
     killed, done = threading.Event(), threading.Event()
 
-    def client():
-        for _ in range(300):  # bounded in count and time
-            if time.monotonic() > stop_at or done.is_set():
-                return
-            status, _ = infer(served.url, [picture], timeout=60)
-            with lock:
-                statuses.append((killed.is_set(), status))
+    def grpc_infer(client):
+        image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[picture]], dtype=np.object_))
+        try:
+            client.infer("efficientdet_d0", [image], client_timeout=60)
+            return 200
+        except grpcclient.InferenceServerException as e:
+            return 503 if e.status() == "StatusCode.UNAVAILABLE" else f"{e.status()} {e.message()[:80]}"
 
-    threads = [threading.Thread(target=client) for _ in range(6)]
+    def client(protocol):
+        grpc_client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc}") if protocol == "grpc" else None
+        try:
+            for _ in range(300):  # bounded in count and time
+                if time.monotonic() > stop_at or done.is_set():
+                    return
+                status = grpc_infer(grpc_client) if grpc_client else infer(served.url, [picture], timeout=60)[0]
+                with lock:
+                    statuses.append((killed.is_set(), status))
+        finally:
+            if grpc_client:
+                grpc_client.close()
+
+    threads = [threading.Thread(target=client, args=(p,)) for p in ["http"] * 4 + ["grpc"] * 2]
     for t in threads:
         t.start()
     try:

@@ -19,24 +19,27 @@ from .verify import CONFIG_HEADER, model_config_pb2
 # GPU). No preferred_batch_size: with 1 "preferred", the scheduler never waits (Triton's docs advise leaving it
 # unset for most models).
 ENGINE_QUEUE_DELAY_US = {"cpu": 0, "gpu": 2000}
-# Overload: without a queue policy Triton queues every request, so when requests arrive faster than the engine
-# runs them the queue and the latency grow without bound, and clients time out after the work was spent. The
-# engine's queue holds at most ENGINE_QUEUE_BATCHES full batches (a wait of about that many executions, whatever
-# the variant): a request beyond that is refused at once. One that waited past the target's timeout (a backstop,
-# far above a D0's normal wait; clients with a deadline send their own `timeout`) is refused too. Either way:
-# UNAVAILABLE (HTTP 503 / gRPC UNAVAILABLE), retry later or elsewhere. benchmarks/triton_overload.py measures it
-# on CPU; the GPU values are unmeasured. A closed loop of N clients never queues more than N requests, so the
-# size bound (16 at max batch 8) leaves the test suite's 16-client loops alone.
-ENGINE_QUEUE_BATCHES = 2
-ENGINE_QUEUE_TIMEOUT_US = {"cpu": 5_000_000, "gpu": 500_000}
+# Overload: Triton queues every request, so when requests arrive faster than the engine runs them the queue and
+# the latency grow without bound and clients time out after the work was spent. The bound is not Triton's queue
+# policy (default_queue_policy: max_queue_size, timeouts), which the generated engine carried until it was
+# measured: with any queue policy, Triton 2.51's dynamic batcher now and then sleeps its 500 ms idle wait
+# (default_wait_microseconds in DynamicBatchScheduler::BatcherThread) while requests wait and the instance is
+# free: 3-13 of 740 requests waited ~510 ms in the engine's queue (Triton's trace), 0 of 740 without a policy
+# (twice), whichever part of the policy was set; docs/serving.md. serve's fronts bound the work instead, over both
+# protocols: at most MAX_IN_FLIGHT inference requests in flight (`serve --max-in-flight`); one more is refused at
+# once with 503 / UNAVAILABLE, which a client retries. 256 by default: a burst of 200 requests (issue #24's
+# memory test: 6000x4000 JPEGs) is answered whole, and at the bundled D0's ~60 img/s on 2 CPU cores the last
+# admitted request waits ~4 s, the old policy's 5 s backstop. A tighter bound answers sooner under overload and
+# refuses more (24: ~0.5 s); benchmarks/triton_overload.py measures both on CPU.
+MAX_IN_FLIGHT = 256
 # The ensemble declares no batching (max_batch_size 0) and names the batch as the first dim of its tensors
 # (IMAGE [-1, 1], outputs [-1, ...]): Triton 2.51's gRPC keeps 32 bits of a batching ensemble's batch
 # dimension, so a forged [0, 1], [2^32, 1] or [2^62, 1] with one image became batch 0, each member received a
 # consistent [1, 1] and the answer was OK without the batch dimension. Without batching, Triton counts the
 # elements against the full shape and refuses those requests itself (INVALID_ARGUMENT). The members keep their
 # max_batch_size and dynamic batching (the batching happens there); the batch bound of a request to the ensemble
-# is theirs (verify.batch_bound): the front enforces it over HTTP, the preprocess member over gRPC (400 /
-# INVALID_ARGUMENT "batch-size must be <= 8"). The ensemble's metadata is what it was (IMAGE [-1, 1]).
+# is theirs (verify.batch_bound): serve's fronts enforce it (400 / INVALID_ARGUMENT), and behind them the
+# preprocess member ("batch-size must be <= 8"). The ensemble's metadata is what it was (IMAGE [-1, 1]).
 ENSEMBLE_MAX_BATCH_SIZE = 0
 
 
@@ -59,15 +62,6 @@ def _image_input(pb, input_format: str, batch_first: bool = False):
     if input_format == "encoded":
         return _tensor(pb, contract.IMAGE, "STRING", [*batch, 1])
     return _tensor(pb, contract.IMAGE, "UINT8", [*batch, -1, -1, 3])
-
-
-def queue_policy(pb, target: str, max_batch_size: int):
-    """The engine's bounded queue (see ENGINE_QUEUE_BATCHES); None where ENGINE_QUEUE_BATCHES is 0 (unbounded)."""
-    if not ENGINE_QUEUE_BATCHES:
-        return None
-    return pb.ModelQueuePolicy(timeout_action=pb.ModelQueuePolicy.REJECT,
-                               default_timeout_microseconds=ENGINE_QUEUE_TIMEOUT_US[target],
-                               allow_timeout_override=True, max_queue_size=ENGINE_QUEUE_BATCHES * max_batch_size)
 
 
 def build_configs(spec: RepoSpec) -> Dict[str, object]:
@@ -103,8 +97,7 @@ def build_configs(spec: RepoSpec) -> Dict[str, object]:
         output=_det_outputs(pb, k),
         dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=queue_delay_us,
                                                  preferred_batch_size=[b for b in spec.preferred_batch_sizes
-                                                                       if b <= mb],
-                                                 default_queue_policy=queue_policy(pb, spec.target, mb)),
+                                                                       if b <= mb]),
         model_warmup=[warmup])
     if spec.target == "gpu":
         engine.platform = "tensorrt_plan"

@@ -9,7 +9,8 @@ Triton 2.51 trusts what it parses: a body of 10^6 `[` segfaults it, a batch dime
   data it declares, and outputs that ask for the classification extension (a SIGFPE of tritonserver on a BYTES
   output) or carry a `binary_data` that is not a boolean (a 500);
 - answers health itself from `Upstream` (what the supervisor knows), and 503 + Retry-After instead of
-  forwarding while a model is being recovered or the server is restarting; Triton's "unknown model" for a model
+  forwarding while a model is being recovered or the server is restarting, or when `Upstream.max_in_flight`
+  inference requests (over both fronts) are already running; Triton's "unknown model" for a model
   the repository has, and its "stub is not healthy", become that 503 too (both are over in seconds);
 - forwards everything else unchanged (headers included, so the restricted-API key reaches Triton), keeping
   connections alive both ways, and streams the answer back.
@@ -78,11 +79,17 @@ def repository_models(repo) -> Dict[str, ModelInfo]:
 
 
 class Upstream:
-    """The server behind the front, as its supervisor sees it (written by the supervisor, read by the front)."""
+    """The server behind the fronts, as its supervisor sees it (written by the supervisor, read by the fronts),
+    and the inference requests in flight through them (at most `max_in_flight`; 0: no bound)."""
 
-    def __init__(self, host: str, port: int, models: Dict[str, ModelInfo]):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, models: Dict[str, ModelInfo], grpc_port: Optional[int] = None,
+                 max_in_flight: int = 0):
+        self.host, self.port = host, port  # tritonserver's HTTP port (the HTTP front's upstream)
+        self.grpc_port = grpc_port  # its gRPC port on loopback (the gRPC front's)
         self.models = models
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self._lock = threading.Lock()  # the two fronts count from their own threads
         self.up = False  # tritonserver started and ready
         self.down: Set[str] = set()  # models being recovered
         self.completed = 0  # inferences answered 200 through the front
@@ -106,6 +113,22 @@ class Upstream:
     def succeeded(self) -> None:
         self.completed += 1
         self.last_success = time.monotonic()
+
+    def admit(self) -> bool:
+        """Take a slot for an inference request, or False when `max_in_flight` are running (then: 503)."""
+        with self._lock:
+            if self.max_in_flight and self.in_flight >= self.max_in_flight:
+                return False
+            self.in_flight += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def at_capacity(self) -> str:
+        return (f"the server is at capacity: {self.max_in_flight} inference request(s) in flight; retry in "
+                f"{RETRY_AFTER_S} s")
 
 
 def json_depth(data: bytes, limit: int = MAX_DEPTH, chunk: int = 4 << 20) -> int:
@@ -394,8 +417,15 @@ class Front:
         if model in self.upstream.models and not self.upstream.model_ready(model):
             raise Refused(503, f"model {model} is being recovered; retry", {"Retry-After": str(self.retry_after)},
                           close=not keep)
-        return await self._forward(method, target, fields, body, writer, keep,
-                                   model if model in self.upstream.models else None, action == "infer")
+        known = model if model in self.upstream.models else None
+        if action != "infer":
+            return await self._forward(method, target, fields, body, writer, keep, known, False)
+        if not self.upstream.admit():
+            raise Refused(503, self.upstream.at_capacity(), {"Retry-After": str(self.retry_after)}, close=not keep)
+        try:
+            return await self._forward(method, target, fields, body, writer, keep, known, True)
+        finally:
+            self.upstream.release()
 
     def _health(self, path: str, model: Optional[str], keep: bool) -> bytes:
         if path == "/v2/health/live":

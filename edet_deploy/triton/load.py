@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..contract import member_names
 from ..errors import EdetError
-from ..measure import percentiles
+from ..measure import gc_paused, percentiles
 
 
 def _stats(client, models: Sequence[str]) -> Dict[str, Dict[str, int]]:
@@ -81,12 +81,13 @@ def run_load(url: str, images: Sequence, model: str = "efficientdet_d0", protoco
                 client.close()
 
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(conc)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        with gc_paused():
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
         after = _stats(probe.client, [model, *composing])
         p = percentiles(latencies) if latencies else {"p50": 0, "p90": 0, "p99": 0, "mean": 0, "n": 0}
         rows.append({"concurrency": conc, "requests": len(latencies) + len(errors), "errors": len(errors),

@@ -133,12 +133,14 @@ class TritonServer:
     Models are loaded with explicit model control so that only this process (holding `admin_key`) can
     unload/reload them (the supervisor does, after a stub dies); `open_apis` names restricted API groups to
     leave open to every client (default: none; "all" opens every group). `http_address` (default: `address`)
-    lets the HTTP port sit on loopback behind a front while gRPC and metrics listen on `address`."""
+    and `grpc_address` let the HTTP and gRPC ports sit on loopback behind serve's fronts while metrics listen on
+    `address`."""
 
     def __init__(self, repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  address: str = "127.0.0.1", log_verbose: int = 0, extra_args: Optional[List[str]] = None,
                  log_file: Optional[str | Path] = None, grace_period: float = 30.0,
-                 open_apis: Sequence[str] = (), force: bool = False, http_address: Optional[str] = None):
+                 open_apis: Sequence[str] = (), force: bool = False, http_address: Optional[str] = None,
+                 grpc_address: Optional[str] = None):
         from .verify import validate_repository, verify_served_repository
 
         self.repo = Path(repo)
@@ -147,6 +149,7 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.address = address
         self.http_address = http_address or address
+        self.grpc_address = grpc_address or address
         self.grace_period = float(grace_period)
         if self.grace_period < 0:
             raise EdetError(f"the grace period must be >= 0 s, got {grace_period}")
@@ -162,7 +165,7 @@ class TritonServer:
         restriction = f"{','.join(restricted)}:{ADMIN_HEADER}={self.admin_key}"
         self.binary, self.backends = paths.binary, paths.backends
         self.fixed_args = [f"--model-repository={self.repo.resolve()}", f"--backend-directory={paths.backends}",
-                           f"--grpc-address={address}", f"--metrics-address={address}", "--allow-metrics=true",
+                           f"--grpc-address={self.grpc_address}", f"--metrics-address={address}", "--allow-metrics=true",
                            "--allow-gpu-metrics=false", "--strict-readiness=true", f"--log-verbose={log_verbose}",
                            "--model-control-mode=explicit",
                            f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}",
@@ -189,7 +192,7 @@ class TritonServer:
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.address}:{self.grpc_port}"
+        return f"{self.grpc_address}:{self.grpc_port}"
 
     @property
     def admin_headers(self) -> Dict[str, str]:
@@ -197,11 +200,11 @@ class TritonServer:
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         check_port("http", self.http_address, self.http_port)
-        for name, port in (("grpc", self.grpc_port), ("metrics", self.metrics_port)):
-            check_port(name, self.address, port)
+        check_port("grpc", self.grpc_address, self.grpc_port)
+        check_port("metrics", self.address, self.metrics_port)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        logger.info("starting tritonserver on %s (http %s:%d, grpc %d, metrics %d)", self.address, self.http_address,
-                    self.http_port, self.grpc_port, self.metrics_port)
+        logger.info("starting tritonserver (http %s:%d, grpc %s:%d, metrics %s:%d)", self.http_address,
+                    self.http_port, self.grpc_address, self.grpc_port, self.address, self.metrics_port)
         # A new session: stop() can signal the server and every stub it forked.
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd="/", preexec_fn=_die_with_parent)

@@ -1,4 +1,5 @@
-"""`edet-deploy serve`: tritonserver under supervision, behind the HTTP front (`front.py`).
+"""`edet-deploy serve`: tritonserver under supervision, behind the HTTP front (`front.py`) and the gRPC front
+(`grpc_front.py`), both reading what the supervisor knows from one `Upstream`.
 
 Triton 2.51's Python backend does not restart a stub that died (SIGKILL, OOM killer), and a stub that is stopped
 or deadlocked fails every request ("Stub process ... is not healthy") or never answers, while Triton's
@@ -9,9 +10,9 @@ instance, named in their command line) every `poll` seconds and tells the front 
   their requests with 503 + Retry-After), the model is unloaded and loaded again through the model-repository
   API (explicit model control, restricted to our admin key), then marked up;
 - a stub stopped (/proc state T) or hung (a canary request through each ensemble, sent only when no request has
-  succeeded lately, fails with "is not healthy", or times out, in the canary or in a member's queue, while no
-  other request completed and the members' stubs used almost no CPU: a deadlocked stub sleeps in state S and
-  looks healthy to Triton, a slow one computes): SIGKILL, then as above;
+  succeeded lately, fails with "is not healthy", or times out while no other request completed and the members'
+  stubs used almost no CPU: a deadlocked stub sleeps in state S and looks healthy to Triton, a slow one
+  computes): SIGKILL, then as above;
 - a stub whose shared-memory region grew past a high-water mark (an oversized request is copied in before the
   model can refuse it, and the region never shrinks): its model's instances are replaced without downtime;
 - before any reload (of a model, or of the whole server): the model's files are checked against the repository's
@@ -23,7 +24,7 @@ instance, named in their command line) every `poll` seconds and tells the front 
   doubles from `backoff[0]` to `backoff[1]` s and resets once it has run `stable_after` s, for as long as
   `serve` runs.
 
-SIGTERM, SIGINT and SIGHUP stop `serve`: the front stops accepting and lets requests in flight finish within the
+SIGTERM, SIGINT and SIGHUP stop `serve`: the fronts stop accepting and lets requests in flight finish within the
 grace period, then tritonserver is stopped (see `TritonServer.stop`); it dies with `serve` (PR_SET_PDEATHSIG)."""
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ from .. import contract
 from ..errors import EdetError
 from ..log import logger
 from ..measure import free_port
+from .configs import MAX_IN_FLIGHT
 from .front import Front, ModelInfo, Upstream, repository_models
+from .grpc_front import GrpcFront
 from .server import TritonServer, check_port, port_in_use
 from .verify import drop_bytecode, model_problems, refusal
 
@@ -130,10 +133,6 @@ def stub_processes(server_pid: int) -> List[Stub]:
 
 
 UNHEALTHY_STUB = re.compile(r"Stub process '([^']+)' is not healthy")
-# A canary that waited out a member's queue timeout (the engine's default_timeout_microseconds, 5 s) behind a
-# stub that never returns from execute (a deadlock: the stub sleeps, its health flag stays fine): Triton answers
-# 503 with this before the canary's own timeout.
-QUEUE_TIMEOUT = re.compile(r"Request timeout expired")
 
 
 def canary_request(info: ModelInfo) -> Optional[Tuple[bytes, int]]:
@@ -170,7 +169,8 @@ class Supervisor:
                  stable_after: float = 60.0, canary_interval: float = 1.0, canary_timeout: float = 3.0,
                  busy_cpu: float = 0.1, recheck: float = 5.0, on_event: Optional[Callable[[str], None]] = None):
         self.server = server
-        self.upstream = upstream or Upstream(server.http_address, server.http_port, repository_models(server.repo))
+        self.upstream = upstream or Upstream(server.http_address, server.http_port, repository_models(server.repo),
+                                             server.grpc_port)
         self.poll = poll
         self.load_timeout = load_timeout
         self.max_recoveries = max_recoveries
@@ -200,7 +200,7 @@ class Supervisor:
         for stub in stub_processes(self.server.proc.pid):
             expected[stub.model].add(stub.instance)
         self.expected = {m: inst for m, inst in expected.items() if m not in self.refused}
-        self.upstream.port = self.server.http_port
+        self.upstream.port, self.upstream.grpc_port = self.server.http_port, self.server.grpc_port
         self.upstream.down = self._refused_closure()
         self.upstream.up = True
         return self.expected
@@ -322,8 +322,10 @@ class Supervisor:
             self.refused = problems
             self.server.excluded = sorted(self._refused_closure())
             drop_bytecode(self.server.repo)
-            if port_in_use(self.server.http_address, self.server.http_port):  # taken meanwhile: the front follows
+            if port_in_use(self.server.http_address, self.server.http_port):  # taken meanwhile: the fronts follow
                 self.server.http_port = free_port()
+            if port_in_use(self.server.grpc_address, self.server.grpc_port):
+                self.server.grpc_port = free_port()
             try:
                 self.server.start(timeout=self.load_timeout)
                 break
@@ -437,7 +439,7 @@ class Supervisor:
             found = UNHEALTHY_STUB.search(text)
             if found:
                 return ("unhealthy", found.group(1))
-            return ("timeout", None) if QUEUE_TIMEOUT.search(text) else None
+            return None
         except TimeoutError:
             return ("timeout", None)
         except (OSError, http.client.HTTPException) as e:
@@ -540,18 +542,29 @@ def stop_server(server: TritonServer, settle: float = 2.0) -> Optional[int]:
 def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
           address: str = "127.0.0.1", log_file: Optional[str] = None, grace_period: float = 30.0,
           open_apis: Sequence[str] = (), force: bool = False, start_timeout: float = 300.0,
-          announce: Callable[[str], None] = print) -> int:
-    """Start the front and tritonserver (HTTP on a loopback port behind the front; gRPC and metrics direct),
-    supervise until SIGTERM/SIGINT/SIGHUP, drain, stop; returns the exit status for `edet-deploy serve`: the
-    server's own status (0 when it stopped cleanly). Start-up failures raise EdetError."""
+          announce: Callable[[str], None] = print, max_in_flight: Optional[int] = None) -> int:
+    """Start the fronts and tritonserver (its HTTP and gRPC ports on loopback behind the HTTP and gRPC fronts;
+    metrics direct), supervise until SIGTERM/SIGINT/SIGHUP, drain, stop; returns the exit status for
+    `edet-deploy serve`: the server's own status (0 when it stopped cleanly). Start-up failures raise EdetError.
+    `max_in_flight`: inference requests admitted at once over both fronts (None: configs.MAX_IN_FLIGHT; 0: no
+    bound)."""
     check_port("http", address, http_port)
-    server = TritonServer(repo, free_port(), grpc_port, metrics_port, address, log_file=log_file,
-                          grace_period=grace_period, open_apis=open_apis, force=force, http_address="127.0.0.1")
+    check_port("grpc", address, grpc_port)
+    server = TritonServer(repo, free_port(), free_port(), metrics_port, address, log_file=log_file,
+                          grace_period=grace_period, open_apis=open_apis, force=force, http_address="127.0.0.1",
+                          grpc_address="127.0.0.1")
     for key, value in MALLOC_ENV.items():
         server.env.setdefault(key, value)  # tritonserver and, inheriting it, the stubs
     return_freed_memory_to_the_os()
-    upstream = Upstream(server.http_address, server.http_port, repository_models(repo))
-    front = Front(upstream, address, http_port)  # binds now: the port is ours before Triton starts
+    models = repository_models(repo)
+    upstream = Upstream(server.http_address, server.http_port, models, server.grpc_port,
+                        MAX_IN_FLIGHT if max_in_flight is None else max_in_flight)
+    front = Front(upstream, address, http_port)  # both bind now: the ports are ours before Triton starts
+    try:
+        grpc_front = GrpcFront(upstream, address, grpc_port)
+    except BaseException:
+        front.close()
+        raise
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -565,21 +578,30 @@ def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metric
         supervisor = Supervisor(server, upstream)
         supervisor.snapshot()
         front.start()
+        grpc_front.start()
     except BaseException:
         server.stop()
         front.close()
+        grpc_front.close()
         raise
-    announce(f"serving {repo}: http {front.url}, grpc {server.grpc_url}, metrics "
+    announce(f"serving {repo}: http {front.url}, grpc {grpc_front.url}, metrics "
              f"http://{address}:{metrics_port}/metrics (supervised; Ctrl-C to stop)")
     sys.stdout.flush()
     try:
         supervisor.run(stop)
     finally:
         t0 = time.monotonic()
+        # Both fronts drain at once, within one grace period.
+        grpc_left: List[int] = []
+        grpc_drain = threading.Thread(target=lambda: grpc_left.append(grpc_front.drain(grace_period)))
+        grpc_drain.start()
         left = front.drain(grace_period)
+        grpc_drain.join(grace_period + 15)
+        left += sum(grpc_left)
         if left:
             logger.warning("%d request(s) still running after the %.0f s grace period", left, grace_period)
         front.close()  # its pooled connections too: tritonserver waits for every HTTP connection to close
+        grpc_front.close()
         status = stop_server(server)
         logger.info("stopped in %.1f s", time.monotonic() - t0)
     return 0 if status is None else (status if status >= 0 else 128 - status)
