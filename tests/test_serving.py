@@ -375,3 +375,49 @@ def test_compat_check_plan_command(graph, tmp_path):
     other_gpu = check(str(plan), "--tensorrt-version", "11.4", "--compute-capability", "8.6")
     assert other_gpu.returncode == 1 and "8.6" in other_gpu.stdout
     assert check(str(tmp_path / "missing.plan"), "--tensorrt-version", "11.4").returncode == 1
+
+
+def test_grpc_front_refuses_a_taken_port_and_counts_its_slots():
+    """GrpcFront binds in its constructor: a port something listens on is one clear error (no SO_REUSEPORT
+    sharing). Started against no tritonserver, it answers health from `Upstream` itself and refuses inference
+    with UNAVAILABLE, and the in-flight bound's slots all come back (Upstream.in_flight returns to 0)."""
+    import socket
+
+    import grpc
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from edet_deploy.measure import free_port
+    from edet_deploy.triton.front import ModelInfo, Upstream
+    from edet_deploy.triton.grpc_front import GrpcFront
+
+    upstream = Upstream("127.0.0.1", free_port(), {"m": ModelInfo(8)}, grpc_port=free_port(), max_in_flight=2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(EdetError, match=f"grpc port {taken.getsockname()[1]} on 127.0.0.1 is already in use"):
+            GrpcFront(upstream, "127.0.0.1", taken.getsockname()[1])
+    front = GrpcFront(upstream, "127.0.0.1", 0).start()
+    client = grpcclient.InferenceServerClient(front.url)
+    try:
+        assert client.is_server_live() and not client.is_server_ready()  # tritonserver not up
+        upstream.up = True
+        assert client.is_server_ready() and client.is_model_ready("m")
+        upstream.down = {"m"}
+        assert not client.is_model_ready("m")
+        upstream.down = set()
+        data = grpcclient.InferInput("x", [1, 4], "FP32")
+        data.set_data_from_numpy(np.zeros((1, 4), np.float32))
+        for _ in range(4):  # nothing listens behind it: UNAVAILABLE, and the slot comes back each time
+            with pytest.raises(grpcclient.InferenceServerException) as refused:
+                client.infer("m", [data], client_timeout=30)
+            assert refused.value.status() == str(grpc.StatusCode.UNAVAILABLE)
+        assert upstream.in_flight == 0
+        upstream.in_flight = 2  # two requests running elsewhere: the bound refuses the next at once
+        with pytest.raises(grpcclient.InferenceServerException, match="at capacity"):
+            client.infer("m", [data], client_timeout=30)
+        upstream.in_flight = 0
+    finally:
+        client.close()
+        assert front.drain(1.0) == 0
+        front.close()

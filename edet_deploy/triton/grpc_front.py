@@ -31,6 +31,12 @@ STREAM_METHOD = "ModelStreamInfer"
 # Metadata the gRPC runtime sets itself: forwarding it would be refused or duplicated.
 RESERVED_METADATA = ("grpc-", ":")
 RESERVED_KEYS = {"content-type", "te", "user-agent", "host"}
+# The loopback channel to tritonserver. gRPC's default reconnect backoff (1 s, x1.6 per failed attempt, up to
+# 120 s) would keep the front answering UNAVAILABLE long after a restarted tritonserver is ready again on the
+# same port (the HTTP front reconnects per request): retry every 0.1-0.5 s instead.
+UPSTREAM_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
+                    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 500)]
 # What gRPC itself says when tritonserver cannot be reached (Triton's own UNAVAILABLE answers, a restricted API
 # among them, are passed on as they are).
 TRANSPORT_FAILURE = re.compile(r"failed to connect|Connection refused|Socket closed|Connection reset|Broken pipe|"
@@ -86,7 +92,8 @@ class GrpcFront:
         self.channel = None
         self.channel_port: Optional[int] = None
         self.calls: Dict[str, object] = {}
-        self.active = 0  # RPCs in flight
+        self.active = 0  # unary calls and stream messages in flight (an idle open stream does not count)
+        self.draining = False
         self.thread: Optional[threading.Thread] = None
         self.loop_ready = threading.Event()
         self.bound = self.loop.run_until_complete(self._bind(address, port))
@@ -123,7 +130,8 @@ class GrpcFront:
 
         self.thread = threading.Thread(target=run, name="edet-grpc-front", daemon=True)
         self.thread.start()
-        self.loop_ready.wait(30)
+        if not self.loop_ready.wait(30):
+            raise EdetError(f"the gRPC front on {self.url} did not start")
         return self
 
     def drain(self, grace: float) -> int:
@@ -142,12 +150,15 @@ class GrpcFront:
             self.loop.close()
 
     async def _drain(self, grace: float) -> int:
-        stopping = asyncio.ensure_future(self.server.stop(grace))
+        """New calls and stream messages are refused (UNAVAILABLE) from now on; once the work in flight is done
+        (or `grace` is over), the server stops, ending open streams (a client keeps an idle one open for its
+        life: waiting for it would hold every stop for the whole grace period)."""
+        self.draining = True
         deadline = self.loop.time() + grace
         while self.active and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         left = self.active
-        await stopping
+        await self.server.stop(0)
         return left
 
     async def _close(self) -> None:
@@ -161,9 +172,7 @@ class GrpcFront:
         it); bytes in, bytes out."""
         if self.channel is None or self.channel_port != self.upstream.grpc_port:
             old, self.channel_port = self.channel, self.upstream.grpc_port
-            self.channel = self.grpc.aio.insecure_channel(
-                f"127.0.0.1:{self.channel_port}",
-                options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
+            self.channel = self.grpc.aio.insecure_channel(f"127.0.0.1:{self.channel_port}", options=UPSTREAM_OPTIONS)
             self.calls = {}
             if old is not None:
                 asyncio.ensure_future(old.close(grace=30))
@@ -233,6 +242,8 @@ class _Handler:
         async def handle(request: bytes, context) -> bytes:
             front.active += 1
             try:
+                if front.draining and name not in ("ServerLive", "ServerReady", "ModelReady"):
+                    raise front.unavailable(None, "it is shutting down")
                 return await answer(request, context)
             except _Abort as a:
                 await context.abort(a.code, a.message)
@@ -276,20 +287,38 @@ class _Handler:
         front = self.front
         pb = _pb()
 
-        async def handle(requests: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
+        async def handle(requests: AsyncIterator[bytes], context) -> None:
             """Each message is checked and admitted like a ModelInfer; a refused one is answered on the stream
             with an error_message (Triton's way for a request of a stream) and never forwarded. A forwarded
-            message holds its in-flight slot until a response arrives (one each: the models are not decoupled)."""
-            front.active += 1
+            message holds its in-flight slot (and counts as work in flight for the drain) until a response
+            arrives (one each: the models are not decoupled). Written with context.write, not as a generator, so
+            that the clean-up runs when the call ends however it ends (grpc.aio cancels this task)."""
             up = front.upstream
             answers: asyncio.Queue = asyncio.Queue()
             forward: asyncio.Queue = asyncio.Queue()
             done = object()
-            holding = [0]  # slots this stream holds
+            holding = [0]  # slots this stream holds = its messages in flight
+
+            def take() -> None:
+                holding[0] += 1
+                front.active += 1
+
+            def give_back(n: int = 1) -> None:
+                n = min(n, holding[0])
+                holding[0] -= n
+                front.active -= n
+                for _ in range(n):
+                    up.release()
 
             async def accepted() -> AsyncIterator[bytes]:
                 while (item := await forward.get()) is not done:
                     yield item
+
+            def refusal(parsed, reason: str) -> bytes:
+                return pb.ModelStreamInferResponse(
+                    error_message=reason,
+                    infer_response=pb.ModelInferResponse(model_name=parsed.model_name, id=parsed.id)
+                ).SerializeToString()
 
             async def read_client() -> None:
                 try:
@@ -301,20 +330,23 @@ class _Handler:
                             continue
                         info = up.models.get(parsed.model_name)
                         reason = check_grpc_inference(parsed, info.max_batch_size if info else None)
+                        if reason is None and front.draining:
+                            reason = "the server is shutting down; retry"
                         if reason is None and info and not up.model_ready(parsed.model_name):
                             reason = f"model {parsed.model_name} is being recovered; retry"
                         if reason is None:
                             if up.admit():
-                                holding[0] += 1
+                                take()
                             else:
                                 reason = up.at_capacity()
                         if reason:
-                            refused = pb.ModelStreamInferResponse(
-                                error_message=reason,
-                                infer_response=pb.ModelInferResponse(model_name=parsed.model_name, id=parsed.id))
-                            await answers.put(refused.SerializeToString())
+                            await answers.put(refusal(parsed, reason))
                         else:
                             await forward.put(message)
+                except front.grpc.aio.AioRpcError:
+                    pass  # the client went away: the call ends
+                except Exception as e:  # noqa: BLE001 - a bug of ours ends this stream, not the front
+                    await answers.put(_Abort(front.grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
                 finally:
                     await forward.put(done)
 
@@ -323,12 +355,13 @@ class _Handler:
                     call = front._call(path, streaming=True)(accepted(), metadata=self._metadata(context),
                                                              timeout=context.time_remaining())
                     async for message in call:
-                        if holding[0]:
-                            holding[0] -= 1
-                            up.release()
+                        give_back()
+                        up.succeeded()
                         await answers.put(message)
                 except front.grpc.aio.AioRpcError as e:
                     await answers.put(front.upstream_error(e, None))
+                except Exception as e:  # noqa: BLE001 - as above: surfaced, never an OK end that lost answers
+                    await answers.put(front.unavailable(None, f"{type(e).__name__}: {e}"))
                 finally:
                     await answers.put(done)
 
@@ -338,17 +371,15 @@ class _Handler:
                 while (item := await answers.get()) is not done:
                     if isinstance(item, _Abort):
                         await context.abort(item.code, item.message)
-                    yield item
+                    await context.write(item)
                 while not answers.empty():  # refusals queued after the upstream stream ended
                     item = answers.get_nowait()
                     if isinstance(item, bytes):
-                        yield item
+                        await context.write(item)
             finally:
                 for task in (client_task, upstream_task):
                     task.cancel()
-                for _ in range(holding[0]):
-                    up.release()
-                front.active -= 1
+                give_back(holding[0])
 
         return handle
 
