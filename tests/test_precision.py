@@ -695,3 +695,22 @@ def test_default_calibration_method_is_the_variants():
     for name, cfg in VARIANTS.items():
         assert Int8Options().for_variant(name).method == ("minmax" if cfg.act == "relu6" else "entropy")
         assert Int8Options(method="percentile").for_variant(name).method == "percentile"
+
+
+def test_calibration_cache_key_survives_a_re_export(fp32, tmp_path):
+    """The calibration cache is keyed by the graph, not the model's metadata: the same weights exported again
+    (a new export time in metadata_props) find their ranges; another graph does not."""
+    from edet_deploy.precision.int8 import cache_key
+
+    model = onnx.load(str(fp32), load_external_data=False)
+    images = [Path(fp32)]  # any files: the key reads their paths and sizes
+    key = cache_key(model, images, "minmax", ["a", "b"], 8)
+    again = onnx.ModelProto()
+    again.CopyFrom(model)
+    for prop in again.metadata_props:
+        prop.value = prop.value.replace("T", "t")  # what a later export changes: its creation time among them
+    again.metadata_props.add(key="exported_again", value="2099-01-01T00:00:00")
+    assert cache_key(again, images, "minmax", ["a", "b"], 8) == key
+    again.graph.node[0].name += "_changed"
+    assert cache_key(again, images, "minmax", ["a", "b"], 8) != key
+    assert cache_key(model, images, "entropy", ["a", "b"], 8) != key

@@ -147,7 +147,11 @@ def network_nodes(proto: onnx.ModelProto, exclude: Iterable[str] = ()) -> Tuple[
 
 def cache_key(candidate: onnx.ModelProto, images: Sequence[Path], method: str, tensors: Sequence[str],
               chunk: int) -> str:
-    h = hashlib.sha256(candidate.SerializeToString())
+    """What the ranges depend on: the graph and its opsets (not the model's metadata, whose export time changes
+    with every export of the same weights: a re-export must find its ranges), the images, method and merging."""
+    h = hashlib.sha256(candidate.graph.SerializeToString())
+    for opset in sorted((o.domain, o.version) for o in candidate.opset_import):
+        h.update(f"opset {opset[0]}:{opset[1]}".encode())
     h.update(method.encode())
     h.update(json.dumps(CALIB_OPTIONS, sort_keys=True).encode())
     h.update(f"chunk {chunk}, seeded histograms".encode())  # how the histograms were merged
