@@ -130,6 +130,10 @@ def main(argv=None) -> int:
               "quick": args.quick, "max_loss": args.max_loss, "sensitivity": sensitivity, "rows": rows}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+
+    def except_in(row: str) -> str:
+        return "" if args.quick else f' except in the "{row}" row'
+
     lines = ["# Accuracy per precision (ONNX Runtime, CPU)\n",
              f"Models: {', '.join(f'{x} ({weights_of(x).name})' for x in models)}, input 256; {report['split']}; "
              f"calibration on {args.calib_images} images of the calib split; machine {m['cpu']}, {m['cores']} "
@@ -138,9 +142,10 @@ def main(argv=None) -> int:
              f"runtime column says otherwise). INT8 graphs "
              f"are the FP16 twin plus Q/DQ on the inputs of Convs (and on the residual inputs of the Adds TensorRT "
              f"fuses into them), fp16 scales, opset 19, depthwise channels equalized before calibration "
-             f"(precision/equalize.py) except in the \"not equalized\" row, and calibrated thresholds tightened by "
-             f"the error of the layer each tensor feeds (precision/refine.py, label-free, 32 calib images) except in "
-             f"the \"not refined\" row. **Bold**: the best INT8 graph of each model. "
+             f"(precision/equalize.py){except_in('not equalized')}, and calibrated thresholds tightened by the "
+             f"error of the layer each tensor feeds (precision/refine.py, label-free, 32 calib images)"
+             f"{except_in('not refined')}{' (a --quick run: no ablation rows)' if args.quick else ''}. **Bold**: the "
+             f"best INT8 graph of each model. "
              f"Census: share of the GMAC per image that TensorRT 11 would run in int8 / fp16 / fp32 (read from the "
              f"graph's types).\n",
              "| model | graph | runtime | mAP@[.5:.95] | AP50 | AP75 | delta vs FP32 (points) | census int8 / fp16 / fp32 |",
