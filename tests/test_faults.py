@@ -704,7 +704,26 @@ def test_requests_beyond_the_in_flight_bound_are_refused_at_once(repo, tmp_path,
         assert len(answered) + len(refused) == len(seen), [r for r in seen if r not in answered + refused][:3]
         assert answered and refused and all("at capacity" in r[1] for r in refused), refused[:3]
         assert {r[0] for r in refused} == {503, str(grpc.StatusCode.UNAVAILABLE)}, refused[:3]
-        for _ in range(3):  # every slot came back
+        # A stream's messages take slots too: 6 sent at once on one stream, those beyond the slot are answered
+        # on the stream with the refusal, the others with detections, each exactly once.
+        import queue
+        streamer, answers = grpcclient.InferenceServerClient(f"127.0.0.1:{s.grpc}"), queue.Queue()
+        try:
+            streamer.start_stream(callback=lambda result, error: answers.put((result, error)))
+            image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+            image.set_data_from_numpy(np.array([[picture]], dtype=np.object_))
+            for k in range(6):
+                streamer.async_stream_infer("efficientdet_d0", [image], request_id=str(k))
+            got = [answers.get(timeout=120) for _ in range(6)]
+            time.sleep(1)
+            extra = answers.qsize()  # each message answered once: nothing more arrives
+        finally:
+            streamer.stop_stream(cancel_requests=True)
+            streamer.close()
+        stream_refused = [str(e) for r, e in got if e is not None]
+        assert 1 <= len(stream_refused) < 6 and all("at capacity" in e for e in stream_refused), got
+        assert extra == 0
+        for _ in range(3):  # every slot came back, the stream's included
             assert http_infer()[0] == 200 and grpc_infer()[0] == "OK"
         assert ready(s.url) == 200
     finally:
