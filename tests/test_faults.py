@@ -161,6 +161,15 @@ def infer(url, payloads, timeout=120.0, shape=None, blob=None, outputs=SCORE_OUT
                 timeout)
 
 
+def grpc_images(payloads):
+    """The gRPC IMAGE input of a request carrying `payloads` (encoded images), one per batch row."""
+    import tritonclient.grpc as grpcclient
+
+    image = grpcclient.InferInput("IMAGE", [len(payloads), 1], "BYTES")
+    image.set_data_from_numpy(np.array([[p] for p in payloads], dtype=np.object_))
+    return image
+
+
 def scores(body):
     out = {o["name"]: o["data"] for o in json.loads(body)["outputs"]}
     return out["detection_scores"][:5]
@@ -297,8 +306,7 @@ def test_sigterm_under_load_drains_in_flight_requests(repo, tmp_path, picture):
         family, regions = s.family(), s.shm()
         streamer, answered = grpcclient.InferenceServerClient(f"127.0.0.1:{s.grpc}"), queue.Queue()
         streamer.start_stream(callback=lambda result, error: answered.put(error))
-        image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-        image.set_data_from_numpy(np.array([[picture]], dtype=np.object_))
+        image = grpc_images([picture])
         streamer.async_stream_infer("efficientdet_d0", [image])
         assert answered.get(timeout=120) is None  # answered; the stream stays open, idle
         threads = [threading.Thread(target=client) for _ in range(6)]
@@ -531,8 +539,7 @@ def _grpc_forged_shapes(url, picture, model):
     client = grpcclient.InferenceServerClient(url)
 
     def request(shape):
-        image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-        image.set_data_from_numpy(np.array([[picture]], dtype=np.object_))
+        image = grpc_images([picture])
         image.set_shape(shape)  # forged after the data was set: the client sends one element
         return client.infer(model, [image], client_timeout=120)
 
@@ -583,8 +590,7 @@ def test_forged_batch_over_grpc_refused_by_the_ensemble(served, picture):
     assert status == 400 and b"batch 9" in body, (status, body[:200])
     client = grpcclient.InferenceServerClient(served.triton_grpc())
     try:
-        image = grpcclient.InferInput("IMAGE", [9, 1], "BYTES")
-        image.set_data_from_numpy(np.array([[picture]] * 9, dtype=np.object_))
+        image = grpc_images([picture] * 9)
         with pytest.raises(grpcclient.InferenceServerException) as refused:
             client.infer("efficientdet_d0", [image], client_timeout=120)
     finally:
@@ -612,14 +618,12 @@ def test_grpc_front_refuses_what_the_http_front_refuses(served, picture):
     client = grpcclient.InferenceServerClient(url)
     try:
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("efficientdet_d0")
-        image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-        image.set_data_from_numpy(np.array([[picture]], dtype=np.object_))
+        image = grpc_images([picture])
         with pytest.raises(grpcclient.InferenceServerException, match="classification") as refused:
             client.infer("efficientdet_d0", [image], outputs=[
                 grpcclient.InferRequestedOutput("detection_labels", class_count=3)], client_timeout=120)
         assert refused.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
-        big = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-        big.set_data_from_numpy(np.array([[b"x" * (80 << 20)]], dtype=np.object_))
+        big = grpc_images([b"x" * (80 << 20)])
         with pytest.raises(grpcclient.InferenceServerException) as refused:
             client.infer("efficientdet_d0", [big], client_timeout=120)
         assert refused.value.status() == str(grpc.StatusCode.RESOURCE_EXHAUSTED), refused.value
@@ -667,8 +671,7 @@ def test_requests_beyond_the_in_flight_bound_are_refused_at_once(repo, tmp_path,
         def grpc_infer():
             client = grpcclient.InferenceServerClient(f"127.0.0.1:{s.grpc}")
             try:
-                image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-                image.set_data_from_numpy(np.array([[picture]], dtype=np.object_))
+                image = grpc_images([picture])
                 client.infer("efficientdet_d0", [image], client_timeout=120)
                 return "OK", ""
             except grpcclient.InferenceServerException as e:
@@ -710,8 +713,7 @@ def test_requests_beyond_the_in_flight_bound_are_refused_at_once(repo, tmp_path,
         streamer, answers = grpcclient.InferenceServerClient(f"127.0.0.1:{s.grpc}"), queue.Queue()
         try:
             streamer.start_stream(callback=lambda result, error: answers.put((result, error)))
-            image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-            image.set_data_from_numpy(np.array([[picture]], dtype=np.object_))
+            image = grpc_images([picture])
             for k in range(6):
                 streamer.async_stream_infer("efficientdet_d0", [image], request_id=str(k))
             got = [answers.get(timeout=120) for _ in range(6)]
@@ -872,8 +874,7 @@ def test_no_404_while_a_stub_is_recovered_under_load(served, picture):
     killed, done, grpc_answered_after_a_kill = threading.Event(), threading.Event(), threading.Event()
 
     def grpc_infer(client):
-        image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-        image.set_data_from_numpy(np.array([[picture]], dtype=np.object_))
+        image = grpc_images([picture])
         try:
             client.infer("efficientdet_d0", [image], client_timeout=60)
             return 200
@@ -939,8 +940,7 @@ def test_six_tritonserver_crashes_in_a_row_do_not_end_serve(served, picture):
     import tritonclient.grpc as grpcclient
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc}")
     try:
-        image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-        image.set_data_from_numpy(np.array([[picture]], dtype=np.object_))
+        image = grpc_images([picture])
         t0 = time.monotonic()
         client.infer("efficientdet_d0", [image], client_timeout=60)
         assert time.monotonic() - t0 < 10

@@ -27,7 +27,6 @@ from ..errors import EdetError
 from .front import MAX_BODY, RECOVERABLE, RETRY_AFTER_S, Upstream, check_inference
 
 SERVICE = "inference.GRPCInferenceService"
-STREAM_METHOD = "ModelStreamInfer"
 # Metadata the gRPC runtime sets itself: forwarding it would be refused or duplicated.
 RESERVED_METADATA = ("grpc-", ":")
 RESERVED_KEYS = {"content-type", "te", "user-agent", "host"}
@@ -96,12 +95,12 @@ class GrpcFront:
         self.draining = False
         self.thread: Optional[threading.Thread] = None
         self.loop_ready = threading.Event()
-        self.bound = self.loop.run_until_complete(self._bind(address, port))
-        if not self.bound:
+        bound = self.loop.run_until_complete(self._bind(address, port))
+        if not bound:
             self.loop.close()
             raise EdetError(f"grpc port {port} on {address} is already in use; choose another (--grpc-port) or stop "
                             f"what listens there")
-        self.address, self.port = address, self.bound
+        self.address, self.port = address, bound
 
     @property
     def url(self) -> str:
@@ -194,6 +193,20 @@ class GrpcFront:
             self.upstream.succeeded()
         return out
 
+    def admit_inference(self, request) -> Optional[_Abort]:
+        """Why a parsed ModelInferRequest is refused (the checks, a model being recovered, the in-flight bound), or
+        None once it holds an in-flight slot (`Upstream.release` it when answered)."""
+        up = self.upstream
+        info = up.models.get(request.model_name)
+        reason = check_grpc_inference(request, info.max_batch_size if info else None)
+        if reason:
+            return _Abort(self.grpc.StatusCode.INVALID_ARGUMENT, reason)
+        if info and not up.model_ready(request.model_name):
+            return self.unavailable(request.model_name, "it is being recovered")
+        if not up.admit():
+            return _Abort(self.grpc.StatusCode.UNAVAILABLE, up.at_capacity())
+        return None
+
     def unavailable(self, model: Optional[str], why: str) -> _Abort:
         what = f"model {model}" if model else "the server"
         return _Abort(self.grpc.StatusCode.UNAVAILABLE, f"{what} is unavailable ({why}); retry in "
@@ -264,14 +277,9 @@ class _Handler:
             elif name == "ModelInfer":
                 parsed = _parse(pb.ModelInferRequest, request)
                 model = parsed.model_name
-                info = up.models.get(model)
-                reason = check_grpc_inference(parsed, info.max_batch_size if info else None)
-                if reason:
-                    raise _Abort(front.grpc.StatusCode.INVALID_ARGUMENT, reason)
-                if info and not up.model_ready(model):
-                    raise front.unavailable(model, "it is being recovered")
-                if not up.admit():
-                    raise _Abort(front.grpc.StatusCode.UNAVAILABLE, up.at_capacity())
+                refused = front.admit_inference(parsed)
+                if refused:
+                    raise refused
                 try:
                     return await front.forward(path, request, context, model, self._metadata(context))
                 finally:
@@ -328,20 +336,12 @@ class _Handler:
                         except _Abort as a:
                             await answers.put(pb.ModelStreamInferResponse(error_message=a.message).SerializeToString())
                             continue
-                        info = up.models.get(parsed.model_name)
-                        reason = check_grpc_inference(parsed, info.max_batch_size if info else None)
-                        if reason is None and front.draining:
-                            reason = "the server is shutting down; retry"
-                        if reason is None and info and not up.model_ready(parsed.model_name):
-                            reason = f"model {parsed.model_name} is being recovered; retry"
-                        if reason is None:
-                            if up.admit():
-                                take()
-                            else:
-                                reason = up.at_capacity()
-                        if reason:
-                            await answers.put(refusal(parsed, reason))
+                        refused = (front.unavailable(None, "it is shutting down") if front.draining
+                                   else front.admit_inference(parsed))
+                        if refused:
+                            await answers.put(refusal(parsed, refused.message))
                         else:
+                            take()
                             await forward.put(message)
                 except front.grpc.aio.AioRpcError:
                     pass  # the client went away: the call ends
