@@ -4,12 +4,20 @@ answers checked against a lone request's. Extra NAME=VALUE arguments go into ser
 
     python benchmarks/memory_burst.py CODE_DIR REPO N PORT [NAME=VALUE ...]
 """
-import io, json, os, subprocess, sys, threading, time, urllib.request, urllib.error
+import io
+import json
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
 from edet_deploy.triton.supervisor import child_processes
+from serve_process import serve_process
 
 def tree(pid):
     """pid and its live descendants (supervisor.child_processes: /proc, zombies left out)."""
@@ -55,54 +63,49 @@ def infer(url, blob, timeout=600):
     except OSError as e: return None, repr(e)
 
 def main(code_dir, repo, n, port, settle=60, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=code_dir, **(env_extra or {}))
-    def free():
-        import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-    proc = subprocess.Popen([sys.executable, "-m", "edet_deploy", "serve", "--repo", repo, "--http-port", str(port),
-                             "--grpc-port", str(free()), "--metrics-port", str(free())], cwd=code_dir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        while "serving" not in proc.stdout.readline():
-            if proc.poll() is not None: raise SystemExit("serve did not start")
+    with serve_process(repo, code_dir=code_dir, env=env_extra, http_port=port) as served:
+        pid = served.proc.pid
         url = f"127.0.0.1:{port}"
         blob = jpeg()
         ref = infer(url, blob)
         assert ref[0] == 200, ref
         time.sleep(3)
-        base = snapshot(proc.pid)
+        base = snapshot(pid)
         peak, results, lock = dict(base), [], threading.Lock()
         stop = threading.Event()
+
         def sampler():
             while not stop.is_set():
-                for k, v in snapshot(proc.pid).items():
+                for k, v in snapshot(pid).items():
                     peak[k] = max(peak.get(k, 0), v)
                 time.sleep(0.2)
         threading.Thread(target=sampler, daemon=True).start()
+
         def one():
             r = infer(url, blob)
-            with lock: results.append(r)
+            with lock:
+                results.append(r)
         t0 = time.monotonic()
         ts = [threading.Thread(target=one) for _ in range(n)]
-        for t in ts: t.start()
-        for t in ts: t.join()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
         burst = time.monotonic() - t0
         stop.set()
-        after = {}
-        curve = []
+        after, curve = {}, []
         t1 = time.monotonic()
         while time.monotonic() - t1 < settle:
             time.sleep(5)
-            after = snapshot(proc.pid); curve.append(round(sum(after.values())))
+            after = snapshot(pid)
+            curve.append(round(sum(after.values())))
         ok = sum(1 for r in results if r[0] == 200 and r[1] == ref[1])
         return {"n": n, "jpeg_bytes": len(blob), "burst_s": round(burst, 1), "correct": ok,
                 "statuses": sorted({str(r[0]) for r in results}),
                 "baseline_mib": round(sum(base.values())), "peak_mib_sum_of_peaks": round(sum(peak.values())),
                 "after_mib": round(sum(after.values())), "curve_every_5s": curve,
                 "by_process": {k: [base.get(k), peak.get(k), after.get(k)] for k in sorted(set(base) | set(after))}}
-    finally:
-        proc.terminate()
-        try: proc.wait(90)
-        except subprocess.TimeoutExpired: proc.kill()
+
 
 if __name__ == "__main__":
     env_extra = dict(kv.split("=", 1) for kv in sys.argv[5:])

@@ -4,13 +4,14 @@ end within two minutes)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 from edet_deploy.measure import free_port
 from edet_deploy.triton.supervisor import child_processes
@@ -29,11 +30,17 @@ class ServeProcess:
 
 
 @contextlib.contextmanager
-def serve_process(repo: str | Path, extra: Sequence[str] = (), timeout: float = 400.0) -> Iterator[ServeProcess]:
-    http_port, grpc_port = free_port(), free_port()
+def serve_process(repo: str | Path, extra: Sequence[str] = (), timeout: float = 400.0,
+                  code_dir: Optional[str | Path] = None, env: Optional[Dict[str, str]] = None,
+                  http_port: Optional[int] = None) -> Iterator[ServeProcess]:
+    """`code_dir`: run that checkout's edet_deploy (its own directory and PYTHONPATH) instead of the installed
+    one; `env`: more variables for serve's environment."""
+    http_port, grpc_port = http_port or free_port(), free_port()
+    environment = dict(os.environ, **(env or {}), **({"PYTHONPATH": str(code_dir)} if code_dir else {}))
     proc = subprocess.Popen([sys.executable, "-m", "edet_deploy", "serve", "--repo", str(repo), "--http-port",
                              str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(free_port()),
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=code_dir, env=environment)
     try:
         deadline, line = time.monotonic() + timeout, ""
         while time.monotonic() < deadline and "serving" not in line and proc.poll() is None:

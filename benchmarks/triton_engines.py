@@ -1,8 +1,8 @@
 """Triton load test, once per CPU engine (OpenVINO, OpenVINO in bf16 where the CPU has it, ONNX Runtime): generates the CPU repository
 for the bundled D0 model with that engine, starts the embedded server, sends real images (the shapes
 validation split) at concurrency 1, 2, 4, 8, 16, and compares with the in-process pipeline of the same backend
-on the same images. The ensemble-vs-in-process ratio is measured in a sandwich (in-process, ensemble,
-in-process again), so the shared CPU's drift hits both sides alike. Writes JSON, CSV and markdown to
+on the same images. The ensemble-vs-in-process ratio is measured in alternating blocks, so the shared
+CPU's drift hits both sides alike (benchmarks/triton_floor.py sets it beside the floor of any Triton model). Writes JSON, CSV and markdown to
 benchmarks/results/triton_engines.*
 
     python benchmarks/triton_engines.py [--engine-backends openvino,openvino-bf16,onnxruntime] [--requests 20]
@@ -14,11 +14,10 @@ import argparse
 import csv
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's edet_deploy, also in the stubs
-from edet_deploy.measure import CpuPressure, gc_paused, machine_info, percentiles  # noqa: E402
+from edet_deploy.measure import CpuPressure, alternating_blocks, machine_info, percentiles  # noqa: E402
 from edet_deploy.triton.load import perf_analyzer_command, run_load  # noqa: E402
 
 
@@ -84,33 +83,16 @@ def export_graph(repo: Path, out: Path) -> Path:
 
 
 def interleaved(local, url: str, blobs, n: int, rounds: int = 6) -> dict:
-    """In-process pipeline and ensemble at concurrency 1 on the same images, `n` calls each, in blocks of
-    n / rounds that alternate (in-process first in even rounds, the ensemble first in odd ones), so the shared
-    CPU's drift (30% between blocks a minute apart on this VM) falls on both alike. Not call by call: both
-    runtimes keep their worker threads spinning for a moment after each call, which would slow whichever runs
-    next."""
+    """In-process pipeline and ensemble at concurrency 1 on the same images, `n` calls each, in alternating
+    blocks (`measure.alternating_blocks`)."""
     from edet_deploy.triton.client import TritonDetectorClient
     client = TritonDetectorClient(url, "efficientdet_d0", "grpc")
     for b in blobs[:3]:
         local.detect([b])
         client.detect([b])
-
-    def block(fn, count: int) -> list:
-        out = []
-        for i in range(count):
-            blob = blobs[i % len(blobs)]
-            t = time.perf_counter()
-            fn([blob])
-            out.append((time.perf_counter() - t) * 1000)
-        return out
-    t_local, t_remote = [], []
-    size = max(1, n // rounds)
-    with gc_paused():
-        for r in range(rounds):
-            for side in ((t_local, local.detect), (t_remote, client.detect))[::1 if r % 2 == 0 else -1]:
-                side[0].extend(block(side[1], size))
+    times = alternating_blocks({"local": local.detect, "remote": client.detect}, blobs, n, rounds)
     client.close()
-    a, b = percentiles(t_local), percentiles(t_remote)
+    a, b = percentiles(times["local"]), percentiles(times["remote"])
     return {"in_process": {k: round(v, 2) for k, v in a.items()}, "ensemble_c1": {k: round(v, 2) for k, v in b.items()},
             "ratio_p50": round(b["p50"] / a["p50"], 3)}
 

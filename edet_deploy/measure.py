@@ -9,7 +9,7 @@ import os
 import platform
 import socket
 import time
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -42,6 +42,24 @@ def gc_paused() -> Iterator[None]:
         if enabled:
             gc.enable()
 
+
+
+def alternating_blocks(sides: Dict[str, Callable[[list], Any]], inputs: Sequence, calls: int,
+                       rounds: int = 6) -> Dict[str, List[float]]:
+    """ms per call of each side (called with [one input]), `calls` calls each in `rounds` blocks per side, the
+    sides' order reversed every other round, the collector paused: a shared CPU's drift (30% between blocks a
+    minute apart on a cloud VM) falls on every side alike. Blocks, not call by call: runtimes keep their worker
+    threads spinning for a moment after a call, which would slow whichever side ran next."""
+    times: Dict[str, List[float]] = {k: [] for k in sides}
+    size = max(1, calls // rounds)
+    with gc_paused():
+        for r in range(rounds):
+            for key in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                for i in range(size):
+                    t = time.perf_counter()
+                    sides[key]([inputs[i % len(inputs)]])
+                    times[key].append((time.perf_counter() - t) * 1000)
+    return times
 
 # Share of a run's wall time during which some runnable task waited for a CPU (Linux PSI "some") above which
 # its numbers are marked as measured under load: a quiet machine stays near 0, a competing process on a

@@ -17,6 +17,27 @@ def test_percentiles_and_loop():
     assert calls == list(range(6)) and len(times) == 4  # warm-up calls are not timed; inputs rotate by index
 
 
+def test_alternating_blocks_alternate_the_sides_and_time_every_call():
+    """Blocks of calls/rounds per side, the order reversed every other round, each call timed with its one input."""
+    import gc
+    import time
+
+    from edet_deploy.measure import alternating_blocks
+    calls = []
+
+    def side(name, seconds):
+        def call(batch):
+            calls.append((name, batch))
+            time.sleep(seconds)
+        return call
+    times = alternating_blocks({"a": side("a", 0.0), "b": side("b", 0.002)}, ["x", "y", "z"], 8, rounds=4)
+    assert [n for n, _ in calls] == ["a", "a", "b", "b", "b", "b", "a", "a"] * 2
+    assert [b for n, b in calls if n == "a"] == [["x"], ["y"]] * 4  # each block starts at the first input
+    assert len(times["a"]) == len(times["b"]) == 8
+    assert min(times["b"]) >= 2.0 > max(times["a"])
+    assert gc.isenabled()
+
+
 def test_quick_bench_writes_all_formats(tmp_path):
     report = run_bench(["d0"], ["torch", "onnxruntime", "openvino", "tensorrt"], ["fp32"], [1], tmp_path, warmup=1,
                        iters=3, progress=False)

@@ -22,14 +22,14 @@ def _stats(client, models: Sequence[str]) -> Dict[str, Dict[str, int]]:
         inf = st["inference_stats"] if isinstance(st, dict) else st.inference_stats
         count = int(st["inference_count"] if isinstance(st, dict) else st.inference_count)
         execs = int(st["execution_count"] if isinstance(st, dict) else st.execution_count)
-        out[m] = {"count": count, "executions": execs, "queue_ns": get(inf, "queue"),
+        out[m] = {"count": count, "executions": execs, "success_ns": get(inf, "success"), "queue_ns": get(inf, "queue"),
                   "compute_input_ns": get(inf, "compute_input"), "compute_infer_ns": get(inf, "compute_infer"),
                   "compute_output_ns": get(inf, "compute_output")}
     return out
 
 
 def server_split(before: Dict, after: Dict) -> Dict[str, Dict[str, float]]:
-    """Per composing model: mean queue and compute time (ms) per request, and the mean batch executed."""
+    """Per model: mean time in the server, queue and compute time (ms) per request, and the mean batch executed."""
     split = {}
     for m in after:
         n = after[m]["count"] - before[m]["count"]
@@ -37,7 +37,7 @@ def server_split(before: Dict, after: Dict) -> Dict[str, Dict[str, float]]:
         if n <= 0:
             continue
         d = {k: (after[m][k] - before[m][k]) / n / 1e6 for k in after[m] if k.endswith("_ns")}
-        split[m] = {"queue_ms": round(d["queue_ns"], 3),
+        split[m] = {"request_ms": round(d["success_ns"], 3), "queue_ms": round(d["queue_ns"], 3),
                     "compute_ms": round(d["compute_input_ns"] + d["compute_infer_ns"] + d["compute_output_ns"], 3),
                     "mean_batch": round(n / e, 2) if e else 0.0}
     return split

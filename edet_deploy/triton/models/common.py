@@ -54,6 +54,14 @@ class EngineModel:
         threads = int(params.get("threads", "0")) or None
         self.runner = self.make_runner(os.path.join(version_dir, params.get("onnx_file", "model.onnx")), threads)
 
+    def run(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        """The graph's outputs for `images` [B,S,S,3] uint8, in chunks of at most the runner's batch."""
+        from edet_deploy.nms.op import OUTPUTS
+
+        step = self.runner.max_batch
+        chunks = [self.runner.infer(images[s:s + step]) for s in range(0, len(images), step)]
+        return {k: np.concatenate([c[k] for c in chunks]) for k in OUTPUTS}
+
     def execute(self, requests):
         import triton_python_backend_utils as pb_utils
 
@@ -65,12 +73,7 @@ class EngineModel:
             batches.append(images)
             counts.append(len(images))
         try:
-            merged = np.concatenate(batches)
-            chunks = []
-            step = self.runner.max_batch
-            for s in range(0, len(merged), step):
-                chunks.append(self.runner.infer(merged[s:s + step]))
-            outputs = {k: np.concatenate([c[k] for c in chunks]) for k in OUTPUTS}
+            outputs = self.run(np.concatenate(batches))
         except Exception as e:  # noqa: BLE001 - fail these requests, keep the stub alive
             return [error_response(pb_utils, f"inference failed: {type(e).__name__}: {e}") for _ in requests]
         responses, start = [], 0

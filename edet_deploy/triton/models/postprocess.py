@@ -39,26 +39,30 @@ class TritonPythonModel:
         self.names = np.asarray([n.encode() for n in names] or [b""], dtype=object)
         self.with_labels = bool(names)
 
+    def output_tensors(self, num: np.ndarray, raw_boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                       scale: np.ndarray, orig_size: np.ndarray) -> list:
+        """The engine's outputs for one request -> the ensemble's output tensors (boxes in original pixels)."""
+        check_inputs(num, raw_boxes, scores, classes, scale, orig_size)
+        boxes = to_original_pixels(raw_boxes, scale.reshape(-1), orig_size)
+        out = [pb_utils.Tensor(NUM_DETECTIONS, num.astype(np.int32)),
+               pb_utils.Tensor(DETECTION_BOXES, boxes),
+               pb_utils.Tensor(DETECTION_SCORES, scores.astype(np.float32)),
+               pb_utils.Tensor(DETECTION_CLASSES, classes.astype(np.int32))]
+        if self.with_labels:
+            idx = np.clip(classes, 0, len(self.names) - 1)
+            labels = self.names[idx]
+            labels[np.arange(classes.shape[1])[None, :] >= num.reshape(-1, 1)] = b""
+            out.append(pb_utils.Tensor(DETECTION_LABELS, labels.astype(object)))
+        return out
+
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
                 get = lambda name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()  # noqa: E731
-                num = get(raw_output_name(NUM_DETECTIONS))
-                classes = get(raw_output_name(DETECTION_CLASSES))
-                raw_boxes, scores = get(raw_output_name(DETECTION_BOXES)), get(raw_output_name(DETECTION_SCORES))
-                scale, orig_size = get(SCALE), get(ORIG_SIZE)
-                check_inputs(num, raw_boxes, scores, classes, scale, orig_size)
-                boxes = to_original_pixels(raw_boxes, scale.reshape(-1), orig_size)
-                out = [pb_utils.Tensor(NUM_DETECTIONS, num.astype(np.int32)),
-                       pb_utils.Tensor(DETECTION_BOXES, boxes),
-                       pb_utils.Tensor(DETECTION_SCORES, scores.astype(np.float32)),
-                       pb_utils.Tensor(DETECTION_CLASSES, classes.astype(np.int32))]
-                if self.with_labels:
-                    idx = np.clip(classes, 0, len(self.names) - 1)
-                    labels = self.names[idx]
-                    labels[np.arange(classes.shape[1])[None, :] >= num.reshape(-1, 1)] = b""
-                    out.append(pb_utils.Tensor(DETECTION_LABELS, labels.astype(object)))
+                out = self.output_tensors(*(get(raw_output_name(o)) for o in (NUM_DETECTIONS, DETECTION_BOXES,
+                                                                              DETECTION_SCORES, DETECTION_CLASSES)),
+                                          get(SCALE), get(ORIG_SIZE))
                 responses.append(pb_utils.InferenceResponse(output_tensors=out))
             except EdetError as e:
                 responses.append(error_response(pb_utils, str(e)))

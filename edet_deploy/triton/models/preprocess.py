@@ -5,6 +5,7 @@ budgets are checked before any decoding (headers only for encoded images)."""
 from __future__ import annotations
 
 import json
+from typing import Tuple
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -50,21 +51,24 @@ class TritonPythonModel:
         check_request_pixels(opened, self.max_request_pixels)
         return [to_rgb(pil, f"{IMAGE}[{i}]") for i, pil in enumerate(opened)]
 
+    def prepare(self, tensor: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One request's IMAGE tensor -> (letterboxed images [B,S,S,3] uint8, scales [B,1], sizes [B,2])."""
+        images, scales, sizes = [], [], []
+        for img in (self._decoded(tensor) if self.decoded else self._encoded(tensor)):
+            boxed, scale = letterbox(img, self.size, self.fill)
+            images.append(boxed)
+            scales.append([scale])
+            sizes.append(img.shape[:2])
+        return np.stack(images), np.asarray(scales, np.float32), np.asarray(sizes, np.int32)
+
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                tensor = pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy()
-                images, scales, sizes = [], [], []
-                for img in (self._decoded(tensor) if self.decoded else self._encoded(tensor)):
-                    boxed, scale = letterbox(img, self.size, self.fill)
-                    images.append(boxed)
-                    scales.append([scale])
-                    sizes.append(img.shape[:2])
+                images, scales, sizes = self.prepare(pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy())
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(INPUT_NAME, np.stack(images)),
-                    pb_utils.Tensor(SCALE, np.asarray(scales, np.float32)),
-                    pb_utils.Tensor(ORIG_SIZE, np.asarray(sizes, np.int32))]))
+                    pb_utils.Tensor(INPUT_NAME, images), pb_utils.Tensor(SCALE, scales),
+                    pb_utils.Tensor(ORIG_SIZE, sizes)]))
             except EdetError as e:
                 responses.append(error_response(pb_utils, str(e)))
             except Exception as e:  # noqa: BLE001 - never let one request kill the stub
