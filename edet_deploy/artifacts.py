@@ -42,6 +42,8 @@ def save_graph(proto: "onnx.ModelProto", onnx_path: Path, meta: ArtifactMetadata
     """Check, embed metadata, and write graph + sidecar atomically (nothing half-written on failure)."""
     from onnx import helper
 
+    if sidecar_path(onnx_path) == Path(onnx_path):
+        raise EdetError(f"{onnx_path}: that is the name of the graph's metadata JSON; name the graph .onnx")
     check_graph(proto)
     del proto.metadata_props[:]
     proto.producer_name, proto.producer_version = "edet-deploy", __version__

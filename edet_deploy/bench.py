@@ -320,6 +320,10 @@ def sweep_options(backends: str, precisions: str, batches: str | Sequence[int]) 
     before hours of sweep start."""
     backend_list = [b.strip() for b in backends.split(",") if b.strip()]
     precision_list = [x.strip() for x in precisions.split(",") if x.strip()]
+    if not backend_list:
+        raise EdetError(f"--backends names no backend; choose from {','.join(BACKENDS)}")
+    if not precision_list:
+        raise EdetError(f"--precisions names no precision; choose from {','.join(PRECISIONS)}")
     bad = [b for b in backend_list if b not in BACKENDS] + [x for x in precision_list if x not in PRECISIONS]
     if bad:
         raise EdetError(f"unknown backend/precision {bad}")
@@ -336,11 +340,23 @@ def run_bench(models: Sequence[str], backends: Sequence[str], precisions: Sequen
               out: str | Path, threads: Optional[int] = None, warmup: int = 3, iters: int = 20,
               seconds: Optional[float] = None, progress: bool = True, weights: Optional[str] = None,
               accuracy: Optional[Accuracy] = None) -> Dict:
-    """Time every combination (and with `accuracy`, measure its mAP); reports are rewritten after each one."""
+    """Time every combination (and with `accuracy`, measure its mAP); reports are rewritten after each one, from
+    the first measured one on: a sweep that measures nothing leaves the reports already in `out` as they were."""
     from tqdm import tqdm
 
+    for flag, values in (("--models", models), ("--backends", backends), ("--precisions", precisions),
+                         ("--batch", batches)):
+        if not values:  # no combination: refused rather than a sweep of nothing
+            raise EdetError(f"{flag} names nothing to bench")
     if weights is not None and len(models) != 1:
         raise EdetError("--weights fit one variant: bench a single --models entry with them")
+    if weights is not None:  # refused here, not as one skipped row per combination
+        from .io import existing_file
+        existing_file(weights, "weights file")
+        try:
+            open(weights, "rb").close()
+        except OSError as e:
+            raise EdetError(f"cannot read weights {weights}: {e.strerror}") from None
     if accuracy is not None:
         if weights is None:
             raise EdetError("--data measures accuracy, which needs trained --weights (random weights score 0)")
@@ -371,6 +387,8 @@ def run_bench(models: Sequence[str], backends: Sequence[str], precisions: Sequen
                                "weights": weights or "random init (latency does not depend on them)",
                                "accuracy": None if accuracy is None else {**asdict(accuracy), "data": str(accuracy.data)}},
                   "results": [asdict(x) for x in results]}
-        write_reports(report, out, plots=False)  # after every run: a crash keeps what was measured
-    write_reports(report, out)
+        if any(x.status == "ok" for x in results):  # after every run: a crash keeps what was measured
+            write_reports(report, out, plots=False)
+    if any(x.status == "ok" for x in results):
+        write_reports(report, out)
     return report

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import List, Optional
 
+from .cli_args import OutputPath, output_clash
 from .errors import EdetError
 from .log import logger
 
@@ -62,7 +63,7 @@ def add_global_options(parser: argparse.ArgumentParser, on_subcommand: bool) -> 
     g = parser.add_argument_group("global options")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging", **unset)
     g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only", **unset)
-    g.add_argument("--log-file", metavar="FILE",
+    g.add_argument("--log-file", metavar="FILE", type=OutputPath(),
                    help="also write the log to FILE (serve: tritonserver's log too; default: stderr only)", **unset)
 
 
@@ -80,11 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edet-deploy {__version__}")
     add_global_options(parser, on_subcommand=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.subcommands = {}  # type: ignore[attr-defined] - name -> its parser, for checks across its options
     for name, (help_text, fn) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text,
                             formatter_class=DefaultsHelpFormatter)
         sp.set_defaults(handler=fn(sp))
         add_global_options(sp, on_subcommand=True)
+        parser.subcommands[name] = sp  # type: ignore[attr-defined]
     return parser
 
 
@@ -134,9 +137,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         return 2  # a usage error, already printed on one line
     if not getattr(args, "handler", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
     prefix = f"edet-deploy {args.command}: error:"
+    clash = output_clash(args, [*parser._actions, *parser.subcommands[args.command]._actions])
+    if args.verbose and args.quiet:
+        clash = "-v (debug logging) and -q (warnings only) contradict each other: give one"
+    if clash:  # before any work: an output must never overwrite what the command reads
+        print(f"{prefix} {clash}", file=sys.stderr)
+        return 2
     try:
         setup_logging(args.verbose, args.quiet, args.log_file)
         from . import __version__

@@ -7,13 +7,90 @@ import argparse
 import json
 import math
 import sys
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from .errors import EdetError
 
 if TYPE_CHECKING:
     from .detector import Detector
     from .nms import NmsSettings
+
+
+class OutputPath:
+    """An argparse `type`: a path the command writes, checked when the command line is parsed, so a path that
+    cannot be written is one line and exit 2 before the work (an epoch of training, a whole evaluation), naming
+    the user's path: not empty; a file path that is not an existing folder (`folder_ok`: an existing folder is
+    taken too), a `folder` path that is not an existing file; names of at most 255 bytes; and the nearest existing
+    folder above it takes new files (probed with a nameless temporary file: permissions, read-only mounts, /proc).
+    `artifact`: a graph or plan, whose metadata JSON goes beside it under its name with .json, so that name is
+    refused for the artifact itself. `dash`: '-' (stdout) passes."""
+
+    def __init__(self, *, folder: bool = False, folder_ok: bool = False, artifact: bool = False,
+                 dash: bool = False):
+        self.folder, self.folder_ok, self.artifact, self.dash = folder, folder_ok, artifact, dash
+
+    def __call__(self, text: str) -> str:
+        if self.dash and text == "-":
+            return text
+        if not text.strip():
+            raise argparse.ArgumentTypeError("an empty path")
+        path = Path(text)
+        if any(len(part.encode()) > 255 for part in path.parts):
+            raise argparse.ArgumentTypeError(f"{text}: a name longer than 255 bytes")
+        if self.folder and path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+        if not self.folder and not self.folder_ok and path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path")
+        if self.artifact and path.suffix == ".json":
+            raise argparse.ArgumentTypeError(f"{text}: that is the name of the metadata JSON written beside the "
+                                             f"artifact; name it {path.with_suffix('.onnx').name} or .plan")
+        folder = path if self.folder or path.is_dir() else path.parent
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+        if not existing.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: {existing} is not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"{text}: cannot write in {existing}: {e.strerror}") from None
+        return text
+
+
+def output_clash(args: argparse.Namespace, actions: Sequence[argparse.Action]) -> Optional[str]:
+    """What would make an output of this command overwrite one of its inputs, in one line (None: nothing): an
+    output path (an `OutputPath` option) that is an input file (any other option or argument naming an existing
+    file), the metadata sidecar of an input graph or plan, or (an artifact output) whose sidecar is one."""
+    from .metadata import CHECKSUM_KEYS, sidecar_path
+
+    taken: Dict[Path, str] = {}
+    outputs = []
+    for action in actions:
+        value = getattr(args, action.dest, None)
+        if isinstance(action.type, OutputPath):
+            if isinstance(value, str) and value != "-":
+                outputs.append((action, value))
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and item and _is_file(item):
+                taken[Path(item).resolve()] = f"the input {item}"
+                if Path(item).suffix in CHECKSUM_KEYS:
+                    taken[sidecar_path(Path(item).resolve())] = f"{item}'s metadata {sidecar_path(item).name}"
+    for action, value in outputs:
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        resolved = Path(value).resolve()
+        clash = taken.get(resolved) or (taken.get(sidecar_path(resolved)) if action.type.artifact else None)
+        if clash:
+            return f"{flag} {value} would overwrite {clash}; choose another path"
+    return None
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem: not an input file
+        return False
 
 
 class Bounded:
@@ -135,7 +212,7 @@ class SourceArgs:
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         """Declare the source and runtime options."""
         from .backends import CPU_GRAPH_BACKENDS, DEFAULT_CPU_BACKEND
-        parser.add_argument("--model", default="d0", help="variant (with --weights or random init)")
+        parser.add_argument("--model", help="variant (with --weights or random init; default: d0)")
         parser.add_argument("--weights", help="checkpoint (ours or effdet's)")
         src = parser.add_mutually_exclusive_group()
         src.add_argument("--onnx", help="exported graph (its metadata JSON beside it)")
@@ -165,7 +242,7 @@ class SourceArgs:
     @staticmethod
     def describe(args: argparse.Namespace) -> str:
         """One string naming the source, for reports."""
-        return args.engine or args.onnx or f"{args.model}:{args.weights or 'random-init'}"
+        return args.engine or args.onnx or f"{args.model or 'd0'}:{args.weights or 'random-init'}"
 
     @staticmethod
     def slug(args: argparse.Namespace) -> str:
@@ -173,12 +250,19 @@ class SourceArgs:
         from pathlib import Path
         if args.engine or args.onnx:
             return Path(args.engine or args.onnx).stem
-        return f"{args.model}_{Path(args.weights).stem if args.weights else 'random-init'}"
+        return f"{args.model or 'd0'}_{Path(args.weights).stem if args.weights else 'random-init'}"
 
     def build(self, args: argparse.Namespace, min_score: float = 0.0) -> "Detector":
         """The Detector; a source and backend that do not go together is the user's error."""
         from .detector import Detector
         backend = self.backend(args)
+        given = args.onnx and "--onnx" or args.engine and "--engine"
+        ignored = [f for f, v in (("--model", args.model), ("--weights", args.weights)) if v is not None]
+        if given and ignored:  # the graph or plan carries its variant and weights: a second source is a mistake
+            raise EdetError(f"{' and '.join(ignored)} build a model from weights; {given} brings its own "
+                            f"(leave {' and '.join(ignored)} out)")
+        if args.cuda_graph and not args.engine:
+            raise EdetError("--cuda-graph is for --engine (TensorRT); the CPU backends have no CUDA graphs")
         if args.bf16:
             from .backends import bf16_options
             bf16_options(backend, "--bf16")  # not ignored beside --engine
@@ -198,7 +282,7 @@ class SourceArgs:
                 raise EdetError(f"--onnx runs on the {' or '.join(CPU_GRAPH_BACKENDS)} backend")
             return Detector.from_onnx(args.onnx, backend=backend, threads=args.threads, min_score=min_score,
                                       bf16=bf16)
-        return Detector.from_model(args.model, args.weights, backend=backend, threads=args.threads,
+        return Detector.from_model(args.model or "d0", args.weights, backend=backend, threads=args.threads,
                                    min_score=min_score, bf16=bf16)
 
 
@@ -221,7 +305,7 @@ class JsonOutArgs:
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         """Declare the option."""
-        parser.add_argument("--json", metavar="PATH",
+        parser.add_argument("--json", metavar="PATH", type=OutputPath(dash=True),
                             help="write all detections as JSON to PATH; '-' prints only the JSON on stdout")
 
     @staticmethod

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Dict, Tuple
 
 from .cli_args import (BATCH, COUNT, FRACTION, IMAGE_SIZE, INSTANCES, PORT, SEED, THREADS, Bounded, BoundedList,
-                       JsonOutArgs, NmsArgs, ProgressArgs, SourceArgs, batch_profile, detection_report)
+                       JsonOutArgs, NmsArgs, OutputPath, ProgressArgs, SourceArgs, batch_profile, detection_report)
 from .contract import EXPORT_OPSETS, INPUT_FORMATS, artifact_name
 from .errors import EdetError, EdetRuntimeError
 
@@ -58,7 +58,7 @@ def _export(p: argparse.ArgumentParser):
     b.add_argument("--batch", type=BATCH, default=1, help="fixed batch size")
     b.add_argument("--dynamic-batch", type=BATCH, metavar="MAX", help="dynamic batch dimension up to MAX")
     p.add_argument("--opset", type=Bounded(int, *EXPORT_OPSETS), default=17, help="ONNX opset")
-    p.add_argument("--out", default="build/export", help="output directory")
+    p.add_argument("--out", default="build/export", type=OutputPath(folder=True), help="output directory")
     nms, progress = NmsArgs(), ProgressArgs()
     nms.add_to(p)
     progress.add_to(p)
@@ -111,8 +111,9 @@ def _detect(p: argparse.ArgumentParser):
     source.add_to(p)
     p.add_argument("--min-score", type=FRACTION, default=0.3, help="hide detections below this score")
     json_out.add_to(p)
-    p.add_argument("--draw", help="draw the detections of the first image to this .png/.jpg file (or into an "
-                                  "existing directory, <image>_det.png for each image)")
+    p.add_argument("--draw", type=OutputPath(folder_ok=True),
+                   help="draw the detections of the first image to this .png/.jpg file (or into an "
+                        "existing directory, <image>_det.png for each image)")
 
     def run(args) -> int:
         from .preprocess import decode_image
@@ -140,7 +141,8 @@ def _detect(p: argparse.ArgumentParser):
 @command("demo", "the main job on this machine: export, check, detect on CPU (OpenVINO, checked against ONNX "
                  "Runtime), serve with Triton")
 def _demo(p: argparse.ArgumentParser):
-    p.add_argument("--out", default="build/demo", help="where the graph, images and reports go")
+    p.add_argument("--out", default="build/demo", type=OutputPath(folder=True),
+                   help="where the graph, images and reports go")
     p.add_argument("--model", default="d0")
 
     def run(args) -> int:
@@ -151,19 +153,23 @@ def _demo(p: argparse.ArgumentParser):
 
 @command("make-shapes", "generate the shapes detection dataset (COCO format) used by the demo model")
 def _make_shapes(p: argparse.ArgumentParser):
-    p.add_argument("--out", default="build/shapes")
+    p.add_argument("--out", default="build/shapes", type=OutputPath(folder=True),
+                   help="dataset folder (built beside it, moved into place when complete)")
     split = Bounded(int, 0, 1_000_000, meanings={0: "no such split"})
     p.add_argument("--train", type=split, default=3000, help="training images")
     p.add_argument("--val", type=split, default=300, help="validation images")
     p.add_argument("--calib", type=split, default=500, help="calibration images")
     p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--force", action="store_true", help="write into an --out holding files make-shapes did not "
+                                                         "generate (its instances_<split>.json and images/<split> "
+                                                         "are replaced)")
     progress = ProgressArgs()
     progress.add_to(p)
 
     def run(args) -> int:
         from .data import generate_shapes
         out = generate_shapes(args.out, {"train": args.train, "val": args.val, "calib": args.calib}, args.seed,
-                              progress=progress.build(args))
+                              progress=progress.build(args), force=args.force)
         print(f"wrote {out} (splits train/val/calib: {args.train}/{args.val}/{args.calib})")
         return 0
     return run
@@ -173,7 +179,8 @@ def _make_shapes(p: argparse.ArgumentParser):
 def _train(p: argparse.ArgumentParser):
     p.add_argument("--model", default="d0")
     p.add_argument("--data", required=True, help="dataset dir with train and val splits (COCO format)")
-    p.add_argument("--out", required=True, help="checkpoint path (.safetensors or .pth); the best epoch is kept")
+    p.add_argument("--out", required=True, type=OutputPath(),
+                   help="checkpoint path (.safetensors or .pth); the best epoch is kept")
     p.add_argument("--epochs", type=Bounded(int, 1, 100_000), default=10)
     p.add_argument("--batch-size", type=BATCH, default=8)
     p.add_argument("--lr", type=Bounded(float, 0.0, 10.0, above=True), default=2e-3, help="peak learning rate")
@@ -208,7 +215,8 @@ def _eval(p: argparse.ArgumentParser):
     p.add_argument("--data", required=True, help="dataset dir (instances_<split>.json + images)")
     p.add_argument("--split", default="val")
     p.add_argument("--max-images", type=COUNT, help="evaluate the first N images (default: all)")
-    p.add_argument("--report", help="JSON report path (default: <data>/eval_<split>_<graph or model>_<backend>.json)")
+    p.add_argument("--report", type=OutputPath(),
+                   help="JSON report path (default: <data>/eval_<split>_<graph or model>_<backend>.json)")
     progress = ProgressArgs()
     progress.add_to(p)
 
@@ -256,9 +264,10 @@ def _triton_repo(p: argparse.ArgumentParser):
                    "0 on --target cpu, whose engine is busy long enough for requests to batch; 2000 on gpu)")
     p.add_argument("--force", action="store_true", help="write into an --out holding models or files edet-deploy "
                                                          "did not generate")
-    p.add_argument("--out", default="model_repository")
-    p.add_argument("--resign", metavar="DIR", help="after an intended edit of DIR's files (a config, class names): "
-                   "check DIR as `serve` does and write its checksum manifest anew (nothing is generated)")
+    p.add_argument("--out", default="model_repository", type=OutputPath(folder=True))
+    p.add_argument("--resign", metavar="DIR", type=OutputPath(folder=True),
+                   help="after an intended edit of DIR's files (a config, class names): "
+                        "check DIR as `serve` does and write its checksum manifest anew (nothing is generated)")
     progress = ProgressArgs()
     progress.add_to(p)
 
@@ -325,10 +334,10 @@ def _client(p: argparse.ArgumentParser):
     json_out.add_to(p)
 
     def run(args) -> int:
+        from .io import existing_file
         from .triton.client import TritonDetectorClient
         for path in args.images:  # before the server is contacted
-            if not Path(path).is_file():
-                raise EdetError(f"image not found: {path}")
+            existing_file(path, "image")
         client = TritonDetectorClient(args.url, args.model, args.protocol, input_format=args.input_format)
         results = []
         for path in args.images:
@@ -349,7 +358,7 @@ def _convert(p: argparse.ArgumentParser):
     p.add_argument("onnx", help="FP32 graph from `edet-deploy export`")
     p.add_argument("--fp16", action="store_true", required=True, help="convert to FP16 (the only conversion)")
     p.add_argument("--data", help="images to find nodes that overflow FP16 (those stay FP32)")
-    p.add_argument("--out", help="default: <name>.fp16.onnx beside the input")
+    p.add_argument("--out", type=OutputPath(artifact=True), help="default: <name>.fp16.onnx beside the input")
 
     def run(args) -> int:
         from .precision.convert import to_fp16
@@ -370,7 +379,8 @@ def _calibrate(p: argparse.ArgumentParser):
                         "D0-D7x, minmax for Lite (bounded ReLU6 activations; measured in docs/precision.md)")
     p.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN",
                    help="node-name patterns kept in float (fnmatch or substring), e.g. '*/class_net/predict/*'")
-    p.add_argument("--cache-dir", help="calibration-range cache (default: .calibration_cache beside the graph)")
+    p.add_argument("--cache-dir", type=OutputPath(folder=True),
+                   help="calibration-range cache (default: .calibration_cache beside the graph)")
     p.add_argument("--sensitivity", action="store_true",
                    help="first find the blocks that cost the most mAP in INT8 (needs a val split in --data) and "
                         "keep them in float")
@@ -382,7 +392,7 @@ def _calibrate(p: argparse.ArgumentParser):
     p.add_argument("--no-refine", action="store_true",
                    help="keep the calibrated thresholds as they are instead of tightening each by the error of "
                         "the layer it feeds (label-free, on 32 of the images; about 20 s for D0)")
-    p.add_argument("--out", help="default: <name>.int8-<method>.onnx beside the input")
+    p.add_argument("--out", type=OutputPath(artifact=True), help="default: <name>.int8-<method>.onnx beside the input")
     progress = ProgressArgs()
     progress.add_to(p)
 
@@ -422,7 +432,8 @@ def _calibrate(p: argparse.ArgumentParser):
 @command("build", "build a strongly typed TensorRT engine, 10.13 or 11.x (needs an NVIDIA GPU and TensorRT)")
 def _build(p: argparse.ArgumentParser):
     p.add_argument("onnx", help="graph from export / convert / calibrate (its precision is the engine's)")
-    p.add_argument("--out", required=True, help="engine file (.plan); a JSON sidecar is written beside it")
+    p.add_argument("--out", required=True, type=OutputPath(artifact=True),
+                   help="engine file (.plan); a JSON sidecar is written beside it")
     p.add_argument("--batch", type=batch_profile, default="1", help="optimization profile MIN:OPT:MAX (or N)")
     p.add_argument("--timing-cache", help="timing cache file, read and updated")
     p.add_argument("--workspace", type=Bounded(float, 0.0, 1024.0, above=True), default=4.0, help="workspace limit in GB")
@@ -449,14 +460,15 @@ def _bench(p: argparse.ArgumentParser):
     p.add_argument("--precisions", default="fp32,int8", help="fp32,bf16,fp16,int8 (bf16: OpenVINO on CPUs with bf16 "
                                                             "instructions)")
     p.add_argument("--batch", type=BoundedList(BATCH), default=[1], help="batch sizes, e.g. 1,8")
-    p.add_argument("--warmup", type=Bounded(int, 0, 10_000_000, meanings={0: "no warm-up"}), default=3,
-                   help="untimed runs before timing each combination")
-    p.add_argument("--iters", type=COUNT, default=20, help="timed runs of each combination")
+    p.add_argument("--warmup", type=Bounded(int, 0, 10_000_000, meanings={0: "no warm-up"}),
+                   help="untimed runs before timing each combination (default: 3, 1 with --quick)")
+    p.add_argument("--iters", type=COUNT, help="timed runs of each combination (default: 20, 5 with --quick)")
     p.add_argument("--seconds", type=Bounded(float, 0.0, 86_400.0, above=True),
                    help="time each combination for S seconds instead of --iters")
-    p.add_argument("--quick", action="store_true", help="1 warm-up, 5 iterations: a smoke run")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 1 warm-up, 5 iterations; an explicit --warmup / --iters / --seconds wins")
     p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores)")
-    p.add_argument("--out", default="build/bench")
+    p.add_argument("--out", default="build/bench", type=OutputPath(folder=True))
     acc = p.add_argument_group("accuracy beside latency (Ultralytics' benchmark does the same)")
     acc.add_argument("--weights", help="trained weights for the one variant in --models (default: random init, "
                                        "which is enough for latency)")
@@ -471,7 +483,9 @@ def _bench(p: argparse.ArgumentParser):
     def run(args) -> int:
         from .bench import Accuracy, run_bench, sweep_options
         from .configs import parse_model_list
-        warmup, iters = (1, 5) if args.quick else (args.warmup, args.iters)
+        # --quick changes defaults only: a value given on the command line wins, as --seconds wins over --iters.
+        warmup = args.warmup if args.warmup is not None else 1 if args.quick else 3
+        iters = args.iters if args.iters is not None else 5 if args.quick else 20
         backends, precisions, batches = sweep_options(args.backends, args.precisions, args.batch)
         accuracy = None if not args.data else Accuracy(Path(args.data), args.split, args.eval_images,
                                                          args.calib_images)
@@ -479,9 +493,12 @@ def _bench(p: argparse.ArgumentParser):
                            warmup, iters, args.seconds, progress.build(args), weights=args.weights,
                            accuracy=accuracy)
         ok = sum(r["status"] == "ok" for r in report["results"])
-        if not ok:
+        if not ok:  # run_bench left the reports in --out as they were: the first reason goes on this line
+            first = report["results"][0]
             raise EdetRuntimeError(f"nothing was measured: all {len(report['results'])} combination(s) skipped or "
-                                   f"failed (reasons in {args.out}/bench.md)")
+                                   f"failed; first: {first['model']} {first['backend']} {first['precision']} "
+                                   f"b{first['batch']}: {first['status']}: {first['reason']} (no report written "
+                                   f"to {args.out})")
         print(f"{ok}/{len(report['results'])} combinations measured; wrote {args.out}/bench.{{json,csv,md}}, "
               f"latency.png, accuracy_vs_latency.png")
         return 0

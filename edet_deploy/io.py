@@ -20,18 +20,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A name of up to 255 bytes must stay writable: the temporary one keeps at most 64 characters of it. Errors
+    # name `path`, the user's, not the temporary file.
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results should read like any other file
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def existing_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path when it names a file, else one line saying what it is instead: nothing given, a folder,
+    or nothing there (`what`: "image", "ONNX graph", "weights file", ...)."""
+    text = os.fsdecode(path)
+    if not text.strip():
+        raise EdetError(f"no {what} given (an empty path)")
+    path = Path(text)
+    if path.is_dir():
+        raise EdetError(f"{path} is a folder, not a{'n' if what[0] in 'aeiouAEIOU' else ''} {what}")
+    if not path.is_file():
+        raise EdetError(f"{what} not found: {path}")
+    return path
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -56,9 +78,7 @@ def load_onnx(path: str | os.PathLike, external_data: bool = True) -> "onnx.Mode
     """Read an ONNX graph, or raise one EdetError line saying why not (no such file, or not ONNX)."""
     import onnx
 
-    path = Path(os.fsdecode(path))
-    if not path.is_file():
-        raise EdetError(f"ONNX graph not found: {path}")
+    path = existing_file(path, "ONNX graph")
     try:
         return onnx.load(str(path), load_external_data=external_data)
     except Exception as e:  # noqa: BLE001 - protobuf raises its own types for garbage files

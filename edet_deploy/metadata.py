@@ -186,9 +186,14 @@ def verify_checksum(artifact: str | os.PathLike, meta: Dict[str, Any]) -> None:
 
     artifact = Path(artifact)
     key = CHECKSUM_KEYS.get(artifact.suffix)
-    expected = meta.get(key) if key else None
-    if expected is None or not artifact.is_file():
+    if key is None or not artifact.is_file():
         return
+    expected = meta.get(key)
+    if not isinstance(expected, str):
+        # Every sidecar we write records its artifact's checksum; one without it was written or edited by hand,
+        # and believing it would skip both checks below.
+        raise EdetError(f"{sidecar_path(artifact)} has no {key} for {artifact.name}: not as edet-deploy wrote it; "
+                        f"export it again")
     try:
         actual = sha256_file(artifact)
     except OSError as e:

@@ -11,7 +11,6 @@ import io
 import os
 import struct
 import warnings
-from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple, Union
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .configs import MEAN_RGB
 from .errors import EdetError
+from .io import existing_file
 
 # Bounded cost per image and per request, checked from the headers before any pixel is decoded
 # (decompression-bomb protection: a few KB of PNG can declare gigapixels).
@@ -34,9 +34,7 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, 
 
 def _read_source(src: ImageSource, label: str) -> bytes:
     if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        if not path.is_file():
-            raise EdetError(f"image not found: {path}")
+        path = existing_file(src, "image")
         try:
             if path.stat().st_size > MAX_ENCODED_BYTES:
                 raise EdetError(f"{path}: file larger than {MAX_ENCODED_BYTES >> 20} MiB")

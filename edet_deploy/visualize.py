@@ -20,7 +20,8 @@ DRAW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 def draw_targets(draw: str | Path, images: Sequence[str | Path]) -> List[Path]:
     """Where `detect --draw` writes, checked before any work: a .png/.jpg file (the first image's detections)
-    in an existing directory, or an existing directory (<image>_det.png for each image). Nothing is created."""
+    in an existing directory, or an existing directory (<image>_det.png for each image, <image>_2_det.png for a
+    second image of that name). Nothing is created."""
     out = Path(draw)
     if out.suffix:
         if out.suffix.lower() not in DRAW_FORMATS:
@@ -31,7 +32,13 @@ def draw_targets(draw: str | Path, images: Sequence[str | Path]) -> List[Path]:
         return [out]
     if not out.is_dir():
         raise EdetError(f"--draw {out}: no such directory (create it, or give a .png/.jpg file)")
-    return [out / f"{Path(img).stem}_det.png" for img in images]
+    targets: List[Path] = []
+    for img in images:  # images sharing a name (a/x.jpg, b/x.jpg, x.png) get x_det.png, x_2_det.png, ...
+        stem, k = Path(img).stem, 1
+        while (name := out / (f"{stem}_det.png" if k == 1 else f"{stem}_{k}_det.png")) in targets:
+            k += 1
+        targets.append(name)
+    return targets
 
 
 def draw_detections(image: ImageSource, detections: Detections, out: str | Path) -> Path:

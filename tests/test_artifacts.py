@@ -67,6 +67,28 @@ def test_edited_sidecar_is_refused(tmp_path):
         read_metadata(path)
 
 
+@pytest.mark.parametrize("checksum", [None, "drop", 7])
+def test_sidecar_without_its_checksum_is_refused(tmp_path, checksum):
+    """Deleting (or nulling) the checksum must not switch the checks off: the edited labels are refused."""
+    path = tmp_path / "g.onnx"
+    artifacts.save_graph(tiny_graph(1.0), path, meta("a"))
+    side = json.loads(sidecar_path(path).read_text())
+    side["class_names"] = ["dog", "cat"]
+    if checksum == "drop":
+        del side["onnx_sha256"]
+    else:
+        side["onnx_sha256"] = checksum
+    sidecar_path(path).write_text(json.dumps(side))
+    with pytest.raises(EdetError, match="has no onnx_sha256 for g.onnx"):
+        read_metadata(path)
+
+
+def test_graph_path_that_is_its_own_sidecar_is_refused(tmp_path):
+    with pytest.raises(EdetError, match="metadata"):
+        artifacts.save_graph(tiny_graph(1.0), tmp_path / "g.json", meta("a"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_repository_generator_owns_what_it_writes(tmp_path):
     pytest.importorskip("tritonclient")
     from edet_deploy.triton.repo import generate_repository

@@ -128,18 +128,85 @@ def test_bf16_rows_run_the_fp32_graph_in_openvino(tmp_path):
         assert ov["status"] == "skipped" and "bf16 instructions" in ov["reason"]
 
 
-def test_nothing_measured_exits_1_and_skips_carry_no_times(tmp_path, capsys):
+def _previous_results(out):
+    """A good run's reports in `out`, to show that a later run did not touch them."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {name: f"previous {name}".encode() for name in ("bench.json", "bench.csv", "bench.md", "latency.png",
+                                                             "accuracy_vs_latency.png")}
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return files
+
+
+def test_nothing_measured_exits_1_keeps_previous_results_and_skips_carry_no_times(tmp_path, capsys):
     from edet_deploy.cli import main
+    from edet_deploy.reports import write_reports
+    out = tmp_path / "bench"
+    before = _previous_results(out)
     assert main(["bench", "--models", "d0", "--backends", "tensorrt", "--precisions", "fp32", "--quick",
-                 "--no-progress", "--out", str(tmp_path)]) == 1  # no GPU here: every combination is skipped
+                 "--no-progress", "--out", str(out)]) == 1  # no GPU here: every combination is skipped
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("edet-deploy bench: error: nothing was measured"), err
-    row = json.loads((tmp_path / "bench.json").read_text())["results"][0]
+    assert len(err) == 1 and err[-1].startswith("edet-deploy bench: error: nothing was measured"), err
+    assert "d0 tensorrt fp32 b1: skipped: no GPU" in err[-1]  # the cause, not only a pointer to a file
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before  # nothing overwritten
+    # A sweep that measures nothing writes no reports, and its skipped rows carry no times.
+    report = run_bench(["d0"], ["tensorrt"], ["fp32"], [1], tmp_path / "fresh", warmup=1, iters=3, progress=False)
+    assert not list((tmp_path / "fresh").glob("bench.*"))
+    row = report["results"][0]
     assert row["status"] == "skipped" and row["reason"] == "no GPU"
     assert row["model_p50_ms"] is None and row["load_ms"] is None and row["throughput_img_s"] is None
-    with open(tmp_path / "bench.csv") as f:
+    write_reports(report, tmp_path / "fresh", plots=False)  # as a mixed sweep writes its skipped rows
+    with open(tmp_path / "fresh" / "bench.csv") as f:
         csv_row = next(csv.DictReader(f))
     assert csv_row["model_p50_ms"] == "" and csv_row["pipeline_p50_ms"] == ""
+
+
+@pytest.mark.parametrize("args,cause", [
+    (["--backends", ""], "--backends names no backend"),
+    (["--backends", " , "], "--backends names no backend"),
+    (["--precisions", ""], "--precisions names no precision"),
+    (["--models", ""], "--models names nothing to bench"),
+    (["--models", ",,"], "--models names nothing to bench"),
+    (["--models", "d9"], "unknown model 'd9'"),
+    (["--backends", "onnxruntime,tflite"], "unknown backend/precision ['tflite']"),
+    (["--precisions", "int4"], "unknown backend/precision ['int4']"),
+    (["--weights", "nope.pth"], "weights file not found: nope.pth"),
+    (["--weights", "."], ". is a folder, not a weights file"),
+])
+def test_bad_bench_input_exits_2_before_any_work(args, cause, tmp_path, monkeypatch, capsys):
+    """Bad input is one line and exit 2 naming the cause, before any export or timing, and the previous
+    results in --out stay as they were."""
+    from edet_deploy.cli import main
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench"
+    before = _previous_results(out)
+    argv = ["bench", "--models", "d0", "--backends", "onnxruntime", "--precisions", "fp32", "--quick",
+            "--no-progress", "--out", str(out), *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edet-deploy bench: error: ") and cause in err[0], err
+    assert sorted(f.name for f in out.iterdir()) == sorted(before)  # no graphs exported, nothing written
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+
+
+@pytest.mark.parametrize("args,expected", [
+    ([], (3, 20)),
+    (["--quick"], (1, 5)),
+    (["--quick", "--iters", "50"], (1, 50)),
+    (["--quick", "--warmup", "0"], (0, 5)),
+    (["--warmup", "7", "--iters", "9"], (7, 9)),
+])
+def test_quick_sets_defaults_and_explicit_values_win(args, expected, monkeypatch, tmp_path):
+    from edet_deploy import bench
+    from edet_deploy.cli import main
+    seen = {}
+
+    def fake_run_bench(models, backends, precisions, batches, out, threads, warmup, iters, seconds, *rest, **kw):
+        seen["warmup_iters"] = warmup, iters
+        return {"results": [{"status": "ok"}]}
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    assert main(["bench", "--backends", "onnxruntime", "--no-progress", "--out", str(tmp_path), *args]) == 0
+    assert seen["warmup_iters"] == expected
 
 
 def test_cpu_pressure_marks_a_loaded_run():

@@ -67,3 +67,107 @@ def test_bundled_weights_bring_their_class_count_and_a_hint_that_says_so():
     assert (model.config.num_classes, model.config.image_size) == (4, 256)
     with pytest.raises(EdetError, match=r"the file has 4 classes, the model 90: pass num_classes=4"):
         edet_deploy.create_model("d0", num_classes=90, weights=str(BUNDLED))
+
+
+def _scene(tmp_path: Path) -> None:
+    """An image, a folder, a file and a stand-in graph + sidecar (never read: the checks run before any work)."""
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.jpg")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "m.onnx").write_bytes(b"graph bytes")
+    (tmp_path / "g" / "m.json").write_text("{}")
+
+
+def _snapshot(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("argv,flag,match", [
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", ""], "--json", "an empty path"),
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", "adir"], "--json", "adir is a folder"),
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", "a" * 251 + ".json"], "--json", "longer than 255 bytes"),
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", "afile/x.json"], "--json", "afile is not a folder"),
+    (["train", "--data", "nowhere", "--out", "adir"], "--out", "adir is a folder"),
+    (["train", "--data", "nowhere", "--out", ""], "--out", "an empty path"),
+    (["eval", "--onnx", "g/m.onnx", "--data", "nowhere", "--report", "/proc/x.json"], "--report",
+     "cannot write in /proc"),
+    (["export", "--out", "afile"], "--out", "afile is a file, not a folder"),
+    (["convert", "g/m.onnx", "--fp16", "--out", "fp16.json"], "--out", "metadata JSON"),
+    (["calibrate", "g/m.onnx", "--data", "nowhere", "--out", "q.json"], "--out", "metadata JSON"),
+    (["triton-repo", "--onnx", "g/m.onnx", "--resign", ""], "--resign", "an empty path"),
+    (["--log-file", "adir", "models"], "--log-file", "adir is a folder"),
+])
+def test_output_paths_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, flag, match):
+    """A path the command would write is checked while the command line is parsed: one line naming the user's
+    path (never a temporary file), exit 2, and nothing written or created."""
+    monkeypatch.chdir(tmp_path)
+    _scene(tmp_path)
+    before = _snapshot(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and match in err[0] and ".tmp" not in err[0], err
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", "g/m.json"], "--json g/m.json would overwrite g/m.onnx's "
+                                                                       "metadata m.json"),
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--draw", "a.jpg"], "--draw a.jpg would overwrite the input a.jpg"),
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", "a.jpg"], "would overwrite the input a.jpg"),
+    (["convert", "g/m.onnx", "--fp16", "--out", "g/m.onnx"], "--out g/m.onnx would overwrite the input g/m.onnx"),
+    (["convert", "g/m.onnx", "--fp16", "--out", "g/../g/m.onnx"], "would overwrite the input g/m.onnx"),
+    (["--log-file", "g/m.onnx", "detect", "a.jpg", "--onnx", "g/m.onnx"], "--log-file g/m.onnx would overwrite"),
+    (["train", "--data", "nowhere", "--weights", "a.jpg", "--out", "a.jpg"], "--out a.jpg would overwrite"),
+])
+def test_an_output_never_overwrites_an_input(tmp_path, capsys, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    _scene(tmp_path)
+    before = _snapshot(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert _snapshot(tmp_path) == before
+
+
+def test_drawings_of_images_sharing_a_name_do_not_overwrite_each_other(tmp_path):
+    from edet_deploy.visualize import draw_targets
+    images = ["a/x.jpg", "b/x.jpg", "b/x.png", "y.jpg"]
+    assert [t.name for t in draw_targets(tmp_path, images)] == ["x_det.png", "x_2_det.png", "x_3_det.png",
+                                                               "y_det.png"]
+
+
+def test_outputs_with_names_up_to_255_bytes_are_written(tmp_path):
+    from edet_deploy.io import write_json
+    path = tmp_path / ("a" * 250 + ".json")
+    write_json(path, {"ok": 1})
+    assert json.loads(path.read_text()) == {"ok": 1} and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--weights", "w.pth"], "--weights build a model from weights; "
+                                                                      "--onnx brings its own"),
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--model", "d1"], "--model build a model"),
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--cuda-graph"], "--cuda-graph is for --engine"),
+    (["-v", "detect", "a.jpg", "--onnx", "g/m.onnx", "-q"], "contradict each other"),
+])
+def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    _scene(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["detect", "adir", "--onnx", "g/m.onnx"], "adir is a folder, not an image"),
+    (["detect", "", "--onnx", "g/m.onnx"], "no image given (an empty path)"),
+    (["detect", "a.jpg", "--onnx", "adir"], "adir is a folder, not an ONNX graph"),
+    (["convert", "", "--fp16"], "no ONNX graph given"),
+])
+def test_inputs_that_are_folders_or_empty_say_so(tmp_path, capsys, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    _scene(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err

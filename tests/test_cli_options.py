@@ -145,13 +145,15 @@ def test_interrupt_is_130(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (tmp_path / "s" / "images" / "train").is_dir() and time.monotonic() < deadline:
+        # make-shapes writes into a temporary folder beside --out, moved into place when complete
+        while not any(tmp_path.glob("*/images/train/*.jpg")) and time.monotonic() < deadline:
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 130 and err.strip() == "interrupted", err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
 def test_unexpected_failure_is_one_line_exit_1_and_traceback_only_with_v(monkeypatch, capsys):

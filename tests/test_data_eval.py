@@ -57,19 +57,22 @@ def test_bad_dataset_errors(tmp_path):
         CocoDataset(tmp_path, "val")
 
 
-def _hand_dataset(tmp_path):
+def _hand_annotations():
     """Two images, three ground-truth boxes of two classes."""
-    ann = {"images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 100},
-                      {"id": 2, "file_name": "b.png", "width": 100, "height": 100}],
-           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600,
-                            "iscrowd": 0},
-                           {"id": 2, "image_id": 1, "category_id": 2, "bbox": [60, 60, 30, 30], "area": 900,
-                            "iscrowd": 0},
-                           {"id": 3, "image_id": 2, "category_id": 1, "bbox": [0, 0, 50, 50], "area": 2500,
-                            "iscrowd": 0}],
-           "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
-    (tmp_path / "images" / "val").mkdir(parents=True)
-    (tmp_path / "instances_val.json").write_text(json.dumps(ann))
+    return {"images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 100},
+                       {"id": 2, "file_name": "b.png", "width": 100, "height": 100}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600,
+                             "iscrowd": 0},
+                            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [60, 60, 30, 30], "area": 900,
+                             "iscrowd": 0},
+                            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [0, 0, 50, 50], "area": 2500,
+                             "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+
+
+def _hand_dataset(tmp_path, ann=None):
+    (tmp_path / "images" / "val").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "instances_val.json").write_text(json.dumps(_hand_annotations() if ann is None else ann))
     return CocoDataset(tmp_path, "val")
 
 
@@ -109,3 +112,181 @@ def test_targets_and_augment():
     if len(boxes):
         x1, y1, x2, y2 = boxes[0].astype(int)
         assert out[y1 + 2:y2 - 2, x1 + 2:x2 - 2].mean() > 200  # the box still covers the white patch
+
+
+def _broken(edit):
+    ann = _hand_annotations()
+    edit(ann)
+    return ann
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a: a["annotations"][2].update(bbox=[1, 2]),
+     r"annotation 2: bbox must be 4 finite numbers \[x, y, w, h\] with w, h >= 0, got \[1, 2\]"),
+    (lambda a: a["annotations"][0].update(bbox=[float("nan")] * 4), r"annotation 0: bbox .* got \[NaN, NaN"),
+    (lambda a: a["annotations"][0].update(bbox=[0, 0, float("inf"), 5]), "annotation 0: bbox"),
+    (lambda a: a["annotations"][1].update(bbox=[0, 0, -3, 5]), "annotation 1: bbox"),
+    (lambda a: a["annotations"][1].update(bbox=[0, 0, "3", 5]), "annotation 1: bbox"),
+    (lambda a: a["annotations"][0].pop("bbox"), "annotation 0: bbox .* got null"),
+    (lambda a: a["annotations"][1].update(image_id=9), "annotation 1: image_id 9 names no image"),
+    (lambda a: a["annotations"][1].update(image_id=[1]), "annotation 1: image_id .* names no image"),
+    (lambda a: a["annotations"][1].update(category_id=7), "annotation 1: category_id 7 names no category"),
+    (lambda a: a["annotations"].append("box"), "annotation 3: must be an object"),
+    (lambda a: a["annotations"][0].pop("id"), "annotation 0: id must be an integer, got null"),
+    (lambda a: a["annotations"][2].update(id=1), "annotation 2: duplicate id 1"),
+    (lambda a: a["annotations"][1].pop("area"), "annotation 1: area must be a finite number >= 0, got null"),
+    (lambda a: a["annotations"][1].update(area=float("nan")), "annotation 1: area must be"),
+    (lambda a: a["images"][1].pop("file_name"), "image 1: file_name must be a non-empty string, got null"),
+    (lambda a: a["images"][0].update(file_name=""), "image 0: file_name"),
+    (lambda a: a["images"][0].update(id="x"), 'image 0: id must be an integer, got "x"'),
+    (lambda a: a["images"][1].update(id=1), "image 1: duplicate id 1"),
+    (lambda a: a["images"][0].update(width=0), "image 0: width must be a positive integer"),
+    (lambda a: a["images"][0].update(height=1.5), "image 0: height must be a positive integer"),
+    (lambda a: a.update(categories=[]), "'categories' is empty"),
+    (lambda a: a["categories"][0].update(id="1"), "category 0: id must be an integer"),
+    (lambda a: a["categories"][1].pop("name"), "category 1: name must be a string"),
+    (lambda a: a.update(images={"id": 1}), "'images' must be a list"),
+    (lambda a: a.update(annotations=None), "'annotations' must be a list"),
+    (lambda a: a.pop("categories"), "not a COCO instances file .no 'categories' list"),
+])
+def test_malformed_annotations_are_one_line_naming_the_entry(tmp_path, edit, message):
+    with pytest.raises(EdetError, match=message) as e:
+        _hand_dataset(tmp_path, _broken(edit))
+    assert str(e.value).startswith(str(tmp_path / "instances_val.json") + ": ") and "\n" not in str(e.value)
+
+
+def test_annotations_not_an_object(tmp_path):
+    with pytest.raises(EdetError, match="not a COCO instances file .a JSON list, not an object"):
+        _hand_dataset(tmp_path, [])
+
+
+def test_real_coco_file_with_extra_keys_loads(tmp_path):
+    ann = _hand_annotations()
+    ann.update(info={"year": 2017}, licenses=[{"id": 1, "name": "x"}])
+    for a in ann["annotations"]:
+        a["segmentation"] = [[0, 0, 1, 0, 1, 1]]
+    ann["annotations"] += [{"id": 4, "image_id": 2, "category_id": 2, "bbox": [5, 5, 20, 20], "iscrowd": 1,
+                            "segmentation": {"counts": "abc", "size": [100, 100]}, "area": 400},
+                           {"id": 5, "image_id": 2, "category_id": 2, "bbox": [5, 5, 0, 20], "iscrowd": 0,
+                            "area": 0}]
+    ann["categories"][0]["supercategory"] = "thing"
+    ds = _hand_dataset(tmp_path, ann)
+    assert len(ds) == 2 and ds.class_names == ["a", "b"]
+    boxes, classes = ds.target(1)  # the crowd region and the empty box are no targets
+    np.testing.assert_array_equal(boxes, [[0, 0, 50, 50]])
+    assert classes.tolist() == [0]
+
+
+def test_nan_boxes_give_exit_2_not_a_score(tmp_path, capsys):
+    from edet_deploy.cli import main
+
+    data = generate_shapes(tmp_path / "ds", {"val": 2}, seed=1, progress=False)
+    ann = json.loads((data / "instances_val.json").read_text())
+    assert ann["annotations"]
+    for a in ann["annotations"]:
+        a["bbox"] = [float("nan")] * 4
+    (data / "instances_val.json").write_text(json.dumps(ann))  # json writes NaN, as json.dump does
+    report = tmp_path / "r.json"
+    # The dataset is refused before the graph is even looked for.
+    assert main(["-q", "eval", "--onnx", str(tmp_path / "g.onnx"), "--data", str(data), "--report",
+                 str(report)]) == 2
+    out, err = capsys.readouterr()
+    assert "AP" not in out and not report.exists()
+    assert len(err.strip().splitlines()) == 1
+    assert "instances_val.json: annotation 0: bbox must be 4 finite numbers" in err and "internal" not in err
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_zero_image_split_writes_nothing(tmp_path):
+    data = generate_shapes(tmp_path / "ds", {"train": 0, "val": 2, "calib": 0}, progress=False)
+    assert not (data / "instances_train.json").exists() and not (data / "images" / "train").exists()
+    assert sorted(p.name for p in (data / "images").iterdir()) == ["val"]
+    with pytest.raises(EdetError, match="no annotations for split 'train'"):
+        CocoDataset(data, "train")
+    with pytest.raises(EdetError, match="nothing to generate"):
+        generate_shapes(tmp_path / "none", {"train": 0, "val": 0}, progress=False)
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failed_generation_leaves_out_as_it_was(tmp_path, monkeypatch, error):
+    from PIL import Image
+
+    fresh, old = tmp_path / "fresh", tmp_path / "old"
+    generate_shapes(old, {"train": 3, "val": 2}, seed=0, progress=False)
+    before = _files(old)
+    save, calls = Image.Image.save, []
+
+    def failing_save(self, *args, **kwargs):  # the third image written fails
+        calls.append(1)
+        if len(calls) == 3:
+            raise error
+        return save(self, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    for out in (fresh, old):
+        calls.clear()
+        with pytest.raises(type(error)):
+            generate_shapes(out, {"train": 3, "val": 2}, seed=7, progress=False)
+        assert len(calls) == 3
+    assert not fresh.exists() and _files(old) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no temporary directory behind
+
+
+def test_failed_move_into_place_restores_out(tmp_path, monkeypatch):
+    from edet_deploy.data import shapes
+
+    out = generate_shapes(tmp_path / "ds", {"val": 2}, seed=0, progress=False)
+    (out / "eval_val.json").write_text("{}")
+    before = _files(out)
+    rename = shapes.os.rename
+
+    def failing_rename(src, dst):
+        if str(src).endswith(".tmp"):  # the finished set moving onto `out`
+            raise OSError(5, "Input/output error", str(dst))
+        return rename(src, dst)
+    monkeypatch.setattr(shapes.os, "rename", failing_rename)
+    with pytest.raises(OSError):
+        generate_shapes(out, {"val": 3}, seed=7, progress=False)
+    assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_refuses_a_foreign_dir_unless_force(tmp_path, capsys):
+    from edet_deploy.cli import main
+
+    user = tmp_path / "coco"
+    _hand_dataset(user)
+    (user / "images" / "val" / "a.png").write_bytes(b"mine")
+    (user / "images" / "train2017").mkdir()
+    (user / "images" / "train2017" / "b.png").write_bytes(b"mine too")
+    before = _files(user)
+    with pytest.raises(EdetError, match="holds what make-shapes did not generate .*pass --force"):
+        generate_shapes(user, {"val": 2}, progress=False)
+    args = ["-q", "make-shapes", "--out", str(user), "--train", "0", "--val", "2", "--calib", "0", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "did not generate" in err
+    assert _files(user) == before and sorted(p.name for p in tmp_path.iterdir()) == ["coco"]
+
+    assert main(args + ["--force"]) == 0
+    after = _files(user)
+    # Ours replace theirs of the same name; the rest of the user's files stay.
+    assert after["images/train2017/b.png"] == b"mine too" and "images/val/a.png" not in after
+    assert sorted(p.name for p in (user / "images" / "val").iterdir()) == ["000000.jpg", "000001.jpg"]
+    assert CocoDataset(user, "val").class_names == list(SHAPE_CLASSES)
+    assert main(args) == 0  # now make-shapes' own: regenerating needs no --force, and keeps the user's files
+    assert _files(user)["images/train2017/b.png"] == b"mine too"
+
+
+def test_regenerating_replaces_the_set_whole(tmp_path):
+    out = generate_shapes(tmp_path / "ds", {"train": 3, "val": 4}, seed=0, progress=False)
+    (out / "eval_val_g_onnxruntime.json").write_text("{}")  # an eval report written beside the data
+    generate_shapes(out, {"train": 0, "val": 2}, seed=7, progress=False)
+    expected = _files(generate_shapes(tmp_path / "ref", {"train": 0, "val": 2}, seed=7, progress=False))
+    assert _files(out) == {**expected, "eval_val_g_onnxruntime.json": b"{}"}  # no stale split, image or label
+    # A set written before make-shapes left its marker is recognised by its instances files.
+    (out / ".edet-shapes.json").unlink()
+    generate_shapes(out, {"val": 1}, seed=0, progress=False)
+    assert sorted(_files(out / "images")) == ["val/000000.jpg"]

@@ -714,3 +714,87 @@ def test_calibration_cache_key_survives_a_re_export(fp32, tmp_path):
     again.graph.node[0].name += "_changed"
     assert cache_key(again, images, "minmax", ["a", "b"], 8) != key
     assert cache_key(model, images, "entropy", ["a", "b"], 8) != key
+
+
+@pytest.fixture(scope="module")
+def clean_ranges(fp32, shapes, tmp_path_factory):
+    """(candidate, images, ranges) of a clean min-max calibration on 4 images, without a cache."""
+    from edet_deploy.io import load_onnx
+    from edet_deploy.precision.int8 import calibrate, calibration_images
+    candidate = strip_nms(load_onnx(fp32))[0]
+    images = calibration_images(shapes, 4)
+    amax, hit, cache = calibrate(candidate, images, "minmax", None, 256)
+    assert not hit and cache is None and amax and all(v > 0 for v in amax.values())
+    return candidate, images, amax
+
+
+@pytest.mark.parametrize("content", [
+    "",  # truncated (`: > file`)
+    '{"method": "minmax", "amax": {',  # cut mid-write by an older, non-atomic writer
+    "[1, 2]",
+    '{"amax": [1, 2]}',
+    '{"amax": {}}',  # every tensor's range missing
+    "ZERO", "NEGATIVE", "NAN", "INFINITY", "TEXT", "TRUE",
+], ids=["empty", "cut", "list", "amax-list", "amax-empty", "zero", "negative", "nan", "inf", "text", "bool"])
+def test_unusable_calibration_cache_is_recalibrated_and_rewritten(clean_ranges, tmp_path, caplog, content):
+    """A cache file that is not JSON, has another structure or holds ranges that are not finite numbers > 0 is a
+    miss: one warning naming it, the ranges of a clean run, and the file rewritten so the next run hits."""
+    from edet_deploy.precision.int8 import calibrate
+    candidate, images, clean = clean_ranges
+    amax, hit, cache = calibrate(candidate, images, "minmax", tmp_path, 256)
+    assert not hit and json.loads(cache.read_text())["amax"] == pytest.approx(clean)
+    bad = {"ZERO": 0, "NEGATIVE": -1.5, "NAN": "NaN", "INFINITY": "Infinity", "TEXT": '"3.5"', "TRUE": "true"}
+    if content in bad:  # every range replaced (json.dumps writes NaN / Infinity, which json.loads reads back)
+        content = '{"method": "minmax", "amax": {%s}}' % ", ".join(f'"{k}": {bad[content]}' for k in clean)
+    cache.write_text(content)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edet_deploy"):
+        amax, hit, again = calibrate(candidate, images, "minmax", tmp_path, 256)
+    assert not hit and again == cache and amax == pytest.approx(clean)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(cache) in warnings[0] and "recalibrating" in warnings[0], warnings
+    assert json.loads(cache.read_text())["amax"] == pytest.approx(clean)  # rewritten whole
+    assert not [p for p in tmp_path.iterdir() if p != cache]  # no temporary file left beside it
+    amax, hit, _ = calibrate(candidate, images, "minmax", tmp_path, 256)
+    assert hit and amax == pytest.approx(clean)
+
+
+def test_calibrate_cli_recovers_from_a_truncated_cache(fp32, shapes, tmp_path, capsys):
+    """The reported case: every cache file truncated, then `calibrate` again exits 0 with a graph whose ranges
+    are a clean run's, instead of an internal error on every run."""
+    import shutil
+
+    from onnx import numpy_helper
+
+    from edet_deploy.cli import main
+    shutil.copytree(Path(fp32).parent, tmp_path / "g", ignore=shutil.ignore_patterns(".calibration_cache"))
+    graph = tmp_path / "g" / Path(fp32).name
+    argv = ["calibrate", str(graph), "--data", str(shapes), "--num-images", "4", "--method", "minmax", "--no-refine",
+            "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "q1.onnx")]) == 0
+    caches = list((graph.parent / ".calibration_cache").glob("*.json"))
+    assert caches
+    clean = {c: c.read_text() for c in caches}
+    for c in caches:
+        c.write_text("")
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "q2.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "internal error" not in err and all(str(c) in err for c in caches), err
+    assert {c: c.read_text() for c in caches} == clean
+    q1, q2 = onnx.load(str(tmp_path / "q1.onnx")), onnx.load(str(tmp_path / "q2.onnx"))
+    scales = [{i.name: numpy_helper.to_array(i).tolist() for i in m.graph.initializer if i.name.endswith("_scale")}
+              for m in (q1, q2)]
+    assert scales[0] and scales[0] == scales[1]
+
+
+def test_a_malformed_calibration_split_is_refused_not_skipped(tmp_path):
+    """A calib split whose annotations are broken must not fall back to the train split in silence."""
+    from edet_deploy.precision.int8 import calibration_images
+    data = generate_shapes(tmp_path / "ds", {"train": 2, "calib": 2}, progress=False)
+    assert len(calibration_images(data, 10)) == 2
+    broken = json.loads((data / "instances_calib.json").read_text())
+    broken["annotations"][0]["bbox"] = [1, 2]
+    (data / "instances_calib.json").write_text(json.dumps(broken))
+    with pytest.raises(EdetError, match="instances_calib.json: annotation 0: bbox"):
+        calibration_images(data, 10)

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..errors import EdetError
-from ..io import load_onnx
+from ..io import existing_file, load_onnx
 from ..log import logger
 from ..metadata import read_metadata
 from ..nms import op as nms_op
@@ -85,9 +85,7 @@ class OpenVinoRunner(Runner):
             import openvino as ov
         except ImportError:
             raise EdetError("the openvino backend needs OpenVINO: pip install openvino") from None
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise EdetError(f"ONNX graph not found: {path}")
+        path = existing_file(onnx_path, "ONNX graph")
         if hint not in HINTS:
             raise EdetError(f"unknown OpenVINO performance hint {hint!r}; choose one of {', '.join(HINTS)}")
         if threads is not None and int(threads) < 1:

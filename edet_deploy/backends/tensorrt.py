@@ -16,6 +16,7 @@ import numpy as np
 
 from ..contract import INPUT_NAME
 from ..errors import EdetError
+from ..io import existing_file
 from ..metadata import read_metadata
 from .base import Runner, register_runner
 
@@ -32,9 +33,7 @@ class TensorRTRunner(Runner):
         trt = require_tensorrt()
         import torch
 
-        path = Path(engine_path)
-        if not path.is_file():
-            raise EdetError(f"engine not found: {path}")
+        path = existing_file(engine_path, "engine")
         if not torch.cuda.is_available():
             raise EdetError("the tensorrt backend needs a CUDA GPU")
         meta = read_metadata(path)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -25,6 +26,86 @@ def find_split(root: str | Path, split: str) -> Tuple[Path, Path]:
     raise EdetError(f"no annotations for split {split!r} under {root} (expected instances_{split}.json)")
 
 
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)  # NaN and Infinity show as JSON writes them
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_bbox(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            and value[2] >= 0 and value[3] >= 0)
+
+
+def _instances_problem(data: Any) -> Optional[str]:
+    """What makes `data` (a parsed instances file) unusable, naming the first bad entry; None if it is fine.
+    Checked once, at load: a bad file is then one clear line before any work, instead of a crash midway or,
+    for NaN boxes, a score computed against nothing."""
+    if not isinstance(data, dict):
+        return f"not a COCO instances file (a JSON {type(data).__name__}, not an object)"
+    for key in ("images", "categories"):
+        if key not in data:
+            return f"not a COCO instances file (no {key!r} list)"
+    for key in ("images", "annotations", "categories"):  # annotations may be absent (an unlabelled split)
+        if key in data and not isinstance(data[key], list):
+            return f"{key!r} must be a list, got {_shown(data[key])}"
+    if not data["images"]:
+        return "the split has no images"
+    image_ids = set()
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict):
+            return f"image {i}: must be an object, got {_shown(im)}"
+        if not _is_int(im.get("id")):
+            return f"image {i}: id must be an integer, got {_shown(im.get('id'))}"
+        if im["id"] in image_ids:
+            return f"image {i}: duplicate id {im['id']}"
+        image_ids.add(im["id"])
+        if not isinstance(im.get("file_name"), str) or not im["file_name"]:
+            return f"image {i}: file_name must be a non-empty string, got {_shown(im.get('file_name'))}"
+        for key in ("width", "height"):
+            if key in im and not (_is_int(im[key]) and im[key] > 0):
+                return f"image {i}: {key} must be a positive integer, got {_shown(im[key])}"
+    if not data["categories"]:
+        return "'categories' is empty: a detection dataset needs at least one class"
+    category_ids = set()
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict):
+            return f"category {i}: must be an object, got {_shown(c)}"
+        if not _is_int(c.get("id")):
+            return f"category {i}: id must be an integer, got {_shown(c.get('id'))}"
+        if c["id"] in category_ids:
+            return f"category {i}: duplicate id {c['id']}"
+        category_ids.add(c["id"])
+        if not isinstance(c.get("name"), str):
+            return f"category {i}: name must be a string, got {_shown(c.get('name'))}"
+    annotation_ids = set()
+    for i, a in enumerate(data.get("annotations", [])):
+        if not isinstance(a, dict):
+            return f"annotation {i}: must be an object, got {_shown(a)}"
+        # pycocotools finds an annotation by its id and ranks it by its area: without them eval would fail at
+        # its very end, and with a duplicate id it would score against the wrong boxes.
+        if not _is_int(a.get("id")):
+            return f"annotation {i}: id must be an integer, got {_shown(a.get('id'))}"
+        if a["id"] in annotation_ids:
+            return f"annotation {i}: duplicate id {a['id']}"
+        annotation_ids.add(a["id"])
+        if not _is_int(a.get("image_id")) or a["image_id"] not in image_ids:
+            return f"annotation {i}: image_id {_shown(a.get('image_id'))} names no image"
+        if not _is_int(a.get("category_id")) or a["category_id"] not in category_ids:
+            return f"annotation {i}: category_id {_shown(a.get('category_id'))} names no category"
+        if not _is_bbox(a.get("bbox")):
+            return (f"annotation {i}: bbox must be 4 finite numbers [x, y, w, h] with w, h >= 0, "
+                    f"got {_shown(a.get('bbox'))}")
+        area = a.get("area")
+        if not (isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area) and area >= 0):
+            return f"annotation {i}: area must be a finite number >= 0, got {_shown(area)}"
+    return None
+
+
 class CocoDataset:
     """Images with boxes (x1, y1, x2, y2, pixels) and 0-based contiguous class indices."""
 
@@ -32,24 +113,21 @@ class CocoDataset:
         self.ann_file, self.image_dir = find_split(root, split)
         try:
             data = json.loads(self.ann_file.read_text())
-            cats = sorted(data["categories"], key=lambda c: c["id"])
-            images = data["images"]
-            annotations = data.get("annotations", [])
-        except (ValueError, KeyError, TypeError) as e:
-            raise EdetError(f"{self.ann_file}: not a COCO instances file ({e})") from None
-        if not images:
-            raise EdetError(f"{self.ann_file}: the split has no images")
+        except ValueError as e:
+            raise EdetError(f"{self.ann_file}: not a COCO instances file (not JSON: {e})") from None
+        problem = _instances_problem(data)
+        if problem:
+            raise EdetError(f"{self.ann_file}: {problem}")
+        cats = sorted(data["categories"], key=lambda c: c["id"])
         self.split = split
         self.category_ids: List[int] = [c["id"] for c in cats]
         self.class_names: List[str] = [c["name"] for c in cats]
         index_of = {cid: i for i, cid in enumerate(self.category_ids)}
-        self.images = sorted(images, key=lambda im: im["id"])
+        self.images = sorted(data["images"], key=lambda im: im["id"])
         boxes: Dict[int, list] = {im["id"]: [] for im in self.images}
-        for a in annotations:
-            if a.get("iscrowd", 0):
-                continue
+        for a in data.get("annotations", []):
             x, y, w, h = a["bbox"]
-            if w <= 0 or h <= 0 or a["image_id"] not in boxes or a["category_id"] not in index_of:
+            if a.get("iscrowd", 0) or w <= 0 or h <= 0:  # crowd regions and empty boxes are no targets
                 continue
             boxes[a["image_id"]].append((x, y, x + w, y + h, index_of[a["category_id"]]))
         self._targets = {k: np.asarray(v, np.float32).reshape(-1, 5) for k, v in boxes.items()}

@@ -2,17 +2,24 @@
 overlaps on textured backgrounds, written in COCO format. Deterministic for a given seed."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import stat
+import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Set, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..errors import EdetError
 from ..io import write_json
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross")
 DEFAULT_SPLITS = {"train": 3000, "val": 300, "calib": 500}
+MARKER = ".edet-shapes.json"  # what make-shapes wrote in a directory: all that regenerating it may replace
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
@@ -93,33 +100,122 @@ def sample_image(path: Path, seed: int = 0, size: Tuple[int, int] = (480, 640)) 
     return path
 
 
+def _entries(root: Path) -> Iterator[str]:
+    """`root`'s files and folders as relative paths, each split's image folder (`images/<split>`) on its own."""
+    for child in sorted(root.iterdir()):
+        if child.name == "images" and child.is_dir() and not child.is_symlink():
+            yield from (f"images/{c.name}" for c in sorted(child.iterdir()))
+        else:
+            yield child.name
+
+
+def _generated(out: Path, force: bool) -> Set[str]:
+    """What an earlier make-shapes wrote in `out` (relative paths). A non-empty `out` it did not write is
+    refused unless `force`, so a user's dataset is never overwritten by mistake."""
+    if not out.exists():
+        return set()
+    if not out.is_dir():
+        raise EdetError(f"--out {out} is a file, not a directory")
+    try:
+        return set(json.loads((out / MARKER).read_text())["entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    # Written before the marker existed: every instances file is ours (our `info`), with its split's images.
+    splits = [p.name[len("instances_"):-len(".json")] for p in out.glob("instances_*.json")]
+    try:
+        ours = bool(splits) and all(json.loads((out / f"instances_{s}.json").read_text())["info"]["description"]
+                                    == "edet-deploy shapes" for s in splits)
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = False
+    if ours:
+        return {f"instances_{s}.json" for s in splits} | {f"images/{s}" for s in splits}
+    foreign = list(_entries(out))
+    if foreign and not force:
+        raise EdetError(f"{out} holds what make-shapes did not generate ({', '.join(foreign[:5])}"
+                        f"{' ...' if len(foreign) > 5 else ''}); choose an empty --out or pass --force")
+    return set()
+
+
+def _move_into_place(new: Path, out: Path, replaced: Set[str]) -> None:
+    """Make the complete set `new` be `out`, keeping what `out` holds besides `replaced` and `new`'s own files
+    (an eval report, or with --force the user's other files); by renames, so `out` is never half-written."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    written = set(_entries(new))
+    keep = [e for e in _entries(out) if e not in replaced and e not in written
+            and not any(w.startswith(e + "/") for w in written)]
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.", suffix=".old", dir=out.parent))
+    moved: List[str] = []
+    swapped = False
+    try:
+        for entry in keep:
+            os.rename(out / entry, new / entry)
+            moved.append(entry)
+        os.rename(out, old)  # onto the empty directory mkdtemp made
+        swapped = True
+        os.rename(new, out)
+    except BaseException:  # Ctrl-C included: put `out` back as it was
+        if swapped:
+            os.rename(old, out)
+        for entry in reversed(moved):
+            os.rename(new / entry, out / entry)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def generate_shapes(out_dir: str | Path, splits: Dict[str, int] = DEFAULT_SPLITS, seed: int = 0,
-                    min_size: int = 224, max_size: int = 352, progress: bool = True) -> Path:
-    """Write `images/<split>/*.jpg` and `instances_<split>.json` for each split under `out_dir` (`progress`: one
-    bar over every split's images)."""
+                    min_size: int = 224, max_size: int = 352, progress: bool = True, force: bool = False) -> Path:
+    """Write `images/<split>/*.jpg` and `instances_<split>.json` for each split of more than 0 images under
+    `out_dir` (`progress`: one bar over every split's images). The set is built in a temporary directory beside
+    `out_dir` and moved into place when complete: a failure or Ctrl-C leaves `out_dir` as it was. A directory
+    make-shapes generated is replaced whole (other files in it, such as eval reports, are kept); any other
+    non-empty one is refused unless `force`, which replaces only the files generated."""
     from ..progress import job_bar, ticking
 
     out = Path(out_dir)
+    target = out.resolve()  # a symlinked `out_dir` stays a link to the regenerated directory
+    if not any(splits.values()):
+        raise EdetError("every split has 0 images: nothing to generate")
+    replaced = _generated(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name[:64]}.", suffix=".tmp", dir=target.parent))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(out)) from None  # errors name the user's path
     categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)]
     bar = job_bar(progress, sum(splits.values()), "shapes")
-    for split_index, (split, count) in enumerate(splits.items()):
-        img_dir = out / "images" / split
-        img_dir.mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
-        for i in ticking(range(count), bar, split):
-            rng = np.random.default_rng([seed, split_index, i])
-            h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
-            img, objects = render_image(rng, (h, w))
-            name = f"{i:06d}.jpg"
-            img.save(img_dir / name, quality=92)
-            images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
-            for obj in objects:
-                bw, bh = obj["bbox"][2], obj["bbox"][3]
-                annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                                    "category_id": obj["category"] + 1, "bbox": obj["bbox"],
-                                    "area": round(bw * bh, 2), "iscrowd": 0})
-        write_json(out / f"instances_{split}.json", {"info": {"description": "edet-deploy shapes", "seed": seed},
-                                                    "images": images, "annotations": annotations,
-                                                    "categories": categories})
-    bar.close()
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        # mkdtemp makes a 0700 directory: keep the mode of the directory replaced, else what mkdir would give.
+        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode) if target.is_dir() else 0o777 & ~umask)
+        for split_index, (split, count) in enumerate(splits.items()):
+            if not count:  # "0: no such split": no empty instances file a consumer would take for a split
+                continue
+            img_dir = tmp / "images" / split
+            img_dir.mkdir(parents=True)
+            images, annotations = [], []
+            for i in ticking(range(count), bar, split):
+                rng = np.random.default_rng([seed, split_index, i])
+                h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
+                img, objects = render_image(rng, (h, w))
+                name = f"{i:06d}.jpg"
+                img.save(img_dir / name, quality=92)
+                images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+                for obj in objects:
+                    bw, bh = obj["bbox"][2], obj["bbox"][3]
+                    annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+                                        "category_id": obj["category"] + 1, "bbox": obj["bbox"],
+                                        "area": round(bw * bh, 2), "iscrowd": 0})
+            write_json(tmp / f"instances_{split}.json", {"info": {"description": "edet-deploy shapes", "seed": seed},
+                                                        "images": images, "annotations": annotations,
+                                                        "categories": categories})
+        write_json(tmp / MARKER, {"generator": "edet-deploy make-shapes", "seed": seed, "splits": splits,
+                                  "entries": list(_entries(tmp))})
+        _move_into_place(tmp, target, replaced)
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when moved into place
     return out

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import EdetError
-from ..io import atomic_path
+from ..io import atomic_path, existing_file
 
 _META_KEY = "edet_deploy"  # where our checkpoints keep variant, class count, image size and class names
 _LEVEL_FIRST_BN = re.compile(r"^((?:class|box)_net\.bn_rep)\.(\d+)\.(\d+)\.(weight|bias|running_mean|running_var|"
@@ -21,9 +21,7 @@ _LEVEL_FIRST_BN = re.compile(r"^((?:class|box)_net\.bn_rep)\.(\d+)\.(\d+)\.(weig
 
 def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Return (state_dict, metadata) from a .pth or .safetensors file; metadata is {} for foreign files."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdetError(f"weights file not found: {path}")
+    path = existing_file(path, "weights file")
     meta: Dict[str, Any] = {}
     try:
         if path.suffix == ".safetensors":

@@ -11,7 +11,7 @@ from ..artifacts import ExportResult, save_graph
 from ..configs import get_config
 from ..contract import INPUT_NAME, artifact_name
 from ..errors import EdetError
-from ..io import load_onnx, sha256_file
+from ..io import existing_file, load_onnx, sha256_file
 from ..metadata import ArtifactMetadata, read_artifact_metadata
 from ..nms.graph import attach_nms, strip_nms
 from .census import census
@@ -21,9 +21,7 @@ FEED_IMAGES = 32  # calibration images that equalization and threshold refinemen
 
 
 def _load(onnx_path: str | Path):
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise EdetError(f"ONNX graph not found: {path}")
+    path = existing_file(onnx_path, "ONNX graph")
     meta = read_artifact_metadata(path)
     if meta.precision != "fp32":
         raise EdetError(f"{path} is already {meta.precision}; start from the FP32 export")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -105,6 +106,7 @@ def calibration_chunk(image_size: int) -> int:
 def calibration_images(data: str | Path, num_images: int, split: str = "calib") -> List[Path]:
     """Images for calibration: a COCO-format split (`calib`, else `train`) or a plain folder of images."""
     from ..data import CocoDataset
+    from ..data.coco import find_split
     from ..preprocess import decode_image
 
     data = Path(data)
@@ -113,11 +115,12 @@ def calibration_images(data: str | Path, num_images: int, split: str = "calib") 
     paths: List[Path] = []
     for name in (split, "train"):
         try:
-            ds = CocoDataset(data, name)
-            paths = [ds.image_path(i) for i in range(len(ds))]
-            break
-        except EdetError:
+            find_split(data, name)
+        except EdetError:  # no such split here: the next one, else a plain folder of images
             continue
+        ds = CocoDataset(data, name)  # a split that is there but malformed is refused, not skipped
+        paths = [ds.image_path(i) for i in range(len(ds))]
+        break
     if not paths and data.is_dir():
         paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
     if not paths:
@@ -197,9 +200,10 @@ def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, c
     cache = None
     if cache_dir is not None:
         cache = Path(cache_dir) / f"ranges-{method}-{cache_key(candidate, images, method, tensors, chunk)}.json"
-        if cache.is_file():
+        cached = read_cached_ranges(cache, tensors) if cache.is_file() else None
+        if cached is not None:
             tick(bar, calibration_steps(candidate, images, method))
-            return {k: float(v) for k, v in json.loads(cache.read_text())["amax"].items()}, True, cache
+            return cached, True, cache
     wanted = set(tensors)
     select = CalibraterBase.select_tensors_to_calibrate
 
@@ -239,8 +243,36 @@ def calibrate(candidate: onnx.ModelProto, images: Sequence[Path], method: str, c
     if printed.getvalue().strip():
         logger.debug("ONNX Runtime's calibrator said: %s", " | ".join(printed.getvalue().split("\n")))
     if cache is not None:
-        write_json(cache, {"method": method, "num_images": len(images), "amax": amax})
+        if all(_valid_amax(v) for v in amax.values()):
+            write_json(cache, {"method": method, "num_images": len(images), "amax": amax})
+        else:  # an all-zero tensor: ranges the reader would refuse are not cached, nor is a stale file kept
+            cache.unlink(missing_ok=True)
     return amax, False, cache
+
+
+def _valid_amax(value: object) -> bool:
+    """A usable range: a finite number > 0 (JSON's true/false and strings are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def read_cached_ranges(cache: Path, tensors: Sequence[str]) -> Optional[Dict[str, float]]:
+    """The ranges a cache file holds, or None (with one warning naming it) when it cannot be read or is not
+    valid: not JSON, another structure, a tensor missing, or a range that is not a finite number > 0, which
+    would quantize its tensor to nothing. The caller recalibrates and overwrites it: a broken file must cost a
+    calibration, not every later run nor an INT8 graph that detects nothing."""
+    try:
+        amax = json.loads(cache.read_text())["amax"]
+        why = ("not a mapping of ranges" if not isinstance(amax, dict)
+               else "ranges missing" if not set(tensors) <= set(amax)
+               else "ranges that are not finite numbers > 0" if not all(_valid_amax(v) for v in amax.values())
+               else "")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        why = f"{type(e).__name__}: {e}"
+    if why:
+        logger.warning("calibration cache %s is unusable (%s): recalibrating and rewriting it", cache,
+                       " ".join(why.split()))
+        return None
+    return {k: float(v) for k, v in amax.items()}
 
 
 def _seed_histograms(calibrator, reader: ImageReader) -> None:
