@@ -41,6 +41,18 @@ def _is_bbox(value: Any) -> bool:
             and value[2] >= 0 and value[3] >= 0)
 
 
+def _entry_problem(kind: str, i: int, entry: Any, seen: set) -> Optional[str]:
+    """An image, category or annotation: an object whose integer id is not in `seen` (then added to it)."""
+    if not isinstance(entry, dict):
+        return f"{kind} {i}: must be an object, got {_shown(entry)}"
+    if not _is_int(entry.get("id")):
+        return f"{kind} {i}: id must be an integer, got {_shown(entry.get('id'))}"
+    if entry["id"] in seen:
+        return f"{kind} {i}: duplicate id {entry['id']}"
+    seen.add(entry["id"])
+    return None
+
+
 def _instances_problem(data: Any) -> Optional[str]:
     """What makes `data` (a parsed instances file) unusable, naming the first bad entry; None if it is fine.
     Checked once, at load: a bad file is then one clear line before any work, instead of a crash midway or,
@@ -55,15 +67,11 @@ def _instances_problem(data: Any) -> Optional[str]:
             return f"{key!r} must be a list, got {_shown(data[key])}"
     if not data["images"]:
         return "the split has no images"
-    image_ids = set()
+    image_ids: set = set()
     for i, im in enumerate(data["images"]):
-        if not isinstance(im, dict):
-            return f"image {i}: must be an object, got {_shown(im)}"
-        if not _is_int(im.get("id")):
-            return f"image {i}: id must be an integer, got {_shown(im.get('id'))}"
-        if im["id"] in image_ids:
-            return f"image {i}: duplicate id {im['id']}"
-        image_ids.add(im["id"])
+        problem = _entry_problem("image", i, im, image_ids)
+        if problem:
+            return problem
         if not isinstance(im.get("file_name"), str) or not im["file_name"]:
             return f"image {i}: file_name must be a non-empty string, got {_shown(im.get('file_name'))}"
         for key in ("width", "height"):
@@ -71,28 +79,20 @@ def _instances_problem(data: Any) -> Optional[str]:
                 return f"image {i}: {key} must be a positive integer, got {_shown(im[key])}"
     if not data["categories"]:
         return "'categories' is empty: a detection dataset needs at least one class"
-    category_ids = set()
+    category_ids: set = set()
     for i, c in enumerate(data["categories"]):
-        if not isinstance(c, dict):
-            return f"category {i}: must be an object, got {_shown(c)}"
-        if not _is_int(c.get("id")):
-            return f"category {i}: id must be an integer, got {_shown(c.get('id'))}"
-        if c["id"] in category_ids:
-            return f"category {i}: duplicate id {c['id']}"
-        category_ids.add(c["id"])
+        problem = _entry_problem("category", i, c, category_ids)
+        if problem:
+            return problem
         if not isinstance(c.get("name"), str):
             return f"category {i}: name must be a string, got {_shown(c.get('name'))}"
-    annotation_ids = set()
+    annotation_ids: set = set()
     for i, a in enumerate(data.get("annotations", [])):
-        if not isinstance(a, dict):
-            return f"annotation {i}: must be an object, got {_shown(a)}"
         # pycocotools finds an annotation by its id and ranks it by its area: without them eval would fail at
         # its very end, and with a duplicate id it would score against the wrong boxes.
-        if not _is_int(a.get("id")):
-            return f"annotation {i}: id must be an integer, got {_shown(a.get('id'))}"
-        if a["id"] in annotation_ids:
-            return f"annotation {i}: duplicate id {a['id']}"
-        annotation_ids.add(a["id"])
+        problem = _entry_problem("annotation", i, a, annotation_ids)
+        if problem:
+            return problem
         if not _is_int(a.get("image_id")) or a["image_id"] not in image_ids:
             return f"annotation {i}: image_id {_shown(a.get('image_id'))} names no image"
         if not _is_int(a.get("category_id")) or a["category_id"] not in category_ids:
