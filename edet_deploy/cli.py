@@ -63,7 +63,7 @@ def add_global_options(parser: argparse.ArgumentParser, on_subcommand: bool) -> 
     g = parser.add_argument_group("global options")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging", **unset)
     g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only", **unset)
-    g.add_argument("--log-file", metavar="FILE", type=OutputPath(),
+    g.add_argument("--log-file", metavar="FILE", type=OutputPath(append=True),
                    help="also write the log to FILE (serve: tritonserver's log too; default: stderr only)", **unset)
 
 

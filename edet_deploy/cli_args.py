@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,11 +26,12 @@ class OutputPath:
     taken too), a `folder` path that is not an existing file; names of at most 255 bytes; and the nearest existing
     folder above it takes new files (probed with a nameless temporary file: permissions, read-only mounts, /proc).
     `artifact`: a graph or plan, whose metadata JSON goes beside it under its name with .json, so that name is
-    refused for the artifact itself. `dash`: '-' (stdout) passes."""
+    refused for the artifact itself. `dash`: '-' (stdout) passes. `append`: a file opened for appending (a log):
+    an existing file this process may write passes wherever it is (/dev/stderr, a log in a read-only folder)."""
 
     def __init__(self, *, folder: bool = False, folder_ok: bool = False, artifact: bool = False,
-                 dash: bool = False):
-        self.folder, self.folder_ok, self.artifact, self.dash = folder, folder_ok, artifact, dash
+                 dash: bool = False, append: bool = False):
+        self.folder, self.folder_ok, self.artifact, self.dash, self.append = folder, folder_ok, artifact, dash, append
 
     def __call__(self, text: str) -> str:
         if self.dash and text == "-":
@@ -39,6 +41,17 @@ class OutputPath:
         path = Path(text)
         if any(len(part.encode()) > 255 for part in path.parts):
             raise argparse.ArgumentTypeError(f"{text}: a name longer than 255 bytes")
+        try:
+            self._check(text, path)
+        except (OSError, RuntimeError) as e:  # a path too long, a folder we may not look into, a symlink loop
+            raise argparse.ArgumentTypeError(f"{text}: {getattr(e, 'strerror', None) or e}") from None
+        return text
+
+    def _check(self, text: str, path: Path) -> None:
+        if path.is_symlink() and not path.exists():
+            raise argparse.ArgumentTypeError(f"{text} is a symlink that leads nowhere (broken, or a loop)")
+        if self.append and path.exists() and not path.is_dir() and os.access(path, os.W_OK):
+            return
         if self.folder and path.exists() and not path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
         if not self.folder and not self.folder_ok and path.is_dir():
@@ -55,7 +68,6 @@ class OutputPath:
                 pass
         except OSError as e:
             raise argparse.ArgumentTypeError(f"{text}: cannot write in {existing}: {e.strerror}") from None
-        return text
 
 
 def output_clash(args: argparse.Namespace, actions: Sequence[argparse.Action]) -> Optional[str]:
@@ -74,16 +86,21 @@ def output_clash(args: argparse.Namespace, actions: Sequence[argparse.Action]) -
             continue
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, str) and item and _is_file(item):
-                taken[Path(item).resolve()] = f"the input {item}"
-                if Path(item).suffix in CHECKSUM_KEYS:
-                    taken[sidecar_path(Path(item).resolve())] = f"{item}'s metadata {sidecar_path(item).name}"
+                taken[_real(item)] = f"the input {item}"
+                if Path(item).suffix in CHECKSUM_KEYS:  # read beside the path as given, so both places count
+                    for side in (sidecar_path(item), sidecar_path(_real(item))):
+                        taken[_real(side)] = f"{item}'s metadata {sidecar_path(item).name}"
     for action, value in outputs:
         flag = action.option_strings[0] if action.option_strings else action.dest
-        resolved = Path(value).resolve()
-        clash = taken.get(resolved) or (taken.get(sidecar_path(resolved)) if action.type.artifact else None)
+        clash = taken.get(_real(value)) or (taken.get(_real(sidecar_path(value))) if action.type.artifact else None)
         if clash:
             return f"{flag} {value} would overwrite {clash}; choose another path"
     return None
+
+
+def _real(path: str | Path) -> Path:
+    """Where `path` leads (symlinks followed; a loop or a missing part left as it is, never an error)."""
+    return Path(os.path.realpath(path))
 
 
 def _is_file(text: str) -> bool:

@@ -264,7 +264,8 @@ def _triton_repo(p: argparse.ArgumentParser):
                    "0 on --target cpu, whose engine is busy long enough for requests to batch; 2000 on gpu)")
     p.add_argument("--force", action="store_true", help="write into an --out holding models or files edet-deploy "
                                                          "did not generate")
-    p.add_argument("--out", default="model_repository", type=OutputPath(folder=True))
+    # No string default: argparse would check it as a place to write even for --resign, which writes elsewhere.
+    p.add_argument("--out", type=OutputPath(folder=True), help="repository folder (default: model_repository)")
     p.add_argument("--resign", metavar="DIR", type=OutputPath(folder=True),
                    help="after an intended edit of DIR's files (a config, class names): "
                         "check DIR as `serve` does and write its checksum manifest anew (nothing is generated)")
@@ -279,8 +280,8 @@ def _triton_repo(p: argparse.ArgumentParser):
         from .backends import cpu_engine_precision
         from .triton.repo import generate_repository_from_model
         repo = generate_repository_from_model(
-            args.out, model=args.model, weights=args.weights, onnx=args.onnx, engine=args.engine,
-            progress=progress.build(args),
+            args.out or "model_repository", model=args.model, weights=args.weights, onnx=args.onnx,
+            engine=args.engine, progress=progress.build(args),
             precision=args.precision or (cpu_engine_precision(args.engine_backend, args.onnx)
                                          if args.target == "cpu" else None),
             target=args.target, max_batch_size=args.max_batch,

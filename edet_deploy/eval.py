@@ -43,7 +43,9 @@ def coco_map(dataset, results: List[Dict], image_ids: Optional[List[int]] = None
     except ImportError:
         raise EdetError("evaluation needs pycocotools: pip install 'edet-deploy[eval]'") from None
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(dataset.ann_file))
+        gt = COCO()  # the dataset's checked, normalised annotations, not the file as it lies
+        gt.dataset = dataset.coco_ground_truth()
+        gt.createIndex()
         if not results:
             return {k: 0.0 for k in STAT_NAMES}
         dt = gt.loadRes(results)

@@ -192,8 +192,9 @@ def verify_checksum(artifact: str | os.PathLike, meta: Dict[str, Any]) -> None:
     if not isinstance(expected, str):
         # Every sidecar we write records its artifact's checksum; one without it was written or edited by hand,
         # and believing it would skip both checks below.
+        redo = "export" if artifact.suffix == ".onnx" else "build"
         raise EdetError(f"{sidecar_path(artifact)} has no {key} for {artifact.name}: not as edet-deploy wrote it; "
-                        f"export it again")
+                        f"{redo} it again")
     try:
         actual = sha256_file(artifact)
     except OSError as e:

@@ -171,3 +171,38 @@ def test_inputs_that_are_folders_or_empty_say_so(tmp_path, capsys, monkeypatch, 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
+
+
+def test_output_checks_follow_symlinks_and_survive_odd_paths(tmp_path, capsys, monkeypatch):
+    """A graph reached through a link keeps its sidecar (beside the link and beside its target); a symlink loop
+    and a path too long for the filesystem are one line, not a traceback."""
+    monkeypatch.chdir(tmp_path)
+    _scene(tmp_path)
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "m.onnx").symlink_to(tmp_path / "g" / "m.onnx")
+    before = _snapshot(tmp_path)
+    for argv in (["detect", "a.jpg", "--onnx", "links/m.onnx", "--json", "links/m.json"],
+                 ["detect", "a.jpg", "--onnx", "links/m.onnx", "--json", "g/m.json"],
+                 ["build", "links/m.onnx", "--out", "links/m.plan"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "would overwrite links/m.onnx's metadata m.json" in err[0], (argv, err)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    deep = "/".join(["d" * 250] * 20)
+    for argv in (["make-shapes", "--out", "loop"], ["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", deep]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0] and "--" in err[0], (argv, err)
+    assert _snapshot(tmp_path) == {**before, "links/m.onnx": before["g/m.onnx"], "loop": None}
+
+
+def test_an_option_left_at_its_default_is_not_checked_as_an_output(tmp_path, capsys, monkeypatch):
+    """triton-repo --resign writes only DIR: its unused --out default must not be probed (here the working
+    folder takes no files), and an existing log file is appended to wherever it is."""
+    monkeypatch.chdir("/proc")
+    assert main(["triton-repo", "--resign", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" not in err and "nowhere" in err, err
+    log = tmp_path / "log.txt"
+    log.write_text("")
+    assert main(["--log-file", str(log), "models"]) == 0

@@ -128,13 +128,13 @@ def _broken(edit):
     (lambda a: a["annotations"][1].update(bbox=[0, 0, -3, 5]), "annotation 1: bbox"),
     (lambda a: a["annotations"][1].update(bbox=[0, 0, "3", 5]), "annotation 1: bbox"),
     (lambda a: a["annotations"][0].pop("bbox"), "annotation 0: bbox .* got null"),
-    (lambda a: a["annotations"][1].update(image_id=9), "annotation 1: image_id 9 names no image"),
-    (lambda a: a["annotations"][1].update(image_id=[1]), "annotation 1: image_id .* names no image"),
-    (lambda a: a["annotations"][1].update(category_id=7), "annotation 1: category_id 7 names no category"),
+    (lambda a: a["annotations"][1].update(image_id=[1]), r"annotation 1: image_id must be an integer, got \[1\]"),
+    (lambda a: a["annotations"][1].update(category_id="7"), "annotation 1: category_id must be an integer"),
+    (lambda a: a["annotations"][1].update(iscrowd=2), "annotation 1: iscrowd must be 0 or 1, got 2"),
     (lambda a: a["annotations"].append("box"), "annotation 3: must be an object"),
     (lambda a: a["annotations"][0].pop("id"), "annotation 0: id must be an integer, got null"),
     (lambda a: a["annotations"][2].update(id=1), "annotation 2: duplicate id 1"),
-    (lambda a: a["annotations"][1].pop("area"), "annotation 1: area must be a finite number >= 0, got null"),
+    (lambda a: a["annotations"][1].update(area="x"), 'annotation 1: area must be a finite number >= 0, got "x"'),
     (lambda a: a["annotations"][1].update(area=float("nan")), "annotation 1: area must be"),
     (lambda a: a["images"][1].pop("file_name"), "image 1: file_name must be a non-empty string, got null"),
     (lambda a: a["images"][0].update(file_name=""), "image 0: file_name"),
@@ -153,6 +153,24 @@ def test_malformed_annotations_are_one_line_naming_the_entry(tmp_path, edit, mes
     with pytest.raises(EdetError, match=message) as e:
         _hand_dataset(tmp_path, _broken(edit))
     assert str(e.value).startswith(str(tmp_path / "instances_val.json") + ": ") and "\n" not in str(e.value)
+
+
+def test_annotations_naming_nothing_or_without_area_and_iscrowd_are_scored_as_pycocotools_would(tmp_path):
+    """Subset files keep annotations of images they left out, and many files omit area / iscrowd: the orphans
+    are skipped (as pycocotools does) and COCOeval gets area w * h and iscrowd 0 instead of a KeyError at the
+    end of an evaluation."""
+    ann = _hand_annotations()
+    for a in ann["annotations"]:
+        del a["area"], a["iscrowd"]
+    ann["annotations"] += [{"id": 7, "image_id": 9, "category_id": 1, "bbox": [0, 0, 5, 5]},
+                           {"id": 8, "image_id": 1, "category_id": 7, "bbox": [0, 0, 5, 5]}]
+    ds = _hand_dataset(tmp_path, ann)
+    assert [len(ds.target(i)[0]) for i in range(len(ds))] == [2, 1]
+    perfect = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.9},
+               {"image_id": 1, "category_id": 2, "bbox": [60, 60, 30, 30], "score": 0.8},
+               {"image_id": 2, "category_id": 1, "bbox": [0, 0, 50, 50], "score": 0.7}]
+    assert coco_map(ds, perfect)["AP"] == pytest.approx(1.0)
+    assert coco_map(ds, perfect[:1] + perfect[2:])["AP"] == pytest.approx(0.5)
 
 
 def test_annotations_not_an_object(tmp_path):

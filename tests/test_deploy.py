@@ -2,6 +2,7 @@
 checkers (hadolint, shellcheck, `kubectl kustomize`, kubernetes-validate --strict, checkov, Model Analyzer's own
 config loader), plus the entrypoint run with stand-in tools (engine cache logic) and with the real CPU server
 (`serve` is what runs in the container)."""
+import hashlib
 import json
 import os
 import re
@@ -338,11 +339,12 @@ def fake_tools(tmp_path: Path) -> Path:
     (bin_dir / "edet-deploy").write_text(
         f"#!/usr/bin/env bash\necho \"edet-deploy $*\" >> {log}\n"
         f"if [[ $1 == build ]]; then {sys.executable} - \"$2\" \"$4\" <<'EOF'\n"
-        "import json, sys, pathlib\n"
+        "import hashlib, json, sys, pathlib\n"
         "onnx, plan = map(pathlib.Path, sys.argv[1:3])\n"
         "plan.write_bytes(b'plan')\n"
         "meta = dict(json.loads(onnx.with_suffix('.json').read_text()),\n"
-        "            tensorrt={'version': '11.4.0.106', 'gpu': 'H100', 'compute_capability': '9.0'})\n"
+        "            tensorrt={'version': '11.4.0.106', 'gpu': 'H100', 'compute_capability': '9.0'},\n"
+        "            plan_sha256=hashlib.sha256(b'plan').hexdigest())\n"
         "plan.with_suffix('.json').write_text(json.dumps(meta))\n"
         "EOF\nfi\n")
     (bin_dir / "tritonserver").write_text(f"#!/usr/bin/env bash\necho \"tritonserver $*\" >> {log}\n")
@@ -490,6 +492,7 @@ def test_serve_takes_the_images_tritonserver_and_the_gpu_repository(tmp_path, ra
     built.write_bytes(b"plan")
     meta = json.loads(random_d0_256.with_suffix(".json").read_text())
     meta["tensorrt"] = {"version": "10.13.3.9", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    meta["plan_sha256"] = hashlib.sha256(b"plan").hexdigest()
     built.with_suffix(".json").write_text(json.dumps(meta))
     repo = generate_repository(tmp_path / "repository", engine=str(built), target="gpu", tensorrt_version="10.13.3.9")
     server = TritonServer(repo)  # validates and verifies the repository as serve does

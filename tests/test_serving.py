@@ -294,12 +294,14 @@ def test_ensemble_names_its_batch_and_readers_follow(graph, tmp_path):
 
 def fake_plan(graph: Path, tmp_path: Path, version: str, capability: str = "9.0") -> Path:
     """A plan file with the sidecar `edet-deploy build` writes (TensorRT itself is not installed here)."""
+    from edet_deploy.io import sha256_file
     from edet_deploy.metadata import read_metadata
 
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"not really a plan")
     meta = dict(read_metadata(graph), tensorrt={"version": version, "gpu": "NVIDIA H100 80GB HBM3",
-                                                "compute_capability": capability, "batch_profile": [1, 4, 8]})
+                                                "compute_capability": capability, "batch_profile": [1, 4, 8]},
+                plan_sha256=sha256_file(plan))
     (tmp_path / "model.json").write_text(json.dumps(meta))
     return plan
 

@@ -88,21 +88,21 @@ def _instances_problem(data: Any) -> Optional[str]:
             return f"category {i}: name must be a string, got {_shown(c.get('name'))}"
     annotation_ids: set = set()
     for i, a in enumerate(data.get("annotations", [])):
-        # pycocotools finds an annotation by its id and ranks it by its area: without them eval would fail at
-        # its very end, and with a duplicate id it would score against the wrong boxes.
+        # pycocotools finds an annotation by its id: with a duplicate id it would score against the wrong boxes.
         problem = _entry_problem("annotation", i, a, annotation_ids)
         if problem:
             return problem
-        if not _is_int(a.get("image_id")) or a["image_id"] not in image_ids:
-            return f"annotation {i}: image_id {_shown(a.get('image_id'))} names no image"
-        if not _is_int(a.get("category_id")) or a["category_id"] not in category_ids:
-            return f"annotation {i}: category_id {_shown(a.get('category_id'))} names no category"
+        for key in ("image_id", "category_id"):  # one naming no image or category is skipped, as pycocotools does
+            if not _is_int(a.get(key)):
+                return f"annotation {i}: {key} must be an integer, got {_shown(a.get(key))}"
         if not _is_bbox(a.get("bbox")):
             return (f"annotation {i}: bbox must be 4 finite numbers [x, y, w, h] with w, h >= 0, "
                     f"got {_shown(a.get('bbox'))}")
-        area = a.get("area")
+        area = a.get("area", 0)  # optional: `coco_ground_truth` fills in w * h
         if not (isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area) and area >= 0):
             return f"annotation {i}: area must be a finite number >= 0, got {_shown(area)}"
+        if a.get("iscrowd", 0) not in (0, 1):
+            return f"annotation {i}: iscrowd must be 0 or 1, got {_shown(a.get('iscrowd'))}"
     return None
 
 
@@ -125,15 +125,25 @@ class CocoDataset:
         index_of = {cid: i for i, cid in enumerate(self.category_ids)}
         self.images = sorted(data["images"], key=lambda im: im["id"])
         boxes: Dict[int, list] = {im["id"]: [] for im in self.images}
-        for a in data.get("annotations", []):
+        # What pycocotools scores against (`coco_ground_truth`): the annotations of known images and categories,
+        # area and iscrowd filled in where the file leaves them out (COCOeval reads both).
+        self._annotations = [{**a, "area": a.get("area", a["bbox"][2] * a["bbox"][3]),
+                              "iscrowd": a.get("iscrowd", 0)} for a in data.get("annotations", [])
+                             if a["image_id"] in boxes and a["category_id"] in index_of]
+        for a in self._annotations:
             x, y, w, h = a["bbox"]
-            if a.get("iscrowd", 0) or w <= 0 or h <= 0:  # crowd regions and empty boxes are no targets
+            if a["iscrowd"] or w <= 0 or h <= 0:  # crowd regions and empty boxes are no targets
                 continue
             boxes[a["image_id"]].append((x, y, x + w, y + h, index_of[a["category_id"]]))
         self._targets = {k: np.asarray(v, np.float32).reshape(-1, 5) for k, v in boxes.items()}
+        self._categories = cats
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def coco_ground_truth(self) -> Dict[str, Any]:
+        """The split as a COCO dataset dict for pycocotools (see __init__): the checked file, normalised."""
+        return {"images": self.images, "annotations": self._annotations, "categories": self._categories}
 
     def image_path(self, i: int) -> Path:
         return self.image_dir / self.images[i]["file_name"]

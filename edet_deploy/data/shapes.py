@@ -2,6 +2,7 @@
 overlaps on textured backgrounds, written in COCO format. Deterministic for a given seed."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -160,9 +161,10 @@ def _move_into_place(new: Path, out: Path, replaced: Set[str]) -> None:
             os.rename(old, out)
         for entry in reversed(moved):
             os.rename(new / entry, out / entry)
+        with contextlib.suppress(OSError):
+            old.rmdir()  # empty again once `out` is back; never a recursive delete of what may still be `out`
         raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # the replaced set
 
 
 def generate_shapes(out_dir: str | Path, splits: Dict[str, int] = DEFAULT_SPLITS, seed: int = 0,
