@@ -316,7 +316,7 @@ def _serve(p: argparse.ArgumentParser):
     def run(args) -> int:
         from .triton.supervisor import serve
         return serve(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.address, args.log_file,
-                     args.grace_period, [g for v in args.open_api for g in v.split(",") if g], args.force,
+                     args.grace_period, [g.strip() for v in args.open_api for g in v.split(",")], args.force,
                      max_in_flight=args.max_in_flight)
     return run
 
@@ -445,7 +445,9 @@ def _build(p: argparse.ArgumentParser):
     progress.add_to(p)
 
     def run(args) -> int:
+        from .io import existing_file
         from .trt.builder import build_engine
+        existing_file(args.onnx, "ONNX graph")  # before TensorRT is looked for
         sidecar = build_engine(args.onnx, args.out, args.batch, args.timing_cache, args.workspace,
                                verbose=args.trt_verbose, tf32=not args.no_tf32, progress=progress.build(args))
         print(f"wrote {args.out} ({sidecar['precision']}, TensorRT {sidecar['tensorrt']['version']}, "

@@ -206,3 +206,34 @@ def test_an_option_left_at_its_default_is_not_checked_as_an_output(tmp_path, cap
     log = tmp_path / "log.txt"
     log.write_text("")
     assert main(["--log-file", str(log), "models"]) == 0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["check", "empty.onnx"], "empty.onnx is empty (0 bytes): not an ONNX graph"),
+    (["build", "nope.onnx", "--out", "x.plan"], "ONNX graph not found: nope.onnx"),
+    (["detect", "a.jpg", "--weights", "a.jpg", "--backend", "torch"],
+     "cannot read weights a.jpg: not a .pth / .safetensors checkpoint we can load (UnpicklingError"),
+])
+def test_unusable_inputs_are_named_plainly(tmp_path, capsys, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    _scene(tmp_path)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and len(err[0]) < 300, err
+
+
+def test_exclude_patterns_that_match_nothing_or_everything_are_refused():
+    from onnx import TensorProto, helper
+
+    from edet_deploy import EdetError
+    from edet_deploy.precision.int8 import NETWORK_PREFIX, network_nodes
+    names = [f"{NETWORK_PREFIX}backbone/Conv", f"{NETWORK_PREFIX}fpn/Conv"]
+    nodes = [helper.make_node("Conv", ["x", "w"], [f"y{i}"], name=n) for i, n in enumerate(names)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], []))
+    assert network_nodes(proto, ["fpn"]) == ([names[0]], [names[1]])
+    with pytest.raises(EdetError, match="'nomatch' matches no Conv"):
+        network_nodes(proto, ["fpn", "nomatch"])
+    with pytest.raises(EdetError, match="keeps every Conv in float"):
+        network_nodes(proto, ["*"])

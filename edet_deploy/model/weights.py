@@ -39,7 +39,9 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], D
     except EdetError:
         raise
     except Exception as e:  # corrupt file, pickle with code objects, ...
-        raise EdetError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]  # torch's own is a whole paragraph
+        raise EdetError(f"cannot read weights {path}: not a .pth / .safetensors checkpoint we can load "
+                        f"({type(e).__name__}: {first})") from None
     return state, meta
 
 

@@ -138,13 +138,26 @@ def calibration_images(data: str | Path, num_images: int, split: str = "calib") 
 
 
 def network_nodes(proto: onnx.ModelProto, exclude: Iterable[str] = ()) -> Tuple[List[str], List[str]]:
-    """(nodes to quantize, nodes excluded): network Convs not matching any exclude pattern (fnmatch on names)."""
+    """(nodes to quantize, nodes excluded): network Convs not matching any exclude pattern (fnmatch on names, or a
+    substring). A pattern that matches none of them (a typo) or one that leaves nothing to quantize is refused:
+    either would make an "INT8" graph other than the one asked for."""
     patterns = list(exclude)
     include, excluded = [], []
+    matched = set()
     for n in proto.graph.node:
         if n.op_type not in QUANTIZED_OPS or not n.name.startswith(NETWORK_PREFIX):
             continue
-        (excluded if any(fnmatch.fnmatch(n.name, p) or p in n.name for p in patterns) else include).append(n.name)
+        hits = {p for p in patterns if fnmatch.fnmatch(n.name, p) or p in n.name}
+        matched |= hits
+        (excluded if hits else include).append(n.name)
+    unmatched = [p for p in patterns if p not in matched]
+    if unmatched:
+        example = (include or excluded or ["?"])[len(include or excluded) // 2]
+        raise EdetError(f"--exclude {' '.join(repr(p) for p in unmatched)} matches no Conv of the network (names "
+                        f"look like {example!r})")
+    if patterns and not include:
+        raise EdetError(f"--exclude {' '.join(repr(p) for p in patterns)} keeps every Conv in float: nothing would "
+                        f"be INT8")
     return include, excluded
 
 
