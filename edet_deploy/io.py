@@ -29,9 +29,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results should read like any other file
+    mode = 0o666 & ~umask  # mkstemp makes 0600 files; results should read like any other file
+    os.chmod(tmp, mode)
     try:
         yield Path(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, mode)  # again: some writers (safetensors) replace the file with a 0600 one of their own
         try:
             os.replace(tmp, path)
         except OSError as e:

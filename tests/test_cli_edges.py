@@ -237,3 +237,18 @@ def test_exclude_patterns_that_match_nothing_or_everything_are_refused():
         network_nodes(proto, ["fpn", "nomatch"])
     with pytest.raises(EdetError, match="keeps every Conv in float"):
         network_nodes(proto, ["*"])
+
+
+def test_outputs_get_the_usual_mode_even_from_writers_that_replace_the_file(tmp_path):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from edet_deploy.io import atomic_path
+    out = tmp_path / "w.safetensors"
+    with atomic_path(out) as tmp:
+        save_file({"a": torch.zeros(2)}, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask
