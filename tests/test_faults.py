@@ -1170,3 +1170,30 @@ def test_memory_comes_back_after_a_burst_of_large_jpegs(repo, tmp_path):
         assert now <= 1.25 * baseline, f"RSS {now:.0f} MiB 60 s after the burst, baseline {baseline:.0f} MiB"
     finally:
         s.kill()
+
+
+def test_a_server_that_fails_to_start_leaves_no_stub_behind(repo, tmp_path):
+    """tritonserver 2.51 exits when one model fails to load, leaving the stubs of the models that did load
+    running (500 MB each for an engine): start() must end the whole process group and its shared memory."""
+    import shutil
+
+    from edet_deploy import EdetError
+    from edet_deploy.triton.server import TritonServer
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    server = TritonServer(copy, free_port(), free_port(), free_port())  # verified now, broken below
+    (copy / "efficientdet_d0_postprocess" / "1" / "model.py").write_text("raise RuntimeError('broken on purpose')\n")
+    def group(pid: int) -> int:
+        try:
+            return os.getpgid(pid)
+        except (ProcessLookupError, PermissionError):
+            return -1
+    try:
+        with pytest.raises(EdetError, match="during start-up"):
+            server.start()
+        # what start() left, before any clean-up of the test's own
+        left = [p for p in os.listdir("/proc") if p.isdigit() and group(int(p)) == server.proc.pid]
+        regions = server.shm_regions()
+    finally:
+        server.stop()
+    assert left == [] and regions == []

@@ -212,7 +212,9 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 code = self.proc.returncode
-                self.cleanup_shm()
+                # The stubs of the models that did load outlive a server that gave up on another one (Triton
+                # 2.51): end its whole process group and the regions, as stop() does.
+                self.stop()
                 raise EdetError(f"tritonserver exited with code {code} during start-up{self._log_tail()}")
             # Ready and still alive: the answer came from our server, not from another one on the port.
             if self.ready() and self.proc.poll() is None:
