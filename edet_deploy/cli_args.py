@@ -206,8 +206,10 @@ class NmsArgs:
         g.add_argument("--sigma", type=Bounded(float, 0.0, 100.0, above=True), default=d.sigma,
                        help="gaussian sigma (the paper's, not TF's doubled one)")
         g.add_argument("--iou-threshold", type=FRACTION, default=d.iou_threshold, help="IoU threshold of linear / hard")
-        g.add_argument("--score-threshold", type=FRACTION, default=d.score_threshold)
-        g.add_argument("--max-detections", type=Bounded(int, 1, TRT_MAX_TOPK), default=d.max_detections)
+        g.add_argument("--score-threshold", type=FRACTION, default=d.score_threshold,
+                       help="detections whose score falls below this (after soft-NMS decay) are dropped")
+        g.add_argument("--max-detections", type=Bounded(int, 1, TRT_MAX_TOPK), default=d.max_detections,
+                       help="detections kept per image: the size K of every output")
         g.add_argument("--class-agnostic", action="store_true",
                        help="let boxes of different classes suppress each other")
         g.add_argument("--pre-nms-top-k", type=Bounded(int, 1, TRT_MAX_TOPK), default=DEFAULT_PRE_NMS_TOP_K,

@@ -143,7 +143,7 @@ def _detect(p: argparse.ArgumentParser):
 def _demo(p: argparse.ArgumentParser):
     p.add_argument("--out", default="build/demo", type=OutputPath(folder=True),
                    help="where the graph, images and reports go")
-    p.add_argument("--model", default="d0")
+    p.add_argument("--model", default="d0", help="variant to export and run (see `edet-deploy models`)")
 
     def run(args) -> int:
         from .demo import run_demo
@@ -159,7 +159,7 @@ def _make_shapes(p: argparse.ArgumentParser):
     p.add_argument("--train", type=split, default=3000, help="training images")
     p.add_argument("--val", type=split, default=300, help="validation images")
     p.add_argument("--calib", type=split, default=500, help="calibration images")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="the same seed gives the same images and boxes")
     p.add_argument("--force", action="store_true", help="write into an --out holding files make-shapes did not "
                                                          "generate (its instances_<split>.json and images/<split> "
                                                          "are replaced)")
@@ -177,12 +177,12 @@ def _make_shapes(p: argparse.ArgumentParser):
 
 @command("train", "train or fine-tune a variant on a COCO-format dataset (focal + Huber loss)")
 def _train(p: argparse.ArgumentParser):
-    p.add_argument("--model", default="d0")
+    p.add_argument("--model", default="d0", help="variant to train (see `edet-deploy models`)")
     p.add_argument("--data", required=True, help="dataset dir with train and val splits (COCO format)")
     p.add_argument("--out", required=True, type=OutputPath(),
                    help="checkpoint path (.safetensors or .pth); the best epoch is kept")
-    p.add_argument("--epochs", type=Bounded(int, 1, 100_000), default=10)
-    p.add_argument("--batch-size", type=BATCH, default=8)
+    p.add_argument("--epochs", type=Bounded(int, 1, 100_000), default=10, help="passes over the train split")
+    p.add_argument("--batch-size", type=BATCH, default=8, help="images per optimisation step")
     p.add_argument("--lr", type=Bounded(float, 0.0, 10.0, above=True), default=2e-3, help="peak learning rate")
     p.add_argument("--image-size", type=IMAGE_SIZE, default=256,
                    help="training/inference input size (multiple of 128)")
@@ -192,7 +192,7 @@ def _train(p: argparse.ArgumentParser):
     p.add_argument("--eval-images", type=COUNT,
                    help="evaluate on at most this many val images per epoch (default: all)")
     p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores)")
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of initialisation, shuffling and augmentation")
     progress = ProgressArgs()
     progress.add_to(p)
 
@@ -213,7 +213,7 @@ def _eval(p: argparse.ArgumentParser):
     source = SourceArgs()
     source.add_to(p)
     p.add_argument("--data", required=True, help="dataset dir (instances_<split>.json + images)")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="the split scored: instances_<split>.json")
     p.add_argument("--max-images", type=COUNT, help="evaluate the first N images (default: all)")
     p.add_argument("--report", type=OutputPath(),
                    help="JSON report path (default: <data>/eval_<split>_<graph or model>_<backend>.json)")
@@ -247,7 +247,8 @@ def _triton_repo(p: argparse.ArgumentParser):
                    help="default: the graph's (from its metadata JSON), which a stated one must match, except that "
                         "an FP32 graph on the OpenVINO CPU engine runs bf16 where this CPU has bf16 instructions "
                         "(AVX512_BF16 or AMX; --precision fp32 keeps f32); bf16: the FP32 graph run in bfloat16")
-    p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--target", default="cpu", choices=["cpu", "gpu"],
+                   help="cpu: the graph in our CPU runner (Triton's Python backend); gpu: a TensorRT plan")
     p.add_argument("--engine-backend", choices=["openvino", "onnxruntime"],
                    help="--target cpu: the runner of the engine model (default: the CPU backend `detect` uses)")
     p.add_argument("--max-batch", type=BATCH, default=8, help="max_batch_size of every model in the ensemble")
@@ -297,10 +298,10 @@ def _triton_repo(p: argparse.ArgumentParser):
 
 @command("serve", "run the embedded Triton server (CPU) on a repository, supervised, until Ctrl-C / SIGTERM / SIGHUP")
 def _serve(p: argparse.ArgumentParser):
-    p.add_argument("--repo", default="model_repository")
-    p.add_argument("--http-port", type=PORT, default=8000)
-    p.add_argument("--grpc-port", type=PORT, default=8001)
-    p.add_argument("--metrics-port", type=PORT, default=8002)
+    p.add_argument("--repo", default="model_repository", help="a repository written by `edet-deploy triton-repo`")
+    p.add_argument("--http-port", type=PORT, default=8000, help="HTTP/REST port (KServe v2 protocol)")
+    p.add_argument("--grpc-port", type=PORT, default=8001, help="gRPC port (KServe v2 protocol)")
+    p.add_argument("--metrics-port", type=PORT, default=8002, help="Prometheus metrics port")
     p.add_argument("--address", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server)")
     p.add_argument("--grace-period", type=Bounded(float, 0.0, 3600.0, meanings={0: "no drain"}), default=30.0,
                    help="on SIGTERM/SIGINT/SIGHUP: seconds in-flight requests may take to finish")
@@ -323,7 +324,7 @@ def _serve(p: argparse.ArgumentParser):
 
 @command("client", "send images to a running Triton ensemble and print the detections")
 def _client(p: argparse.ArgumentParser):
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="JPEG/PNG/... files to send")
     p.add_argument("--url", default="127.0.0.1:8000", help="host:port, or with an http://, https:// or grpc:// "
                                                             "prefix (Triton listens on 8000 for http, 8001 for grpc)")
     p.add_argument("--protocol", choices=["http", "grpc"], help="default: the --url prefix's, else http")
@@ -459,7 +460,8 @@ def _build(p: argparse.ArgumentParser):
 @command("bench", "latency/throughput sweep over variants, backends, precisions and batch sizes")
 def _bench(p: argparse.ArgumentParser):
     p.add_argument("--models", default="d0", help="e.g. d0-d7,d7x")
-    p.add_argument("--backends", default="torch,onnxruntime,openvino,tensorrt")
+    p.add_argument("--backends", default="torch,onnxruntime,openvino,tensorrt",
+                   help="comma-separated; a row this machine cannot run is skipped with the reason")
     p.add_argument("--precisions", default="fp32,int8", help="fp32,bf16,fp16,int8 (bf16: OpenVINO on CPUs with bf16 "
                                                             "instructions)")
     p.add_argument("--batch", type=BoundedList(BATCH), default=[1], help="batch sizes, e.g. 1,8")
@@ -471,7 +473,8 @@ def _bench(p: argparse.ArgumentParser):
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 1 warm-up, 5 iterations; an explicit --warmup / --iters / --seconds wins")
     p.add_argument("--threads", type=THREADS, help="CPU threads (default: all cores)")
-    p.add_argument("--out", default="build/bench", type=OutputPath(folder=True))
+    p.add_argument("--out", default="build/bench", type=OutputPath(folder=True),
+                   help="folder for bench.json / .csv / .md and the plots")
     acc = p.add_argument_group("accuracy beside latency (Ultralytics' benchmark does the same)")
     acc.add_argument("--weights", help="trained weights for the one variant in --models (default: random init, "
                                        "which is enough for latency)")

@@ -1,4 +1,4 @@
-"""Every subcommand's --help shows each option's default once, and every default worth showing."""
+"""Every subcommand's --help explains each option and shows its default once, and every default worth showing."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,7 @@ def test_help_shows_each_default_once(name, capsys):
         assert "default: None" not in text and "default: False" not in text, text
         if DefaultsHelpFormatter.shows_default(action):
             assert f"default: {action.default}" in text or "default" in (action.help or ""), text
+        assert (action.help or "").strip(), f"{name} {action.option_strings or action.dest}: no help text"
     with pytest.raises(SystemExit) as e:  # and the whole page renders
         main([name, "--help"])
     assert e.value.code == 0
