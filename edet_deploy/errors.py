@@ -1,5 +1,6 @@
 """The exception types for errors a user meets: the CLI prints the message on one line and exits with the
 type's code (README, "Exit codes")."""
+from typing import Sequence
 
 
 class EdetError(Exception):
@@ -13,3 +14,8 @@ class EdetRuntimeError(EdetError):
     fails): one line, exit code 1."""
 
     exit_code = 1
+
+
+def first_few(items: Sequence[str], n: int = 5) -> str:
+    """The first `n` of `items`, comma-separated, with ' ...' when there are more: a list inside a one-line error."""
+    return ", ".join(items[:n]) + (" ..." if len(items) > n else "")

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Set, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..errors import EdetError
+from ..errors import EdetError, first_few
 from ..io import write_json
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross")
@@ -132,8 +132,8 @@ def _generated(out: Path, force: bool) -> Set[str]:
         return {f"instances_{s}.json" for s in splits} | {f"images/{s}" for s in splits}
     foreign = list(_entries(out))
     if foreign and not force:
-        raise EdetError(f"{out} holds what make-shapes did not generate ({', '.join(foreign[:5])}"
-                        f"{' ...' if len(foreign) > 5 else ''}); choose an empty --out or pass --force")
+        raise EdetError(f"{out} holds what make-shapes did not generate ({first_few(foreign)}); choose an empty "
+                        f"--out or pass --force")
     return set()
 
 

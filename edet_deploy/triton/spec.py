@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from .. import contract
 from ..configs import MEAN_RGB
-from ..errors import EdetError
+from ..errors import EdetError, first_few
 from .models import ENGINE_BACKENDS
 from .verify import foreign_entries
 
@@ -145,8 +145,8 @@ def _check_out(out: Path, force: bool) -> None:
     if out.is_dir() and not force:
         foreign = foreign_entries(out)
         if foreign:
-            raise EdetError(f"{out} holds what edet-deploy did not generate ({', '.join(foreign[:5])}"
-                            f"{' ...' if len(foreign) > 5 else ''}); choose an empty --out or pass --force")
+            raise EdetError(f"{out} holds what edet-deploy did not generate ({first_few(foreign)}); choose an "
+                            f"empty --out or pass --force")
 
 
 def _checked_plan(meta: Dict, plan: str, tensorrt_version: Optional[str]) -> Dict[str, str]:

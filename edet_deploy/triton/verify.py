@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..contract import REPOSITORY_MANIFEST
-from ..errors import EdetError
+from ..errors import EdetError, first_few
 from .models import MODEL_MODULES, SHIM
 
 # The first line of every config the generator writes: how a model directory is told to be ours.
@@ -192,8 +192,8 @@ def resign_repository(repo: str | Path, force: bool = False) -> Path:
     validate_repository(repo)
     foreign = [] if force else foreign_entries(repo)
     if foreign:
-        raise EdetError(f"{repo} holds what edet-deploy did not generate ({', '.join(foreign[:5])}"
-                        f"{' ...' if len(foreign) > 5 else ''}); regenerate it, or pass --force to sign it anyway")
+        raise EdetError(f"{repo} holds what edet-deploy did not generate ({first_few(foreign)}); regenerate it, "
+                        f"or pass --force to sign it anyway")
     for artifact in sorted([*repo.glob("*/*/model.onnx"), *repo.glob("*/*/model.plan")]):
         if not sidecar_path(artifact).is_file():
             raise EdetError(f"{artifact} has no metadata sidecar {sidecar_path(artifact).name}: copy it in with "
@@ -221,8 +221,8 @@ def verify_served_repository(repo: str | Path, force: bool = False) -> None:
     if not force:
         foreign = foreign_entries(repo)
         if foreign:
-            raise EdetError(f"{repo} holds what edet-deploy did not generate: {', '.join(foreign[:5])}"
-                            f"{' ...' if len(foreign) > 5 else ''}; regenerate it or pass --force to serve it anyway")
+            raise EdetError(f"{repo} holds what edet-deploy did not generate: {first_few(foreign)}; regenerate it "
+                            f"or pass --force to serve it anyway")
     for artifact in engine_artifacts(repo):
         if not artifact.is_file():
             source = "--target gpu --engine PLAN" if artifact.suffix == ".plan" else "--onnx GRAPH"
