@@ -140,11 +140,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     prefix = f"edet-deploy {args.command}: error:"
-    clash = output_clash(args, [*parser._actions, *parser.subcommands[args.command]._actions])
-    if args.verbose and args.quiet:
-        clash = "-v (debug logging) and -q (warnings only) contradict each other: give one"
-    if clash:  # before any work: an output must never overwrite what the command reads
-        print(f"{prefix} {clash}", file=sys.stderr)
+    # Before any work: flags that contradict each other, an output that would overwrite what the command reads.
+    refusal = ("-v (debug logging) and -q (warnings only) contradict each other: give one"
+               if args.verbose and args.quiet
+               else output_clash(args, [*parser._actions, *parser.subcommands[args.command]._actions]))
+    if refusal:
+        print(f"{prefix} {refusal}", file=sys.stderr)
         return 2
     try:
         setup_logging(args.verbose, args.quiet, args.log_file)

@@ -446,9 +446,7 @@ def _build(p: argparse.ArgumentParser):
     progress.add_to(p)
 
     def run(args) -> int:
-        from .io import existing_file
         from .trt.builder import build_engine
-        existing_file(args.onnx, "ONNX graph")  # before TensorRT is looked for
         sidecar = build_engine(args.onnx, args.out, args.batch, args.timing_cache, args.workspace,
                                verbose=args.trt_verbose, tf32=not args.no_tf32, progress=progress.build(args))
         print(f"wrote {args.out} ({sidecar['precision']}, TensorRT {sidecar['tensorrt']['version']}, "

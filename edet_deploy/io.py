@@ -82,6 +82,8 @@ def load_onnx(path: str | os.PathLike, external_data: bool = True) -> "onnx.Mode
     import onnx
 
     path = existing_file(path, "ONNX graph")
+    if path.stat().st_size == 0:  # onnx.load reads 0 bytes as an empty model, which fails later, obscurely
+        raise EdetError(f"{path} is empty (0 bytes): not an ONNX graph")
     try:
         return onnx.load(str(path), load_external_data=external_data)
     except Exception as e:  # noqa: BLE001 - protobuf raises its own types for garbage files

@@ -152,9 +152,9 @@ def network_nodes(proto: onnx.ModelProto, exclude: Iterable[str] = ()) -> Tuple[
         (excluded if hits else include).append(n.name)
     unmatched = [p for p in patterns if p not in matched]
     if unmatched:
-        example = (include or excluded or ["?"])[len(include or excluded) // 2]
+        names = include + excluded
         raise EdetError(f"--exclude {' '.join(repr(p) for p in unmatched)} matches no Conv of the network (names "
-                        f"look like {example!r})")
+                        f"look like {names[len(names) // 2] if names else '?'!r})")
     if patterns and not include:
         raise EdetError(f"--exclude {' '.join(repr(p) for p in patterns)} keeps every Conv in float: nothing would "
                         f"be INT8")

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..contract import INPUT_NAME
 from ..errors import EdetError
-from ..io import atomic_path, sha256_file
+from ..io import atomic_path, existing_file, sha256_file
 from ..log import logger
 from ..metadata import read_artifact_metadata, write_metadata
 from .parser_rules import BUILD_NETWORK_FLAGS
@@ -35,7 +35,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, batch: str = "1", timin
     from . import require_tensorrt
     from .plugin import register
 
-    onnx_path, out = Path(onnx_path), Path(out)
+    onnx_path, out = existing_file(onnx_path, "ONNX graph"), Path(out)  # before TensorRT is looked for
     meta = read_artifact_metadata(onnx_path)
     lo, opt, hi = parse_batch(batch)
     if not meta.batch["dynamic"] and (lo, opt, hi) != (meta.batch["max"],) * 3:

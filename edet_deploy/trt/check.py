@@ -52,8 +52,6 @@ def graph_report(path) -> Dict:
     from ..precision.census import census
 
     path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise EdetError(f"{path} is empty (0 bytes): not an ONNX graph")
     model = load_onnx(path)
     try:
         findings = check_trt_compat(model)
