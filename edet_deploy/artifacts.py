@@ -59,6 +59,6 @@ def save_graph(proto: "onnx.ModelProto", onnx_path: Path, meta: ArtifactMetadata
         with atomic_path(onnx_path) as tmp:
             tmp.write_bytes(data)
     except OSError as e:
-        raise EdetError(f"cannot write {onnx_path}: {e.strerror}") from None
+        raise OSError(e.errno, e.strerror, str(onnx_path)) from None  # the user's path, not a temporary one
     meta_path = write_metadata(onnx_path, meta)
     return ExportResult(onnx_path, meta_path, meta.to_dict())

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from .cli_args import OutputPath, output_clash
 from .errors import EdetError
+from .io import NO_ROOM as _NO_ROOM
 from .log import logger
 
 EXIT_CODES = {0: "success", 1: "runtime failure (a server gone, a runtime that failed, a bug of ours)",
@@ -160,6 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except OSError as e:
+        if e.errno in _NO_ROOM:  # a full disk or quota: no fault of the command line (io names the output)
+            print(f"{prefix} cannot write {e.filename or 'the output'}: {e.strerror}", file=sys.stderr)
+            return 1
         if e.filename is not None:
             # An output (or input) path that cannot be created, written or read: the user's to fix.
             print(f"{prefix} cannot access {e.filename}: {e.strerror}", file=sys.stderr)

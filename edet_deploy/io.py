@@ -2,17 +2,28 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, List, Tuple
 
 from .errors import EdetError
 
 if TYPE_CHECKING:
     import onnx
+
+
+# A write that failed for want of room: whichever file the library was writing at the time (a source it copied
+# from, a temporary name), the error names the user's output.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    return OSError(e.errno, e.strerror, str(path))
 
 
 @contextlib.contextmanager
@@ -25,24 +36,105 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None
+        raise _naming(e, path) from None
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    mode = 0o666 & ~umask  # mkstemp makes 0600 files; results should read like any other file
+    mode = 0o666 & ~_umask()  # mkstemp makes 0600 files; results should read like any other file
     os.chmod(tmp, mode)
     try:
-        yield Path(tmp)
+        try:
+            yield Path(tmp)
+        except OSError as e:
+            if e.errno in NO_ROOM or (e.errno is not None and e.filename is None):
+                raise _naming(e, path) from None
+            raise
         with contextlib.suppress(FileNotFoundError):
             os.chmod(tmp, mode)  # again: some writers (safetensors) replace the file with a 0600 one of their own
         try:
             os.replace(tmp, path)
         except OSError as e:
-            raise OSError(e.errno, e.strerror, str(path)) from None
+            raise _naming(e, path) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def top_entries(root: Path) -> Iterator[str]:
+    yield from sorted(child.name for child in root.iterdir())
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | os.PathLike, replaced: Collection[str] = (),
+                     entries: Callable[[Path], Iterator[str]] = top_entries) -> Iterator[Path]:
+    """Yield an empty directory to build a set of files in; when the block succeeds, each of its `entries`
+    (relative paths; default: its top-level files and folders) takes the place of the same entry in `out`, the
+    `replaced` entries of `out` go, and everything else in `out` stays. A failure or Ctrl-C inside the block, or
+    while the entries move, leaves `out` as it was; an error for want of room names `out`.
+
+    The staging directory lies on `out`'s filesystem, so the entries move by renames: beside `out` when there is
+    none yet (the whole directory is renamed into place), else hidden inside it, which also holds where `out` is
+    a mount point (a container's volume) that cannot itself be renamed. A symlinked `out` stays a link."""
+    target = Path(os.path.realpath(out))
+    if target.exists() and not target.is_dir():
+        raise EdetError(f"{out} is a file, not a directory")
+    fresh = not target.exists()
+    home = target.parent if fresh else target
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name[:64]}." if fresh else ".edet-staging.",
+                                      suffix=".tmp", dir=home))
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; when renamed into place it is `out`
+    except OSError as e:
+        raise _naming(e, Path(out)) from None
+    try:
+        try:
+            yield stage
+        except OSError as e:
+            if e.errno in NO_ROOM:
+                raise _naming(e, Path(out)) from None
+            raise
+        if fresh:
+            os.rename(stage, target)
+        else:
+            _move_entries(stage, target, list(entries(stage)), replaced)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone already when renamed into place
+
+
+def _move_entries(stage: Path, target: Path, written: List[str], replaced: Collection[str]) -> None:
+    """Move `written` from `stage` into `target`, what they replace (and `replaced`) into a hidden trash first;
+    on any failure, every rename is undone in reverse."""
+    trash = Path(tempfile.mkdtemp(prefix=".edet-replaced.", suffix=".tmp", dir=target))
+    done: List[Tuple[Path, Path]] = []  # (from, to) renames made, to undo
+    made: List[Path] = []  # parent folders created for nested entries
+    try:
+        for i, entry in enumerate(sorted(set(written) | set(replaced))):
+            if os.path.lexists(target / entry):
+                os.rename(target / entry, trash / str(i))
+                done.append((target / entry, trash / str(i)))
+        for entry in written:
+            parent = (target / entry).parent
+            if not parent.exists():
+                parent.mkdir(parents=True)
+                made.append(parent)
+            os.rename(stage / entry, target / entry)
+            done.append((stage / entry, target / entry))
+    except BaseException:
+        for source, moved in reversed(done):
+            os.rename(moved, source)
+        for parent in reversed(made):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        with contextlib.suppress(OSError):
+            trash.rmdir()  # empty again; never a recursive delete of what may still be `out`'s
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def existing_file(path: str | os.PathLike, what: str) -> Path:

@@ -254,21 +254,25 @@ def test_failed_generation_leaves_out_as_it_was(tmp_path, monkeypatch, error):
 
 
 def test_failed_move_into_place_restores_out(tmp_path, monkeypatch):
-    from edet_deploy.data import shapes
+    from edet_deploy import io
 
-    out = generate_shapes(tmp_path / "ds", {"val": 2}, seed=0, progress=False)
+    out = generate_shapes(tmp_path / "ds", {"train": 2, "val": 2}, seed=0, progress=False)
     (out / "eval_val.json").write_text("{}")
     before = _files(out)
-    rename = shapes.os.rename
+    rename, moved = io.os.rename, []
 
     def failing_rename(src, dst):
-        if str(src).endswith(".tmp"):  # the finished set moving onto `out`
-            raise OSError(5, "Input/output error", str(dst))
+        if ".edet-staging." in str(src):  # a finished entry moving into `out`: the second one fails
+            moved.append(src)
+            if len(moved) == 2:
+                raise OSError(5, "Input/output error", str(dst))
         return rename(src, dst)
-    monkeypatch.setattr(shapes.os, "rename", failing_rename)
+    monkeypatch.setattr(io.os, "rename", failing_rename)
     with pytest.raises(OSError):
-        generate_shapes(out, {"val": 3}, seed=7, progress=False)
+        generate_shapes(out, {"train": 1, "val": 3}, seed=7, progress=False)
+    assert len(moved) == 2
     assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".edet-shapes.json"]
 
 
 def test_refuses_a_foreign_dir_unless_force(tmp_path, capsys):

@@ -2,13 +2,8 @@
 overlaps on textured backgrounds, written in COCO format. Deterministic for a given seed."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import shutil
-import stat
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Set, Tuple
 
@@ -16,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..errors import EdetError, first_few
-from ..io import write_json
+from ..io import staged_directory, write_json
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross")
 DEFAULT_SPLITS = {"train": 3000, "val": 300, "calib": 500}
@@ -137,62 +132,22 @@ def _generated(out: Path, force: bool) -> Set[str]:
     return set()
 
 
-def _move_into_place(new: Path, out: Path, replaced: Set[str]) -> None:
-    """Make the complete set `new` be `out`, keeping what `out` holds besides `replaced` and `new`'s own files
-    (an eval report, or with --force the user's other files); by renames, so `out` is never half-written."""
-    if not out.exists():
-        os.rename(new, out)
-        return
-    written = set(_entries(new))
-    keep = [e for e in _entries(out) if e not in replaced and e not in written
-            and not any(w.startswith(e + "/") for w in written)]
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.", suffix=".old", dir=out.parent))
-    moved: List[str] = []
-    swapped = False
-    try:
-        for entry in keep:
-            os.rename(out / entry, new / entry)
-            moved.append(entry)
-        os.rename(out, old)  # onto the empty directory mkdtemp made
-        swapped = True
-        os.rename(new, out)
-    except BaseException:  # Ctrl-C included: put `out` back as it was
-        if swapped:
-            os.rename(old, out)
-        for entry in reversed(moved):
-            os.rename(new / entry, out / entry)
-        with contextlib.suppress(OSError):
-            old.rmdir()  # empty again once `out` is back; never a recursive delete of what may still be `out`
-        raise
-    shutil.rmtree(old, ignore_errors=True)  # the replaced set
-
-
 def generate_shapes(out_dir: str | Path, splits: Dict[str, int] = DEFAULT_SPLITS, seed: int = 0,
                     min_size: int = 224, max_size: int = 352, progress: bool = True, force: bool = False) -> Path:
     """Write `images/<split>/*.jpg` and `instances_<split>.json` for each split of more than 0 images under
-    `out_dir` (`progress`: one bar over every split's images). The set is built in a temporary directory beside
-    `out_dir` and moved into place when complete: a failure or Ctrl-C leaves `out_dir` as it was. A directory
+    `out_dir` (`progress`: one bar over every split's images). The set is built in a staging directory and moved
+    into place when complete (`io.staged_directory`): a failure or Ctrl-C leaves `out_dir` as it was. A directory
     make-shapes generated is replaced whole (other files in it, such as eval reports, are kept); any other
     non-empty one is refused unless `force`, which replaces only the files generated."""
     from ..progress import job_bar, ticking
 
     out = Path(out_dir)
-    target = out.resolve()  # a symlinked `out_dir` stays a link to the regenerated directory
     if not any(splits.values()):
         raise EdetError("every split has 0 images: nothing to generate")
-    replaced = _generated(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name[:64]}.", suffix=".tmp", dir=target.parent))
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(out)) from None  # errors name the user's path
+    replaced = _generated(out.resolve(), force)
     categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES)]
     bar = job_bar(progress, sum(splits.values()), "shapes")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        # mkdtemp makes a 0700 directory: keep the mode of the directory replaced, else what mkdir would give.
-        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode) if target.is_dir() else 0o777 & ~umask)
+    with bar, staged_directory(out, replaced, _entries) as tmp:
         for split_index, (split, count) in enumerate(splits.items()):
             if not count:  # "0: no such split": no empty instances file a consumer would take for a split
                 continue
@@ -216,8 +171,4 @@ def generate_shapes(out_dir: str | Path, splits: Dict[str, int] = DEFAULT_SPLITS
                                                         "categories": categories})
         write_json(tmp / MARKER, {"generator": "edet-deploy make-shapes", "seed": seed, "splits": splits,
                                   "entries": list(_entries(tmp))})
-        _move_into_place(tmp, target, replaced)
-    finally:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when moved into place
     return out

@@ -2,6 +2,7 @@
 from .pth (loaded with weights_only=True) or .safetensors."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -131,12 +132,17 @@ def save_weights(model: nn.Module, path: str | os.PathLike, extra_meta: Optional
     meta.update(extra_meta or {})
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # Serialised in memory and written by Python: a full disk is then an OSError naming `path` (both libraries'
+    # own writers report it as an error of theirs).
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+        data = save(state, metadata={_META_KEY: json.dumps(meta)})
+    else:
+        buffer = io.BytesIO()
+        torch.save({"state_dict": state, _META_KEY: meta}, buffer)
+        data = buffer.getvalue()
     with atomic_path(path) as tmp:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-            save_file(state, str(tmp), metadata={_META_KEY: json.dumps(meta)})
-        else:
-            torch.save({"state_dict": state, _META_KEY: meta}, str(tmp))
+        tmp.write_bytes(data)
 
 
 def checkpoint_metadata(path: str | os.PathLike) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 from .. import contract
 from ..errors import EdetError
-from ..io import atomic_path
+from ..io import staged_directory
 from .configs import build_configs, config_text
 from .models import SHIM
 from .spec import RepoSpec
@@ -30,7 +30,7 @@ def generate_repository(out: str | Path, *, tuning_images: Optional[Sequence[byt
     `out` holding models or files edet-deploy did not generate is refused unless `force`. `variant` and
     `precision` default to the artifact's (its metadata JSON); stated ones must agree with it."""
     from ..io import sha256_file
-    from ..metadata import CHECKSUM_KEYS, ArtifactMetadata, sidecar_path, write_metadata
+    from ..metadata import CHECKSUM_KEYS, ArtifactMetadata, write_metadata
 
     spec = RepoSpec.validate(out, **request)
     out = Path(out)
@@ -39,28 +39,27 @@ def generate_repository(out: str | Path, *, tuning_images: Optional[Sequence[byt
     modules[contract.postprocess_name(spec.name)] = "postprocess"
     if spec.target == "cpu":
         modules[contract.engine_name(spec.name)] = f"engine_{spec.engine_backend}"
-    for name, config in configs.items():
-        version = out / name / "1"
-        version.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / name / "config.pbtxt") as tmp:
-            tmp.write_text(config_text(config))
-        if name in modules:
-            with atomic_path(version / "model.py") as tmp:
-                tmp.write_text(SHIM.format(module=modules[name]))
-    if spec.artifact is not None:
-        dst = out / contract.engine_name(spec.name) / "1" / ("model.plan" if spec.target == "gpu" else "model.onnx")
-        key = CHECKSUM_KEYS[dst.suffix]
-        typed = ArtifactMetadata.from_dict(spec.artifact_metadata)
-        checksum = getattr(typed, key) or sha256_file(spec.artifact)
-        typed = replace(typed, **{key: checksum})  # the copy is verified when served
-        sidecar_path(dst).unlink(missing_ok=True)  # never a graph beside another graph's sidecar
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(spec.artifact, tmp)
-            if sha256_file(tmp) != checksum:
+    # Built whole in a staging directory and checked there, then moved into place: a failure, a full disk or
+    # Ctrl-C leaves `out` as it was (a repository regenerated over leaves its earlier models intact).
+    with staged_directory(out) as stage:
+        for name, config in configs.items():
+            version = stage / name / "1"
+            version.mkdir(parents=True)
+            (stage / name / "config.pbtxt").write_text(config_text(config))
+            if name in modules:
+                (version / "model.py").write_text(SHIM.format(module=modules[name]))
+        if spec.artifact is not None:
+            artifact = "model.plan" if spec.target == "gpu" else "model.onnx"
+            dst = stage / contract.engine_name(spec.name) / "1" / artifact
+            key = CHECKSUM_KEYS[dst.suffix]
+            typed = ArtifactMetadata.from_dict(spec.artifact_metadata)
+            checksum = getattr(typed, key) or sha256_file(spec.artifact)
+            shutil.copyfile(spec.artifact, dst)
+            if sha256_file(dst) != checksum:
                 raise EdetError(f"{spec.artifact} changed while it was copied")
-        write_metadata(dst, typed)
-    write_tuning_files(out, spec, tuning_images)
-    validate_repository(out)
+            write_metadata(dst, replace(typed, **{key: checksum}))  # the copy is verified when served
+        write_tuning_files(stage, spec, tuning_images, name=out.name)
+        validate_repository(stage)
     write_manifest(out)  # last: it signs what is there now, which `serve` checks at start and every reload
     return out
 

@@ -56,9 +56,11 @@ def perf_input_data(input_format: str, images: Sequence[bytes], batch_first: boo
     return {"data": data}
 
 
-def write_tuning_files(repo: str | Path, spec: RepoSpec, images: Optional[Sequence[bytes]] = None) -> List[Path]:
+def write_tuning_files(repo: str | Path, spec: RepoSpec, images: Optional[Sequence[bytes]] = None,
+                       name: Optional[str] = None) -> List[Path]:
     """perf_analyzer input data per ensemble and a Model Analyzer config (quick search over the ensemble's
-    members), so NVIDIA's tuning tools run on this repository as it is."""
+    members), so NVIDIA's tuning tools run on this repository as it is; `name`: the repository's directory
+    name once in place (default: `repo`'s)."""
     repo = Path(repo)
     images = list(images) if images else default_tuning_images()
     written = []
@@ -70,7 +72,7 @@ def write_tuning_files(repo: str | Path, spec: RepoSpec, images: Optional[Sequen
     # Model Analyzer's docker mode starts Triton as a sibling container, which sees only the host's files at the
     # absolute paths Model Analyzer resolved: paths are relative to the repository's parent directory, run from
     # there with that directory mounted at the same path on both sides.
-    rel = Path(repo.name)
+    rel = Path(name or repo.name)
     python_members = [*(spec.preprocess_name(f) for f in spec.input_formats), contract.postprocess_name(spec.name)]
     if spec.target == "cpu":
         python_members.append(contract.engine_name(spec.name))
