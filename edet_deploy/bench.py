@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from .errors import EdetError
 from .log import logger
 from .measure import BACKENDS, LOADED_PSI_PCT, PRECISIONS, CpuPressure, machine_info, percentiles
 from .reports import write_reports
+
+if TYPE_CHECKING:
+    from .data import CocoDataset
 
 # Input size from which INT8 calibration does not fit in 24 GiB, so such variants are skipped with that reason
 # rather than killed mid-sweep. Measured from D7's graph at 1536 px (shape inference, batch 1, float32): the
@@ -140,13 +143,14 @@ class Accuracy:
 class Bench:
     def __init__(self, out: Path, threads: Optional[int] = None, warmup: int = 3, iters: int = 20,
                  seconds: Optional[float] = None, calib_images: int = 4, pool: int = 4,
-                 weights: Optional[str] = None, accuracy: Optional[Accuracy] = None):
+                 weights: Optional[str] = None, accuracy: Optional[Accuracy] = None,
+                 dataset: Optional["CocoDataset"] = None):
         self.out, self.threads, self.warmup, self.iters, self.seconds = out, threads, warmup, iters, seconds
         self.calib_images, self.pool_size = calib_images, pool
         self.weights, self.accuracy = weights, accuracy
         self._encoded: Optional[List[bytes]] = None
         self._calib_dir: Optional[Path] = None
-        self._dataset = None
+        self._dataset = dataset  # the split `accuracy` scores, when already loaded and checked
         if threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
@@ -305,7 +309,12 @@ class Bench:
             round(q[k], 3) for k in ("p50", "p90", "p99", "mean"))
         r.pipeline_throughput_img_s = round(batch * 1000.0 / q["mean"], 2)
         if self.accuracy is not None and batch == 1:  # accuracy does not depend on the batch: measured once
-            self._evaluate(r, det)
+            try:
+                self._evaluate(r, det)
+            except Exception as e:  # noqa: BLE001 - the latency above is measured: a failed score must not void it
+                why = str(e) if isinstance(e, EdetError) else f"{type(e).__name__}: {e}"
+                r.reason = f"accuracy not measured: {why}"
+                logger.warning("%s %s %s b%d: %s", model, backend, precision, batch, r.reason)
         runner.close()
 
     def _evaluate(self, r: Result, det) -> None:
@@ -336,6 +345,24 @@ def sweep_options(backends: str, precisions: str, batches: str | Sequence[int]) 
     return backend_list, precision_list, batch_list
 
 
+def _checked_dataset(accuracy: Accuracy, weights: str) -> "CocoDataset":
+    """The split `accuracy` scores, refused before the sweep starts (exit 2, nothing measured) when it is
+    missing, one of its images is unreadable or does not match its entry, or its categories do not pair with
+    the weights' classes (`eval.category_map`)."""
+    from .data import CocoDataset
+    from .eval import category_map
+    from .model.weights import checkpoint_metadata
+
+    dataset = CocoDataset(accuracy.data, accuracy.split)
+    meta = checkpoint_metadata(weights)
+    names = list(meta.get("class_names") or [])
+    num_classes = int(meta.get("num_classes") or len(names))
+    if num_classes:  # effdet .pth files name no classes: their head's size is only known once the graph is made
+        category_map(names, num_classes, dataset)
+    dataset.check_images(accuracy.eval_images)
+    return dataset
+
+
 def run_bench(models: Sequence[str], backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int],
               out: str | Path, threads: Optional[int] = None, warmup: int = 3, iters: int = 20,
               seconds: Optional[float] = None, progress: bool = True, weights: Optional[str] = None,
@@ -357,14 +384,14 @@ def run_bench(models: Sequence[str], backends: Sequence[str], precisions: Sequen
             open(weights, "rb").close()
         except OSError as e:
             raise EdetError(f"cannot read weights {weights}: {e.strerror}") from None
+    dataset = None
     if accuracy is not None:
         if weights is None:
             raise EdetError("--data measures accuracy, which needs trained --weights (random weights score 0)")
-        from .data import CocoDataset
-        CocoDataset(accuracy.data, accuracy.split)  # a missing split is refused before the sweep starts
+        dataset = _checked_dataset(accuracy, weights)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(out, threads, warmup, iters, seconds, weights=weights, accuracy=accuracy)
+    bench = Bench(out, threads, warmup, iters, seconds, weights=weights, accuracy=accuracy, dataset=dataset)
     combos = [(m, b, p, n) for m in models for b in backends for p in precisions for n in batches]
     results: List[Result] = []
     report: Dict = {"machine": machine_info(threads), "results": []}

@@ -9,8 +9,9 @@ import math
 import os
 import sys
 import tempfile
+import unicodedata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from .errors import EdetError
 
@@ -27,11 +28,19 @@ class OutputPath:
     folder above it takes new files (probed with a nameless temporary file: permissions, read-only mounts, /proc).
     `artifact`: a graph or plan, whose metadata JSON goes beside it under its name with .json, so that name is
     refused for the artifact itself. `dash`: '-' (stdout) passes. `append`: a file opened for appending (a log):
-    an existing file this process may write passes wherever it is (/dev/stderr, a log in a read-only folder)."""
+    an existing file this process may write passes wherever it is (/dev/stderr, a log in a read-only folder).
+    `writes`: the files a value stands for, given the whole command line (a folder that gets one file per
+    input), for `output_clash` to check each of them; without it, the value is the one file written."""
 
     def __init__(self, *, folder: bool = False, folder_ok: bool = False, artifact: bool = False,
-                 dash: bool = False, append: bool = False):
+                 dash: bool = False, append: bool = False,
+                 writes: Optional[Callable[[str, argparse.Namespace], Sequence[Path]]] = None):
         self.folder, self.folder_ok, self.artifact, self.dash, self.append = folder, folder_ok, artifact, dash, append
+        self.writes = writes
+
+    def files(self, value: str, args: argparse.Namespace) -> List[Path]:
+        """The files the command writes for `value` (the option's parsed value)."""
+        return list(self.writes(value, args)) if self.writes else [Path(value)]
 
     def __call__(self, text: str) -> str:
         if self.dash and text == "-":
@@ -71,14 +80,19 @@ class OutputPath:
 
 
 def output_clash(args: argparse.Namespace, actions: Sequence[argparse.Action]) -> Optional[str]:
-    """What would make an output of this command overwrite one of its inputs, in one line (None: nothing): an
-    output path (an `OutputPath` option) that is an input file (any other option or argument naming an existing
-    file), the metadata sidecar of an input graph or plan, or (an artifact output) whose sidecar is one."""
+    """What would make an output of this command overwrite one of its inputs or another of its outputs, in one
+    line (None: nothing): an output file (of an `OutputPath` option, each file a folder option writes included)
+    that is an input file (any other option or argument naming an existing file), the metadata sidecar of an input
+    graph or plan, or (an artifact output) whose sidecar is one; or two output files that are one."""
     from .metadata import CHECKSUM_KEYS, sidecar_path
 
     taken: Dict[Path, str] = {}
     outputs = []
+    seen = set()
     for action in actions:
+        if action.dest in seen:  # the global options are declared on the subcommand too, under the same dest
+            continue
+        seen.add(action.dest)
         value = getattr(args, action.dest, None)
         if isinstance(action.type, OutputPath):
             if isinstance(value, str) and value != "-":
@@ -90,11 +104,20 @@ def output_clash(args: argparse.Namespace, actions: Sequence[argparse.Action]) -
                 if Path(item).suffix in CHECKSUM_KEYS:  # read beside the path as given, so both places count
                     for side in (sidecar_path(item), sidecar_path(_real(item))):
                         taken[_real(side)] = f"{item}'s metadata {sidecar_path(item).name}"
+    written: Dict[Path, str] = {}  # each output file -> the option (and value) that writes it
     for action, value in outputs:
         flag = action.option_strings[0] if action.option_strings else action.dest
-        clash = taken.get(_real(value)) or (taken.get(_real(sidecar_path(value))) if action.type.artifact else None)
-        if clash:
-            return f"{flag} {value} would overwrite {clash}; choose another path"
+        for file in action.type.files(value, args):
+            who = f"{flag} {value}" if file == Path(value) else f"{flag} {value} (its {file})"
+            real = _real(file)
+            clash = taken.get(real) or (taken.get(_real(sidecar_path(file))) if action.type.artifact else None)
+            if clash:
+                return f"{who} would overwrite {clash}; choose another path"
+            if action.type.folder:  # a folder the command fills, not a file another output could replace
+                continue
+            if real in written:  # one output would replace the other: one of them lost without a word
+                return f"{written[real]} and {who} would write the same file; give them different paths"
+            written[real] = who
     return None
 
 
@@ -159,9 +182,10 @@ class BoundedList:
         return f"each {self.item.range_text()}"
 
     def __call__(self, text: str) -> List:
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        if not parts:
-            raise argparse.ArgumentTypeError(f"expected comma-separated values, each {self.item.describe()}")
+        parts = [p.strip() for p in text.split(",")]
+        if not all(parts):  # `1,,8` or `8,` is a typo, not 1,8
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, each {self.item.describe()}"
+                                             f"{f', with none empty (in {text!r})' if any(parts) else ''}")
         try:
             return [self.item(p) for p in parts]
         except argparse.ArgumentTypeError as e:
@@ -341,7 +365,17 @@ class JsonOutArgs:
             return
         from .io import write_json
         write_json(args.json, report)
-        print(f"wrote {args.json}")
+        print(f"wrote {printable(args.json)}")
+
+
+def printable(name: str | os.PathLike) -> str:
+    """A file name for a line of text output: as it is, or escaped as Python's repr does when it holds a control
+    character (a newline would split the line in two) or an undecodable byte (a lone surrogate, which stdout
+    cannot encode). JSON output escapes these by itself."""
+    text = os.fspath(name)
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in text):
+        return repr(text)
+    return text
 
 
 def detection_report(images, results) -> list:

@@ -111,11 +111,18 @@ def _detect(p: argparse.ArgumentParser):
     source.add_to(p)
     p.add_argument("--min-score", type=FRACTION, default=0.3, help="hide detections below this score")
     json_out.add_to(p)
-    p.add_argument("--draw", type=OutputPath(folder_ok=True),
+
+    def drawn(draw: str, args: argparse.Namespace) -> list:
+        """Each file --draw writes, for the parser's check against the inputs and --json."""
+        from .visualize import draw_files
+        return draw_files(draw, args.images)
+
+    p.add_argument("--draw", type=OutputPath(folder_ok=True, writes=drawn),
                    help="draw the detections of the first image to this .png/.jpg file (or into an "
                         "existing directory, <image>_det.png for each image)")
 
     def run(args) -> int:
+        from .cli_args import printable
         from .preprocess import decode_image
         from .visualize import draw_targets
         for path in args.images:  # fail early, before the model is built
@@ -124,7 +131,7 @@ def _detect(p: argparse.ArgumentParser):
         results = source.build(args, args.min_score).detect(args.images)
         if not json_out.to_stdout(args):
             for path, det in zip(args.images, results):
-                print(f"{path}: {len(det)} detection(s)")
+                print(f"{printable(path)}: {len(det)} detection(s)")
                 for r in det.to_records():
                     x1, y1, x2, y2 = r["box"]
                     print(f"  {r['label']:>12s}  {r['score']:.3f}  [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}]")
@@ -133,7 +140,7 @@ def _detect(p: argparse.ArgumentParser):
             from .visualize import draw_detections
             for img, det, dst in zip(args.images, results, targets):
                 draw_detections(img, det, dst)
-                print(f"drew {dst}", file=sys.stderr if json_out.to_stdout(args) else sys.stdout)
+                print(f"drew {printable(dst)}", file=sys.stderr if json_out.to_stdout(args) else sys.stdout)
         return 0
     return run
 
@@ -215,6 +222,9 @@ def _eval(p: argparse.ArgumentParser):
     p.add_argument("--data", required=True, help="dataset dir (instances_<split>.json + images)")
     p.add_argument("--split", default="val", help="the split scored: instances_<split>.json")
     p.add_argument("--max-images", type=COUNT, help="evaluate the first N images (default: all)")
+    p.add_argument("--match-by-index", action="store_true",
+                   help="pair the model's classes with the dataset's categories by position (sorted by id) "
+                        "instead of by name")
     p.add_argument("--report", type=OutputPath(),
                    help="JSON report path (default: <data>/eval_<split>_<graph or model>_<backend>.json)")
     progress = ProgressArgs()
@@ -225,9 +235,11 @@ def _eval(p: argparse.ArgumentParser):
         from .eval import evaluate
         from .io import write_json
         dataset = CocoDataset(args.data, args.split)
-        report = evaluate(source.build(args), dataset, args.max_images, progress=progress.build(args))
+        dataset.check_images(args.max_images)  # before the model is built (evaluate finds it done)
+        report = evaluate(source.build(args), dataset, args.max_images, progress=progress.build(args),
+                          match_by_index=args.match_by_index)
         report["source"] = source.describe(args)
-        for k, v in report["stats"].items():
+        for k, v in report["stats"].items() if report["targets"] else ():  # none: evaluate's warning says so
             print(f"{k:6s} {v:.4f}")
         dst = args.report or str(Path(args.data) / f"eval_{args.split}_{source.slug(args)}_{source.backend(args)}.json")
         write_json(dst, report)

@@ -7,11 +7,13 @@ pass `fill=meta["mean"]` so that the padding normalises to zero for D0 (ImageNet
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
 import warnings
-from typing import Iterable, List, Sequence, Tuple, Union
+import zlib
+from typing import Iterable, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .configs import MEAN_RGB
 from .errors import EdetError
 from .io import existing_file
+from .log import logger
 
 # Bounded cost per image and per request, checked from the headers before any pixel is decoded
 # (decompression-bomb protection: a few KB of PNG can declare gigapixels).
@@ -30,9 +33,23 @@ MAX_ENCODED_BYTES = 64 * 1024 * 1024
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image]
+IMAGE_SOURCE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image)
+# PNG's colour types -> samples per pixel (grey, RGB, palette, grey + alpha, RGBA).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7 interlacing: (first column, first row, column step, row step) of each of the seven passes.
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def check_source(src: object, label: str) -> None:
+    """One line when `src` is no kind of image this module reads (None, a number, an open file...): before
+    anything is read or allocated from it (bytes(n) of an int n would allocate n bytes)."""
+    if not isinstance(src, IMAGE_SOURCE_TYPES):
+        raise EdetError(f"{label}: expected an image file path, encoded bytes, a PIL image or an HxWx3 uint8 "
+                        f"array, got {type(src).__name__}")
 
 
 def _read_source(src: ImageSource, label: str) -> bytes:
+    check_source(src, label)
     if isinstance(src, (str, os.PathLike)):
         path = existing_file(src, "image")
         try:
@@ -56,8 +73,7 @@ def open_image(src: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: str |
     label = name or (str(src) if isinstance(src, (str, os.PathLike)) else type(src).__name__)
     data = _read_source(src, label)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _pillow_warnings(label):
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise EdetError(f"{label}: image too large (decompression-bomb protection: {e})") from None
@@ -94,6 +110,7 @@ def decode_image(src: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: str
     displays, not the stored one. 16-bit and float images are scaled to 8 bits; grayscale, palette and alpha
     images become RGB (alpha dropped)."""
     label = name or (str(src) if isinstance(src, (str, os.PathLike)) else type(src).__name__)
+    check_source(src, label)
     if isinstance(src, np.ndarray):
         return _from_array(src, label)
     if isinstance(src, Image.Image):
@@ -105,9 +122,11 @@ def decode_image(src: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS, name: str
 def to_rgb(img: Image.Image, label: str = "image") -> np.ndarray:
     """Decode an opened image (first frame) into uint8 RGB in its displayed orientation."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        png = _encoded_png(img)  # now: once decoded, Pillow lets go of the file
+        with _pillow_warnings(label):
             img.load()
+            if png is not None:
+                _check_png_complete(png, label)
             img = ImageOps.exif_transpose(img)
     except EdetError:
         raise
@@ -116,6 +135,70 @@ def to_rgb(img: Image.Image, label: str = "image") -> np.ndarray:
     except (OSError, ValueError, SyntaxError, struct.error, EOFError) as e:  # truncated or corrupt data
         raise EdetError(f"{label}: corrupt image ({e})") from None
     return _pil_to_rgb(img, label)
+
+
+@contextlib.contextmanager
+def _pillow_warnings(label: str) -> Iterator[None]:
+    """Pillow at work with DecompressionBombWarning an error (the caller refuses the image) and its other warnings
+    (corrupt EXIF data: one multi-line warning per bad field, the image still decoded as stored) one debug line:
+    `detect` decodes an image up to three times, a server once per request."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+    if caught:
+        more = f" (and {len(caught) - 1} more warning(s))" if len(caught) > 1 else ""
+        logger.debug("%s: %s%s", label, " ".join(str(caught[0].message).split()), more)
+
+
+def _encoded_png(img: Image.Image) -> bytes | None:
+    """The encoded file of a PNG image not decoded yet (None for other formats, or a PNG already loaded)."""
+    fp = getattr(img, "fp", None)
+    if img.format != "PNG" or fp is None:
+        return None
+    if isinstance(fp, io.BytesIO):  # what open_image makes
+        return fp.getvalue()
+    try:
+        where = fp.tell()
+        fp.seek(0)
+        data = fp.read(MAX_ENCODED_BYTES + 1)
+        fp.seek(where)
+    except (OSError, ValueError, AttributeError):  # not a file we can read twice: decoded as Pillow does
+        return None
+    return data
+
+
+def _check_png_complete(data: bytes, label: str) -> None:
+    """Refuse a PNG whose compressed pixel data ends before its last row. Pillow decodes it without a word and
+    leaves the missing rows black (libImaging/ZipDecode.c has that check commented out): 93 bytes could declare
+    4800x4800 pixels and bring one row. The data is inflated once more here, in pieces, and only counted."""
+    if data[12:16] != b"IHDR" or len(data) < 33:
+        return  # not at the start of the file: nothing to count against (Pillow has read the header already)
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    bits = depth * _PNG_CHANNELS.get(colour, 0)
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    expected = 0  # each row: a filter byte, then its pixels packed to whole bytes
+    for x0, y0, dx, dy in passes:
+        cols, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if cols > 0 and rows > 0:
+            expected += rows * (1 + (cols * bits + 7) // 8)
+    inflate, got, pos, in_idat = zlib.decompressobj(), 0, 8, False
+    while pos + 8 <= len(data) and got < expected and not inflate.eof:
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind != b"IDAT" and in_idat:
+            break  # the image data is one run of IDAT chunks
+        if kind == b"IDAT":
+            in_idat, chunk = True, data[pos + 8:pos + 8 + length]
+            while chunk and got < expected and not inflate.eof:
+                try:
+                    got += len(inflate.decompress(chunk, 1 << 20))
+                except zlib.error:
+                    return  # not what Pillow decoded without an error: not ours to judge
+                chunk = inflate.unconsumed_tail
+        pos += 12 + length
+    if got < expected:
+        raise EdetError(f"{label}: corrupt image (image file is truncated: its pixel data ends after {got} of "
+                        f"{expected} bytes)")
 
 
 def _pil_to_rgb(img: Image.Image, label: str) -> np.ndarray:

@@ -98,7 +98,9 @@ def markdown_table(report: Dict) -> str:
     header = ("| model | backend | precision | batch | model p50 | p90 | p99 | pipeline p50 | img/s | load ms | "
               "first inf. | peak RSS MB | census int8/fp16/fp32 | CPU PSI % |")
     rule = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
-    accuracy = any(r.get("map") is not None for r in report["results"])
+    # With --data the columns stay even when no row could be scored: each such row says why below the table.
+    accuracy = bool((report.get("settings") or {}).get("accuracy")) or any(r.get("map") is not None
+                                                                           for r in report["results"])
     if accuracy:  # measured with --data: the runner that was timed, scored by pycocotools
         acc = (report.get("settings") or {}).get("accuracy") or {}
         lines.append(f"mAP / AP50: COCO metrics (pycocotools) of the row's own runner on {acc.get('data', '--data')} "
@@ -117,6 +119,10 @@ def markdown_table(report: Dict) -> str:
         lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | {' | '.join(cells)} | "
                      f"{_census_cell(r)} | {psi} |" + (f" {_num(r, 'map', 4)} | {_num(r, 'ap50', 4)} |"
                                                        if accuracy else ""))
+    notes = [f"- {r['model']} {r['backend']} {r['precision']} b{r['batch']}: {r['reason']}"
+             for r in report["results"] if r["status"] == "ok" and r.get("reason")]
+    if notes:  # measured rows with a part missing (a score that failed after the timing)
+        lines += ["", *notes]
     for title, pairs in RATIOS:
         ratios = speedups(report, *pairs)
         if ratios:

@@ -20,8 +20,8 @@ DRAW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 def draw_targets(draw: str | Path, images: Sequence[str | Path]) -> List[Path]:
     """Where `detect --draw` writes, checked before any work: a .png/.jpg file (the first image's detections)
-    in an existing directory, or an existing directory (<image>_det.png for each image, <image>_2_det.png for a
-    second image of that name). Nothing is created."""
+    in an existing directory, or an existing directory (`draw_files` names a file in it per image). Nothing is
+    created."""
     out = Path(draw)
     if out.suffix:
         if out.suffix.lower() not in DRAW_FORMATS:
@@ -29,9 +29,20 @@ def draw_targets(draw: str | Path, images: Sequence[str | Path]) -> List[Path]:
                             f"{', '.join(DRAW_FORMATS)} or a directory")
         if not out.parent.is_dir():
             raise EdetError(f"--draw: cannot write {out}: {out.parent} is not an existing directory")
+    elif not out.is_dir():
+        raise EdetError(f"--draw {out}: no such directory (create it, or give a .png/.jpg file)")
+    return draw_files(out, images)
+
+
+def draw_files(draw: str | Path, images: Sequence[str | Path]) -> List[Path]:
+    """The files `detect --draw` writes, by name only (never an error: `draw_targets` checks them): `draw`
+    itself when it names a file, <image>_det.png for each image in an existing directory (<image>_2_det.png for a
+    second image of that name), nothing for a directory that does not exist."""
+    out = Path(draw)
+    if out.suffix:
         return [out]
     if not out.is_dir():
-        raise EdetError(f"--draw {out}: no such directory (create it, or give a .png/.jpg file)")
+        return []
     targets: List[Path] = []
     for img in images:  # images sharing a name (a/x.jpg, b/x.jpg, x.png) get x_det.png, x_2_det.png, ...
         stem, k = Path(img).stem, 1

@@ -1,6 +1,7 @@
 """The benchmark harness writes every format with a sane schema; percentiles are ordered (no timing asserts)."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -172,6 +173,8 @@ def test_nothing_measured_exits_1_keeps_previous_results_and_skips_carry_no_time
     (["--precisions", "int4"], "unknown backend/precision ['int4']"),
     (["--weights", "nope.pth"], "weights file not found: nope.pth"),
     (["--weights", "."], ". is a folder, not a weights file"),
+    (["--batch", "1,,8"], "with none empty (in '1,,8')"),
+    (["--batch", "1,8,"], "with none empty (in '1,8,')"),
 ])
 def test_bad_bench_input_exits_2_before_any_work(args, cause, tmp_path, monkeypatch, capsys):
     """Bad input is one line and exit 2 naming the cause, before any export or timing, and the previous
@@ -266,3 +269,64 @@ def test_bench_with_data_reports_measured_map_beside_latency(tmp_path):
     assert Image.open(tmp_path / "b" / "accuracy_vs_latency.png").format == "PNG"
     # Accuracy needs trained weights: refused before any work.
     assert main(["bench", "--data", str(data), "--out", str(tmp_path / "c")]) == 2
+
+
+WEIGHTS = str(Path(__file__).resolve().parent.parent / "edet_deploy" / "assets" / "shapes_d0.safetensors")
+
+
+def _truncated_last(data):
+    ann = json.loads((data / "instances_val.json").read_text())
+    last = data / "images" / "val" / ann["images"][-1]["file_name"]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    return last
+
+
+def _three_categories(data):
+    ann = json.loads((data / "instances_val.json").read_text())
+    ann["categories"] = ann["categories"][:3]
+    (data / "instances_val.json").write_text(json.dumps(ann))
+    return "has no category named cross"
+
+
+@pytest.mark.parametrize("edit", [lambda d: _truncated_last(d).name, _three_categories], ids=["truncated", "classes"])
+def test_bench_data_that_cannot_be_scored_exits_2_before_any_measurement(tmp_path, monkeypatch, capsys, edit):
+    """`bench --data` on a split with a truncated image (or categories that do not pair with the weights'
+    classes): one line and exit 2, found before any graph is made or timed, instead of latency measured, then
+    thrown away with exit 1 "nothing was measured"."""
+    from edet_deploy.bench import Bench
+    from edet_deploy.cli import main
+    from edet_deploy.data import generate_shapes
+    data = generate_shapes(tmp_path / "ds", {"val": 3}, seed=5, progress=False)
+    cause = edit(data)
+
+    def no_measuring(self, *args):
+        raise AssertionError("measured")
+    monkeypatch.setattr(Bench, "run", no_measuring)
+    out = tmp_path / "b"
+    assert main(["bench", "--models", "d0", "--weights", WEIGHTS, "--backends", "onnxruntime", "--precisions",
+                 "fp32", "--quick", "--no-progress", "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edet-deploy bench: error: ") and cause in err[0], err
+    assert not out.exists()
+
+
+def test_a_failed_score_keeps_the_rows_latency(tmp_path, monkeypatch, caplog):
+    """The accuracy part fails after the timing: the row stays measured (status ok, its times kept), mAP
+    empty, and its reason says why; bench.md lists it."""
+    from edet_deploy.bench import Accuracy, Bench
+    from edet_deploy.data import generate_shapes
+    data = generate_shapes(tmp_path / "ds", {"val": 2}, seed=5, progress=False)
+
+    def failing(self, r, det):
+        raise RuntimeError("scorer gone")
+    monkeypatch.setattr(Bench, "_evaluate", failing)
+    with caplog.at_level("WARNING", logger="edet_deploy"):
+        report = run_bench(["d0"], ["onnxruntime"], ["fp32"], [1], tmp_path / "b", warmup=0, iters=2,
+                           progress=False, weights=WEIGHTS, accuracy=Accuracy(data, "val"))
+    row = report["results"][0]
+    assert row["status"] == "ok" and row["model_p50_ms"] > 0 and row["pipeline_p50_ms"] > 0 and row["load_ms"] > 0
+    assert row["map"] is None and row["reason"] == "accuracy not measured: RuntimeError: scorer gone"
+    assert any("accuracy not measured" in r.getMessage() for r in caplog.records)
+    md = (tmp_path / "b" / "bench.md").read_text()
+    assert "- d0 onnxruntime fp32 b1: accuracy not measured: RuntimeError: scorer gone" in md
+    assert "| mAP | AP50 |" in md

@@ -252,3 +252,77 @@ def test_outputs_get_the_usual_mode_even_from_writers_that_replace_the_file(tmp_
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask
+
+
+def _drawing_scene(tmp_path: Path) -> None:
+    """_scene, plus a folder of images whose names are those `--draw d` would give other images' drawings."""
+    _scene(tmp_path)
+    (tmp_path / "d").mkdir()
+    for name, value in (("a.png", 0), ("a_det.png", 80), ("a_2_det.png", 160)):
+        Image.fromarray(np.full((16, 16, 3), value, np.uint8)).save(tmp_path / "d" / name)
+
+
+@pytest.mark.parametrize("argv,match", [
+    # --draw d writes d/a_det.png for d/a.png: that is the second input
+    (["detect", "d/a.png", "d/a_det.png", "--onnx", "g/m.onnx", "--draw", "d"],
+     "--draw d (its d/a_det.png) would overwrite the input d/a_det.png; choose another path"),
+    # a second image named a: d/a_2_det.png, an input too
+    (["detect", "a.jpg", "d/a.png", "d/a_2_det.png", "--onnx", "g/m.onnx", "--draw", "d/"],
+     "--draw d/ (its d/a_2_det.png) would overwrite the input d/a_2_det.png"),
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", "out.png", "--draw", "out.png"],
+     "--json out.png and --draw out.png would write the same file; give them different paths"),
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", "d/a_det.png", "--draw", "d"],
+     "--json d/a_det.png and --draw d (its d/a_det.png) would write the same file"),
+    (["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", "./x.json", "--log-file", "x.json"],
+     "--log-file x.json and --json ./x.json would write the same file"),
+])
+def test_outputs_never_overwrite_inputs_or_each_other_under_draw_dir(tmp_path, capsys, monkeypatch, argv, match):
+    """`--draw DIR` names a drawing per image: each is checked against the inputs and the other outputs before
+    any work (an input was once replaced by a drawing, and the JSON lost under one)."""
+    monkeypatch.chdir(tmp_path)
+    _drawing_scene(tmp_path)
+    before = _snapshot(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert _snapshot(tmp_path) == before
+
+
+def test_drawings_that_clash_with_nothing_pass_the_parser(tmp_path, monkeypatch):
+    from edet_deploy.cli import build_parser
+    from edet_deploy.cli_args import output_clash
+    monkeypatch.chdir(tmp_path)
+    _drawing_scene(tmp_path)
+    parser = build_parser()
+    for argv in (["detect", "a.jpg", "d/a.png", "--onnx", "g/m.onnx", "--draw", "d", "--json", "d/out.json"],
+                 ["-v", "--log-file", "log.txt", "detect", "a.jpg", "--onnx", "g/m.onnx", "--log-file", "log.txt"],
+                 ["detect", "a.jpg", "--onnx", "g/m.onnx", "--draw", "nowhere"]):  # refused later, by detect
+        args = parser.parse_args(argv)
+        assert output_clash(args, [*parser._actions, *parser.subcommands["detect"]._actions]) is None, argv
+
+
+def test_detect_report_escapes_names_with_control_characters(tmp_path, capsys, monkeypatch):
+    """A newline in an image name split a line of the text report in two; such names are printed as repr
+    escapes them (the JSON escapes them itself), every other name as it is."""
+    from edet_deploy.cli_args import SourceArgs, printable
+    from edet_deploy.postprocess import Detections
+
+    class OneBox:
+        def detect(self, images):
+            return [Detections(np.array([[1.0, 2.0, 3.0, 4.0]]), np.array([0.9]), np.array([0]), ["cat"])
+                    for _ in images]
+
+    monkeypatch.chdir(tmp_path)
+    _scene(tmp_path)
+    names = ["new\nline.jpg", "tab\there.jpg", "ünï 图.jpg"]
+    for name in names:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name, format="JPEG")
+    monkeypatch.setattr(SourceArgs, "build", lambda self, args, min_score=0.0: OneBox())
+    assert main(["detect", *names, "--onnx", "g/m.onnx", "--json", "r\n.json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["'new\\nline.jpg': 1 detection(s)", "           cat  0.900  [1.0, 2.0, 3.0, 4.0]",
+                   "'tab\\there.jpg': 1 detection(s)", "           cat  0.900  [1.0, 2.0, 3.0, 4.0]",
+                   "ünï 图.jpg: 1 detection(s)", "           cat  0.900  [1.0, 2.0, 3.0, 4.0]",
+                   "wrote 'r\\n.json'"]
+    assert [e["image"] for e in json.loads((tmp_path / "r\n.json").read_text())] == names
+    assert printable("x\udcff.jpg") == "'x\\udcff.jpg'"  # an undecodable byte, which stdout cannot encode

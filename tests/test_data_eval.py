@@ -138,6 +138,10 @@ def _broken(edit):
     (lambda a: a["annotations"][1].update(area=float("nan")), "annotation 1: area must be"),
     (lambda a: a["images"][1].pop("file_name"), "image 1: file_name must be a non-empty string, got null"),
     (lambda a: a["images"][0].update(file_name=""), "image 0: file_name"),
+    (lambda a: a["images"][1].update(file_name="../../../x.png"),
+     'image 1: file_name "../../../x.png" leaves the split\'s image folder'),
+    (lambda a: a["images"][0].update(file_name="/etc/hostname"), 'image 0: file_name "/etc/hostname" leaves'),
+    (lambda a: a["images"][0].update(file_name="sub/../../a.png"), "image 0: file_name .* leaves"),
     (lambda a: a["images"][0].update(id="x"), 'image 0: id must be an integer, got "x"'),
     (lambda a: a["images"][1].update(id=1), "image 1: duplicate id 1"),
     (lambda a: a["images"][0].update(width=0), "image 0: width must be a positive integer"),
@@ -312,3 +316,199 @@ def test_regenerating_replaces_the_set_whole(tmp_path):
     (out / ".edet-shapes.json").unlink()
     generate_shapes(out, {"val": 1}, seed=0, progress=False)
     assert sorted(_files(out / "images")) == ["val/000000.jpg"]
+
+
+# -- eval: what it checks before inference, and how it pairs the model's classes with the categories --------
+
+
+class _Oracle:
+    """A stand-in detector that 'detects' the ground truth of `truth` (a split labelled independently of the one
+    scored), calling each box by the model class its category's name has in `names`; counts its calls."""
+
+    def __init__(self, truth, names, num_classes=None):
+        from types import SimpleNamespace
+        self.truth, self.names, self.calls = truth, names, 0
+        self.class_names = list(names) if num_classes is None else []  # num_classes: a graph without names
+        self.runner = SimpleNamespace(max_batch=4, name="oracle",
+                                      metadata={"num_classes": num_classes or len(names)})
+
+    def detect(self, paths):
+        from pathlib import Path
+
+        from edet_deploy.postprocess import Detections
+        self.calls += 1
+        by_name = {im["file_name"]: i for i, im in enumerate(self.truth.images)}
+        out = []
+        for path in paths:
+            boxes, classes = self.truth.target(by_name[Path(path).name])
+            named = [self.truth.class_names[c] for c in classes]
+            known = np.asarray([n in self.names for n in named], bool)  # what the model does not detect is missed
+            model = np.asarray([self.names.index(n) for n in named if n in self.names], np.int64)
+            out.append(Detections(boxes[known], np.linspace(0.9, 0.5, len(model), dtype=np.float32), model))
+        return out
+
+
+def _with_images(root, ann, split="val"):
+    """A split on disk: `ann` plus a PNG of each entry's size (grey)."""
+    from PIL import Image
+    folder = root / "images" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    for im in ann["images"]:
+        Image.new("RGB", (im.get("width", 64), im.get("height", 64)), (90, 90, 90)).save(folder / im["file_name"])
+    (root / f"instances_{split}.json").write_text(json.dumps(ann))
+    return CocoDataset(root, split)
+
+
+def _swapped(ann):
+    """The same labels with the two categories' ids swapped (names follow, annotations remapped)."""
+    ann = json.loads(json.dumps(ann))
+    ann["categories"] = [{"id": 1, "name": "b"}, {"id": 2, "name": "a"}]
+    for a in ann["annotations"]:
+        a["category_id"] = 3 - a["category_id"]
+    return ann
+
+
+def test_eval_pairs_classes_by_name_and_by_index_only_when_asked(tmp_path):
+    """The reported case: categories whose ids are swapped but named to match score as the original does
+    (pycocotools on the original: 1.0); pairing by position would score them 0."""
+    from edet_deploy.eval import evaluate
+    truth = _with_images(tmp_path / "truth", _hand_annotations())
+    oracle = _Oracle(truth, ["a", "b"])
+    perfect = evaluate(oracle, truth, progress=False)["stats"]["AP"]
+    assert perfect == pytest.approx(1.0)
+    swapped = _with_images(tmp_path / "swapped", _swapped(_hand_annotations()))
+    assert evaluate(oracle, swapped, progress=False)["stats"]["AP"] == pytest.approx(perfect)
+    assert evaluate(oracle, swapped, progress=False, match_by_index=True)["stats"]["AP"] == pytest.approx(0.0)
+    # Names that share nothing: refused, both lists named, unless pairing by position is asked for.
+    other = _with_images(tmp_path / "other", {**_hand_annotations(), "categories": [{"id": 1, "name": "x"},
+                                                                                     {"id": 2, "name": "y"}]})
+    calls = oracle.calls
+    with pytest.raises(EdetError, match=r"model's classes \(a, b\) share no name .* \(x, y\)") as e:
+        evaluate(oracle, other, progress=False)
+    assert "\n" not in str(e.value) and oracle.calls == calls  # before any inference
+    assert evaluate(oracle, other, progress=False, match_by_index=True)["stats"]["AP"] == pytest.approx(1.0)
+
+
+def test_eval_refuses_fewer_categories_than_classes_before_inference(tmp_path, caplog):
+    """A dataset without one of the model's classes (or with fewer categories than a graph without names has
+    classes) is one line, not an IndexError after the inference; extra categories score as missed, with a
+    warning."""
+    from edet_deploy.eval import evaluate
+    ann = _hand_annotations()
+    ann["categories"] = ann["categories"][:1]
+    one = _with_images(tmp_path / "one", ann)
+    oracle = _Oracle(one, ["a", "b"])
+    with pytest.raises(EdetError, match=r"has no category named b of the model's classes \(a, b\)"):
+        evaluate(oracle, one, progress=False)
+    unnamed = _Oracle(one, ["a", "b"], num_classes=2)
+    with pytest.raises(EdetError, match="the model detects 2 classes but .* has 1 categories"):
+        evaluate(unnamed, one, progress=False)
+    assert oracle.calls == unnamed.calls == 0
+    full = _with_images(tmp_path / "full", _hand_annotations())
+    with caplog.at_level("WARNING", logger="edet_deploy"):
+        stats = evaluate(_Oracle(full, ["a"]), full, progress=False)["stats"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the model detects no b: those categories of {full.ann_file} score as missed"]
+    assert stats["AP"] == pytest.approx(0.5)  # pycocotools: a found, b missed
+
+
+def _jpeg_with_orientation(path, size, orientation):
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", size, (200, 50, 50)).save(path, exif=exif)
+
+
+def test_eval_refuses_images_whose_size_differs_from_their_entry(tmp_path):
+    """A photo stored rotated with EXIF orientation 6 and annotated in the stored frame: the detector sees it
+    turned, so its boxes would score near 0 in silence; refused naming the image and how EXIF is handled. An
+    entry in the displayed frame is fine."""
+    ann = {"images": [{"id": 1, "file_name": "ok.png", "width": 50, "height": 50},
+                      {"id": 2, "file_name": "turned.jpg", "width": 60, "height": 40}],
+           "annotations": [], "categories": [{"id": 1, "name": "a"}]}
+    (tmp_path / "images" / "val").mkdir(parents=True)
+    from PIL import Image
+    Image.new("RGB", (50, 50)).save(tmp_path / "images" / "val" / "ok.png")
+    _jpeg_with_orientation(tmp_path / "images" / "val" / "turned.jpg", (60, 40), 6)
+    (tmp_path / "instances_val.json").write_text(json.dumps(ann))
+    with pytest.raises(EdetError, match=r"image 2 \(.*turned.jpg\): its entry gives 60x40 \(width x height\), the "
+                                        r"stored frame; the detector sees the displayed one, 40x60 after EXIF "
+                                        r"orientation 6") as e:
+        CocoDataset(tmp_path, "val").check_images()
+    assert "\n" not in str(e.value)
+    CocoDataset(tmp_path, "val").check_images(1)  # the first image alone is fine
+    ann["images"][1].update(width=40, height=60)
+    (tmp_path / "instances_val.json").write_text(json.dumps(ann))
+    CocoDataset(tmp_path, "val").check_images()
+    ann["images"][0].update(width=51)
+    (tmp_path / "instances_val.json").write_text(json.dumps(ann))
+    with pytest.raises(EdetError, match=r"image 1 .* gives 51x50 .* but the file decodes to 50x50"):
+        CocoDataset(tmp_path, "val").check_images()
+
+
+def test_eval_finds_a_truncated_last_image_before_inference(tmp_path):
+    """One bad image at the end of the split: refused naming it before the others run, not after."""
+    from edet_deploy.eval import evaluate
+    ds = _with_images(tmp_path, _hand_annotations())
+    last = ds.image_path(len(ds) - 1)
+    last.write_bytes(last.read_bytes()[:60])
+    oracle = _Oracle(ds, ["a", "b"])
+    with pytest.raises(EdetError, match=f"1 unreadable val image.*{last.name}") as e:
+        evaluate(oracle, ds, progress=False)
+    assert oracle.calls == 0 and "\n" not in str(e.value)
+
+
+def test_eval_of_a_split_without_annotations_warns_instead_of_scoring(tmp_path, caplog):
+    from edet_deploy.eval import evaluate
+    ds = _with_images(tmp_path, {**_hand_annotations(), "annotations": []})
+    with caplog.at_level("WARNING", logger="edet_deploy"):
+        report = evaluate(_Oracle(ds, ["a", "b"]), ds, progress=False)
+    assert report["targets"] == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"nothing to score: the 2 evaluated image(s) of {ds.ann_file} have no annotations"]
+
+
+def _cut_categories(data, n):
+    ann = json.loads((data / "instances_val.json").read_text())
+    keep = {c["id"] for c in ann["categories"][:n]}
+    ann["categories"] = ann["categories"][:n]
+    ann["annotations"] = [a for a in ann["annotations"] if a["category_id"] in keep]
+    (data / "instances_val.json").write_text(json.dumps(ann))
+
+
+def _truncate_last(data):
+    ann = json.loads((data / "instances_val.json").read_text())
+    last = data / "images" / "val" / ann["images"][-1]["file_name"]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+
+
+def _no_annotations(data):
+    ann = json.loads((data / "instances_val.json").read_text())
+    (data / "instances_val.json").write_text(json.dumps({**ann, "annotations": []}))
+
+
+@pytest.mark.parametrize("edit, rc, line", [
+    (lambda d: _cut_categories(d, 3), 2, "has no category named cross of the model's classes"),
+    (lambda d: _cut_categories(d, 1), 2, "has no category named square, triangle, cross"),
+    (_truncate_last, 2, "1 unreadable val image(s): "),
+    (_no_annotations, 0, "nothing to score: the 3 evaluated image(s) of "),
+], ids=["3-categories", "1-category", "truncated-last", "no-annotations"])
+def test_eval_cli_bad_splits_are_one_line_before_inference(bundled_d0, tmp_path, monkeypatch, capsys, edit, rc,
+                                                           line):
+    """The reported cases through `eval` with the bundled shapes model: exit 2 and one line before any image
+    is run, no report; a split without annotations: one warning, no statistics printed."""
+    from edet_deploy.cli import main
+    from edet_deploy.detector import Detector
+    data = generate_shapes(tmp_path / "ds", {"val": 3}, seed=2, progress=False)
+    edit(data)
+    if rc:
+        def no_inference(self, images):
+            raise AssertionError("inference started")
+        monkeypatch.setattr(Detector, "detect", no_inference)
+    report = tmp_path / "r.json"
+    assert main(["eval", "--onnx", str(bundled_d0), "--backend", "onnxruntime", "--data", str(data),
+                 "--report", str(report), "--no-progress"]) == rc
+    out, err = capsys.readouterr()
+    err = [e for e in err.strip().splitlines() if "WARNING" in e or "error" in e]
+    assert len(err) == 1 and line in err[0] and "internal" not in err[0], err
+    assert "AP " not in out and report.exists() == (rc == 0)

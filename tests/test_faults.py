@@ -148,15 +148,16 @@ SCORE_OUTPUTS = [{"name": "num_detections", "parameters": {"binary_data": False}
                  {"name": "detection_scores", "parameters": {"binary_data": False}}]
 
 
-def infer(url, payloads, timeout=120.0, shape=None, blob=None, outputs=SCORE_OUTPUTS):
+def infer(url, payloads, timeout=120.0, shape=None, blob=None, outputs=SCORE_OUTPUTS, model="efficientdet_d0"):
     """One request (batch = len(payloads), unless `shape` says otherwise) through the binary tensor extension;
     `blob` replaces the length-prefixed payloads (forged prefixes included); `outputs`: the request's outputs
     field as sent (forged ones included). Returns (status, body)."""
     blob = b"".join(len(p).to_bytes(4, "little") + p for p in payloads) if blob is None else blob
     header = json.dumps({"inputs": [{"name": "IMAGE", "shape": shape or [len(payloads), 1], "datatype": "BYTES",
                                      "parameters": {"binary_data_size": len(blob)}}],
-                         "outputs": outputs}).encode()
-    return http(url, "/v2/models/efficientdet_d0/infer", header + blob,
+                         **({"outputs": outputs} if outputs is not None else  # every output, binary
+                            {"parameters": {"binary_data_output": True}})}).encode()
+    return http(url, f"/v2/models/{model}/infer", header + blob,
                 {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
                 timeout)
 
@@ -355,10 +356,12 @@ def test_shared_memory_and_admin_apis_refused(served):
     import tritonclient.grpc as grpcclient
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc}")
     try:
-        with pytest.raises(grpcclient.InferenceServerException, match="restricted"):
-            client.register_system_shared_memory("x", "/" + region, 1024)
-        with pytest.raises(grpcclient.InferenceServerException, match="restricted"):
-            client.unload_model("efficientdet_d0_engine")
+        for call in (lambda: client.register_system_shared_memory("x", "/" + region, 1024),
+                     lambda: client.unload_model("efficientdet_d0_engine")):
+            with pytest.raises(grpcclient.InferenceServerException, match="restricted") as refused:
+                call()
+            # Triton says UNAVAILABLE, a code clients retry: the front says what it is
+            assert refused.value.status() == "StatusCode.PERMISSION_DENIED", refused.value
         assert client.is_server_ready() and client.get_model_metadata("efficientdet_d0").name == "efficientdet_d0"
     finally:
         client.close()
@@ -478,6 +481,97 @@ def test_classification_extension_and_bad_output_parameters_refused_without_a_cr
                     {"name": "detection_scores"}, [1]):
         status, body = infer(served.url, [picture], outputs=outputs)
         assert status == 400 and json.loads(body)["error"], (outputs, status, body[:200])
+    status, body = infer(served.url, [picture])
+    assert status == 200 and np.array(json.loads(body)["outputs"][0]["shape"])[0] == 1
+    assert served.triton_pid() == server_pid and served.proc.poll() is None and ready(served.url) == 200
+
+
+def _raw(url, data: bytes, timeout: float = 20.0) -> bytes:
+    """Send `data` on a fresh connection and read until the server closes it (or `timeout`)."""
+    host, port = url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        out = b""
+        with contextlib.suppress(socket.timeout):
+            while chunk := sock.recv(65536):
+                out += chunk
+    return out
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else -1
+
+
+def test_what_triton_cannot_parse_is_answered_by_the_front(served, picture):
+    """Request targets, versions, parameters, methods and framing that reached Triton 2.51 past the front's
+    checks, or that Triton answers with a 5xx, a dropped connection or a lie: each gets a 4xx from the front, on a
+    connection closed when the client asked, and the server carries on (same tritonserver, ready, answering)."""
+    server_pid = served.triton_pid()
+    image = len(picture).to_bytes(4, "little") + picture
+
+    def post(target: bytes, header: dict, extra: bytes = b"") -> bytes:
+        body = json.dumps(header).encode()
+        return _raw(served.url, b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + extra +
+                    b"Inference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n" % (len(body), len(body) +
+                    len(image)) + body + image)
+
+    request = {"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES",
+                           "parameters": {"binary_data_size": len(image)}}]}
+    infer_path = b"/v2/models/efficientdet_d0/infer"
+    cases = {
+        # The absolute form of a target (which servers must accept) skipped every check: a SIGFPE of Triton.
+        "absolute-form classification": (post(b"http://x" + infer_path, {
+            **request, "outputs": [{"name": "detection_labels", "parameters": {"classification": 1}}]}), 400),
+        "absolute-form batch 0": (post(b"http://x" + infer_path, {
+            "inputs": [{**request["inputs"][0], "shape": [0, 1]}]}), 400),
+        # Triton: "unknown model", which reads as a model in recovery (503, retry forever)
+        "unknown version": (post(b"/v2/models/efficientdet_d0/versions/7/infer", request), 404),
+        # Triton: 500 "Unable to parse"
+        "priority string": (post(infer_path, {**request, "parameters": {"priority": "high"}}), 400),
+        "parameters list": (post(infer_path, {**request, "parameters": []}), 400),
+        "sequence_id float": (post(infer_path, {**request, "parameters": {"sequence_id": 1.5}}), 400),
+        "generate extension": (post(b"/v2/models/efficientdet_d0/generate", {}), 400),
+        # Triton: 200 for a version it does not have, 405 / dropped connections for the others
+        "ready, unknown version": (_raw(served.url, b"GET /v2/models/efficientdet_d0/versions/99/ready HTTP/1.1\r\n"
+                                                    b"Host: x\r\nConnection: close\r\n\r\n"), 404),
+        "POST to health": (_raw(served.url, b"POST /v2/health/ready HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                            b"Connection: close\r\n\r\n"), 405),
+        "lowercase method": (_raw(served.url, b"get /v2/health/ready HTTP/1.1\r\nConnection: close\r\n\r\n"), 405),
+        "asterisk target": (_raw(served.url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n"), 400),
+        "8 KiB header line": (_raw(served.url, b"GET /v2/health/live HTTP/1.1\r\nX-A: " + b"a" * 9000 +
+                                               b"\r\n\r\n"), 431),
+        "8 KiB target": (_raw(served.url, b"GET /v2/health/live?" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n"), 414),
+        "bare CR in a header": (_raw(served.url, b"GET /v2/health/live HTTP/1.1\r\nX-A: a\rb\r\n\r\n"), 400),
+        # the front's own parsing: an error in its log and no answer, or a 75 s wait
+        "bare LF lines": (_raw(served.url, b"GET /v2/health/live HTTP/1.1\nHost: x\n\n", timeout=10), 400),
+        "negative chunk": (_raw(served.url, b"POST " + infer_path + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                                            b"\r\n-5\r\nhello\r\n0\r\n\r\n"), 400),
+        "superscript digits": (post(infer_path, request, b"Inference-Header-Content-Length: \xb9\xb2\r\n"), 400),
+    }
+    wrong = {k: a[:200] for k, (a, want) in cases.items() if _status(a) != want}
+    assert not wrong, wrong
+    # each answer came on a connection the front then closed (read to its end above, within the timeout)
+    assert all(b"Connection: close" in a for a, _ in cases.values())
+    assert b"served versions: 1" in cases["unknown version"][0]
+    # the decoded path is what the front checks and what Triton routes
+    status, body = infer(served.url, [picture], model="efficientdet%5Fd0")
+    assert status == 200 and json.loads(body)["model_name"] == "efficientdet_d0"
+    ready_answer = _raw(served.url, b"GET http://x/v2/health/ready HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert _status(ready_answer) == 200 and b"Content-Length: 0" in ready_answer  # the front's answer, not Triton's
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    channel = grpc.insecure_channel(f"127.0.0.1:{served.grpc}")
+    try:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for call, message in ((stub.ModelReady, service_pb2.ModelReadyRequest(name="efficientdet_d0", version="7")),
+                              (stub.ModelInfer, service_pb2.ModelInferRequest(model_name="efficientdet_d0",
+                                                                              model_version="7"))):
+            with pytest.raises(grpc.RpcError) as refused:
+                call(message, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND, refused.value
+    finally:
+        channel.close()
     status, body = infer(served.url, [picture])
     assert status == 200 and np.array(json.loads(body)["outputs"][0]["shape"])[0] == 1
     assert served.triton_pid() == server_pid and served.proc.poll() is None and ready(served.url) == 200
@@ -817,9 +911,15 @@ def test_hung_engine_stub_not_stopped_is_detected_and_replaced(repo, tmp_path, p
     # Not our shim, so signed and served with --force: its files are still checked against the manifest.
     assert main(["triton-repo", "--force", "--resign", str(copy)]) == 0
     s = Serve(copy, tmp_path, extra=["--force"])
+    elsewhere, quiet = [], threading.Event()
+
+    def another_client():  # requests to the preprocess model alone, all answered: no proof the engine lives
+        while not quiet.wait(0.2):
+            elsewhere.append(infer(s.url, [picture], 30.0, outputs=None, model="efficientdet_d0_preprocess")[0])
     try:
         assert infer(s.url, [picture])[0] == 200
         engine = _stub_of(s, "_engine")
+        threading.Thread(target=another_client, daemon=True).start()
         marker.write_text("")
         hung = threading.Thread(target=infer, args=(s.url, [picture], 120.0), daemon=True)
         t0 = time.monotonic()
@@ -833,9 +933,11 @@ def test_hung_engine_stub_not_stopped_is_detected_and_replaced(repo, tmp_path, p
             if ready(s.url) != 200:
                 not_ready_after = time.monotonic() - t0
             time.sleep(0.05)
+        quiet.set()
         assert not marker.exists(), "the request never reached the engine"
         assert states & {"S", "R"} and not states & {"T", "t"}, states  # hung, not stopped
         assert not_ready_after is not None, "readiness stayed 200 for 10 s with the engine stub hung"
+        assert elsewhere.count(200) >= 5, elsewhere  # the other client's requests kept succeeding meanwhile
         assert http(s.url, "/v2/models/efficientdet_d0/ready", timeout=2.0)[0] != 200 or ready(s.url) == 200
         t1 = time.monotonic()
         seen_not_ready, recovered, body = await_recovery(s.url, picture, 30, 0.1)
@@ -861,6 +963,7 @@ def test_hung_engine_stub_not_stopped_is_detected_and_replaced(repo, tmp_path, p
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(120) == 0
     finally:
+        quiet.set()
         s.kill()
 
 

@@ -703,7 +703,7 @@ def test_calibration_cache_key_survives_a_re_export(fp32, tmp_path):
     from edet_deploy.precision.int8 import cache_key
 
     model = onnx.load(str(fp32), load_external_data=False)
-    images = [Path(fp32)]  # any files: the key reads their paths and sizes
+    images = [Path(fp32)]  # any files: the key reads their bytes
     key = cache_key(model, images, "minmax", ["a", "b"], 8)
     again = onnx.ModelProto()
     again.CopyFrom(model)
@@ -726,6 +726,34 @@ def clean_ranges(fp32, shapes, tmp_path_factory):
     amax, hit, cache = calibrate(candidate, images, "minmax", None, 256)
     assert not hit and cache is None and amax and all(v > 0 for v in amax.values())
     return candidate, images, amax
+
+
+def test_calibration_cache_misses_when_an_image_changes_but_not_its_size(clean_ranges, tmp_path):
+    """The reported case: calibration images overwritten by same-size black ones must not reuse the old ranges
+    (the key read path and size only); the same bytes elsewhere still hit."""
+    import shutil
+
+    from PIL import Image
+
+    from edet_deploy.precision.int8 import calibrate
+    candidate, images, clean = clean_ranges
+    copies = []
+    for i, src in enumerate(images):  # BMP: the size depends only on the pixel count
+        copies.append(tmp_path / "imgs" / f"{i}.bmp")
+        copies[-1].parent.mkdir(exist_ok=True)
+        Image.open(src).convert("RGB").save(copies[-1])
+    cache_dir = tmp_path / "cache"
+    first, hit, _ = calibrate(candidate, copies, "minmax", cache_dir, 256)
+    assert not hit
+    moved = [tmp_path / "moved" / p.name for p in copies]
+    shutil.copytree(tmp_path / "imgs", tmp_path / "moved")
+    assert calibrate(candidate, moved, "minmax", cache_dir, 256)[1]  # same contents: hit
+    for p in copies:
+        size = p.stat().st_size
+        Image.new("RGB", Image.open(p).size).save(p)
+        assert p.stat().st_size == size
+    black, hit, _ = calibrate(candidate, copies, "minmax", cache_dir, 256)
+    assert not hit and black != pytest.approx(first)
 
 
 @pytest.mark.parametrize("content", [

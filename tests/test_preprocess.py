@@ -135,3 +135,94 @@ def test_request_pixel_budget_checked_from_headers():
     with pytest.raises(EdetError, match="request too large"):
         check_request_pixels(opened)
     assert check_request_pixels(opened[:2]) == 40_000_000
+
+
+def _png(width: int, height: int, rows: bytes, interlace: int = 0, depth: int = 8, colour: int = 2) -> bytes:
+    """A PNG file around `rows` (filter byte + pixels per row, Adam7 order when interlaced), as written: Pillow
+    writes no interlaced PNGs and never a short one."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) +
+            chunk(b"IEND", b""))
+
+
+def _adam7_rows(arr: np.ndarray) -> bytes:
+    from edet_deploy.preprocess import _ADAM7
+    h, w = arr.shape[:2]
+    return b"".join(b"\x00" + arr[y, x0::dx].tobytes()
+                    for x0, y0, dx, dy in _ADAM7 if x0 < w for y in range(y0, h, dy))
+
+
+def test_png_whose_pixel_data_ends_early_is_refused(tmp_path):
+    """Pillow decodes a PNG whose compressed data ends on a row boundary before the last row and leaves the rest
+    black: 90-odd bytes declaring 4800x4800 with one row went through detection (a server answered 200). It is
+    refused as a truncated JPEG is, from bytes, a path, a PIL image and the Triton model's open-then-decode."""
+    from edet_deploy.preprocess import open_image, to_rgb
+    one_row = _png(4800, 4800, b"\x00" + bytes(4800 * 3))
+    assert len(one_row) < 120
+    truncated = r"corrupt image \(image file is truncated: its pixel data ends after 14401 of 69124800 bytes\)"
+    with pytest.raises(EdetError, match=rf"^bytes: {truncated}$"):
+        decode_image(one_row)
+    (tmp_path / "one_row.png").write_bytes(one_row)
+    with pytest.raises(EdetError, match=truncated):
+        decode_image(tmp_path / "one_row.png")
+    with Image.open(tmp_path / "one_row.png") as img, pytest.raises(EdetError, match=truncated):
+        decode_image(img)
+    with pytest.raises(EdetError, match=rf"^IMAGE\[0\]: {truncated}$"):
+        to_rgb(open_image(one_row, name="IMAGE[0]"), "IMAGE[0]")
+
+
+def test_interlaced_png_counted_pass_by_pass():
+    arr = np.random.default_rng(0).integers(0, 255, (13, 11, 3), dtype=np.uint8)
+    rows = _adam7_rows(arr)
+    np.testing.assert_array_equal(decode_image(_png(11, 13, rows, interlace=1)), arr)
+    last_pass_row = 1 + 11 * 3
+    with pytest.raises(EdetError, match="image file is truncated: its pixel data ends after 421 of 455 bytes"):
+        decode_image(_png(11, 13, rows[:-last_pass_row], interlace=1))
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "LA", "RGBA", "I;16"])
+def test_complete_pngs_of_every_bit_depth_pass_the_row_count(mode):
+    rgb = np.random.default_rng(1).integers(0, 255, (7, 13, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb).convert(mode) if mode != "I;16" else \
+        Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    assert decode_image(buf.getvalue()).shape == (7, 13, 3)
+
+
+def test_corrupt_exif_is_one_debug_line_not_pillows_warnings(caplog):
+    """Pillow warned on stderr in several lines per bad EXIF field of an image that decodes fine."""
+    import logging
+    import warnings
+    caplog.set_level(logging.DEBUG, logger="edet_deploy")
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="JPEG")
+    payload = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05"  # an IFD that claims 5 entries and has none
+    data = buf.getvalue()
+    data = data[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert decode_image(data).shape == (8, 8, 3)
+    assert caught == []
+    lines = [r.getMessage() for r in caplog.records if "EXIF" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("bytes: Corrupt EXIF data") and "\n" not in lines[0]
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+
+
+@pytest.mark.parametrize("src,kind", [(None, "NoneType"), (2**62, "int"), (3.5, "float"), ([b"\x89PNG"], "list")])
+def test_what_is_no_image_is_named_before_it_is_read(src, kind):
+    """An int n was passed to bytes(), which allocates n bytes, before the image was refused."""
+    with pytest.raises(EdetError, match=rf"^{kind}: expected an image file path, encoded bytes, a PIL image or an "
+                                        rf"HxWx3 uint8 array, got {kind}$"):
+        decode_image(src)
+
+
+def test_a_file_object_is_no_image(tmp_path):
+    (tmp_path / "x.png").write_bytes(encode(np.zeros((4, 4, 3), np.uint8), "PNG"))
+    with open(tmp_path / "x.png", "rb") as f, pytest.raises(EdetError, match="got BufferedReader$"):
+        preprocess([f], 64)

@@ -6,6 +6,8 @@ option the runner's constructor does not take, and `Runner.infer` checks every b
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from abc import ABC, abstractmethod
 from typing import Any, Dict, Tuple, Type
 
@@ -18,6 +20,25 @@ RUNNERS: Dict[str, Type["Runner"]] = {}  # backend name -> runner class
 REQUIRED_HELP = {"onnx_path": "an ONNX graph (--onnx, or export one first)",
                  "engine_path": "an engine (--engine, built with `edet-deploy build`)",
                  "model_name": "a model name (--model)"}
+
+
+# The most CPU threads a runner takes: the bound of the CLI's --threads (cli_args.THREADS), which cannot import
+# this module without loading every runtime's dependencies at start-up; tests/test_backends.py holds them equal.
+MAX_THREADS = 4096
+
+
+def check_number(value: Any, name: str, lo: float, hi: float, integer: bool = False) -> Any:
+    """`value` when it is a number in [lo, hi] (an integer where `integer`), else one EdetError line naming
+    `name`: an argument of the Python API, checked when the call is made as the CLI checks its options while
+    parsing. Text, None, booleans, NaN and infinities are refused, never converted."""
+    kind = numbers.Integral if integer else numbers.Real
+    number = isinstance(value, kind) and not isinstance(value, bool)
+    # isfinite only where NaN can be: on an int it converts to float, which overflows past 1e308
+    if not (number and (isinstance(value, numbers.Integral) or math.isfinite(value)) and lo <= value <= hi):
+        what = "an integer" if integer else "a number"
+        got = repr(value)[:40] if isinstance(value, (numbers.Number, str, type(None))) else type(value).__name__
+        raise EdetError(f"{name} must be {what} in {lo:g}..{hi:g}, got {got}")
+    return int(value) if integer else float(value)
 
 
 def trim_heap() -> None:
@@ -43,6 +64,7 @@ class Runner(ABC):
     detection_scores, detection_classes out (or the candidate tensors for a graph exported with --nms none)."""
 
     name: str = "base"
+    closed: bool = False  # set by `close`: every later inference is refused in one line
 
     def __init__(self, metadata: Dict[str, Any]):
         self.metadata = metadata
@@ -64,6 +86,8 @@ class Runner(ABC):
         for name in accepted:
             if params[name].default is inspect.Parameter.empty and not options.get(name):
                 raise EdetError(f"the {cls.name} backend needs {REQUIRED_HELP.get(name, name)}")
+        if options.get("threads") is not None:  # before any loading: a runtime takes 10**6 or 2.5 as it is
+            options["threads"] = check_number(options["threads"], "threads", 1, MAX_THREADS, integer=True)
         return cls(**options)
 
     @property
@@ -79,7 +103,13 @@ class Runner(ABC):
     def dynamic_batch(self) -> bool:
         return bool((self.metadata.get("batch") or {}).get("dynamic"))
 
+    def check_open(self) -> None:
+        """One line when the runner was closed (its runtime's resources are gone)."""
+        if self.closed:
+            raise EdetError(f"this {self.name} runner is closed: create a new one to run inference")
+
     def check_input(self, images: np.ndarray) -> np.ndarray:
+        self.check_open()
         s = self.image_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
             raise EdetError(f"{self.name}: expected uint8 images [B, {s}, {s}, 3], got {images.dtype} "
@@ -100,7 +130,13 @@ class Runner(ABC):
         """The runtime's part of `infer`: `images` were checked against the graph and are contiguous."""
 
     def close(self) -> None:
-        pass
+        """Release what the runtime holds; inference afterwards is refused (`check_open`). Closing twice is fine."""
+        if not self.closed:
+            self.closed = True
+            self.release()
+
+    def release(self) -> None:
+        """The runtime's part of `close` (called once): drop the sessions, compiled models, buffers."""
 
     def __enter__(self):
         return self

@@ -94,3 +94,6 @@ class OnnxRuntimeRunner(Runner):
     def infer_impl(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, {INPUT_NAME: images})
         return dict(zip(self.output_names, outputs))
+
+    def release(self) -> None:
+        del self.session  # ONNX Runtime frees the session's memory with its last reference

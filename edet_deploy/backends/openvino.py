@@ -24,7 +24,7 @@ from ..log import logger
 from ..metadata import read_metadata
 from ..nms import op as nms_op
 from ..nms.graph import cut_at_nms
-from .base import Runner, register_runner, trim_heap
+from .base import MAX_THREADS, Runner, check_number, register_runner, trim_heap
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 # What the network runs in: f32 (the parity reference) or bf16. OpenVINO itself picks bf16 by default on CPUs
@@ -88,8 +88,8 @@ class OpenVinoRunner(Runner):
         path = existing_file(onnx_path, "ONNX graph")
         if hint not in HINTS:
             raise EdetError(f"unknown OpenVINO performance hint {hint!r}; choose one of {', '.join(HINTS)}")
-        if threads is not None and int(threads) < 1:
-            raise EdetError(f"threads must be >= 1, got {threads}")
+        if threads is not None:
+            threads = check_number(threads, "threads", 1, MAX_THREADS, integer=True)
         if inference_precision is not None and inference_precision not in INFERENCE_PRECISIONS:
             raise EdetError(f"unknown OpenVINO inference precision {inference_precision!r}; choose one of "
                             f"{', '.join(INFERENCE_PRECISIONS)}")
@@ -162,6 +162,7 @@ class OpenVinoRunner(Runner):
 
     def _request(self, batch: int):
         """The compiled model and infer request for a batch size (check_input has bounded it)."""
+        self.check_open()  # property() comes here without check_input
         return self._compiled[batch]
 
     @property
@@ -198,5 +199,5 @@ class OpenVinoRunner(Runner):
         boxes, scores, classes = (cands[n] for n in self.candidate_names)
         return dict(zip(nms_op.OUTPUTS, batched_soft_nms(boxes, scores, classes, **self.nms.to_dict())))
 
-    def close(self) -> None:
+    def release(self) -> None:
         self._compiled.clear()

@@ -63,3 +63,6 @@ class TorchRunner(Runner):
         if self.nms is None:
             return dict(zip(CANDIDATES, (boxes, scores, classes)))
         return dict(zip(OUTPUTS, batched_soft_nms(boxes, scores, classes, **self.nms.to_dict())))
+
+    def release(self) -> None:
+        del self.graph  # the model's weights

@@ -140,9 +140,16 @@ class TensorRTRunner(Runner):
                 times.append(start.elapsed_time(end))
         return times
 
+    def release(self) -> None:
+        # The captured graphs and device buffers first, then the context before the engine it came from.
+        self._graphs.clear()
+        self._buffers.clear()
+        del self.context, self.engine
+
     def plugin_layers(self) -> list:
         """The engine inspector's entries for plugin layers (needs a plan built with detailed profiling)."""
         import json
+        self.check_open()
         inspector = self.engine.create_engine_inspector()
         info = json.loads(inspector.get_engine_information(self.trt.LayerInformationFormat.JSON))
         layers = [json.loads(x) if isinstance(x, str) else x for x in info.get("Layers", [])]

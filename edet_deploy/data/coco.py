@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,6 +42,32 @@ def _is_bbox(value: Any) -> bool:
             and value[2] >= 0 and value[3] >= 0)
 
 
+def _leaves_folder(name: str) -> bool:
+    """Whether a file_name points outside the folder it is joined to: absolute, or climbing out with '..'.
+    Checked on the text alone, so a symlink the user placed inside the folder still works."""
+    norm = os.path.normpath(name)
+    return os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep)
+
+
+def decoded_sizes(paths: Sequence[Path], what: str) -> List[Tuple[int, int]]:
+    """(height, width) of each image as the detector sees it (decoded, EXIF orientation applied), or one line
+    naming the unreadable ones (`what`: "calibration", "val", ...). Decoding everything is the only check that
+    finds a truncated file, and it is cheap next to inference (500 shapes images: 0.35-0.46 s on 2 cores)."""
+    from ..preprocess import decode_image
+
+    sizes: List[Tuple[int, int]] = []
+    bad: List[str] = []
+    for p in paths:
+        try:
+            h, w = decode_image(p).shape[:2]
+            sizes.append((h, w))
+        except EdetError as e:
+            bad.append(str(e))
+    if bad:
+        raise EdetError(f"{len(bad)} unreadable {what} image(s): {'; '.join(bad[:3])}")
+    return sizes
+
+
 def _entry_problem(kind: str, i: int, entry: Any, seen: set) -> Optional[str]:
     """An image, category or annotation: an object whose integer id is not in `seen` (then added to it)."""
     if not isinstance(entry, dict):
@@ -74,6 +101,8 @@ def _instances_problem(data: Any) -> Optional[str]:
             return problem
         if not isinstance(im.get("file_name"), str) or not im["file_name"]:
             return f"image {i}: file_name must be a non-empty string, got {_shown(im.get('file_name'))}"
+        if _leaves_folder(im["file_name"]):  # eval would read (and score) any file the process can open
+            return f"image {i}: file_name {_shown(im['file_name'])} leaves the split's image folder"
         for key in ("width", "height"):
             if key in im and not (_is_int(im[key]) and im[key] > 0):
                 return f"image {i}: {key} must be a positive integer, got {_shown(im[key])}"
@@ -137,6 +166,7 @@ class CocoDataset:
             boxes[a["image_id"]].append((x, y, x + w, y + h, index_of[a["category_id"]]))
         self._targets = {k: np.asarray(v, np.float32).reshape(-1, 5) for k, v in boxes.items()}
         self._categories = cats
+        self._checked = 0  # how many leading images `check_images` found good (training re-evaluates each epoch)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -155,6 +185,31 @@ class CocoDataset:
         """(boxes [n, 4] x1, y1, x2, y2, classes [n] int64 0-based)."""
         t = self._targets[self.images[i]["id"]]
         return t[:, :4].copy(), t[:, 4].astype(np.int64)
+
+    def check_images(self, n: Optional[int] = None) -> None:
+        """Decode the first `n` images (default: all) before any work is spent on them: one line naming the
+        unreadable ones, or the first whose decoded size differs from the width / height its entry gives. The
+        detector works in the displayed frame (EXIF orientation applied), so boxes drawn in the stored frame of
+        a rotated photo would score near 0 in silence."""
+        n = len(self) if n is None else min(n, len(self))
+        if n <= self._checked:
+            return
+        sizes = decoded_sizes([self.image_path(i) for i in range(n)], self.split)
+        for i, (h, w) in enumerate(sizes):
+            im = self.images[i]
+            if im.get("width", w) == w and im.get("height", h) == h:
+                continue
+            from ..preprocess import open_image
+            stored = open_image(self.image_path(i))
+            orientation = stored.getexif().get(0x0112, 1)  # the EXIF Orientation tag
+            given = f"{im.get('width', w)}x{im.get('height', h)}"
+            why = (f"the stored frame; the detector sees the displayed one, {w}x{h} after EXIF orientation "
+                   f"{orientation}: annotate that frame (boxes too) or drop the tag"
+                   if orientation != 1 and given == "{}x{}".format(*stored.size) else
+                   f"but the file decodes to {w}x{h}: the annotations do not describe it")
+            raise EdetError(f"{self.ann_file}: image {im['id']} ({self.image_path(i)}): its entry gives {given} "
+                            f"(width x height), {why}")
+        self._checked = n
 
     def load_image(self, i: int) -> np.ndarray:
         from ..preprocess import decode_image

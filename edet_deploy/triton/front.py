@@ -28,6 +28,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
@@ -42,6 +43,10 @@ MAX_DEPTH = 64  # legitimate requests nest 3-7 levels (inline tensors one level 
 # length of each element, so that a body the model would accept is never refused here.
 MAX_BODY = MAX_ENCODED_BYTES + (1 << 20)
 MAX_HEAD = 64 << 10  # request line + headers
+# tritonserver (libevhtp) drops the connection, answering nothing, on a request line or one header line of 8 KiB
+# or more (measured on 2.51: 8180 bytes pass, 8192 do not): such requests are refused here with 414 / 431.
+MAX_LINE = 8000
+METHODS = ("GET", "HEAD", "POST")  # all the KServe v2 protocol uses (HEAD: health probes, answered here)
 RETRY_AFTER_S = 2
 IDLE_TIMEOUT_S = 75.0  # a client connection waiting for its next request
 BODY_TIMEOUT_S = 300.0
@@ -50,6 +55,11 @@ MAX_IDLE_UPSTREAM = 64
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
               "expect", "content-length"}
 MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/([a-z_]+))?$")
+# What a decoded path may hold: RFC 3986's path characters without '%' (the front forwards the decoded path, so
+# that Triton routes what the front checked) and nothing that would change the request line.
+SAFE_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")
+TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # a method or header name (RFC 9110 5.6.2)
+CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,15}$")
 RECOVERABLE = re.compile(r"is not healthy|[Uu]nknown model|is not found|is not ready|not loaded")
 
 
@@ -60,6 +70,7 @@ class ModelInfo:
     max_batch_size: int
     members: Tuple[str, ...] = ()  # an ensemble's step models
     inputs: Tuple[Tuple[str, str, Tuple[int, ...]], ...] = ()  # (name, KServe datatype, dims without batch)
+    versions: Tuple[str, ...] = ("1",)  # the versions Triton serves (its version policy over the directories)
 
 
 def repository_models(repo) -> Dict[str, ModelInfo]:
@@ -74,8 +85,21 @@ def repository_models(repo) -> Dict[str, ModelInfo]:
         inputs = tuple((t.name, pb.DataType.Name(t.data_type).replace("TYPE_", "").replace("STRING", "BYTES"),
                         tuple(t.dims)[1 if batch_first else 0:]) for t in cfg.input)
         members = tuple(s.model_name for s in cfg.ensemble_scheduling.step) if cfg.platform == "ensemble" else ()
-        models[name] = ModelInfo(bound, members, inputs)
+        models[name] = ModelInfo(bound, members, inputs, served_versions(cfg, Path(repo) / name))
     return models
+
+
+def served_versions(cfg, model_dir: Path) -> Tuple[str, ...]:
+    """The version directories Triton serves under the config's version_policy (default: the latest one)."""
+    present = sorted(int(d.name) for d in model_dir.iterdir() if d.is_dir() and _digits(d.name))
+    policy = cfg.version_policy.WhichOneof("policy_choice")
+    if policy == "all":
+        chosen = present
+    elif policy == "specific":
+        chosen = [v for v in present if v in set(cfg.version_policy.specific.versions)]
+    else:
+        chosen = present[-max(1, cfg.version_policy.latest.num_versions):] if present else []
+    return tuple(str(v) for v in chosen)
 
 
 class Upstream:
@@ -92,8 +116,10 @@ class Upstream:
         self._lock = threading.Lock()  # the two fronts count from their own threads
         self.up = False  # tritonserver started and ready
         self.down: Set[str] = set()  # models being recovered
-        self.completed = 0  # inferences answered 200 through the front
-        self.last_success = 0.0  # time.monotonic() of the latest
+        # By model with stubs (an ensemble's members; see `succeeded`): inferences answered OK through the
+        # fronts, and time.monotonic() of the latest. The canary's evidence that those stubs answer.
+        self.completed: Dict[str, int] = {}
+        self.last_success: Dict[str, float] = {}
 
     def dependencies(self, model: str) -> Set[str]:
         """The model itself and, for an ensemble, its members: it answers only when all of them do."""
@@ -110,9 +136,30 @@ class Upstream:
     def model_ready(self, model: str) -> bool:
         return self.up and not (self.dependencies(model) & self.down)
 
-    def succeeded(self) -> None:
-        self.completed += 1
-        self.last_success = time.monotonic()
+    def stub_models(self, model: str) -> Set[str]:
+        """The models whose stubs an inference of `model` runs: an ensemble's members, else the model."""
+        info = self.models.get(model)
+        return set(info.members) if info and info.members else {model}
+
+    def succeeded(self, model: Optional[str]) -> None:
+        """An inference of `model` was answered OK: each stub it ran is alive. Only that: a request to one
+        member says nothing of the others (a hung engine behind a busy preprocess model)."""
+        if model not in self.models:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for m in self.stub_models(model):
+                self.completed[m] = self.completed.get(m, 0) + 1
+                self.last_success[m] = now
+
+    def unknown_version(self, model: Optional[str], version: Optional[str]) -> Optional[str]:
+        """Triton's "unknown model" for a version of a repository model that it does not serve, or None. Said
+        by the fronts: from Triton it would read as a model in recovery (503, retry), for good."""
+        info = self.models.get(model)
+        if not info or not version or version in info.versions:
+            return None
+        return (f"Request for unknown model: '{model}' version {version} is not found (served versions: "
+                f"{', '.join(info.versions) or 'none'})")
 
     def admit(self) -> bool:
         """Take a slot for an inference request, or False when `max_in_flight` are running (then: 503)."""
@@ -157,12 +204,43 @@ def json_depth(data: bytes, limit: int = MAX_DEPTH, chunk: int = 4 << 20) -> int
     return deepest
 
 
+def _uint64(value: object) -> bool:
+    return type(value) is int and 0 <= value < 2 ** 64
+
+
+# Request parameters Triton 2.51's HTTP server reads itself: a value of another JSON type is its 500 ("Unable to
+# parse 'priority'"). Other names are passed to the model, and Triton refuses their wrong types with a 400.
+REQUEST_PARAMETERS = {
+    "priority": ("a non-negative integer", _uint64),
+    "timeout": ("a non-negative integer (microseconds)", _uint64),
+    "sequence_id": ("a non-negative integer or a string", lambda v: _uint64(v) or isinstance(v, str)),
+    "sequence_start": ("true or false", lambda v: type(v) is bool),
+    "sequence_end": ("true or false", lambda v: type(v) is bool),
+    "binary_data_output": ("true or false", lambda v: type(v) is bool),
+}
+
+
+def check_parameters(params: object) -> Optional[str]:
+    """Why an inference request's own `parameters` are refused, or None."""
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        return "'parameters' must be a JSON object"
+    for key, (kind, valid) in REQUEST_PARAMETERS.items():
+        if key in params and not valid(params[key]):
+            return f"parameter {key!r} must be {kind}, got {json.dumps(params[key])[:40]}"
+    return None
+
+
 def check_inference(request: object, binary_size: int, max_batch_size: Optional[int]) -> Optional[str]:
     """Why an inference request's JSON part is refused, or None. `max_batch_size`: the model's batch bound
     (`ModelInfo.max_batch_size`; 0: no batch dim; None: a model the repository lacks). Triton 2.51 answers 200
     without the batch dimension for a batch of 0 or 2^62, and 500 for shapes that are not integers."""
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         return "the inference request must be a JSON object with a list of 'inputs'"
+    reason = check_parameters(request.get("parameters"))
+    if reason:
+        return reason
     declared = 0
     for item in request["inputs"]:
         if not isinstance(item, dict):
@@ -240,17 +318,21 @@ def _error(status: int, message: str, headers: Optional[Dict[str, str]] = None, 
 def _parse_head(head: bytes) -> Tuple[str, str, str, List[Tuple[str, str]]]:
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not TOKEN.match(parts[0]):
         raise ValueError("malformed start line")
     fields = []
     for line in lines[1:]:
         if not line:
             continue
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or line[0] in " \t":
+        if not sep or not TOKEN.match(name) or any(c < " " and c != "\t" or c == "\x7f" for c in value):
             raise ValueError("malformed header line")
-        fields.append((name, value.strip()))
+        fields.append((name, value.strip(" \t")))
     return parts[0], parts[1], parts[2], fields
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # str.isdigit alone takes '²' and other Unicode digits
 
 
 def _content_length(fields: List[Tuple[str, str]]) -> Tuple[Optional[int], bool]:
@@ -260,9 +342,26 @@ def _content_length(fields: List[Tuple[str, str]]) -> Tuple[Optional[int], bool]
     chunked = bool(encodings)
     if chunked and (lengths or encodings != ["chunked"]):
         raise ValueError("unsupported Transfer-Encoding")
-    if len(lengths) > 1 or any(not v.isdigit() for v in lengths):
+    if len(lengths) > 1 or any(not _digits(v) for v in lengths):
         raise ValueError("invalid Content-Length")
     return (int(lengths.pop()) if lengths else None), chunked
+
+
+def origin_path(target: str) -> Tuple[str, str]:
+    """(decoded path, raw query) of a request target, or Refused. The absolute form (`http://host/v2/...`,
+    which servers must accept) is reduced to its path, so every check sees the path Triton will route."""
+    if target.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(target)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    raw, _, query = target.partition("?")
+    try:
+        path = urllib.parse.unquote(raw, errors="strict") if raw.isascii() else ""
+    except UnicodeDecodeError:
+        path = ""
+    if not SAFE_PATH.match(path) or not all("!" <= c <= "~" for c in query):
+        raise Refused(400, f"malformed request target {target[:80]!r}: a path such as /v2/models/<name>/infer",
+                      close=True)
+    return path, query
 
 
 class Front:
@@ -357,9 +456,9 @@ class Front:
         try:
             while not self.draining:
                 try:
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE_TIMEOUT_S)
-                except asyncio.LimitOverrunError:
-                    writer.write(_error(431, "request line and headers are too large", keep=False))
+                    head = await asyncio.wait_for(self._read_head(reader), IDLE_TIMEOUT_S)
+                except Refused as r:
+                    writer.write(_error(r.status, r.message, r.headers, keep=False))
                     break
                 except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
                     break
@@ -382,6 +481,32 @@ class Front:
             self.connections.pop(writer, None)
             writer.close()
 
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> bytes:
+        """The request line and headers, CRLF-terminated, or Refused: a line Triton would drop (MAX_LINE), more
+        than MAX_HEAD in all, or lines ended by a bare LF (answered at once instead of waiting for a CRLF)."""
+        lines: List[bytes] = []
+        total = 0
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError:
+                line = b""
+                total = MAX_HEAD + 1
+            total += len(line)
+            if total > MAX_HEAD:
+                raise Refused(431, "request line and headers are too large")
+            if not line.endswith(b"\r\n"):
+                raise Refused(400, "malformed request: lines must end with CRLF")
+            if line == b"\r\n":
+                if lines:
+                    return b"".join(lines) + b"\r\n"
+                continue  # empty lines before a request line are ignored (RFC 9112 2.2)
+            if len(line) > MAX_LINE:
+                raise Refused(431 if lines else 414, f"the {'header line' if lines else 'request line'} is "
+                                                     f"longer than {MAX_LINE} bytes")
+            lines.append(line)
+
     async def _request(self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Handle one request; returns whether the client connection stays open."""
         try:
@@ -393,19 +518,45 @@ class Front:
         tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
         keep = ("close" not in tokens) if version == "HTTP/1.1" else ("keep-alive" in tokens)
         keep = keep and not self.draining
-        path = urllib.parse.unquote(target.split("?", 1)[0])
+        try:
+            return await self._handle(method, target, fields, headers, length, chunked, keep, reader, writer)
+        except Refused as r:
+            if keep or r.close:
+                raise
+            raise Refused(r.status, r.message, r.headers, close=True) from None  # the client asked to close
+
+    async def _handle(self, method: str, target: str, fields: List[Tuple[str, str]], headers: Dict[str, str],
+                      length: Optional[int], chunked: bool, keep: bool, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> bool:
+        path, query = origin_path(target)
+        target = path + (f"?{query}" if query else "")  # what is forwarded: the path checked here
         match = MODEL_PATH.match(path)
         model = match.group(1) if match else None
+        version = match.group(2) if match else None
         action = match.group(3) if match else None
 
+        if action in ("generate", "generate_stream"):
+            # Triton's generate extension makes inputs of a request's JSON fields, past the checks above; these
+            # are not text-generation models.
+            raise Refused(400, f"the {action} extension is not supported by these models",
+                          close=bool(length or chunked))
         if length is not None and length > self.max_body:
             await self._discard(reader, length)
             raise Refused(413, f"request too large: a body of {length} bytes; the limit is {self.max_body} bytes",
                           close=True)
-        if method == "GET" and (path in ("/v2/health/live", "/v2/health/ready") or action == "ready"):
+        health = path in ("/v2/health/live", "/v2/health/ready") or action == "ready"
+        if method not in METHODS or (health and method == "POST"):
+            raise Refused(405, f"method {method} is not allowed here",
+                          {"Allow": "GET, HEAD" if health else ", ".join(METHODS)}, close=bool(length or chunked))
+        # Metadata, readiness and inference; a restricted API (config, stats) keeps Triton's refusal first.
+        unknown = self.upstream.unknown_version(model, version) if action in (None, "ready", "infer") else None
+        if unknown:
+            raise Refused(404, unknown, close=bool(length or chunked))
+        if health:
             if length or chunked:
                 raise Refused(400, "health requests carry no body", close=True)
-            writer.write(self._health(path, model, keep))
+            answer = self._health(path, model, keep)
+            writer.write(answer if method == "GET" else answer[:answer.index(b"\r\n\r\n") + 4])
             return keep
         if headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -443,7 +594,7 @@ class Front:
     def _guard(self, body: bytes, headers: Dict[str, str], model: Optional[str], action: Optional[str]) -> None:
         declared = headers.get(contract.INFERENCE_HEADER_LENGTH.lower())
         if declared is not None:
-            if not declared.isdigit() or int(declared) > len(body):
+            if not _digits(declared) or int(declared) > len(body):
                 raise Refused(400, f"{contract.INFERENCE_HEADER_LENGTH} {declared[:40]!r} does not fit a body "
                                    f"of {len(body)} bytes")
             json_part = body[:int(declared)]
@@ -467,14 +618,20 @@ class Front:
             return await reader.readexactly(length) if length else b""
         parts, total = [], 0
         while True:
-            line = await reader.readuntil(b"\r\n")
             try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise Refused(400, "malformed chunked body", close=True) from None
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError:
+                raise Refused(400, "malformed chunked body: a chunk-size line too long", close=True) from None
+            digits = line.split(b";", 1)[0].strip(b" \t\r\n")
+            if not CHUNK_SIZE.match(digits):
+                raise Refused(400, "malformed chunked body", close=True)
+            size = int(digits, 16)
             if size == 0:
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers: dropped
-                    pass
+                try:
+                    while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers: dropped
+                        pass
+                except asyncio.LimitOverrunError:
+                    raise Refused(400, "malformed chunked body: a trailer line too long", close=True) from None
                 return b"".join(parts)
             total += size
             if total > self.max_body:
@@ -567,7 +724,7 @@ class Front:
             writer.write(self._relayed_head(start, upstream_fields, keep, chunked=False, length=length) + data)
             return keep
         if infer and status == 200:
-            self.upstream.succeeded()
+            self.upstream.succeeded(model)
         writer.write(self._relayed_head(start, upstream_fields, keep, chunked, length))
         try:
             await self._relay(r, writer, length, chunked)

@@ -38,6 +38,8 @@ UPSTREAM_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_mes
                     ("grpc.max_reconnect_backoff_ms", 500)]
 # What gRPC itself says when tritonserver cannot be reached (Triton's own UNAVAILABLE answers, a restricted API
 # among them, are passed on as they are).
+# Triton's gRPC answers a restricted API called without its key with UNAVAILABLE, a code clients retry.
+RESTRICTED = re.compile(r"This (API|protocol) is restricted")
 TRANSPORT_FAILURE = re.compile(r"failed to connect|Connection refused|Socket closed|Connection reset|Broken pipe|"
                                r"GOAWAY|Cancelling all calls|connection attempt", re.IGNORECASE)
 
@@ -190,7 +192,7 @@ class GrpcFront:
         except self.grpc.aio.AioRpcError as e:
             raise self.upstream_error(e, model) from None
         if path.endswith("/ModelInfer"):
-            self.upstream.succeeded()
+            self.upstream.succeeded(model)
         return out
 
     def admit_inference(self, request) -> Optional[_Abort]:
@@ -201,6 +203,9 @@ class GrpcFront:
         reason = check_grpc_inference(request, info.max_batch_size if info else None)
         if reason:
             return _Abort(self.grpc.StatusCode.INVALID_ARGUMENT, reason)
+        unknown = up.unknown_version(request.model_name, request.model_version)
+        if unknown:
+            return _Abort(self.grpc.StatusCode.NOT_FOUND, unknown)
         if info and not up.model_ready(request.model_name):
             return self.unavailable(request.model_name, "it is being recovered")
         if not up.admit():
@@ -217,6 +222,8 @@ class GrpcFront:
         repository Triton's "unknown model" or "stub is not healthy" (it is being recovered): UNAVAILABLE."""
         details = error.details() or ""
         code = error.code()
+        if code == self.grpc.StatusCode.UNAVAILABLE and RESTRICTED.search(details):
+            return _Abort(self.grpc.StatusCode.PERMISSION_DENIED, details)  # not a status to retry on
         if code == self.grpc.StatusCode.UNAVAILABLE and TRANSPORT_FAILURE.search(details):
             return self.unavailable(model, "the server is restarting")
         if model in self.upstream.models and RECOVERABLE.search(details):
@@ -270,9 +277,13 @@ class _Handler:
                 return pb.ServerLiveResponse(live=True).SerializeToString()
             if name == "ServerReady":
                 return pb.ServerReadyResponse(ready=up.ready()).SerializeToString()
-            if name == "ModelReady":
-                model = _parse(pb.ModelReadyRequest, request).name
-                if model in up.models:
+            if name in ("ModelReady", "ModelMetadata", "ModelConfig"):
+                parsed = _parse(getattr(pb, f"{name}Request"), request)
+                model = parsed.name
+                unknown = up.unknown_version(model, parsed.version) if name != "ModelConfig" else None  # restricted
+                if unknown:
+                    raise _Abort(front.grpc.StatusCode.NOT_FOUND, unknown)
+                if name == "ModelReady" and model in up.models:
                     return pb.ModelReadyResponse(ready=up.model_ready(model)).SerializeToString()
             elif name == "ModelInfer":
                 parsed = _parse(pb.ModelInferRequest, request)
@@ -284,8 +295,6 @@ class _Handler:
                     return await front.forward(path, request, context, model, self._metadata(context))
                 finally:
                     up.release()
-            elif name in ("ModelMetadata", "ModelConfig"):
-                model = _parse(getattr(pb, f"{name}Request"), request).name
             return await front.forward(path, request, context, model, self._metadata(context))
 
         return handle
@@ -356,7 +365,9 @@ class _Handler:
                                                              timeout=context.time_remaining())
                     async for message in call:
                         give_back()
-                        up.succeeded()
+                        answered = pb.ModelStreamInferResponse.FromString(message)
+                        if not answered.error_message:  # an error answered on the stream proves no stub alive
+                            up.succeeded(answered.infer_response.model_name)
                         await answers.put(message)
                 except front.grpc.aio.AioRpcError as e:
                     await answers.put(front.upstream_error(e, None))

@@ -9,9 +9,9 @@ instance, named in their command line) every `poll` seconds and tells the front 
 - a stub gone: the model and the ensembles running it are marked down (the front answers their readiness and
   their requests with 503 + Retry-After), the model is unloaded and loaded again through the model-repository
   API (explicit model control, restricted to our admin key), then marked up;
-- a stub stopped (/proc state T) or hung (a canary request through each ensemble, sent only when no request has
-  succeeded lately, fails with "is not healthy", or times out while no other request completed and the members'
-  stubs used almost no CPU: a deadlocked stub sleeps in state S and looks healthy to Triton, a slow one
+- a stub stopped (/proc state T) or hung (a canary request to each model with stubs, sent only when none of its
+  requests succeeded lately, fails with "is not healthy", or times out while that model completed nothing else
+  and its stubs used almost no CPU: a deadlocked stub sleeps in state S and looks healthy to Triton, a slow one
   computes): SIGKILL, then as above;
 - a stub whose shared-memory region grew past a high-water mark (an oversized request is copied in before the
   model can refuse it, and the region never shrinks): its model's instances are replaced without downtime;
@@ -136,26 +136,27 @@ UNHEALTHY_STUB = re.compile(r"Stub process '([^']+)' is not healthy")
 
 
 def canary_request(info: ModelInfo) -> Optional[Tuple[bytes, int]]:
-    """A small valid request for an ensemble (binary tensor extension): (body, JSON length), or None when its
-    inputs are not an image the canary knows how to make."""
+    """A small valid request for a model (binary tensor extension both ways): (body, JSON length), or None when
+    an input's datatype is one the canary cannot make. BYTES: a 16 x 16 grey PNG; numbers: zeros, 16 for a
+    variable dim. The batch (first) dim is 1 for a model that batches."""
     from PIL import Image
 
     inputs, blobs = [], []
     for name, datatype, dims in info.inputs:
+        shape = [*([1] if info.max_batch_size else []), *(16 if d < 0 else d for d in dims)]
         if datatype == "BYTES":
             buf = io.BytesIO()
             Image.new("RGB", (16, 16), (128, 128, 128)).save(buf, format="PNG")
-            blob = len(buf.getvalue()).to_bytes(contract.BYTES_LENGTH_PREFIX, "little") + buf.getvalue()
-            shape = [1, *(1 for _ in dims)]
-        elif datatype == "UINT8":
-            shape = [1, *(16 if d < 0 else d for d in dims)]
-            blob = bytes(math.prod(shape))
+            blob = (len(buf.getvalue()).to_bytes(contract.BYTES_LENGTH_PREFIX, "little") + buf.getvalue()) \
+                * math.prod(shape)
+        elif datatype in contract.FIXED_DATATYPE_BYTES:
+            blob = bytes(math.prod(shape) * contract.FIXED_DATATYPE_BYTES[datatype])
         else:
             return None
         inputs.append({"name": name, "shape": shape, "datatype": datatype,
                        "parameters": {contract.BINARY_DATA_SIZE: len(blob)}})
         blobs.append(blob)
-    header = json.dumps({"inputs": inputs, "outputs": [{"name": contract.NUM_DETECTIONS}]}).encode()
+    header = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
     return header + b"".join(blobs), len(header)
 
 
@@ -191,7 +192,7 @@ class Supervisor:
         self.started_at = time.monotonic()
         self.refused: Dict[str, str] = {}  # model -> why its files may not be loaded
         self.recheck, self.rechecked = recheck, time.monotonic()
-        self.hung: "SimpleQueue[Tuple[str, Optional[str], str]]" = SimpleQueue()  # (ensemble, instance, why)
+        self.hung: "SimpleQueue[Tuple[str, Optional[str], str]]" = SimpleQueue()  # (model, instance, why)
         self.stop = threading.Event()
 
     def snapshot(self) -> Dict[str, set]:
@@ -387,11 +388,11 @@ class Supervisor:
                 victims[stub.pid] = (stub, "stopped")
         while True:
             try:
-                ensemble, instance, why = self.hung.get_nowait()
+                model, instance, why = self.hung.get_nowait()
             except Empty:
                 break
             named = [s for s in stubs if s.instance == instance]
-            for stub in named or [s for s in stubs if s.model in self.upstream.dependencies(ensemble)]:
+            for stub in named or [s for s in stubs if s.model == model]:
                 victims.setdefault(stub.pid, (stub, why))
         if not victims:
             return []
@@ -445,30 +446,29 @@ class Supervisor:
         except (OSError, http.client.HTTPException) as e:
             return ("timeout", None) if isinstance(getattr(e, "reason", None), TimeoutError) else None
 
-    def _members_cpu(self, ensemble: str) -> float:
-        """CPU seconds used so far by the stubs of `ensemble`'s members: a deadlocked stub uses none, a busy one
-        (a large model on a CPU, seconds per batch) a core or more."""
-        members = self.upstream.dependencies(ensemble)
-        return _cpu_seconds([s.pid for s in stub_processes(self.server.proc.pid) if s.model in members])
+    def _stubs_cpu(self, model: str) -> float:
+        """CPU seconds used so far by `model`'s stubs: a deadlocked stub uses none, a busy one (a large model on
+        a CPU, seconds per batch) a core or more."""
+        return _cpu_seconds([s.pid for s in stub_processes(self.server.proc.pid) if s.model == model])
 
     def watch_canaries(self) -> None:
-        """Until `stop`: every `canary_interval` s, when no request succeeded meanwhile, a canary through each
-        ensemble; a hung verdict goes to `hung` (a timeout counts only when no other request completed and the
-        members' stubs used under `busy_cpu` s of CPU meanwhile)."""
-        requests = {n: r for n, info in self.upstream.models.items() if info.members
+        """Until `stop`: every `canary_interval` s, a canary to each model with stubs (the members, not the
+        ensembles, so that a verdict names the model that hangs) whose stubs answered nothing through the fronts
+        meanwhile. A hung verdict goes to `hung`; a timeout counts only when the model itself completed nothing
+        and its stubs used under `busy_cpu` s of CPU meanwhile (another model's traffic proves nothing of it)."""
+        requests = {n: r for n, info in self.upstream.models.items() if not info.members
                     for r in [canary_request(info)] if r}
         while not self.stop.wait(self.canary_interval):
             for name, request in requests.items():
-                if (not self.upstream.model_ready(name)
-                        or time.monotonic() - self.upstream.last_success < self.canary_interval):
+                recent = time.monotonic() - self.upstream.last_success.get(name, -math.inf) < self.canary_interval
+                if not self.upstream.model_ready(name) or recent:
                     continue
-                epoch, completed = self.epoch, self.upstream.completed
-                cpu = self._members_cpu(name)
+                epoch, completed, cpu = self.epoch, self.upstream.completed.get(name, 0), self._stubs_cpu(name)
                 verdict = self.canary(name, request)
                 if verdict is None or epoch != self.epoch or not self.upstream.model_ready(name):
                     continue
-                if verdict[0] == "timeout" and (self.upstream.completed != completed
-                                                or self._members_cpu(name) - cpu >= self.busy_cpu):
+                if verdict[0] == "timeout" and (self.upstream.completed.get(name, 0) != completed
+                                                or self._stubs_cpu(name) - cpu >= self.busy_cpu):
                     continue  # slow under load, or one long inference: working, not hung
                 why = ("not healthy (canary)" if verdict[0] == "unhealthy"
                        else f"not answering (a canary timed out, within {self.canary_timeout:.0f} s)")
