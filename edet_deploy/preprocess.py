@@ -32,6 +32,12 @@ MAX_ENCODED_BYTES = 64 * 1024 * 1024
 # GIF (and animated WebP/TIFF): the first frame.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
+def image_suffixes() -> frozenset:
+    """The file name suffixes of the formats this module decodes (.jpg, .jpeg, .png, .webp, .tif, ...): what a
+    folder of images given for calibration is searched for."""
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in ALLOWED_FORMATS)
+
+
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image]
 IMAGE_SOURCE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image)
 # PNG's colour types -> samples per pixel (grey, RGB, palette, grey + alpha, RGBA).

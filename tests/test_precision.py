@@ -826,3 +826,15 @@ def test_a_malformed_calibration_split_is_refused_not_skipped(tmp_path):
     (data / "instances_calib.json").write_text(json.dumps(broken))
     with pytest.raises(EdetError, match="instances_calib.json: annotation 0: bbox"):
         calibration_images(data, 10)
+
+
+def test_a_calibration_folder_takes_every_format_detect_reads(tmp_path):
+    """A plain folder of WebP / TIFF / GIF images was 'no calibration images': it is searched for what `detect`
+    decodes, other files left out."""
+    from PIL import Image
+
+    from edet_deploy.precision.int8 import calibration_images
+    for i, ext in enumerate(("webp", "tif", "gif", "JPG")):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(tmp_path / f"{i}.{ext}")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert [p.name for p in calibration_images(tmp_path, 10)] == ["0.webp", "1.tif", "2.gif", "3.JPG"]

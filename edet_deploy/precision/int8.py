@@ -108,6 +108,7 @@ def calibration_images(data: str | Path, num_images: int, split: str = "calib") 
     """Images for calibration: a COCO-format split (`calib`, else `train`) or a plain folder of images."""
     from ..data import CocoDataset
     from ..data.coco import decoded_sizes, find_split
+    from ..preprocess import image_suffixes
 
     data = Path(data)
     if not data.exists():
@@ -121,10 +122,12 @@ def calibration_images(data: str | Path, num_images: int, split: str = "calib") 
         ds = CocoDataset(data, name)  # a split that is there but malformed is refused, not skipped
         paths = [ds.image_path(i) for i in range(len(ds))]
         break
+    suffixes = image_suffixes()  # what `detect` reads, so a folder of WebP or TIFF images counts too
     if not paths and data.is_dir():
-        paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
+        paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in suffixes)
     if not paths:
-        raise EdetError(f"no calibration images in {data} (expected a COCO split or image files)")
+        raise EdetError(f"no calibration images in {data} (expected a COCO split or image files: "
+                        f"{', '.join(sorted(suffixes))})")
     paths = paths[:num_images]
     decoded_sizes(paths, "calibration")  # refuse unreadable data up front, naming the files
     return paths
