@@ -518,6 +518,8 @@ def test_what_triton_cannot_parse_is_answered_by_the_front(served, picture):
     request = {"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES",
                            "parameters": {"binary_data_size": len(image)}}]}
     infer_path = b"/v2/models/efficientdet_d0/infer"
+    dup = (b'{"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]}], "outputs": '
+           b'[{"name": "detection_labels", "parameters": {"classification": 3}, "parameters": {}}]}')
     cases = {
         # The absolute form of a target (which servers must accept) skipped every check: a SIGFPE of Triton.
         "absolute-form classification": (post(b"http://x" + infer_path, {
@@ -547,6 +549,17 @@ def test_what_triton_cannot_parse_is_answered_by_the_front(served, picture):
         "negative chunk": (_raw(served.url, b"POST " + infer_path + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
                                             b"\r\n-5\r\nhello\r\n0\r\n\r\n"), 400),
         "superscript digits": (post(infer_path, request, b"Inference-Header-Content-Length: \xb9\xb2\r\n"), 400),
+        # A key named twice: Triton's parser takes the first, Python's the last (the SIGFPE once more)
+        "duplicate key": (_raw(served.url, b"POST " + infer_path + b" HTTP/1.1\r\nConnection: close\r\n"
+                                            b"Content-Length: %d\r\n\r\n" % len(dup) + dup), 400),
+        "header twice": (post(infer_path, request, b"Inference-Header-Content-Length: 1\r\n"), 400),
+        "input name a number": (post(infer_path, {"inputs": [{**request["inputs"][0], "name": 5}]}), 400),
+        "request id a number": (post(infer_path, {**request, "id": 5}), 400),
+        "shared memory size text": (post(infer_path, {"inputs": [{**request["inputs"][0], "parameters": {
+            **request["inputs"][0]["parameters"], "shared_memory_byte_size": "x"}}]}), 400),
+        "gzip body": (post(infer_path, request, b"Content-Encoding: gzip\r\n"), 415),
+        # Triton answers HEAD with a body, which would become the next client's answer on a pooled connection
+        "HEAD to infer": (_raw(served.url, b"HEAD " + infer_path + b" HTTP/1.1\r\nConnection: close\r\n\r\n"), 405),
     }
     wrong = {k: a[:200] for k, (a, want) in cases.items() if _status(a) != want}
     assert not wrong, wrong

@@ -29,7 +29,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -47,6 +47,8 @@ MAX_HEAD = 64 << 10  # request line + headers
 # or more (measured on 2.51: 8180 bytes pass, 8192 do not): such requests are refused here with 414 / 431.
 MAX_LINE = 8000
 METHODS = ("GET", "HEAD", "POST")  # all the KServe v2 protocol uses (HEAD: health probes, answered here)
+# Headers that must come once: Triton reads the first of several, the front the last.
+SINGLE_HEADERS = {"inference-header-content-length", "content-type", "content-encoding", "host"}
 RETRY_AFTER_S = 2
 IDLE_TIMEOUT_S = 75.0  # a client connection waiting for its next request
 BODY_TIMEOUT_S = 300.0
@@ -232,6 +234,50 @@ def check_parameters(params: object) -> Optional[str]:
     return None
 
 
+class DuplicateKey(ValueError):
+    """A JSON object naming a key twice: Python keeps the last value, Triton's parser (RapidJSON) the first, so
+    the front would check one request and Triton run another (a forged batch, the classification SIGFPE)."""
+
+
+def unique_keys(pairs: List[Tuple[str, object]]) -> Dict[str, object]:
+    """json.loads' object_pairs_hook refusing a key named twice (`DuplicateKey`)."""
+    obj: Dict[str, object] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+# Tensor parameters Triton parses itself (a wrong JSON type is its 500): name -> (what it must be, check).
+TENSOR_PARAMETERS = {
+    "shared_memory_region": ("a string", lambda v: isinstance(v, str)),
+    "shared_memory_byte_size": ("a non-negative integer", _uint64),
+    "shared_memory_offset": ("a non-negative integer", _uint64),
+}
+
+
+def _tensor_problem(kind: str, item: Dict) -> Optional[str]:
+    """Why an input's or output's name or parameters have a JSON type Triton cannot parse, or None."""
+    if not isinstance(item.get("name"), str):
+        return f"each {kind} needs a string 'name', got {json.dumps(item.get('name'))[:40]}"
+    params = item.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        return f"{kind} {item['name']!r}: 'parameters' must be a JSON object"
+    for key, (what, valid) in TENSOR_PARAMETERS.items():
+        if key in (params or {}) and not valid(params[key]):
+            return f"{kind} {item['name']!r}: {key} must be {what}"
+    return None
+
+
+def _leaves(data: object) -> Iterator[object]:
+    if isinstance(data, list):
+        for x in data:
+            yield from _leaves(x)
+    else:
+        yield data
+
+
 def check_inference(request: object, binary_size: int, max_batch_size: Optional[int]) -> Optional[str]:
     """Why an inference request's JSON part is refused, or None. `max_batch_size`: the model's batch bound
     (`ModelInfo.max_batch_size`; 0: no batch dim; None: a model the repository lacks). Triton 2.51 answers 200
@@ -241,10 +287,21 @@ def check_inference(request: object, binary_size: int, max_batch_size: Optional[
     reason = check_parameters(request.get("parameters"))
     if reason:
         return reason
+    if "id" in request and not isinstance(request["id"], str):
+        return "'id' must be a string"
     declared = 0
     for item in request["inputs"]:
         if not isinstance(item, dict):
             return "each input must be a JSON object"
+        problem = _tensor_problem("input", item)
+        if problem:
+            return problem
+        if not isinstance(item.get("datatype"), str):
+            return f"input {item['name']!r}: 'datatype' must be a string"
+        if "data" in item and (not isinstance(item["data"], list) or (
+                item["datatype"] == "BYTES" and not all(isinstance(x, str) for x in _leaves(item["data"])))):
+            return f"input {item['name']!r}: 'data' must be a list" + (" of strings" if item["datatype"] == "BYTES"
+                                                                          else "")
         name, shape = item.get("name"), item.get("shape")
         if not (isinstance(shape, list) and all(type(d) is int and 0 < d < 2 ** 63 for d in shape)
                 and (shape or max_batch_size == 0)):
@@ -282,6 +339,9 @@ def check_outputs(outputs: object) -> Optional[str]:
     for item in outputs:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             return "each output must be a JSON object with a string 'name'"
+        problem = _tensor_problem("output", item)
+        if problem:
+            return problem
         params = item.get("parameters")
         if params is None:
             continue
@@ -545,9 +605,20 @@ class Front:
             raise Refused(413, f"request too large: a body of {length} bytes; the limit is {self.max_body} bytes",
                           close=True)
         health = path in ("/v2/health/live", "/v2/health/ready") or action == "ready"
-        if method not in METHODS or (health and method == "POST"):
+        repeated = sorted({k for k, _ in fields if k.lower() in SINGLE_HEADERS
+                           and sum(1 for n, _ in fields if n.lower() == k.lower()) > 1})
+        if repeated:  # Triton reads the first, the front the last: one request for each of them
+            raise Refused(400, f"header {repeated[0]} given more than once", close=True)
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # the checks read the body as sent: compressed, it is not what Triton parses
+            raise Refused(415, f"Content-Encoding {encoding[:20]!r} is not accepted: send the request "
+                               f"uncompressed", close=True)
+        # HEAD only where the front answers it: Triton answers HEAD with a body, which would stay in a pooled
+        # upstream connection and become the next client's answer.
+        if method not in METHODS or (health and method == "POST") or (method == "HEAD" and not health):
             raise Refused(405, f"method {method} is not allowed here",
-                          {"Allow": "GET, HEAD" if health else ", ".join(METHODS)}, close=bool(length or chunked))
+                          {"Allow": "GET, HEAD" if health else ", ".join(METHODS)},
+                          close=bool(length or chunked) or method == "HEAD")  # after HEAD, a body misleads: close
         # Metadata, readiness and inference; a restricted API (config, stats) keeps Triton's refusal first.
         unknown = self.upstream.unknown_version(model, version) if action in (None, "ready", "infer") else None
         if unknown:
@@ -605,7 +676,9 @@ class Front:
         if action != "infer":
             return
         try:
-            request = json.loads(json_part)
+            request = json.loads(json_part, object_pairs_hook=unique_keys)
+        except DuplicateKey as e:
+            raise Refused(400, f"the inference request names {str(e)[:40]!r} twice in one JSON object") from None
         except (ValueError, RecursionError):
             raise Refused(400, "the inference request is not valid JSON") from None
         info = self.upstream.models.get(model)
