@@ -19,6 +19,7 @@ It runs its own event loop in a thread (`start`, `drain`, `close`), so a synchro
 from __future__ import annotations
 
 import asyncio
+import collections
 import http
 import json
 import math
@@ -308,8 +309,7 @@ def check_inference(request: object, binary_size: int, max_batch_size: Optional[
             return f"input {name!r}: the shape must be a list of positive integers, got {json.dumps(shape)[:80]}"
         if max_batch_size and shape[0] > max_batch_size:
             return f"input {name!r}: batch {shape[0]} is more than the model's limit of {max_batch_size}"
-        params = item.get("parameters") or {}
-        size = params.get(contract.BINARY_DATA_SIZE) if isinstance(params, dict) else None
+        size = (item.get("parameters") or {}).get(contract.BINARY_DATA_SIZE)  # a JSON object (`_tensor_problem`)
         if size is None:
             continue
         if type(size) is not int or size < 0:
@@ -342,11 +342,7 @@ def check_outputs(outputs: object) -> Optional[str]:
         problem = _tensor_problem("output", item)
         if problem:
             return problem
-        params = item.get("parameters")
-        if params is None:
-            continue
-        if not isinstance(params, dict):
-            return f"output {item['name']!r}: 'parameters' must be a JSON object"
+        params = item.get("parameters") or {}  # a JSON object, or absent (`_tensor_problem`)
         if "classification" in params:
             return f"output {item['name']!r}: the classification extension is not supported by these models"
         if "binary_data" in params and type(params["binary_data"]) is not bool:
@@ -550,9 +546,8 @@ class Front:
         while True:
             try:
                 line = await reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError:
-                line = b""
-                total = MAX_HEAD + 1
+            except asyncio.LimitOverrunError:  # one line longer than the whole bound
+                raise Refused(431, "request line and headers are too large") from None
             total += len(line)
             if total > MAX_HEAD:
                 raise Refused(431, "request line and headers are too large")
@@ -605,8 +600,8 @@ class Front:
             raise Refused(413, f"request too large: a body of {length} bytes; the limit is {self.max_body} bytes",
                           close=True)
         health = path in ("/v2/health/live", "/v2/health/ready") or action == "ready"
-        repeated = sorted({k for k, _ in fields if k.lower() in SINGLE_HEADERS
-                           and sum(1 for n, _ in fields if n.lower() == k.lower()) > 1})
+        counts = collections.Counter(k.lower() for k, _ in fields)
+        repeated = sorted(k for k in SINGLE_HEADERS if counts[k] > 1)
         if repeated:  # Triton reads the first, the front the last: one request for each of them
             raise Refused(400, f"header {repeated[0]} given more than once", close=True)
         encoding = headers.get("content-encoding", "identity").strip().lower()
