@@ -14,6 +14,7 @@ see what the fused layout costs in throughput. The two models here are benchmark
 edet-deploy.
 
     python benchmarks/triton_floor.py [--engine-backend openvino] [--precision bf16|fp32] [--calls 120]
+                                      [--protocol grpc|http]
 """
 from __future__ import annotations
 
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine-backend", default="openvino", choices=("openvino", "onnxruntime"))
     ap.add_argument("--precision", default=None, help="fp32 | bf16 (OpenVINO; default: the CPU's, as triton-repo)")
+    ap.add_argument("--protocol", default="grpc", choices=("grpc", "http"),
+                    help="the client's protocol for the c=1 blocks (gRPC: what the load levels use)")
     ap.add_argument("--calls", type=int, default=120, help="calls per side, in 6 blocks each")
     ap.add_argument("--concurrency", default="1,4,8,16", help="load levels for ensemble vs fused ('' skips them)")
     ap.add_argument("--requests", type=int, default=15, help="requests per client per load level")
@@ -171,7 +174,8 @@ def main(argv=None) -> int:
     server = TritonServer(repo, free_port(), free_port(), free_port(), open_apis=["statistics"], force=True,
                           log_file=work / "tritonserver.log").start()
     try:
-        clients = {side: TritonDetectorClient(server.grpc_url, model, "grpc")
+        url = server.grpc_url if args.protocol == "grpc" else server.http_url
+        clients = {side: TritonDetectorClient(url, model, args.protocol)
                    for side, model in (("ensemble", "efficientdet_d0"), ("fused", FUSED), ("wait model", WAIT))}
         sides = {"in-process": local.detect, **{k: c.detect for k, c in clients.items()},
                  "local wait": lambda _: _spin(wait_ms / 1000)}
@@ -201,6 +205,7 @@ def main(argv=None) -> int:
               "fused / in-process": p50["fused"] / p50["in-process"],
               "wait model / local wait": p50["wait model"] / p50["local wait"]}
     report = {"machine": machine_info(None), "engine_backend": args.engine_backend, "precision": precision,
+              "protocol": args.protocol,
               "wait_ms": round(wait_ms, 3), "calls_per_side": args.calls, "cpu_pressure_pct": pressure.pct,
               "p50_ms": {k: round(v, 3) for k, v in p50.items()},
               "p90_ms": {k: round(percentiles(v)["p90"], 3) for k, v in times.items()},
@@ -212,7 +217,8 @@ def main(argv=None) -> int:
     lines = [f"# What serving through Triton costs at concurrency 1\n",
              f"Machine: {m['cpu']} ({m['cpu_flags']}), {m['cores']} cores, no GPU; {m['date']}; CPU pressure "
              f"{pressure.pct}% during the blocks. Bundled D0 (256 px), engine {args.engine_backend} {precision}, "
-             f"gRPC, {args.calls} calls per side in 6 alternating blocks; `python benchmarks/triton_floor.py`.\n",
+             f"{'gRPC' if args.protocol == 'grpc' else 'HTTP'}, {args.calls} calls per side in 6 alternating blocks; "
+             f"`python benchmarks/triton_floor.py --protocol {args.protocol}`.\n",
              "| side | p50 ms | p90 ms | Triton's own time per request ms |", "|---|---:|---:|---:|"]
     served = {"ensemble": "efficientdet_d0", "fused": FUSED, "wait model": WAIT}
     for k in sides:
