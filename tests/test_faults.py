@@ -980,6 +980,80 @@ def test_hung_engine_stub_not_stopped_is_detected_and_replaced(repo, tmp_path, p
         s.kill()
 
 
+PREPROCESS_HANG_SHIM = """
+import os as _os
+import threading as _threading
+
+_Preprocess = TritonPythonModel
+
+
+class TritonPythonModel(_Preprocess):  # test only: the first real picture after {marker} appears never returns
+    def execute(self, requests):
+        import triton_python_backend_utils as _pb
+        # The supervisor's canary is a 16 x 16 PNG of ~80 bytes: it must not take the marker.
+        if any(len(_pb.get_input_tensor_by_name(r, {image!r}).as_numpy().reshape(-1)[0]) > 1000 for r in requests):
+            try:
+                _os.unlink({marker!r})
+            except FileNotFoundError:
+                return super().execute(requests)
+            _threading.Event().wait()  # a deadlock: asleep (state S), no CPU, never returns
+        return super().execute(requests)
+"""
+
+
+def test_one_stuck_instance_of_two_is_found_beside_one_that_answers(repo, tmp_path, picture):
+    """The preprocess model runs two instances (the default). One gets stuck in execute() (a deadlock: asleep, no
+    CPU) while the other answers every request and every canary, so neither readiness nor a canary can see it.
+    The supervisor finds it by the instance's execution clock, kills and replaces that stub: the stuck request
+    is answered (an error) instead of waiting for its client's timeout, and the other requests go on."""
+    import shutil
+
+    from edet_deploy.cli import main
+
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    marker = tmp_path / "hang-next-picture"
+    shim = copy / "efficientdet_d0_preprocess" / "1" / "model.py"
+    shim.write_text(shim.read_text() + PREPROCESS_HANG_SHIM.format(marker=str(marker), image=contract.IMAGE))
+    assert main(["triton-repo", "--force", "--resign", str(copy)]) == 0
+    s = Serve(copy, tmp_path, extra=["--force"])
+    try:
+        assert infer(s.url, [picture])[0] == 200
+        before = {st.pid for st in s.stubs() if st.model.endswith("_preprocess")}
+        assert len(before) == 2, s.stubs()
+        marker.write_text("")
+        stuck: list = []
+        waiting = threading.Thread(target=lambda: stuck.append(infer(s.url, [picture], 120.0)[0]), daemon=True)
+        t0 = time.monotonic()
+        waiting.start()
+        while marker.exists() and time.monotonic() - t0 < 30:  # the others start once it is taken
+            time.sleep(0.02)
+        others = []
+        while waiting.is_alive() and time.monotonic() - t0 < 40:
+            others.append(infer(s.url, [picture], 30.0)[0])
+            time.sleep(0.2)
+        answered_after = time.monotonic() - t0
+        waiting.join(1)
+        s.stderr.seek(0)
+        log = s.stderr.read()
+        print(f"\none preprocess instance of two stuck: its request answered {stuck} after {answered_after:.1f} s; "
+              f"the others meanwhile {sorted(set(others))} ({len(others)})")
+        assert not marker.exists(), "the picture never reached the preprocess model"
+        assert stuck and stuck[0] != 200, f"the stuck request was still waiting after {answered_after:.0f} s"
+        assert "stuck in one request" in log, log[-2000:]
+        assert others.count(200) >= 3 and set(others) <= {200, 503}, others
+        assert gone(list(before - {st.pid for st in s.stubs()}), 10) == []
+        assert before - {st.pid for st in s.stubs()}, "no preprocess stub was replaced"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (ready(s.url) == 200 and infer(s.url, [picture])[0] == 200):
+            time.sleep(0.2)
+        assert ready(s.url) == 200 and infer(s.url, [picture])[0] == 200
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(120) == 0
+    finally:
+        s.kill()
+
+
 def test_no_404_while_a_stub_is_recovered_under_load(served, picture):
     """4 HTTP and 2 gRPC clients while the engine and a preprocess stub are killed and recovered: every answer is
     200 / OK or a retryable 503 / UNAVAILABLE, never 404 / NOT_FOUND or an internal error."""

@@ -12,7 +12,8 @@ instance, named in their command line) every `poll` seconds and tells the front 
 - a stub stopped (/proc state T) or hung (a canary request to each model with stubs, sent only when none of its
   requests succeeded lately, fails with "is not healthy", or times out while that model completed nothing else
   and its stubs used almost no CPU: a deadlocked stub sleeps in state S and looks healthy to Triton, a slow one
-  computes): SIGKILL, then as above;
+  computes; or one instance sits in one execute() call, by its execution clock, using almost no CPU, while
+  another instance answers the canary): SIGKILL, then as above;
 - a stub whose shared-memory region grew past a high-water mark (an oversized request is copied in before the
   model can refuse it, and the region never shrinks): its model's instances are replaced without downtime;
 - before any reload (of a model, or of the whole server): the model's files are checked against the repository's
@@ -53,6 +54,7 @@ from ..log import logger
 from ..measure import free_port
 from .configs import MAX_IN_FLIGHT
 from .front import Front, ModelInfo, Upstream, repository_models
+from .models.common import EXEC_CLOCK_ENV, read_exec_clock
 from .grpc_front import GrpcFront
 from .server import TritonServer, check_port, port_in_use
 from .verify import drop_bytecode, model_problems, refusal
@@ -193,6 +195,8 @@ class Supervisor:
         self.refused: Dict[str, str] = {}  # model -> why its files may not be loaded
         self.recheck, self.rechecked = recheck, time.monotonic()
         self.hung: "SimpleQueue[Tuple[str, Optional[str], str]]" = SimpleQueue()  # (model, instance, why)
+        self.exec_clock_prefix = server.env.get(EXEC_CLOCK_ENV)
+        self.executing: Dict[int, Tuple[float, float, float]] = {}  # stub pid -> (execute began, CPU, seen at)
         self.stop = threading.Event()
 
     def snapshot(self) -> Dict[str, set]:
@@ -451,6 +455,28 @@ class Supervisor:
         a CPU, seconds per batch) a core or more."""
         return _cpu_seconds([s.pid for s in stub_processes(self.server.proc.pid) if s.model == model])
 
+    def find_stuck_instances(self) -> None:
+        """Instances whose execute() began over `canary_timeout` s ago and whose stub used under `busy_cpu` s of
+        CPU since we first saw it in that call go to `hung`: one instance of several stuck while another answers
+        every canary (the models keep an execution clock, `models.common.ExecClock`)."""
+        if not self.exec_clock_prefix:
+            return
+        now, seen = time.monotonic(), {}
+        for stub in stub_processes(self.server.proc.pid):
+            began = read_exec_clock(self.exec_clock_prefix, stub.instance)
+            if not began:
+                continue
+            first = self.executing.get(stub.pid)
+            if first is None or first[0] != began:
+                first = (began, _cpu_seconds([stub.pid]), now)
+            seen[stub.pid] = first
+            if (now - first[2] >= self.canary_timeout and now - began >= self.canary_timeout
+                    and _cpu_seconds([stub.pid]) - first[1] < self.busy_cpu):
+                self.hung.put((stub.model, stub.instance,
+                               f"stuck in one request for {now - began:.0f} s, using no CPU"))
+                seen.pop(stub.pid)
+        self.executing = seen
+
     def watch_canaries(self) -> None:
         """Until `stop`: every `canary_interval` s, a canary to each model with stubs (the members, not the
         ensembles, so that a verdict names the model that hangs) whose stubs answered nothing through the fronts
@@ -459,6 +485,7 @@ class Supervisor:
         requests = {n: r for n, info in self.upstream.models.items() if not info.members
                     for r in [canary_request(info)] if r}
         while not self.stop.wait(self.canary_interval):
+            self.find_stuck_instances()
             for name, request in requests.items():
                 recent = time.monotonic() - self.upstream.last_success.get(name, -math.inf) < self.canary_interval
                 if not self.upstream.model_ready(name) or recent:
@@ -555,6 +582,8 @@ def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metric
                           grpc_address="127.0.0.1")
     for key, value in MALLOC_ENV.items():
         server.env.setdefault(key, value)  # tritonserver and, inheriting it, the stubs
+    # The models' execution clocks, beside the server's regions (removed with them).
+    server.env[EXEC_CLOCK_ENV] = str(Path("/dev/shm") / f"{server.shm_prefix}exec_")
     return_freed_memory_to_the_os()
     models = repository_models(repo)
     upstream = Upstream(server.http_address, server.http_port, models, server.grpc_port,

@@ -1,8 +1,13 @@
 """Helpers shared by the Python-backend models (imported inside the Triton stub process)."""
 from __future__ import annotations
 
+import functools
 import json
-from typing import Dict
+import os
+import re
+import struct
+import time
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -29,7 +34,96 @@ def as_bytes(value) -> bytes:
     return str(value).encode()
 
 
-class EngineModel:
+# `serve` names a file prefix here (in /dev/shm, under its server's region prefix); each model instance keeps in
+# `<prefix><instance>` when its execute() started (CLOCK_MONOTONIC, shared by all processes), 0.0 while idle.
+# Why: with two instances of a model, one stuck in execute() leaves the other answering every canary, and the
+# supervisor could not tell it from an idle one (both sleep). Without the variable nothing is written.
+EXEC_CLOCK_ENV = "EDET_DEPLOY_EXEC_CLOCK"
+_CLOCK = struct.Struct("<d")
+
+
+def exec_clock_path(prefix: str, instance: str) -> str:
+    """The file where `instance` keeps its execute() start time (its name reduced to a safe file name)."""
+    return prefix + re.sub(r"[^A-Za-z0-9_.-]", "_", instance)
+
+
+def read_exec_clock(prefix: str, instance: str) -> float:
+    """When `instance`'s current execute() started (time.monotonic() of any process), 0.0 when idle or unknown."""
+    try:
+        with open(exec_clock_path(prefix, instance), "rb") as f:
+            data = f.read(_CLOCK.size)
+    except OSError:
+        return 0.0
+    return _CLOCK.unpack(data)[0] if len(data) == _CLOCK.size else 0.0
+
+
+class ExecClock:
+    """The writer: two pwrite calls per execute(); a failed write (no room in /dev/shm) loses only the watch."""
+
+    def __init__(self, instance: Optional[str]):
+        prefix = os.environ.get(EXEC_CLOCK_ENV)
+        self.fd, self.depth = None, 0
+        if prefix and instance:
+            try:
+                self.fd = os.open(exec_clock_path(prefix, instance), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            except OSError:
+                self.fd = None
+        self._write(0.0)
+
+    def _write(self, value: float) -> None:
+        if self.fd is not None:
+            try:
+                os.pwrite(self.fd, _CLOCK.pack(value), 0)
+            except OSError:
+                pass
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth == 1:
+            self._write(time.monotonic())
+
+    def leave(self) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self._write(0.0)
+
+
+def _clocked_initialize(initialize):
+    @functools.wraps(initialize)
+    def wrapper(self, args):
+        if getattr(self, "_exec_clock", None) is None:
+            self._exec_clock = ExecClock(args.get("model_instance_name"))
+        return initialize(self, args)
+    return wrapper
+
+
+def _clocked_execute(execute):
+    @functools.wraps(execute)
+    def wrapper(self, requests):
+        clock = getattr(self, "_exec_clock", None)
+        if clock is None:
+            return execute(self, requests)
+        clock.enter()  # once per outer call: a subclass's execute calling ours counts once
+        try:
+            return execute(self, requests)
+        finally:
+            clock.leave()
+    return wrapper
+
+
+class WatchedModel:
+    """Base of the Python models: every initialize() / execute() of a subclass, its own or overridden further
+    down (a user's wrapper of our model included), keeps the instance's execution clock."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "initialize" in cls.__dict__:
+            cls.initialize = _clocked_initialize(cls.__dict__["initialize"])
+        if "execute" in cls.__dict__:
+            cls.execute = _clocked_execute(cls.__dict__["execute"])
+
+
+class EngineModel(WatchedModel):
     """The `<name>_engine` Python model of CPU repositories: the exported ONNX graph (soft-NMS inside) in one
     of our CPU runners. Requests arriving together (dynamic batching) run as one batch. Subclasses say which
     runner (`make_runner`); the Triton module is imported lazily so that this file imports anywhere."""

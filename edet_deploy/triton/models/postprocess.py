@@ -10,7 +10,7 @@ from edet_deploy.contract import (CLASS_NAMES_PARAMETER, DETECTION_BOXES, DETECT
                                   DETECTION_SCORES, NUM_DETECTIONS, ORIG_SIZE, SCALE, raw_output_name)
 from edet_deploy.errors import EdetError
 from edet_deploy.postprocess import to_original_pixels
-from edet_deploy.triton.models.common import error_response, parameters
+from edet_deploy.triton.models.common import WatchedModel, error_response, parameters
 
 
 def check_inputs(num: np.ndarray, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, scale: np.ndarray,
@@ -33,7 +33,7 @@ def check_inputs(num: np.ndarray, boxes: np.ndarray, scores: np.ndarray, classes
         raise EdetError("scale and orig_size must be positive")
 
 
-class TritonPythonModel:
+class TritonPythonModel(WatchedModel):
     def initialize(self, args):
         names = json.loads(parameters(args).get(CLASS_NAMES_PARAMETER, "[]"))
         self.names = np.asarray([n.encode() for n in names] or [b""], dtype=object)

@@ -14,10 +14,10 @@ from edet_deploy.contract import FILL_PARAMETER, IMAGE, INPUT_NAME, ORIG_SIZE, S
 from edet_deploy.errors import EdetError
 from edet_deploy.preprocess import (MAX_ENCODED_BYTES, MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, check_request_pixels,
                                    decode_image, letterbox, open_image, to_rgb)
-from edet_deploy.triton.models.common import as_bytes, error_response, parameters
+from edet_deploy.triton.models.common import WatchedModel, as_bytes, error_response, parameters
 
 
-class TritonPythonModel:
+class TritonPythonModel(WatchedModel):
     def initialize(self, args):
         params = parameters(args)
         self.size = int(params["image_size"])
