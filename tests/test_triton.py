@@ -584,11 +584,13 @@ def test_manifest_covers_every_served_file_and_resign_checks_first(tmp_path, ran
     assert load_configs(repo)["efficientdet_d0_postprocess"].instance_group[0].count == 2
 
 
-def test_execution_clock_marks_each_call_once_and_overrides_too(tmp_path, monkeypatch):
-    """A model instance keeps when its execute() began (the supervisor's proof of a stuck instance): 0.0 while
-    idle, the start while inside, a subclass overriding execute() and calling ours counted as one call; nothing
-    written without serve's variable."""
-    from edet_deploy.triton.models.common import EXEC_CLOCK_ENV, WatchedModel, exec_clock_path, read_exec_clock
+def test_execution_clock_marks_each_call_once_and_overrides_too():
+    """A model instance keeps when its execute() began (the supervisor's proof of a stuck instance), readable
+    from outside through /proc: 0.0 while idle, the start while inside, a subclass overriding execute() and
+    calling ours counted as one call. A path that is no clock (a pid reused) reads 0.0 without blocking."""
+    import time
+
+    from edet_deploy.triton.models.common import WatchedModel, find_exec_clock, read_exec_clock
 
     seen = []
 
@@ -597,27 +599,29 @@ def test_execution_clock_marks_each_call_once_and_overrides_too(tmp_path, monkey
             self.args = args
 
         def execute(self, requests):
-            seen.append(read_exec_clock(prefix, "m/0 0"))
+            seen.append(read_exec_clock(path))
             return requests
 
     class Wrapper(Model):  # a user's subclass: its own execute around ours
         def execute(self, requests):
-            seen.append(read_exec_clock(prefix, "m/0 0"))
+            seen.append(read_exec_clock(path))
             out = super().execute(requests)
-            seen.append(read_exec_clock(prefix, "m/0 0"))
+            seen.append(read_exec_clock(path))
             return out
 
-    prefix = str(tmp_path / "exec_")
-    monkeypatch.setenv(EXEC_CLOCK_ENV, prefix)
     model = Wrapper()
-    model.initialize({"model_instance_name": "m/0 0"})
-    assert Path(exec_clock_path(prefix, "m/0 0")).name == "exec_m_0_0"
-    assert read_exec_clock(prefix, "m/0 0") == 0.0
+    model.initialize({})
+    path = f"/proc/{os.getpid()}/fd/{model._exec_clock.fd}"
+    assert find_exec_clock(os.getpid()) is not None  # this one, or another model's made earlier in this process
+    assert read_exec_clock(path) == 0.0
+    before = time.monotonic()
     assert model.execute([1]) == [1]
-    assert len(seen) == 3 and seen[0] > 0 and seen[0] == seen[1] == seen[2]
-    assert read_exec_clock(prefix, "m/0 0") == 0.0
-    monkeypatch.delenv(EXEC_CLOCK_ENV)
-    plain = Model()
-    plain.initialize({"model_instance_name": "other"})
-    plain.execute([])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exec_m_0_0"]
+    assert len(seen) == 3 and before <= seen[0] <= time.monotonic() and seen[0] == seen[1] == seen[2]
+    assert read_exec_clock(path) == 0.0
+    r, w = os.pipe()  # a pid reused: its fd is now a pipe with a writer and nothing to read
+    try:
+        assert read_exec_clock(f"/proc/{os.getpid()}/fd/{r}") == 0.0
+    finally:
+        os.close(r)
+        os.close(w)
+    os.close(model._exec_clock.fd)

@@ -54,7 +54,7 @@ from ..log import logger
 from ..measure import free_port
 from .configs import MAX_IN_FLIGHT
 from .front import Front, ModelInfo, Upstream, repository_models
-from .models.common import EXEC_CLOCK_ENV, read_exec_clock
+from .models.common import find_exec_clock, read_exec_clock
 from .grpc_front import GrpcFront
 from .server import TritonServer, check_port, port_in_use
 from .verify import drop_bytecode, model_problems, refusal
@@ -195,7 +195,7 @@ class Supervisor:
         self.refused: Dict[str, str] = {}  # model -> why its files may not be loaded
         self.recheck, self.rechecked = recheck, time.monotonic()
         self.hung: "SimpleQueue[Tuple[str, Optional[str], str]]" = SimpleQueue()  # (model, instance, why)
-        self.exec_clock_prefix = server.env.get(EXEC_CLOCK_ENV)
+        self.clocks: Dict[int, str] = {}  # stub pid -> its execution clock (/proc/<pid>/fd/<n>)
         self.executing: Dict[int, Tuple[float, float, float]] = {}  # stub pid -> (execute began, CPU, seen at)
         self.stop = threading.Event()
 
@@ -459,11 +459,10 @@ class Supervisor:
         """Instances whose execute() began over `canary_timeout` s ago and whose stub used under `busy_cpu` s of
         CPU since we first saw it in that call go to `hung`: one instance of several stuck while another answers
         every canary (the models keep an execution clock, `models.common.ExecClock`)."""
-        if not self.exec_clock_prefix:
-            return
-        now, seen = time.monotonic(), {}
+        now, seen, clocks = time.monotonic(), {}, {}
         for stub in stub_processes(self.server.proc.pid):
-            began = read_exec_clock(self.exec_clock_prefix, stub.instance)
+            clocks[stub.pid] = self.clocks.get(stub.pid) or find_exec_clock(stub.pid)
+            began = read_exec_clock(clocks[stub.pid]) if clocks[stub.pid] else 0.0
             if not began:
                 continue
             first = self.executing.get(stub.pid)
@@ -475,7 +474,7 @@ class Supervisor:
                 self.hung.put((stub.model, stub.instance,
                                f"stuck in one request for {now - began:.0f} s, using no CPU"))
                 seen.pop(stub.pid)
-        self.executing = seen
+        self.executing, self.clocks = seen, {pid: path for pid, path in clocks.items() if path}
 
     def watch_canaries(self) -> None:
         """Until `stop`: every `canary_interval` s, a canary to each model with stubs (the members, not the
@@ -582,8 +581,6 @@ def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metric
                           grpc_address="127.0.0.1")
     for key, value in MALLOC_ENV.items():
         server.env.setdefault(key, value)  # tritonserver and, inheriting it, the stubs
-    # The models' execution clocks, beside the server's regions (removed with them).
-    server.env[EXEC_CLOCK_ENV] = str(Path("/dev/shm") / f"{server.shm_prefix}exec_")
     return_freed_memory_to_the_os()
     models = repository_models(repo)
     upstream = Upstream(server.http_address, server.http_port, models, server.grpc_port,

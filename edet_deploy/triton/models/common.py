@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import struct
 import time
 from typing import Dict, Optional
@@ -34,40 +33,55 @@ def as_bytes(value) -> bytes:
     return str(value).encode()
 
 
-# `serve` names a file prefix here (in /dev/shm, under its server's region prefix); each model instance keeps in
-# `<prefix><instance>` when its execute() started (CLOCK_MONOTONIC, shared by all processes), 0.0 while idle.
-# Why: with two instances of a model, one stuck in execute() leaves the other answering every canary, and the
-# supervisor could not tell it from an idle one (both sleep). Without the variable nothing is written.
-EXEC_CLOCK_ENV = "EDET_DEPLOY_EXEC_CLOCK"
+# Each model instance keeps when its execute() began (CLOCK_MONOTONIC, shared by all processes; 0.0 while idle)
+# in a memfd of its stub, which serve's supervisor reads through /proc/<stub>/fd. Why: with two instances of a
+# model, one stuck in execute() leaves the other answering every canary, and the supervisor could not tell it
+# from an idle one (both sleep). A memfd lives and dies with its process: nothing to clean up, ever.
+EXEC_CLOCK_NAME = "edet_exec_clock"
 _CLOCK = struct.Struct("<d")
 
 
-def exec_clock_path(prefix: str, instance: str) -> str:
-    """The file where `instance` keeps its execute() start time (its name reduced to a safe file name)."""
-    return prefix + re.sub(r"[^A-Za-z0-9_.-]", "_", instance)
-
-
-def read_exec_clock(prefix: str, instance: str) -> float:
-    """When `instance`'s current execute() started (time.monotonic() of any process), 0.0 when idle or unknown."""
+def find_exec_clock(pid: int) -> Optional[str]:
+    """The /proc path of process `pid`'s execution clock, None when it has none (yet)."""
+    fds = f"/proc/{pid}/fd"
     try:
-        with open(exec_clock_path(prefix, instance), "rb") as f:
-            data = f.read(_CLOCK.size)
+        names = os.listdir(fds)
+    except OSError:
+        return None
+    for name in names:
+        try:
+            if os.readlink(f"{fds}/{name}").startswith(f"/memfd:{EXEC_CLOCK_NAME}"):
+                return f"{fds}/{name}"
+        except OSError:
+            continue
+    return None
+
+
+def read_exec_clock(path: str) -> float:
+    """When the current execute() began (time.monotonic() of any process), 0.0 when idle or unreadable. `path`
+    is checked to still be a clock (a pid reused) and read without blocking (pread fails on a pipe or socket)."""
+    try:
+        if not os.readlink(path).startswith(f"/memfd:{EXEC_CLOCK_NAME}"):
+            return 0.0
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, _CLOCK.size, 0)
+        finally:
+            os.close(fd)
     except OSError:
         return 0.0
     return _CLOCK.unpack(data)[0] if len(data) == _CLOCK.size else 0.0
 
 
 class ExecClock:
-    """The writer: two pwrite calls per execute(); a failed write (no room in /dev/shm) loses only the watch."""
+    """The writer: two pwrite calls per execute(); without memfd (not Linux) nothing is kept."""
 
-    def __init__(self, instance: Optional[str]):
-        prefix = os.environ.get(EXEC_CLOCK_ENV)
-        self.fd, self.depth = None, 0
-        if prefix and instance:
-            try:
-                self.fd = os.open(exec_clock_path(prefix, instance), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            except OSError:
-                self.fd = None
+    def __init__(self):
+        try:
+            self.fd: Optional[int] = os.memfd_create(EXEC_CLOCK_NAME, os.MFD_CLOEXEC)
+        except (AttributeError, OSError):
+            self.fd = None
+        self.depth = 0
         self._write(0.0)
 
     def _write(self, value: float) -> None:
@@ -92,7 +106,7 @@ def _clocked_initialize(initialize):
     @functools.wraps(initialize)
     def wrapper(self, args):
         if getattr(self, "_exec_clock", None) is None:
-            self._exec_clock = ExecClock(args.get("model_instance_name"))
+            self._exec_clock = ExecClock()
         return initialize(self, args)
     return wrapper
 
