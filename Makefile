@@ -1,12 +1,24 @@
 # Two entry points on a fresh machine: `make demo` (the main job on CPU) and `make test` (the test suite).
-PYTHON ?= python3
+# Python 3.11 or 3.12 (pyproject's requires-python): python3 when it is one, else python3.12, else python3.11 (a
+# machine whose python3 is 3.13 still works); PYTHON=/path/to/python3.12 chooses.
+SUPPORTED := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))
+ifndef PYTHON
+PYTHON := $(firstword $(foreach p,python3 python3.12 python3.11,$(shell $(p) -c '$(SUPPORTED)' >/dev/null 2>&1 && echo $(p))))
+endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-unit test-slow repo bench sweep clean tools
 
+# Refused in one line before anything is made: no supported Python. A venv left by an earlier try with another
+# Python (or without pip: python3-venv missing) is made again, not patched (venv keeps its old python link).
 $(STAMP): pyproject.toml
+	@$(or $(PYTHON),false) -c '$(SUPPORTED)' >/dev/null 2>&1 || { echo "make: needs Python 3.11 or 3.12 and \
+	$(if $(PYTHON),PYTHON=$(PYTHON) is not one,none of python3/python3.12/python3.11 on PATH is one); install one or \
+	name it: make $(or $(MAKECMDGOALS),demo) PYTHON=/path/to/python3.12" >&2; exit 1; }
+	@if [ -e $(VENV) ] && ! { $(PY) -c '$(SUPPORTED)' && $(PY) -m pip --version; } >/dev/null 2>&1; then \
+	echo "make: $(VENV) was made by another Python or without pip: making it again"; rm -rf $(VENV); fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,lint]'

@@ -66,10 +66,81 @@ def artifact_name(variant: str, precision: str = "fp32", nms: bool = True) -> st
     return name if precision == "fp32" else f"{name}.{precision}"
 
 
+CACHE_ENV = "EDET_DEPLOY_CACHE"
+
+
+def _cache_problem(path: Path) -> str:
+    """Why `path` cannot be the cache folder ('' when it can): it is created if missing (with its parents)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return "it is a file, not a folder"
+    except OSError as e:
+        return f"cannot create it: {e.strerror}"
+    if not path.is_dir():
+        return "it is not a folder"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "it is not writable" if os.access(path, os.F_OK) else "cannot reach it"
+    return ""
+
+
+def _fallback_cache(why: str) -> Path:
+    """A private folder under the temporary directory, for a default cache that cannot be used (a read-only or
+    unknown home): the cache only saves time, so the command goes on (with one warning) instead of failing."""
+    import logging
+    import tempfile
+
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    path = Path(tempfile.gettempdir()).absolute() / f"edet_deploy-cache-{uid}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = path.lstat()
+        # A shared temporary folder: take only a real folder of ours, never one somebody else planted.
+        usable = (not path.is_symlink() and path.is_dir() and st.st_uid == uid
+                  and os.access(path, os.W_OK | os.X_OK))
+    except OSError:
+        usable = False
+    if not usable:
+        from .errors import EdetRuntimeError
+        raise EdetRuntimeError(f"no usable cache folder: {why}, and {path} cannot be used either; set {CACHE_ENV} "
+                               f"to a writable folder")
+    if path not in _WARNED:
+        _WARNED.add(path)
+        logging.getLogger("edet_deploy").warning("%s; caching in %s instead (set %s to choose)", why, path, CACHE_ENV)
+    return path
+
+
+_WARNED: set = set()
+
+
 def cache_dir() -> Path:
-    """Where exports, compiled models and Triton backends are cached (EDET_DEPLOY_CACHE, else
-    ~/.cache/edet_deploy)."""
-    return Path(os.environ.get("EDET_DEPLOY_CACHE", Path.home() / ".cache" / "edet_deploy"))
+    """Where exports, compiled models and Triton backends are cached, as an absolute path (the Triton Python
+    models run in another working directory): $EDET_DEPLOY_CACHE (created if missing; one that cannot be created
+    or written is an EdetRuntimeError, exit 1), else ~/.cache/edet_deploy, else (no home, or a read-only one) a
+    private folder under the temporary directory. An empty EDET_DEPLOY_CACHE counts as unset."""
+    configured = os.environ.get(CACHE_ENV, "")
+    if configured:
+        path = Path(configured).expanduser().absolute()
+        problem = _cache_problem(path)
+        if problem:
+            from .errors import EdetRuntimeError
+            raise EdetRuntimeError(f"{CACHE_ENV}={configured} cannot be the cache folder: {problem}; point it to "
+                                   f"a writable folder (or unset it)")
+        return path
+    try:
+        path = (Path.home() / ".cache" / "edet_deploy").absolute()
+    except (RuntimeError, KeyError, OSError):  # no HOME and no passwd entry (a container's arbitrary uid)
+        return _fallback_cache("the home folder is unknown (HOME unset, no passwd entry)")
+    problem = _cache_problem(path)
+    return _fallback_cache(f"the default cache folder {path} is unusable ({problem})") if problem else path
+
+
+def point_numba_cache() -> None:
+    """numba caches compiled kernels beside their source, else under the home folder: an install the user cannot
+    write (system-wide) and no usable home left it no locator ("cannot cache function ...") and the soft-NMS
+    failed. Then its cache goes into ours. Call before numba is imported (it reads the variable once)."""
+    if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
+        os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")
 
 
 # Triton: the ensemble <name> (encoded input) and <name>_decoded run <name>_preprocess[_decoded] ->

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..errors import EdetError
+from ..errors import EdetError, EdetRuntimeError
 from ..io import existing_file, load_onnx
 from ..log import logger
 from ..metadata import read_metadata
@@ -39,11 +39,25 @@ def default_cache_dir() -> Path:
     return cache_dir() / "openvino"
 
 
-def cpu_has_bf16(core=None) -> bool:
-    """Whether OpenVINO's CPU plugin can run bf16 here (it lists BF16 among its optimization capabilities)."""
+def import_openvino():
+    """The openvino module, or one line: not installed, or unable to start here (its import looks the home folder
+    up: none for a container's arbitrary uid without HOME)."""
     try:
         import openvino as ov
     except ImportError:
+        raise EdetError("the openvino backend needs OpenVINO: pip install openvino") from None
+    except RuntimeError as e:
+        raise EdetRuntimeError(f"OpenVINO cannot start here: {e} (set HOME to a folder)") from None
+    return ov
+
+
+def cpu_has_bf16(core=None) -> bool:
+    """Whether OpenVINO's CPU plugin can run bf16 here (it lists BF16 among its optimization capabilities)."""
+    try:
+        ov = import_openvino()
+    except EdetRuntimeError:
+        raise
+    except EdetError:
         return False
     core = core or ov.Core()
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -81,10 +95,7 @@ class OpenVinoRunner(Runner):
         INFERENCE_NUM_THREADS (default: OpenVINO's choice, every core). `inference_precision` "bf16" runs the
         network in bfloat16 (the graph file stays FP32); it needs a CPU with bf16 instructions. None: this
         CPU's default (`default_precision`), as detect / eval run unless told; the choice is logged."""
-        try:
-            import openvino as ov
-        except ImportError:
-            raise EdetError("the openvino backend needs OpenVINO: pip install openvino") from None
+        ov = import_openvino()
         path = existing_file(onnx_path, "ONNX graph")
         if hint not in HINTS:
             raise EdetError(f"unknown OpenVINO performance hint {hint!r}; choose one of {', '.join(HINTS)}")
@@ -153,7 +164,7 @@ class OpenVinoRunner(Runner):
         self._compiled[1] = self._compile(1)
         if self.max_batch < 2:
             return
-        import openvino as ov
+        ov = import_openvino()
         shared = self._compile(ov.Dimension(2, self.max_batch))
         s = self.image_size
         for b in range(2, self.max_batch + 1):

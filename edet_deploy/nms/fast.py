@@ -7,7 +7,10 @@ in the reference's order; candidates stay in index order so ties resolve to the 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from ..contract import point_numba_cache
+
+point_numba_cache()
+from numba import njit  # noqa: E402 - after its cache is chosen
 
 from .settings import NmsSettings, check_boxes_scores
 

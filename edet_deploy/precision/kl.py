@@ -5,7 +5,10 @@ divergence to it. Compiled with numba: O(bins^2) per tensor, about 40 ms for 204
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from ..contract import point_numba_cache
+
+point_numba_cache()
+from numba import njit  # noqa: E402 - after its cache is chosen
 
 
 @njit(cache=True, nogil=True)

@@ -5,20 +5,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..contract import cache_dir
-from ..errors import EdetError
+from ..contract import CACHE_ENV, cache_dir
+from ..errors import EdetError, EdetRuntimeError
 from ..log import logger
 
 
@@ -32,6 +35,7 @@ class TritonPaths:
 # Another tritonserver than pytriton's (NVIDIA's image: /opt/tritonserver/bin/tritonserver, whose backends/ holds
 # tensorrt and a python backend with the image's stub): `serve` is then the same supervisor on GPU as on CPU.
 TRITONSERVER_ENV, BACKENDS_ENV = "EDET_TRITONSERVER", "EDET_TRITON_BACKENDS"
+SYS_PATH_ENV = "EDET_DEPLOY_SYS_PATH"  # the stubs' extra sys.path entries (the generated model.py reads it)
 
 
 def find_triton() -> TritonPaths:
@@ -60,15 +64,20 @@ def find_triton() -> TritonPaths:
     install = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
     backends = cache_dir() / f"triton-backends-{version}-{install}"
     python_dir = backends / "python"
-    python_dir.mkdir(parents=True, exist_ok=True)
-    for src in [*(root / "backends" / "python").iterdir(), stub]:
-        if src.name == "__pycache__":
-            continue
-        dst = python_dir / src.name
-        if not dst.exists() or dst.resolve() != src.resolve():
-            if dst.is_symlink() or dst.exists():
-                dst.unlink()
-            dst.symlink_to(src)
+    try:
+        python_dir.mkdir(parents=True, exist_ok=True)
+        for src in [*(root / "backends" / "python").iterdir(), stub]:
+            if src.name == "__pycache__":
+                continue
+            dst = python_dir / src.name
+            if not dst.exists() or dst.resolve() != src.resolve():
+                # Made aside and renamed over: two servers starting at once never see a missing or half-made link.
+                tmp = python_dir / f".{src.name}.{os.getpid()}.{secrets.token_hex(3)}"
+                tmp.symlink_to(src)
+                os.replace(tmp, dst)
+    except OSError as e:
+        raise EdetRuntimeError(f"cannot assemble Triton's backend folder {python_dir}: {e.strerror or e}; set "
+                               f"{CACHE_ENV} to a writable folder") from None
     return TritonPaths(binary, backends, libs)
 
 
@@ -81,7 +90,10 @@ def server_env(paths: TritonPaths) -> dict:
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(paths.libs), env.get("LD_LIBRARY_PATH")]))
     site = sysconfig.get_paths()["purelib"]
     project_root = str(Path(edet_deploy.__file__).resolve().parent.parent)
-    env["EDET_DEPLOY_SYS_PATH"] = os.pathsep.join([project_root, site])  # read by the generated model.py
+    env[SYS_PATH_ENV] = os.pathsep.join([project_root, site])  # read by the generated model.py
+    # The models' cache (OpenVINO's compiled models) is ours, as an absolute path: the stubs run in "/", and a
+    # home that could not be used means the fallback folder chosen here.
+    env[CACHE_ENV] = str(cache_dir())
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     return env
 
@@ -92,6 +104,37 @@ def server_env(paths: TritonPaths) -> dict:
 RESTRICTABLE_APIS = ("shared-memory", "model-config", "model-repository", "statistics", "trace", "logging")
 ADMIN_HEADER = "edet-admin-key"
 SHM_PREFIX = "edet_triton_"  # + serve's pid + "_": the Python backend names its /dev/shm regions with it
+
+
+# The paths the Python-backend stubs see must be plain: Triton 2.51 starts each stub through
+# `bash -c "exec STUB MODEL_PATH REGION ..."`, the paths unquoted, so a space (or a shell character) in the
+# repository's or the backend folder's path split the command and every stub died parsing its arguments
+# ("terminate called ... what(): stol"); and the stub embeds Python without setting a locale (file-system encoding
+# ASCII, PYTHONUTF8 ignored), so a non-ASCII path on sys.path (a venv in "ünï cödé/") reached OpenVINO's bindings
+# as surrogates and the engine's stub died in a pybind11 cast_error. Such paths are given as links from a plain
+# folder; ':' is left out too (it separates EDET_DEPLOY_SYS_PATH's entries).
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_@%+=,./-]+")
+
+
+def plain_path(path: str | Path) -> bool:
+    """True when `path` is ASCII and passes through an unquoted shell word and a path list unchanged."""
+    return bool(_PLAIN_PATH.fullmatch(str(path)))
+
+
+def _link_folder() -> Path:
+    """A new private folder at a shell-safe path, for the links that stand in for unsafe paths."""
+    for parent in dict.fromkeys([tempfile.gettempdir(), "/tmp", "/dev/shm", "/var/tmp"]):
+        if plain_path(parent) and os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK):
+            with contextlib.suppress(OSError):
+                return Path(tempfile.mkdtemp(prefix="edet-triton-", dir=parent))
+    raise EdetRuntimeError("a path Triton's Python backend needs (repository, backends, environment, cache) holds "
+                           "spaces, shell characters or non-ASCII letters, which it cannot take, and no writable "
+                           "temporary folder without them exists for a link to it; move it (or set TMPDIR) to a "
+                           "plain path")
+
+
+# Error lines every CPU start logs (no CUDA driver): never the reason a start failed.
+_NOT_ERRORS = ("CudaDriverHelper has not been initialized",)
 
 
 def port_in_use(address: str, port: int) -> bool:
@@ -164,8 +207,12 @@ class TritonServer:
         paths = find_triton()
         restriction = f"{','.join(restricted)}:{ADMIN_HEADER}={self.admin_key}"
         self.binary, self.backends = paths.binary, paths.backends
-        self.fixed_args = [f"--model-repository={self.repo.resolve()}", f"--backend-directory={paths.backends}",
-                           f"--grpc-address={self.grpc_address}", f"--metrics-address={address}", "--allow-metrics=true",
+        # What Triton is given: these paths, or plain links to them made by start() (see plain_path).
+        self.real_backends = paths.backends
+        self.triton_repo, self.triton_backends = self.repo.resolve(), paths.backends
+        self.links: Optional[Path] = None
+        self.linked_env: Dict[str, str] = {}  # the environment's path variables as they were before linking
+        self.fixed_args = [f"--grpc-address={self.grpc_address}", f"--metrics-address={address}", "--allow-metrics=true",
                            "--allow-gpu-metrics=false", "--strict-readiness=true", f"--log-verbose={log_verbose}",
                            "--model-control-mode=explicit",
                            f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}",
@@ -183,8 +230,9 @@ class TritonServer:
 
         load = ["*"] if not self.excluded else [m for m in model_dirs(self.repo) if m not in self.excluded]
         return [str(self.binary), f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
-                f"--metrics-port={self.metrics_port}", f"--http-address={self.http_address}", *self.fixed_args,
-                *(f"--load-model={m}" for m in load)]
+                f"--metrics-port={self.metrics_port}", f"--http-address={self.http_address}",
+                f"--model-repository={self.triton_repo}", f"--backend-directory={self.triton_backends}",
+                *self.fixed_args, *(f"--load-model={m}" for m in load)]
 
     @property
     def http_url(self) -> str:
@@ -198,16 +246,58 @@ class TritonServer:
     def admin_headers(self) -> Dict[str, str]:
         return {ADMIN_HEADER: self.admin_key}
 
+    def _link(self, name: str, target: str | Path) -> Path:
+        """`target` itself when its path is plain, else a link to it in this server's link folder."""
+        if plain_path(target):
+            return Path(target)
+        if self.links is None:
+            self.links = _link_folder()
+        link = self.links / name
+        link.symlink_to(target, target_is_directory=Path(target).is_dir())
+        logger.debug("tritonserver's stubs see %s as %s (the path holds spaces, shell characters or non-ASCII "
+                     "letters)", target, link)
+        return link
+
+    def _link_unsafe_paths(self) -> None:
+        """Plain links for the repository, the backend folder, EDET_DEPLOY_SYS_PATH's entries and the caches
+        when their paths are not plain (see plain_path). Removed again by stop()."""
+        self.triton_repo = self._link("repository", self.repo.resolve())
+        self.triton_backends = self._link("backends", self.real_backends)
+        for key in (SYS_PATH_ENV, CACHE_ENV, "NUMBA_CACHE_DIR"):
+            if key not in self.env:
+                continue
+            self.linked_env[key] = self.env[key]
+            entries = self.env[key].split(os.pathsep) if key == SYS_PATH_ENV else [self.env[key]]
+            self.env[key] = os.pathsep.join(str(self._link(f"{key.lower()}_{i}", p)) if p else p
+                                            for i, p in enumerate(entries))
+
+    def _remove_links(self) -> None:
+        if self.links is not None:
+            shutil.rmtree(self.links, ignore_errors=True)
+            self.links = None
+        self.triton_repo, self.triton_backends = self.repo.resolve(), self.real_backends
+        self.env.update(self.linked_env)
+        self.linked_env = {}
+
     def start(self, timeout: float = 180.0) -> "TritonServer":
         check_port("http", self.http_address, self.http_port)
         check_port("grpc", self.grpc_address, self.grpc_port)
         check_port("metrics", self.address, self.metrics_port)
+        try:
+            self._link_unsafe_paths()
+        except BaseException:
+            self._remove_links()
+            raise
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         logger.info("starting tritonserver (http %s:%d, grpc %s:%d, metrics %s:%d)", self.http_address,
                     self.http_port, self.grpc_address, self.grpc_port, self.address, self.metrics_port)
         # A new session: stop() can signal the server and every stub it forked.
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd="/", preexec_fn=_die_with_parent)
+        try:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True, cwd="/", preexec_fn=_die_with_parent)
+        except BaseException:
+            self._remove_links()
+            raise
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -228,7 +318,11 @@ class TritonServer:
         """The last error line of the server's log, on the same line (user errors are one line)."""
         if self.log_file and self.log_file.is_file():
             lines = [ln.strip() for ln in self.log_file.read_text(errors="replace").splitlines() if ln.strip()]
-            errors = [ln for ln in lines if ln.startswith("E")] or lines[-1:]
+            # A stub that died (C++ exception) says so only in these two lines; the CPU build's CUDA line is noise.
+            errors = [ln for ln in lines if (ln.startswith("E") and not any(n in ln for n in _NOT_ERRORS))
+                      or ln.startswith(("terminate called", "what():"))] or lines[-1:]
+            if len(errors) > 1 and errors[-1].startswith("what():"):
+                return f": {errors[-2]} ({errors[-1]})"
             return f": {errors[-1]}" if errors else ""
         return " (see --log-file)"
 
@@ -268,6 +362,7 @@ class TritonServer:
         """SIGTERM to tritonserver (it refuses new requests and drains in-flight ones for up to the grace
         period), then SIGKILL for whatever of the process group is left; returns the server's exit status."""
         if self.proc is None:
+            self._remove_links()
             return None
         if self.proc.poll() is None:
             wait = self.grace_period + 30.0 if timeout is None else timeout
@@ -289,6 +384,7 @@ class TritonServer:
                 break
             time.sleep(0.05)
         self.cleanup_shm()
+        self._remove_links()
         logger.info("tritonserver stopped (exit status %s)", self.proc.returncode)
         return self.proc.returncode
 
