@@ -331,3 +331,24 @@ def test_openvino_that_cannot_start_is_one_line(monkeypatch):
         openvino_backend.import_openvino()
     with pytest.raises(EdetRuntimeError):
         openvino_backend.cpu_has_bf16()
+
+
+def test_link_folder_of_a_killed_server_is_removed_by_the_next(tmp_path, monkeypatch):
+    """A SIGKILLed serve leaves its link folder; the next server that needs one removes it (its process is gone),
+    never a live server's folder nor what the links point to."""
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "kept").write_text("x")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale, live = tmp_path / f"edet-triton-{dead}-abc", tmp_path / f"edet-triton-{os.getpid()}-def"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "repository").symlink_to(target, target_is_directory=True)
+    made = triton_server._link_folder()
+    assert made.name.startswith(f"edet-triton-{os.getpid()}-") and made.parent == tmp_path
+    assert not stale.exists() and live.exists() and (target / "kept").read_text() == "x"

@@ -121,12 +121,27 @@ def plain_path(path: str | Path) -> bool:
     return bool(_PLAIN_PATH.fullmatch(str(path)))
 
 
+def _remove_stale_link_folders(parent: str) -> None:
+    """Our link folders whose server process is gone (a SIGKILLed serve cannot remove its own)."""
+    for folder in Path(parent).glob("edet-triton-*-*"):
+        try:
+            pid = int(folder.name.split("-")[2])
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)  # alive (or another user's: PermissionError): left alone
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)  # links only: rmtree removes them, never their targets
+        except (OSError, ValueError):
+            continue
+
+
 def _link_folder() -> Path:
     """A new private folder at a shell-safe path, for the links that stand in for unsafe paths."""
     for parent in dict.fromkeys([tempfile.gettempdir(), "/tmp", "/dev/shm", "/var/tmp"]):
         if plain_path(parent) and os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK):
+            _remove_stale_link_folders(parent)
             with contextlib.suppress(OSError):
-                return Path(tempfile.mkdtemp(prefix="edet-triton-", dir=parent))
+                return Path(tempfile.mkdtemp(prefix=f"edet-triton-{os.getpid()}-", dir=parent))
     raise EdetRuntimeError("a path Triton's Python backend needs (repository, backends, environment, cache) holds "
                            "spaces, shell characters or non-ASCII letters, which it cannot take, and no writable "
                            "temporary folder without them exists for a link to it; move it (or set TMPDIR) to a "
