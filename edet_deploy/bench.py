@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .errors import EdetError
+from .io import signals_deferred
 from .log import logger
 from .measure import BACKENDS, LOADED_PSI_PCT, PRECISIONS, CpuPressure, machine_info, percentiles
 from .reports import write_reports
+
+PLOTS = ("latency.png", "accuracy_vs_latency.png")  # what write_reports draws beside the tables
 
 if TYPE_CHECKING:
     from .data import CocoDataset
@@ -396,6 +399,7 @@ def run_bench(models: Sequence[str], backends: Sequence[str], precisions: Sequen
     results: List[Result] = []
     report: Dict = {"machine": machine_info(threads), "results": []}
     bar = tqdm(combos, desc="bench", unit="run", disable=not progress)
+    stale_plots_gone = False
     for m, b, p, n in bar:
         bar.set_postfix_str(f"{m} {b} {p} b{n}")
         r = bench.run(m, b, p, n, max(batches))
@@ -415,7 +419,13 @@ def run_bench(models: Sequence[str], backends: Sequence[str], precisions: Sequen
                                "accuracy": None if accuracy is None else {**asdict(accuracy), "data": str(accuracy.data)}},
                   "results": [asdict(x) for x in results]}
         if any(x.status == "ok" for x in results):  # after every run: a crash keeps what was measured
-            write_reports(report, out, plots=False)
+            if not stale_plots_gone:  # never this run's tables beside an earlier run's plots
+                for plot in PLOTS:
+                    (out / plot).unlink(missing_ok=True)
+                stale_plots_gone = True
+            with signals_deferred():  # the three tables land together: a Ctrl-C waits for them
+                write_reports(report, out, plots=False)
     if any(x.status == "ok" for x in results):
-        write_reports(report, out)
+        with signals_deferred():
+            write_reports(report, out)
     return report

@@ -7,7 +7,9 @@ import argparse
 import copy
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 from .cli_args import OutputPath, output_clash
@@ -16,8 +18,9 @@ from .io import NO_ROOM as _NO_ROOM
 from .log import logger
 
 EXIT_CODES = {0: "success", 1: "runtime failure (a server gone, a runtime that failed, a bug of ours)",
-              2: "bad input (an option, a file, a missing extra)", 130: "interrupted (Ctrl-C)",
-              141: "standard output closed early (`| head`)"}
+              2: "bad input (an option, a file, a missing extra)", 129: "hung up (SIGHUP: its terminal closed)",
+              130: "interrupted (Ctrl-C)", 141: "standard output closed early (`| head`)",
+              143: "terminated (SIGTERM: kill, a container stopped)"}
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -124,10 +127,85 @@ def _stdout_closed() -> int:
     return 141
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (`kill`, a closed terminal, a container stopped) in a command: it unwinds the work as
+    Ctrl-C does, so staged and atomic writes are undone (io) and started servers stopped, then the command exits
+    128 + the signal's number (143 for SIGTERM) with one line. `serve` puts its own handlers in place."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_received: List[int] = []  # the stop signals this process got, in order
+
+
+# Python that C++ calls back and that cannot pass an exception on: ONNX Runtime's custom ops (our soft-NMS op in
+# the onnxruntime backend). An exception raised there ends in std::terminate: SIGABRT and a core dump.
+_NATIVE_CALLBACKS = ("/onnxruntime_extensions/",)
+_REDELIVER_S = 0.05
+
+
+def _in_native_callback(frame) -> bool:
+    while frame is not None:
+        if any(part in frame.f_code.co_filename for part in _NATIVE_CALLBACKS):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_stop(signum: int, frame) -> None:
+    if _in_native_callback(frame):  # not here: the signal comes again shortly, until it finds Python of ours
+        timer = threading.Timer(_REDELIVER_S, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        return
+    _received.append(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+
+def _catch_stops() -> dict:
+    """Ctrl-C, SIGTERM and SIGHUP become exceptions that unwind the command (SIGTERM and SIGHUP would otherwise
+    kill it outright: no cleanup, temporary files left), and are remembered: a library that turns the
+    KeyboardInterrupt it met into an error of its own (numpy's or torch's import does) is still an interruption,
+    not an internal error. Returns the handlers replaced, for `main` to put back."""
+    replaced = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):  # an ignored one stays so
+                replaced[sig] = signal.signal(sig, _on_stop)
+    return replaced
+
+
+def _stopped(e: BaseException) -> int:
+    signum = e.signum if isinstance(e, Terminated) else _received[0] if _received else signal.SIGINT
+    if signum == signal.SIGINT:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(f"terminated ({signal.Signals(signum).name})", file=sys.stderr)
+    return 128 + signum
+
+
 _EXPORT_MODULES = {"torch", "torchvision", "timm", "onnxsim", "safetensors"}  # the [export] extra
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    del _received[:]
+    replaced = _catch_stops()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:  # while the parser was built (its imports)
+        return _stopped(e)
+    except Exception:
+        if _received:  # an import that made an error of its own of the interruption (numpy's does)
+            return _stopped(KeyboardInterrupt())
+        raise
+    finally:
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: Optional[List[str]]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -154,13 +232,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.debug("edet-deploy %s (version %s), options %s", args.command, __version__,
                      {k: v for k, v in vars(args).items() if k != "handler"})
         return int(args.handler(args) or 0)
-    except EdetError as e:
+    except KeyboardInterrupt as e:
+        return _stopped(e)
+    except Exception as e:  # noqa: BLE001 - each kind of failure is one line (_failed)
+        if _received:  # what unwinding the interruption ran into, or made of it (a library's own error)
+            return _stopped(KeyboardInterrupt())
+        return _failed(prefix, e, args.verbose)
+
+
+def _failed(prefix: str, e: Exception, verbose: bool) -> int:
+    """The one line (and exit code) of a command that failed with `e`."""
+    if isinstance(e, EdetError):
         message = " ".join(str(e).split())  # one line, whatever the message carries
         print(f"{prefix} {message}", file=sys.stderr)
         return e.exit_code
-    except BrokenPipeError:
+    if isinstance(e, BrokenPipeError):
         return _stdout_closed()
-    except OSError as e:
+    if isinstance(e, OSError):
         if e.errno in _NO_ROOM:  # a full disk or quota: no fault of the command line (io names the output)
             print(f"{prefix} cannot write {e.filename or 'the output'}: {e.strerror}", file=sys.stderr)
             return 1
@@ -171,18 +259,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         # A connection refused or reset, a full disk: nothing the command line can fix.
         print(f"{prefix} {e.strerror or type(e).__name__}", file=sys.stderr)
         return 1
-    except ModuleNotFoundError as e:
+    if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in _EXPORT_MODULES:
         # The serving install has no PyTorch: commands that build models say what to install.
-        if (e.name or "").split(".")[0] not in _EXPORT_MODULES:
-            return _internal_error(prefix, e, args.verbose)
         print(f"{prefix} needs {e.name}, which the serving install leaves out: pip install 'edet-deploy[export]'",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - our bug: one line, the traceback with -v
-        return _internal_error(prefix, e, args.verbose)
+    return _internal_error(prefix, e, verbose)  # our bug: one line, the traceback with -v
 
 
 def _internal_error(prefix: str, e: BaseException, verbose: bool) -> int:

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, List, Tuple
 
-from .errors import EdetError
+from .errors import EdetError, EdetRuntimeError
 
 if TYPE_CHECKING:
     import onnx
@@ -26,36 +29,67 @@ def _naming(e: OSError, path: Path) -> OSError:
     return OSError(e.errno, e.strerror, str(path))
 
 
+# The signals that stop a command (Ctrl-C, `kill`, a closed terminal): held while a write is made visible or undone.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP for the block (a few renames that make a write visible, or undo it, or
+    remove a temporary copy): one that arrives meanwhile is delivered when the block ends, so it never stops a
+    commit or its cleanup halfway (an output half moved into place, a staging folder left behind). Signals are
+    Python's to handle only in the main thread; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: List[int] = []
+    previous = {}
+    try:
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if pending:
+            signal.raise_signal(pending[0])  # the handler now in place acts on it (KeyboardInterrupt, exit)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. A failure,
+    Ctrl-C or SIGTERM (handled by the CLI) removes the temporary file; one during the rename waits for it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of up to 255 bytes must stay writable: the temporary one keeps at most 64 characters of it. Errors
-    # name `path`, the user's, not the temporary file.
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise _naming(e, path) from None
-    os.close(fd)
     mode = 0o666 & ~_umask()  # mkstemp makes 0600 files; results should read like any other file
-    os.chmod(tmp, mode)
+    tmp = None
     try:
+        # A name of up to 255 bytes must stay writable: the temporary one keeps at most 64 characters of it.
+        # Errors name `path`, the user's, not the temporary file.
+        with signals_deferred():  # never a temporary file made but not yet known to the cleanup below
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
+            except OSError as e:
+                raise _naming(e, path) from None
+            os.close(fd)
+            os.chmod(tmp, mode)
         try:
             yield Path(tmp)
         except OSError as e:
             if e.errno in NO_ROOM or (e.errno is not None and e.filename is None):
                 raise _naming(e, path) from None
             raise
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(tmp, mode)  # again: some writers (safetensors) replace the file with a 0600 one of their own
-        try:
-            os.replace(tmp, path)
-        except OSError as e:
-            raise _naming(e, path) from None
+        with signals_deferred():
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(tmp, mode)  # again: some writers (safetensors) replace the file with a 0600 one of their own
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise _naming(e, path) from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with signals_deferred(), contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 
@@ -85,32 +119,81 @@ def staged_directory(out: str | os.PathLike, replaced: Collection[str] = (),
         raise EdetError(f"{out} is a file, not a directory")
     fresh = not target.exists()
     home = target.parent if fresh else target
+    stage = None
     try:
-        home.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name[:64]}." if fresh else ".edet-staging.",
-                                      suffix=".tmp", dir=home))
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; when renamed into place it is `out`
-    except OSError as e:
-        raise _naming(e, Path(out)) from None
-    try:
+        with signals_deferred():  # never a staging folder made but not yet known to the cleanup below
+            try:
+                home.mkdir(parents=True, exist_ok=True)
+                stage = Path(tempfile.mkdtemp(prefix=f".{target.name[:64]}." if fresh else STAGING_PREFIXES[0],
+                                              suffix=".tmp", dir=home))
+                os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; when renamed into place it is `out`
+            except OSError as e:
+                raise _naming(e, Path(out)) from None
         try:
             yield stage
         except OSError as e:
             if e.errno in NO_ROOM:
                 raise _naming(e, Path(out)) from None
+            if not stage.is_dir() or _inside(e, stage):  # removed under us (`rm -r out` while the command ran)
+                raise EdetRuntimeError(_VANISHED.format(out=out)) from None
             raise
-        if fresh:
-            os.rename(stage, target)
-        else:
-            _move_entries(stage, target, list(entries(stage)), replaced)
+        with signals_deferred():  # a Ctrl-C or SIGTERM now waits for the entries to be in place (or put back)
+            if fresh:
+                if os.path.lexists(target) and not _empty_folder(target):  # another command made `out` meanwhile
+                    raise EdetRuntimeError(f"{out} appeared while this command wrote it (another command writing "
+                                           f"it at the same time?); left as it is, nothing written: run it again")
+                os.rename(stage, target)
+            else:
+                if not stage.is_dir() or not target.is_dir():
+                    raise EdetRuntimeError(_VANISHED.format(out=out))
+                _move_entries(stage, target, list(entries(stage)), replaced)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)  # gone already when renamed into place
+        if stage is not None:
+            with signals_deferred():
+                shutil.rmtree(stage, ignore_errors=True)  # gone already when renamed into place
+
+
+def _empty_folder(path: Path) -> bool:
+    """An empty real folder, which the rename may replace (what another command had made of `out` is kept)."""
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def _inside(e: OSError, stage: Path) -> bool:
+    """`e` says that a path inside `stage` is missing: the staging folder, which only this command writes, was
+    removed (or is being removed) by someone else."""
+    name = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes, os.PathLike)) else ""
+    return e.errno == errno.ENOENT and (name == str(stage) or name.startswith(str(stage) + os.sep))
+
+
+_VANISHED = ("{out} was removed or replaced while this command wrote it (another command writing it at the same "
+             "time?); nothing written: run it again")
 
 
 def _move_entries(stage: Path, target: Path, written: List[str], replaced: Collection[str]) -> None:
     """Move `written` from `stage` into `target`, what they replace (and `replaced`) into a hidden trash first;
     on any failure, every rename is undone in reverse."""
-    trash = Path(tempfile.mkdtemp(prefix=".edet-replaced.", suffix=".tmp", dir=target))
+    lock = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks: the renames as before
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two commands committing into one `out` at once: one after another
+        _move_locked(stage, target, written, replaced)
+    finally:
+        os.close(lock)
+
+
+STAGING_PREFIXES = (".edet-staging.", ".edet-replaced.")  # hidden folders of a command writing into a directory
+
+
+def is_staging_entry(name: str) -> bool:
+    """Whether `name` (an entry of an output directory) is the working folder of a command writing it now."""
+    return name.startswith(STAGING_PREFIXES) and name.endswith(".tmp")
+
+
+def _move_locked(stage: Path, target: Path, written: List[str], replaced: Collection[str]) -> None:
+    trash = Path(tempfile.mkdtemp(prefix=STAGING_PREFIXES[1], suffix=".tmp", dir=target))
     done: List[Tuple[Path, Path]] = []  # (from, to) renames made, to undo
     made: List[Path] = []  # parent folders created for nested entries
     try:

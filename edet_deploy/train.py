@@ -106,7 +106,7 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
     from .detector import Detector
     from .eval import evaluate
     from .export.graph import CandidateGraph
-    from .io import write_json
+    from .io import signals_deferred, write_json
     from .model import create_model, save_weights
     from .progress import job_bar
 
@@ -176,11 +176,14 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
                "val_AP50": report["stats"]["AP50"], "minutes": round(elapsed, 1), "lr": opt.param_groups[0]["lr"]}
         history.append(row)
         logger.info("epoch %d: %s", epoch + 1, row)
-        if report["stats"]["AP"] > best:
-            best = report["stats"]["AP"]
-            save_weights(model, out_path, {**meta, "val_mAP": best, "val_stats": report["stats"],
-                                           "epoch": epoch + 1})
-        write_json(out_path.with_suffix(".history.json"), history)
+        # The checkpoint and its history land together: a Ctrl-C or SIGTERM meanwhile waits for both, so the
+        # history never describes another epoch's checkpoint.
+        with signals_deferred():
+            if report["stats"]["AP"] > best:
+                best = report["stats"]["AP"]
+                save_weights(model, out_path, {**meta, "val_mAP": best, "val_stats": report["stats"],
+                                               "epoch": epoch + 1})
+            write_json(out_path.with_suffix(".history.json"), history)
         if max_minutes and elapsed * (epoch + 2) / (epoch + 1) > max_minutes:
             logger.info("stopping: the next epoch would exceed %.0f minutes", max_minutes)
             break

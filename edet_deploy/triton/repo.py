@@ -60,7 +60,9 @@ def generate_repository(out: str | Path, *, tuning_images: Optional[Sequence[byt
             write_metadata(dst, replace(typed, **{key: checksum}))  # the copy is verified when served
         write_tuning_files(stage, spec, tuning_images, name=out.name)
         validate_repository(stage)
-    write_manifest(out)  # last: it signs what is there now, which `serve` checks at start and every reload
+        # Signed in the stage and moved in with the models (an interruption cannot leave them unsigned): what
+        # `serve` checks at start and every reload. Earlier models of `out` that stay are signed too.
+        write_manifest(stage, kept_from=out)
     return out
 
 

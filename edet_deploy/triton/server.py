@@ -313,19 +313,25 @@ class TritonServer:
         except BaseException:
             self._remove_links()
             raise
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                # The stubs of the models that did load outlive a server that gave up on another one (Triton
-                # 2.51): end its whole process group and the regions, as stop() does.
-                self.stop()
-                raise EdetError(f"tritonserver exited with code {code} during start-up{self._log_tail()}")
-            # Ready and still alive: the answer came from our server, not from another one on the port.
-            if self.ready() and self.proc.poll() is None:
-                logger.info("tritonserver ready")
-                return self
-            time.sleep(0.5)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    code = self.proc.returncode
+                    # The stubs of the models that did load outlive a server that gave up on another one (Triton
+                    # 2.51): end its whole process group and the regions, as stop() does.
+                    self.stop()
+                    raise EdetError(f"tritonserver exited with code {code} during start-up{self._log_tail()}")
+                # Ready and still alive: the answer came from our server, not from another one on the port.
+                if self.ready() and self.proc.poll() is None:
+                    logger.info("tritonserver ready")
+                    return self
+                time.sleep(0.5)
+        except BaseException:  # Ctrl-C or SIGTERM while it starts: its stubs would outlive us under init
+            from ..io import signals_deferred
+            with signals_deferred():
+                self.stop(timeout=5.0)
+            raise
         self.stop()
         raise EdetError(f"tritonserver was not ready within {timeout:.0f} s{self._log_tail()}")
 

@@ -12,6 +12,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..contract import REPOSITORY_MANIFEST
 from ..errors import EdetError, first_few
+from ..io import is_staging_entry
 from .models import MODEL_MODULES, SHIM
 
 # The first line of every config the generator writes: how a model directory is told to be ours.
@@ -53,7 +54,7 @@ def foreign_entries(repo: str | Path) -> List[str]:
     repo = Path(repo)
     shims = {SHIM.format(module=m) for m in MODEL_MODULES}
     found = []
-    for d in sorted(p for p in repo.iterdir() if p.is_dir() or p.is_symlink()):
+    for d in sorted(p for p in repo.iterdir() if (p.is_dir() or p.is_symlink()) and not is_staging_entry(p.name)):
         cfg = d / "config.pbtxt"
         try:
             ours = not d.is_symlink() and cfg.is_file() and cfg.read_text(errors="replace").startswith(CONFIG_HEADER)
@@ -83,7 +84,8 @@ def resign_hint(repo: str | Path) -> str:
 
 
 def model_dirs(repo: str | Path) -> List[str]:
-    return sorted(p.name for p in Path(repo).iterdir() if p.is_dir())
+    """The model directories (not the working folder of a triton-repo writing into `repo` now)."""
+    return sorted(p.name for p in Path(repo).iterdir() if p.is_dir() and not is_staging_entry(p.name))
 
 
 def _model_files(repo: Path, model: str) -> Dict[str, Path]:
@@ -102,16 +104,20 @@ def drop_bytecode(repo: str | Path, models: Optional[Iterable[str]] = None) -> N
             shutil.rmtree(cache, ignore_errors=True)
 
 
-def write_manifest(repo: str | Path) -> Path:
+def write_manifest(repo: str | Path, kept_from: Optional[str | Path] = None) -> Path:
     """Checksum every file of every model directory (bytecode caches aside) into the manifest (sha256sum
-    format)."""
+    format). `kept_from`: the directory `repo`'s entries will replace entries of (a staging directory's
+    destination): its models that `repo` lacks stay there, and are signed too."""
     from ..io import atomic_path, sha256_file
 
     repo = Path(repo)
-    drop_bytecode(repo)
+    sources = {}
+    for folder in ([Path(kept_from)] if kept_from is not None and Path(kept_from).is_dir() else []) + [repo]:
+        drop_bytecode(folder)
+        sources.update({model: folder for model in model_dirs(folder)})
     lines = []
-    for model in model_dirs(repo):
-        lines += [f"{sha256_file(path)}  {rel}\n" for rel, path in _model_files(repo, model).items()]
+    for model in sorted(sources):
+        lines += [f"{sha256_file(path)}  {rel}\n" for rel, path in _model_files(sources[model], model).items()]
     with atomic_path(manifest_path(repo)) as tmp:
         tmp.write_text("".join(lines))
     return manifest_path(repo)
