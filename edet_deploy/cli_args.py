@@ -4,9 +4,11 @@ cli, which import this module."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import struct
 import sys
 import tempfile
 import unicodedata
@@ -43,6 +45,12 @@ class OutputPath:
         return list(self.writes(value, args)) if self.writes else [Path(value)]
 
     def __call__(self, text: str) -> str:
+        try:
+            return self._parse(text)
+        except argparse.ArgumentTypeError as e:  # the user's path may hold a newline: the refusal stays one line
+            raise argparse.ArgumentTypeError(one_line(str(e))) from None
+
+    def _parse(self, text: str) -> str:
         if self.dash and text == "-":
             return text
         if not text.strip():
@@ -60,7 +68,20 @@ class OutputPath:
         if path.is_symlink() and not path.exists():
             raise argparse.ArgumentTypeError(f"{text} is a symlink that leads nowhere (broken, or a loop)")
         if self.append and path.exists() and not path.is_dir() and os.access(path, os.W_OK):
+            if path.is_fifo():  # opening a named pipe nobody reads would wait for a reader forever
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError as e:
+                    if e.errno == errno.ENXIO:
+                        raise argparse.ArgumentTypeError(f"{text} is a named pipe that nothing reads") from None
+                    raise
             return
+        # Outputs are written beside their path and renamed onto it: that would replace a device (/dev/null,
+        # /dev/stdout, as root) or a named pipe with a plain file, the data never reaching the device or reader.
+        hint = " (or - for standard output)" if self.dash else ""
+        if not self.folder and path.exists() and not path.is_dir() and not path.is_file():
+            raise argparse.ArgumentTypeError(f"{text} is a device, pipe or socket, not a file: give a file "
+                                             f"path{hint}")
         if self.folder and path.exists() and not path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
         if not self.folder and not self.folder_ok and path.is_dir():
@@ -72,6 +93,10 @@ class OutputPath:
         existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
         if not existing.is_dir():
             raise argparse.ArgumentTypeError(f"{text}: {existing} is not a folder")
+        if not self.folder and os.path.abspath(text).startswith("/dev/") \
+                and not os.path.abspath(text).startswith("/dev/shm/"):  # /dev/stdout, led to a plain file
+            raise argparse.ArgumentTypeError(f"{text}: outputs are files, not entries of /dev: give a file "
+                                             f"path{hint}")
         try:
             with tempfile.TemporaryFile(dir=existing):
                 pass
@@ -112,13 +137,19 @@ def output_clash(args: argparse.Namespace, actions: Sequence[argparse.Action]) -
             real = _real(file)
             clash = taken.get(real) or (taken.get(_real(sidecar_path(file))) if action.type.artifact else None)
             if clash:
-                return f"{who} would overwrite {clash}; choose another path"
+                return one_line(f"{who} would overwrite {clash}; choose another path")
             if action.type.folder:  # a folder the command fills, not a file another output could replace
                 continue
             if real in written:  # one output would replace the other: one of them lost without a word
-                return f"{written[real]} and {who} would write the same file; give them different paths"
+                return one_line(f"{written[real]} and {who} would write the same file; give them different paths")
             written[real] = who
     return None
+
+
+def one_line(message: str) -> str:
+    """`message` on one line: control characters (a newline in a path or a number the user typed) and undecodable
+    bytes escaped as Python's repr writes them, so a refusal never splits (and never fails to print)."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cs") else c for c in message)
 
 
 def _real(path: str | Path) -> Path:
@@ -140,8 +171,9 @@ class Bounded:
     the help shows the range and the meanings."""
 
     def __init__(self, kind: type, lo: float, hi: float, *, above: bool = False,
-                 meanings: Optional[Dict[float, str]] = None):
+                 meanings: Optional[Dict[float, str]] = None, float32: bool = False):
         self.kind, self.lo, self.hi, self.above = kind, lo, hi, above
+        self.float32 = float32  # the value goes into a float32 graph: `above` must hold there too (1e-320 is 0)
         self.meanings = dict(meanings or {})
         self.__name__ = kind.__name__  # argparse names the type in its own messages
 
@@ -166,7 +198,10 @@ class Bounded:
         if self.kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}")
         if not (self.lo < value if self.above else self.lo <= value) or value > self.hi:
-            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {one_line(text.strip())}")
+        if self.float32 and self.above and struct.unpack("f", struct.pack("f", value))[0] <= self.lo:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {one_line(text.strip())}, which is "
+                                             f"{self.lo:g} in the graph's float32")
         return value
 
 
@@ -210,7 +245,7 @@ def batch_profile(text: str) -> str:
     try:
         _, _, hi = parse_batch(text)
     except EdetError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(one_line(str(e))) from None
     if hi > BATCH.hi:
         raise argparse.ArgumentTypeError(f"batch sizes go up to {BATCH.hi}, got {text!r}")
     return text
@@ -227,7 +262,7 @@ class NmsArgs:
         g = parser.add_argument_group("soft-NMS (inside the graph)")
         g.add_argument("--nms", default=d.method, choices=[*METHODS, "none"],
                        help="suppression method; 'none' stops the graph at decoded candidates")
-        g.add_argument("--sigma", type=Bounded(float, 0.0, 100.0, above=True), default=d.sigma,
+        g.add_argument("--sigma", type=Bounded(float, 0.0, 100.0, above=True, float32=True), default=d.sigma,
                        help="gaussian sigma (the paper's, not TF's doubled one)")
         g.add_argument("--iou-threshold", type=FRACTION, default=d.iou_threshold, help="IoU threshold of linear / hard")
         g.add_argument("--score-threshold", type=FRACTION, default=d.score_threshold,

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Callable, Dict, Tuple
 
 from .cli_args import (BATCH, COUNT, FRACTION, IMAGE_SIZE, INSTANCES, PORT, SEED, THREADS, Bounded, BoundedList,
-                       JsonOutArgs, NmsArgs, OutputPath, ProgressArgs, SourceArgs, batch_profile, detection_report)
+                       JsonOutArgs, NmsArgs, OutputPath, ProgressArgs, SourceArgs, batch_profile, detection_report,
+                       printable)
 from .contract import EXPORT_OPSETS, INPUT_FORMATS, artifact_name
 from .errors import EdetError, EdetRuntimeError
 
@@ -204,6 +205,9 @@ def _train(p: argparse.ArgumentParser):
     progress.add_to(p)
 
     def run(args) -> int:
+        if Path(args.out).suffix not in (".safetensors", ".pth", ".pt"):  # before the epochs, not after them
+            raise EdetError(f"--out {printable(args.out)}: a checkpoint is a .safetensors or .pth file (name it "
+                            f"{Path(args.out).with_suffix('.safetensors').name})")
         from .train import train
         res = train(args.model, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     image_size=args.image_size, weights=args.weights, seed=args.seed, threads=args.threads,
@@ -286,6 +290,24 @@ def _triton_repo(p: argparse.ArgumentParser):
     progress.add_to(p)
 
     def run(args) -> int:
+        if args.resign:  # only --force goes with it: anything else given would be ignored
+            ignored = [a.option_strings[0] for a in p._actions
+                       if a.option_strings and a.dest not in ("help", "resign", "force", "no_progress", "verbose",
+                                                              "quiet", "log_file")
+                       and getattr(args, a.dest, a.default) != a.default]
+            if ignored:
+                raise EdetError(f"--resign only checks and re-signs {printable(args.resign)}; it generates "
+                                f"nothing, so {', '.join(ignored)} would be ignored: leave "
+                                f"{'them' if len(ignored) > 1 else 'it'} out")
+        if args.weights and (args.onnx or args.engine):
+            raise EdetError(f"--weights are exported when there is no --onnx; {'--onnx' if args.onnx else '--engine'} "
+                            f"brings its own (leave --weights out)")
+        if args.target == "cpu":
+            ignored = [f for f, v in (("--cuda-graphs", args.cuda_graphs or None),
+                                      ("--tensorrt-version", args.tensorrt_version)) if v is not None]
+            if ignored:
+                raise EdetError(f"{' and '.join(ignored)} {'are' if len(ignored) > 1 else 'is'} for --target gpu "
+                                f"(a TensorRT plan); the CPU target ignores {'them' if len(ignored) > 1 else 'it'}")
         if args.resign:
             from .triton.verify import resign_repository
             print(f"signed {args.resign}: {resign_repository(args.resign, force=args.force)}")
@@ -327,11 +349,30 @@ def _serve(p: argparse.ArgumentParser):
     p.add_argument("--force", action="store_true", help="serve a repository holding models edet-deploy did not generate")
 
     def run(args) -> int:
+        ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+        same = [flag for flag, port in ports.items() if list(ports.values()).count(port) > 1]
+        if same:  # the second listener could not bind, after minutes of loading models
+            raise EdetError(f"{' and '.join(same)} are {'all' if len(same) > 2 else 'both'} {ports[same[0]]}: "
+                            f"give each listener its own port")
+        _check_bind_address(args.address)
         from .triton.supervisor import serve
         return serve(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.address, args.log_file,
                      args.grace_period, [g.strip() for v in args.open_api for g in v.split(",")], args.force,
                      max_in_flight=args.max_in_flight)
     return run
+
+
+def _check_bind_address(address: str) -> None:
+    """`serve --address`: a name or number this machine can listen on, refused in one line (exit 2) before any
+    work; a typo once surfaced as the resolver's bare 'Name or service not known', exit 1."""
+    import socket
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(address, 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind(sockaddr)
+    except (OSError, UnicodeError, ValueError) as e:
+        raise EdetError(f"--address {address!r} is not an address this machine can listen on "
+                        f"({getattr(e, 'strerror', None) or e})") from None
 
 
 @command("client", "send images to a running Triton ensemble and print the detections")
@@ -398,8 +439,9 @@ def _calibrate(p: argparse.ArgumentParser):
     p.add_argument("--sensitivity", action="store_true",
                    help="first find the blocks that cost the most mAP in INT8 (needs a val split in --data) and "
                         "keep them in float")
-    p.add_argument("--eval-images", type=COUNT, default=100, help="val images per sensitivity trial")
-    p.add_argument("--max-loss", type=FRACTION, default=0.005, help="sensitivity: acceptable mAP loss vs FP32")
+    # No defaults here: a value given without --sensitivity would be ignored, so it is refused (run).
+    p.add_argument("--eval-images", type=COUNT, help="--sensitivity: val images per trial (default: 100)")
+    p.add_argument("--max-loss", type=FRACTION, help="--sensitivity: acceptable mAP loss vs FP32 (default: 0.005)")
     p.add_argument("--no-equalize", action="store_true",
                    help="skip equalizing the depthwise convs' channels before calibration (same FP32 function, "
                         "finer int8 steps where a few channels are much wider than the rest)")
@@ -413,10 +455,19 @@ def _calibrate(p: argparse.ArgumentParser):
     def run(args) -> int:
         from .precision.int8 import Int8Options
         from .precision.sensitivity import Sensitivity, calibrate_int8
+        unused = [f for f, v in (("--eval-images", args.eval_images), ("--max-loss", args.max_loss)) if v is not None]
+        if unused and not args.sensitivity:
+            raise EdetError(f"{' and '.join(unused)} only tune{'' if len(unused) > 1 else 's'} --sensitivity: add "
+                            f"--sensitivity or leave {'them' if len(unused) > 1 else 'it'} out")
+        if args.sensitivity:  # its trials score the val split: a --data without one is refused before any work
+            from .data import CocoDataset
+            CocoDataset(args.data, "val")
         options = Int8Options(num_images=args.num_images, method=args.method, exclude=tuple(args.exclude),
                               cache_dir=args.cache_dir, equalize=not args.no_equalize, refine=not args.no_refine)
         made = calibrate_int8(args.onnx, args.data, args.out, options,
-                              Sensitivity(args.eval_images, args.max_loss) if args.sensitivity else None,
+                              Sensitivity(**{k: v for k, v in (("eval_images", args.eval_images),
+                                                              ("max_loss", args.max_loss)) if v is not None})
+                              if args.sensitivity else None,
                               progress.build(args))
         if made.sweep is not None:
             rep = made.sweep
@@ -449,7 +500,8 @@ def _build(p: argparse.ArgumentParser):
     p.add_argument("--out", required=True, type=OutputPath(artifact=True),
                    help="engine file (.plan); a JSON sidecar is written beside it")
     p.add_argument("--batch", type=batch_profile, default="1", help="optimization profile MIN:OPT:MAX (or N)")
-    p.add_argument("--timing-cache", help="timing cache file, read and updated")
+    # An output too (rewritten after the build): checked as one, so it never replaces --out, the graph, a device.
+    p.add_argument("--timing-cache", type=OutputPath(), help="timing cache file, read and updated")
     p.add_argument("--workspace", type=Bounded(float, 0.0, 1024.0, above=True), default=4.0, help="workspace limit in GB")
     p.add_argument("--trt-verbose", action="store_true", help="show TensorRT's info messages, not only warnings")
     p.add_argument("--no-tf32", action="store_true",
@@ -490,21 +542,34 @@ def _bench(p: argparse.ArgumentParser):
                                        "which is enough for latency)")
     acc.add_argument("--data", help="COCO-format dataset: also measure each row's COCO mAP (pycocotools) with the "
                                     "runner that was timed; INT8 is then calibrated on its calib split (entropy)")
-    acc.add_argument("--split", default="val", help="the split --data is scored on")
-    acc.add_argument("--eval-images", type=COUNT, help="score the first N images of the split (default: all)")
-    acc.add_argument("--calib-images", type=COUNT, default=100, help="--data: INT8 calibration images")
+    # No defaults here: a value given without --data would be ignored, so it is refused (run).
+    acc.add_argument("--split", help="the split --data is scored on (default: val)")
+    acc.add_argument("--eval-images", type=COUNT, help="--data: score the first N images of the split (default: all)")
+    acc.add_argument("--calib-images", type=COUNT, help="--data: INT8 calibration images (default: 100)")
     progress = ProgressArgs()
     progress.add_to(p)
 
     def run(args) -> int:
         from .bench import Accuracy, run_bench, sweep_options
         from .configs import parse_model_list
-        # --quick changes defaults only: a value given on the command line wins, as --seconds wins over --iters.
+        # --quick changes defaults only: a value given on the command line wins, as --seconds wins over the default
+        # --iters (both given: one would be ignored, so that is refused).
         warmup = args.warmup if args.warmup is not None else 1 if args.quick else 3
         iters = args.iters if args.iters is not None else 5 if args.quick else 20
+        if args.seconds is not None and args.iters is not None:
+            raise EdetError("--seconds times each combination instead of --iters: give one of them")
+        unused = [f for f, v in (("--split", args.split), ("--eval-images", args.eval_images),
+                                 ("--calib-images", args.calib_images)) if v is not None]
+        if unused and not args.data:
+            raise EdetError(f"{' and '.join(unused)} only appl{'y' if len(unused) > 1 else 'ies'} to the accuracy of "
+                            f"--data: add --data or leave {'them' if len(unused) > 1 else 'it'} out")
         backends, precisions, batches = sweep_options(args.backends, args.precisions, args.batch)
-        accuracy = None if not args.data else Accuracy(Path(args.data), args.split, args.eval_images,
-                                                         args.calib_images)
+        if args.weights is not None and Path(args.weights).is_file():
+            # Unreadable weights were one skipped row per combination, exit 1, after the graphs were exported.
+            from .model.weights import checkpoint_metadata
+            checkpoint_metadata(args.weights)
+        accuracy = None if not args.data else Accuracy(Path(args.data), args.split or "val", args.eval_images,
+                                                         100 if args.calib_images is None else args.calib_images)
         report = run_bench(parse_model_list(args.models), backends, precisions, batches, args.out, args.threads,
                            warmup, iters, args.seconds, progress.build(args), weights=args.weights,
                            accuracy=accuracy)
