@@ -12,7 +12,7 @@ import sys
 import threading
 from typing import List, Optional
 
-from .cli_args import OutputPath, output_clash
+from .cli_args import OutputPath, one_line, output_clash
 from .errors import EdetError
 from .io import NO_ROOM as _NO_ROOM
 from .log import logger
@@ -57,7 +57,7 @@ class Parser(argparse.ArgumentParser):
     """Usage errors in one line, like every other error of ours (argparse prints the whole usage first)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
 
 
 def add_global_options(parser: argparse.ArgumentParser, on_subcommand: bool) -> None:

@@ -60,6 +60,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. A failure,
     Ctrl-C or SIGTERM (handled by the CLI) removes the temporary file; one during the rename waits for it."""
     path = Path(path)
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        # The rename would replace a device (/dev/null, as root) or a named pipe with a plain file.
+        raise EdetError(f"{path} is a device, pipe or socket, not a file: give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = 0o666 & ~_umask()  # mkstemp makes 0600 files; results should read like any other file
     tmp = None
@@ -230,6 +233,9 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
     if path.is_dir():
         raise EdetError(f"{path} is a folder, not a{'n' if what[0] in 'aeiouAEIOU' else ''} {what}")
     if not path.is_file():
+        if path.exists():  # /dev/zero, a named pipe: reading it would never end or never start
+            raise EdetError(f"{path} is a device, pipe or socket, not a{'n' if what[0] in 'aeiouAEIOU' else ''} "
+                            f"{what} file")
         raise EdetError(f"{what} not found: {path}")
     return path
 

@@ -159,6 +159,10 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
             logits, codes = graph.head_outputs(torch.from_numpy(np.stack(images)))
             cls_loss, box_loss = detection_loss(logits, codes, torch.stack(labels), torch.stack(targets))
             loss = cls_loss + box_loss
+            if not (torch.isfinite(loss) and torch.isfinite(logits).all() and torch.isfinite(codes).all()):
+                # Else validation's NMS refused the NaN scores as if the input were bad.
+                raise EdetError(f"training diverged in epoch {epoch + 1} (loss {loss.item()}): lower --lr (it is "
+                                f"{lr:g})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -168,6 +172,11 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
             bar.set_postfix_str(f"epoch {epoch + 1}/{epochs}, cls {cls_loss.item():.3f}, box {box_loss.item():.3f}")
             bar.update(1)
         model.eval()
+        with torch.no_grad():  # a model that diverged may compute finite numbers in training mode only (its BN)
+            finite = all(bool(torch.isfinite(t).all()) for t in graph.head_outputs(torch.from_numpy(np.stack(images))))
+        if not finite:
+            raise EdetError(f"training diverged in epoch {epoch + 1} (the model's outputs are not finite): lower "
+                            f"--lr (it is {lr:g})")
         detector = Detector(TorchRunner(model_name, model=model, class_names=train_set.class_names))
         report = evaluate(detector, val_set, max_images=eval_images, bar=bar)
         elapsed = (time.perf_counter() - start) / 60

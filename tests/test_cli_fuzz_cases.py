@@ -36,6 +36,7 @@ CASES = {
                              "argument --min-score: must be a number in 0..1, got 2 (see"),
     "artifact-name-with-newline": (["convert", "g/m.onnx", "--fp16", "--out", "o\nut.json"],
                                    r"argument --out: o\nut.json: that is the name of the metadata JSON"),
+    "unknown-argument-with-newline": (["--no-such\nflag"], r"unrecognized arguments: --no-such\nflag (see"),
     "clash-with-newline": (["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", "x\ny.json", "--draw", "x\ny.json"],
                            r"--json x\ny.json and --draw x\ny.json would write the same file"),
     # A sigma above 0 that float32 rounds to 0: exit 0, then a graph every runner refused ("sigma must be > 0").

@@ -512,3 +512,17 @@ def test_eval_cli_bad_splits_are_one_line_before_inference(bundled_d0, tmp_path,
     err = [e for e in err.strip().splitlines() if "WARNING" in e or "error" in e]
     assert len(err) == 1 and line in err[0] and "internal" not in err[0], err
     assert "AP " not in out and report.exists() == (rc == 0)
+
+
+def test_training_that_diverges_says_so(tmp_path, capsys):
+    """A learning rate that makes the model diverge: one line naming the cause and the rate (the NaN scores it
+    led to were refused by validation's NMS as 'scores contain NaN', blaming the input)."""
+    from edet_deploy.cli import main
+
+    generate_shapes(tmp_path / "d", {"train": 16, "val": 4}, progress=False)
+    code = main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "w.safetensors"), "--epochs", "3",
+                 "--image-size", "128", "--batch-size", "2", "--lr", "10", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert "training diverged in epoch" in err and "lower --lr (it is 10)" in err, err
+    assert not (tmp_path / "w.safetensors").exists()

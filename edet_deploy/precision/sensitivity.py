@@ -52,11 +52,13 @@ def sensitivity_sweep(onnx_path: str | Path, data: str | Path, options: Optional
     from .convert import _load, to_int8
 
     path = Path(onnx_path)
+    val = CocoDataset(data, "val")  # before anything is made: a --data without a val split leaves nothing
+    options = options or Int8Options(num_images=100)
+    # The user's --cache-dir holds; by default the trials share the cache beside the graph.
+    options = replace(options, cache_dir=options.cache_dir or path.parent / ".calibration_cache")
+    options = options.for_variant(read_metadata(path)["variant"])
     work = Path(work_dir or path.parent / "sensitivity")
     work.mkdir(parents=True, exist_ok=True)
-    options = replace(options or Int8Options(num_images=100), cache_dir=path.parent / ".calibration_cache")
-    options = options.for_variant(read_metadata(path)["variant"])
-    val = CocoDataset(data, "val")
 
     def twin(out: Path, exclude: Iterable[str]) -> Path:
         return to_int8(path, data, out, options, progress=False, exclude=tuple(exclude)).onnx_path

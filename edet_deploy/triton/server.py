@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import secrets
@@ -103,6 +104,9 @@ def server_env(paths: TritonPaths) -> dict:
 # model-repository would let any client load or unload models.
 RESTRICTABLE_APIS = ("shared-memory", "model-config", "model-repository", "statistics", "trace", "logging")
 ADMIN_HEADER = "edet-admin-key"
+# Triton's exit timeout covers unloading the models too (the stubs' finalize: ~3 s here): with the grace period
+# alone, `serve --grace-period 0` stopped with exit status 1 and no reason given.
+UNLOAD_ALLOWANCE_S = 15
 SHM_PREFIX = "edet_triton_"  # + serve's pid + "_": the Python backend names its /dev/shm regions with it
 
 
@@ -232,7 +236,7 @@ class TritonServer:
                            "--model-control-mode=explicit",
                            f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}",
                            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-                           f"--exit-timeout-secs={max(1, int(round(self.grace_period)))}", *(extra_args or [])]
+                           f"--exit-timeout-secs={int(math.ceil(self.grace_period)) + UNLOAD_ALLOWANCE_S}", *(extra_args or [])]
         self.env = server_env(paths)
         self.log_file = Path(log_file) if log_file else None
         self.proc: Optional[subprocess.Popen] = None
