@@ -15,6 +15,7 @@ import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
+from .contract import MAX_THREADS
 from .errors import EdetError
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ class BoundedList:
 # run on one machine can use, long before the number reaches a library that overflows or allocates on it.
 BATCH = Bounded(int, 1, 1024)
 COUNT = Bounded(int, 1, 10_000_000)  # images, iterations, epochs
-THREADS = Bounded(int, 1, 4096)
+THREADS = Bounded(int, 1, MAX_THREADS)
 PORT = Bounded(int, 1, 65535)
 SEED = Bounded(int, 0, 2**32 - 1)  # what numpy and torch both take
 FRACTION = Bounded(float, 0.0, 1.0)  # scores, IoU, mAP losses

@@ -66,6 +66,9 @@ def artifact_name(variant: str, precision: str = "fp32", nms: bool = True) -> st
     return name if precision == "fp32" else f"{name}.{precision}"
 
 
+# The most CPU threads a runner takes: the API's check (backends.base) and the CLI's --threads (cli_args.THREADS).
+MAX_THREADS = 4096
+
 CACHE_ENV = "EDET_DEPLOY_CACHE"
 
 

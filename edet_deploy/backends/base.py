@@ -13,6 +13,7 @@ from typing import Any, Dict, Tuple, Type
 
 import numpy as np
 
+from ..contract import MAX_THREADS  # the bound of the CLI's --threads too, written once
 from ..errors import EdetError
 
 RUNNERS: Dict[str, Type["Runner"]] = {}  # backend name -> runner class
@@ -22,9 +23,6 @@ REQUIRED_HELP = {"onnx_path": "an ONNX graph (--onnx, or export one first)",
                  "model_name": "a model name (--model)"}
 
 
-# The most CPU threads a runner takes: the bound of the CLI's --threads (cli_args.THREADS), which cannot import
-# this module without loading every runtime's dependencies at start-up; tests/test_backends.py holds them equal.
-MAX_THREADS = 4096
 
 
 def check_number(value: Any, name: str, lo: float, hi: float, integer: bool = False) -> Any:
