@@ -12,9 +12,9 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, Iterator, List, Optional, Tuple
 
-from .errors import EdetError, EdetRuntimeError
+from .errors import EdetError, EdetRuntimeError, first_few
 
 if TYPE_CHECKING:
     import onnx
@@ -268,4 +268,38 @@ def load_onnx(path: str | os.PathLike, external_data: bool = True) -> "onnx.Mode
     try:
         return onnx.load(str(path), load_external_data=external_data)
     except Exception as e:  # noqa: BLE001 - protobuf raises its own types for garbage files
-        raise EdetError(f"cannot read {path} as an ONNX graph ({type(e).__name__})") from None
+        # A graph re-saved with its weights in a side file, moved without it: ONNX says only "ValidationError".
+        raise EdetError((missing_external_data(path) if external_data else None)
+                        or f"cannot read {path} as an ONNX graph ({type(e).__name__})") from None
+
+
+def external_data_files(proto: "onnx.ModelProto") -> List[str]:
+    """The external data files (relative locations) a graph loaded without its external data names, in order;
+    [] for a one-file graph. Graphs over 2 GB keep their weights there (onnx.save_model(...,
+    save_as_external_data=True)); ours never do, but a graph re-saved that way is still ours."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    found: Dict[str, None] = {}
+    for tensor in _get_all_tensors(proto):
+        if uses_external_data(tensor):
+            found.setdefault(ExternalDataInfo(tensor).location, None)
+    return list(found)
+
+
+def missing_external_data(graph: str | Path, proto: Optional["onnx.ModelProto"] = None) -> Optional[str]:
+    """One line saying which external data files `graph` names that are not beside it (None: none missing, or
+    the graph cannot be read at all: its own error says so)."""
+    if proto is None:
+        import onnx
+
+        try:
+            proto = onnx.load(str(graph), load_external_data=False)
+        except Exception:  # noqa: BLE001 - not ONNX at all: the caller's error stands
+            return None
+    base = Path(graph).parent
+    missing = [loc for loc in external_data_files(proto) if not (base / loc).is_file()]
+    if not missing:
+        return None
+    return (f"{graph} keeps its weights in external data ({first_few(missing)}) that is not beside it in "
+            f"{base}: put the file back next to the graph under that name (the graph records it), or re-save "
+            f"the graph as one file")

@@ -119,7 +119,7 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
     model = create_model(model_name, num_classes=num_classes, image_size=image_size)
     if weights:
         from .model.weights import load_weights
-        load_weights(model, weights)
+        load_weights(model, weights, new_class_head=True)  # fine-tuning a COCO model on other classes
     for m in model.modules():  # faster-moving batch-norm statistics for short schedules
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = 0.1

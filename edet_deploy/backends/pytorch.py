@@ -32,7 +32,8 @@ class TorchRunner(Runner):
             torch.set_num_threads(int(threads))
         ckpt = checkpoint_metadata(weights) if weights else {}
         if model is None:
-            model = create_model(model_name, num_classes=num_classes or ckpt.get("num_classes") or 90,
+            # The class count: given, else the file's metadata, else its class head (an effdet .pth), else 90.
+            model = create_model(model_name, num_classes=num_classes or ckpt.get("num_classes"),
                                  weights=weights, image_size=image_size or ckpt.get("image_size"))
         cfg = model.config
         self.graph = CandidateGraph(model.eval(), pre_nms_top_k).eval()

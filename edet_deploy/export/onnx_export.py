@@ -43,6 +43,9 @@ def export_onnx(name: str, out_dir: str | Path, *, weights: Optional[str] = None
     ckpt_meta = checkpoint_metadata(weights) if weights else {}
     if ckpt_meta.get("variant") and get_config(name).name != ckpt_meta["variant"]:
         raise EdetError(f"weights {weights} are for {ckpt_meta['variant']}, not {name}")
+    if num_classes and ckpt_meta.get("num_classes") and num_classes != ckpt_meta["num_classes"]:
+        raise EdetError(f"weights {weights} detect {ckpt_meta['num_classes']} classes, not --num-classes "
+                        f"{num_classes} (leave it out: the weights say)")
     # None: the weights' class head says (effdet .pth files carry no metadata), else 90 (create_model).
     num_classes = num_classes or ckpt_meta.get("num_classes") or (None if weights else 90)
     image_size = image_size or ckpt_meta.get("image_size")

@@ -29,6 +29,7 @@ def generate_repository(out: str | Path, *, tuning_images: Optional[Sequence[byt
     generated scenes) and a Model Analyzer config. The artifact is verified (loads, matches its sidecar); an
     `out` holding models or files edet-deploy did not generate is refused unless `force`. `variant` and
     `precision` default to the artifact's (its metadata JSON); stated ones must agree with it."""
+    from ..artifacts import inline_external_data
     from ..io import sha256_file
     from ..metadata import CHECKSUM_KEYS, ArtifactMetadata, write_metadata
 
@@ -53,10 +54,17 @@ def generate_repository(out: str | Path, *, tuning_images: Optional[Sequence[byt
             dst = stage / contract.engine_name(spec.name) / "1" / artifact
             key = CHECKSUM_KEYS[dst.suffix]
             typed = ArtifactMetadata.from_dict(spec.artifact_metadata)
-            checksum = getattr(typed, key) or sha256_file(spec.artifact)
-            shutil.copyfile(spec.artifact, dst)
-            if sha256_file(dst) != checksum:
-                raise EdetError(f"{spec.artifact} changed while it was copied")
+            inline = inline_external_data(spec.artifact) if spec.target == "cpu" else None
+            if inline is not None:
+                # A graph with its weights in a side file: the repository's model.onnx is the one file Triton's
+                # engine model loads, so it gets the weights inline (its checksum is the copy's own).
+                dst.write_bytes(inline)
+                checksum = sha256_file(dst)
+            else:
+                checksum = getattr(typed, key) or sha256_file(spec.artifact)
+                shutil.copyfile(spec.artifact, dst)
+                if sha256_file(dst) != checksum:
+                    raise EdetError(f"{spec.artifact} changed while it was copied")
             write_metadata(dst, replace(typed, **{key: checksum}))  # the copy is verified when served
         write_tuning_files(stage, spec, tuning_images, name=out.name)
         validate_repository(stage)
