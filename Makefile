@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml
 	$(if $(PYTHON),PYTHON=$(PYTHON) is not one,none of python3/python3.12/python3.11 on PATH is one); install one or \
 	name it: make $(or $(MAKECMDGOALS),demo) PYTHON=/path/to/python3.12" >&2; exit 1; }
 	@if [ -e $(VENV) ] && ! { $(PY) -c '$(SUPPORTED)' && $(PY) -m pip --version; } >/dev/null 2>&1; then \
-	echo "make: $(VENV) was made by another Python or without pip: making it again"; rm -rf $(VENV); fi
+	if [ "$(VENV)" = .venv ] && [ -f .venv/pyvenv.cfg ]; then \
+	echo "make: .venv was made by another Python or without pip: making it again"; rm -rf .venv; \
+	else echo "make: $(VENV) has no Python 3.11/3.12 with pip; give VENV= a new folder (an environment of yours \
+	is never removed)" >&2; exit 1; fi; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,lint]'

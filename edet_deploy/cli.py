@@ -15,6 +15,7 @@ from typing import List, Optional
 from .cli_args import OutputPath, one_line, output_clash
 from .errors import EdetError
 from .io import NO_ROOM as _NO_ROOM
+from .io import STOP_SIGNALS
 from .log import logger
 
 EXIT_CODES = {0: "success", 1: "runtime failure (a server gone, a runtime that failed, a bug of ours)",
@@ -171,7 +172,7 @@ def _catch_stops() -> dict:
     not an internal error. Returns the handlers replaced, for `main` to put back."""
     replaced = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in STOP_SIGNALS:
             if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):  # an ignored one stays so
                 replaced[sig] = signal.signal(sig, _on_stop)
     return replaced

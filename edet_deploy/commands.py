@@ -205,9 +205,9 @@ def _train(p: argparse.ArgumentParser):
     progress.add_to(p)
 
     def run(args) -> int:
-        if Path(args.out).suffix not in (".safetensors", ".pth", ".pt"):  # before the epochs, not after them
-            raise EdetError(f"--out {printable(args.out)}: a checkpoint is a .safetensors or .pth file (name it "
-                            f"{Path(args.out).with_suffix('.safetensors').name})")
+        if Path(args.out).suffix.lower() in (".onnx", ".plan", ".engine", ".json"):  # before the epochs
+            raise EdetError(f"--out {printable(args.out)} is named like a graph, an engine or metadata, not a "
+                            f"checkpoint (name it {Path(args.out).with_suffix('.safetensors').name})")
         from .train import train
         res = train(args.model, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     image_size=args.image_size, weights=args.weights, seed=args.seed, threads=args.threads,
@@ -366,13 +366,13 @@ def _check_bind_address(address: str) -> None:
     """`serve --address`: a name or number this machine can listen on, refused in one line (exit 2) before any
     work; a typo once surfaced as the resolver's bare 'Name or service not known', exit 1."""
     import socket
-    try:
-        family, _, _, _, sockaddr = socket.getaddrinfo(address, 0, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, socket.SOCK_STREAM) as s:
+    try:  # IPv4: the fronts and the port checks listen on IPv4 (an IPv6 address failed later, exit 1)
+        _, _, _, _, sockaddr = socket.getaddrinfo(address, 0, family=socket.AF_INET, type=socket.SOCK_STREAM)[0]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(sockaddr)
     except (OSError, UnicodeError, ValueError) as e:
-        raise EdetError(f"--address {address!r} is not an address this machine can listen on "
-                        f"({getattr(e, 'strerror', None) or e})") from None
+        raise EdetError(f"--address {address!r} is not an IPv4 address this machine can listen on "
+                        f"({getattr(e, 'strerror', None) or e}; 0.0.0.0 listens on every interface)") from None
 
 
 @command("client", "send images to a running Triton ensemble and print the detections")
@@ -568,8 +568,8 @@ def _bench(p: argparse.ArgumentParser):
             # Unreadable weights were one skipped row per combination, exit 1, after the graphs were exported.
             from .model.weights import checkpoint_metadata
             checkpoint_metadata(args.weights)
-        accuracy = None if not args.data else Accuracy(Path(args.data), args.split or "val", args.eval_images,
-                                                         100 if args.calib_images is None else args.calib_images)
+        given = {k: v for k, v in (("split", args.split), ("calib_images", args.calib_images)) if v is not None}
+        accuracy = None if not args.data else Accuracy(Path(args.data), eval_images=args.eval_images, **given)
         report = run_bench(parse_model_list(args.models), backends, precisions, batches, args.out, args.threads,
                            warmup, iters, args.seconds, progress.build(args), weights=args.weights,
                            accuracy=accuracy)

@@ -55,18 +55,16 @@ CASES = {
                            "argument --json: /dev/stdout"),
     "new-file-under-dev": (["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", "/dev/edet-fuzz.json"],
                            "outputs are files, not entries of /dev"),
-    # A log into a named pipe nothing reads waited for a reader forever.
-    "log-into-unread-pipe": (["--log-file", "pipe.json", "models"],
-                             "argument --log-file: pipe.json is a named pipe that nothing reads"),
     # --sensitivity scores the val split: a --data without one left an empty sensitivity/ beside the graph.
     "calibrate-sensitivity-without-val-split": (["calibrate", "g/m.onnx", "--data", "g", "--sensitivity"],
                                                 "no annotations for split 'val' under g"),
     # A checkpoint written under any name: --out model.onnx replaced an exported graph (and model.json its
     # metadata) with training weights, exit 0.
     "train-out-onto-a-graph": (["train", "--data", "nowhere", "--out", "g/m.onnx"],
-                               "--out g/m.onnx: a checkpoint is a .safetensors or .pth file (name it m.safetensors)"),
+                               "--out g/m.onnx is named like a graph, an engine or metadata, not a checkpoint (name it "
+                               "m.safetensors)"),
     "train-out-onto-a-sidecar": (["train", "--data", "nowhere", "--out", "g/m.json"],
-                                 "a checkpoint is a .safetensors or .pth file"),
+                                 "is named like a graph, an engine or metadata, not a checkpoint"),
     # build rewrites its timing cache after the plan: it replaced the plan, or the graph, it was given.
     "build-timing-cache-is-the-plan": (["build", "g/m.onnx", "--out", "e.plan", "--timing-cache", "e.plan"],
                                        "--out e.plan and --timing-cache e.plan would write the same file"),
@@ -84,9 +82,9 @@ CASES = {
                                        "--http-port and --metrics-port are both 8000"),
     # A --address typo was exit 1 with the resolver's bare words, naming neither the option nor the value.
     "serve-address-not-an-address": (["serve", "--repo", "repo", "--address", "999.1.1.1"],
-                                     "--address '999.1.1.1' is not an address this machine can listen on"),
+                                     "--address '999.1.1.1' is not an IPv4 address this machine can listen on"),
     "serve-empty-address": (["serve", "--repo", "repo", "--address", ""],
-                            "--address '' is not an address this machine can listen on"),
+                            "--address '' is not an IPv4 address this machine can listen on"),
     # Options the command would have ignored, exit 0.
     "triton-repo-cuda-graphs-on-cpu": (["triton-repo", "--onnx", "g/m.onnx", "--out", "r", "--cuda-graphs"],
                                        "--cuda-graphs is for --target gpu (a TensorRT plan); the CPU target "

@@ -334,8 +334,10 @@ def test_openvino_that_cannot_start_is_one_line(monkeypatch):
 
 
 def test_link_folder_of_a_killed_server_is_removed_by_the_next(tmp_path, monkeypatch):
-    """A SIGKILLed serve leaves its link folder; the next server that needs one removes it (its process is gone),
-    never a live server's folder nor what the links point to."""
+    """A SIGKILLed serve leaves its link folder; the next server that needs one removes it (nobody holds its
+    lock: that holds across containers sharing a /tmp, where pids do not), never a folder a live server holds
+    nor what the links point to."""
+    import fcntl
     import subprocess
     import sys
 
@@ -343,12 +345,18 @@ def test_link_folder_of_a_killed_server_is_removed_by_the_next(tmp_path, monkeyp
     target = tmp_path / "target"
     target.mkdir()
     (target / "kept").write_text("x")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    stale, live = tmp_path / f"edet-triton-{dead}-abc", tmp_path / f"edet-triton-{os.getpid()}-def"
-    for folder in (stale, live):
-        folder.mkdir()
-        (folder / "repository").symlink_to(target, target_is_directory=True)
-    made = triton_server._link_folder()
-    assert made.name.startswith(f"edet-triton-{os.getpid()}-") and made.parent == tmp_path
-    assert not stale.exists() and live.exists() and (target / "kept").read_text() == "x"
+    live, live_lock = triton_server._link_folder()  # held by this process
+    (live / "repository").symlink_to(target, target_is_directory=True)
+    # A server killed with its folder in place: made in a child that exits holding the lock.
+    made = subprocess.run([sys.executable, "-c", "import tempfile, sys; tempfile.tempdir = sys.argv[1]; "
+                           "from edet_deploy.triton.server import _link_folder; print(_link_folder()[0])",
+                           str(tmp_path)], capture_output=True, text=True, check=True).stdout.strip()
+    stale = Path(made)
+    (stale / "repository").symlink_to(target, target_is_directory=True)
+    try:
+        fresh, fresh_lock = triton_server._link_folder()
+        os.close(fresh_lock)
+        assert fresh.name.startswith(f"edet-triton-{os.getpid()}-") and fresh.parent == tmp_path
+        assert not stale.exists() and live.exists() and (target / "kept").read_text() == "x"
+    finally:
+        os.close(live_lock)

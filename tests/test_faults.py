@@ -277,6 +277,44 @@ def test_killed_serve_leaves_no_orphans(repo, tmp_path, sig):
         s.kill()  # also removes whatever regions a killed serve could not clean up
 
 
+def test_sigterm_while_the_models_load_stops_serve_at_once(repo, tmp_path):
+    """SIGTERM (a container stopped, systemd) while tritonserver loads the models: serve used to wait for the
+    whole start (up to 300 s) before it stopped; now it stops the server and exits 0 within seconds, leaving no
+    process and no region."""
+    proc = subprocess.Popen([sys.executable, "-m", "edet_deploy", "serve", "--repo", str(repo), "--http-port",
+                             str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    family: list = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            servers = [pid for pid, argv in child_processes(proc.pid) if argv[0].endswith(b"/tritonserver")]
+            if servers and child_processes(servers[0]):  # a stub started: models are loading
+                family = [proc.pid, servers[0], *(pid for pid, _ in child_processes(servers[0]))]
+                break
+            time.sleep(0.05)
+        assert family, "tritonserver never started a stub"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        took = time.monotonic() - t0
+        print(f"\nSIGTERM while the models load: serve exited {code} after {took:.1f} s")
+        assert code == 0, proc.stderr.read()[-2000:]
+        assert gone(family, 20) == []
+        deadline = time.monotonic() + 10
+        while list(Path("/dev/shm").glob(f"{SHM_PREFIX}{proc.pid}_*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(Path("/dev/shm").glob(f"{SHM_PREFIX}{proc.pid}_*")) == []
+    finally:
+        for pid in ([proc.pid] if proc.poll() is None else []) + family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(30)
+        for region in Path("/dev/shm").glob(f"{SHM_PREFIX}{proc.pid}_*"):
+            region.unlink(missing_ok=True)
+        proc.stderr.close()
+
+
 def test_sigterm_under_load_drains_in_flight_requests(repo, tmp_path, picture):
     """SIGTERM while 6 HTTP clients send batches and a gRPC client keeps an idle stream open (as tritonclient users
     do): the requests in flight are answered, serve exits 0 well within the 60 s grace period (the open stream

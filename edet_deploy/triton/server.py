@@ -3,6 +3,7 @@ Python backend, run on CPU. Bound to 127.0.0.1 unless told otherwise."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import math
 import os
@@ -15,11 +16,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..contract import CACHE_ENV, cache_dir
 from ..errors import EdetError, EdetRuntimeError
@@ -95,7 +97,9 @@ def server_env(paths: TritonPaths) -> dict:
     # The models' cache (OpenVINO's compiled models) is ours, as an absolute path: the stubs run in "/", and a
     # home that could not be used means the fallback folder chosen here.
     env[CACHE_ENV] = str(cache_dir())
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    # The CPUs this process may use (a container's cpuset), not the host's count.
+    env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                          else os.cpu_count() or 1))
     return env
 
 
@@ -125,27 +129,39 @@ def plain_path(path: str | Path) -> bool:
     return bool(_PLAIN_PATH.fullmatch(str(path)))
 
 
+LINKS_LOCK = ".lock"  # held (flock) by the server that made the folder, for as long as it uses it
+
+
 def _remove_stale_link_folders(parent: str) -> None:
-    """Our link folders whose server process is gone (a SIGKILLed serve cannot remove its own)."""
+    """Our link folders that no server holds any more (a SIGKILLed serve cannot remove its own). Held means its
+    lock is taken: unlike a pid, that holds across PID namespaces (containers sharing a /tmp)."""
     for folder in Path(parent).glob("edet-triton-*-*"):
         try:
-            pid = int(folder.name.split("-")[2])
             if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
                 continue
-            os.kill(pid, 0)  # alive (or another user's: PermissionError): left alone
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)  # links only: rmtree removes them, never their targets
-        except (OSError, ValueError):
-            continue
+            fd = os.open(folder / LINKS_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # not ours, or not made yet (the lock comes right after the folder)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live server holds it
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)  # links only: rmtree removes them, never their targets
 
 
-def _link_folder() -> Path:
-    """A new private folder at a shell-safe path, for the links that stand in for unsafe paths."""
+def _link_folder() -> Tuple[Path, int]:
+    """A new private folder at a shell-safe path, for the links that stand in for unsafe paths, and the fd of
+    its lock (held until the caller closes it)."""
     for parent in dict.fromkeys([tempfile.gettempdir(), "/tmp", "/dev/shm", "/var/tmp"]):
         if plain_path(parent) and os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK):
             _remove_stale_link_folders(parent)
             with contextlib.suppress(OSError):
-                return Path(tempfile.mkdtemp(prefix=f"edet-triton-{os.getpid()}-", dir=parent))
+                folder = Path(tempfile.mkdtemp(prefix=f"edet-triton-{os.getpid()}-", dir=parent))
+                fd = os.open(folder / LINKS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return folder, fd
     raise EdetRuntimeError("a path Triton's Python backend needs (repository, backends, environment, cache) holds "
                            "spaces, shell characters or non-ASCII letters, which it cannot take, and no writable "
                            "temporary folder without them exists for a link to it; move it (or set TMPDIR) to a "
@@ -154,6 +170,10 @@ def _link_folder() -> Path:
 
 # Error lines every CPU start logs (no CUDA driver): never the reason a start failed.
 _NOT_ERRORS = ("CudaDriverHelper has not been initialized",)
+
+
+class StartCancelled(Exception):
+    """`TritonServer.start` was cancelled (a stop signal while the models loaded); the server is stopped."""
 
 
 def port_in_use(address: str, port: int) -> bool:
@@ -230,6 +250,7 @@ class TritonServer:
         self.real_backends = paths.backends
         self.triton_repo, self.triton_backends = self.repo.resolve(), paths.backends
         self.links: Optional[Path] = None
+        self.links_lock: Optional[int] = None  # fd holding the link folder's lock while it is in use
         self.linked_env: Dict[str, str] = {}  # the environment's path variables as they were before linking
         self.fixed_args = [f"--grpc-address={self.grpc_address}", f"--metrics-address={address}", "--allow-metrics=true",
                            "--allow-gpu-metrics=false", "--strict-readiness=true", f"--log-verbose={log_verbose}",
@@ -270,7 +291,7 @@ class TritonServer:
         if plain_path(target):
             return Path(target)
         if self.links is None:
-            self.links = _link_folder()
+            self.links, self.links_lock = _link_folder()
         link = self.links / name
         link.symlink_to(target, target_is_directory=Path(target).is_dir())
         logger.debug("tritonserver's stubs see %s as %s (the path holds spaces, shell characters or non-ASCII "
@@ -294,11 +315,16 @@ class TritonServer:
         if self.links is not None:
             shutil.rmtree(self.links, ignore_errors=True)
             self.links = None
+        if self.links_lock is not None:
+            os.close(self.links_lock)
+            self.links_lock = None
         self.triton_repo, self.triton_backends = self.repo.resolve(), self.real_backends
         self.env.update(self.linked_env)
         self.linked_env = {}
 
-    def start(self, timeout: float = 180.0) -> "TritonServer":
+    def start(self, timeout: float = 180.0, cancel: Optional[threading.Event] = None) -> "TritonServer":
+        """Start tritonserver and wait until it is ready. `cancel` (serve's stop event: its signal handlers only
+        set it) ends the wait: the server is stopped and `StartCancelled` raised."""
         check_port("http", self.http_address, self.http_port)
         check_port("grpc", self.grpc_address, self.grpc_port)
         check_port("metrics", self.address, self.metrics_port)
@@ -330,7 +356,10 @@ class TritonServer:
                 if self.ready() and self.proc.poll() is None:
                     logger.info("tritonserver ready")
                     return self
-                time.sleep(0.5)
+                if cancel is not None and cancel.wait(0.5):
+                    raise StartCancelled("stopped while tritonserver started")
+                if cancel is None:
+                    time.sleep(0.5)
         except BaseException:  # Ctrl-C or SIGTERM while it starts: its stubs would outlive us under init
             from ..io import signals_deferred
             with signals_deferred():

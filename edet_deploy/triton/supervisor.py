@@ -50,13 +50,14 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from .. import contract
 from ..errors import EdetError
+from ..io import STOP_SIGNALS
 from ..log import logger
 from ..measure import free_port
 from .configs import MAX_IN_FLIGHT
 from .front import Front, ModelInfo, Upstream, repository_models
 from .models.common import find_exec_clock, read_exec_clock
 from .grpc_front import GrpcFront
-from .server import TritonServer, check_port, port_in_use
+from .server import StartCancelled, TritonServer, check_port, port_in_use
 from .verify import drop_bytecode, model_problems, refusal
 
 
@@ -92,6 +93,16 @@ def _cpu_seconds(pids: Sequence[int]) -> float:
         except (OSError, IndexError, ValueError):
             pass
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _threads_active(pid: int) -> bool:
+    """Whether a thread of `pid` is running or waiting to run (R) or in uninterruptible I/O (D): a stub starved
+    of CPU (a small CPU quota, a loaded machine) or reading from a cold disk is working, not deadlocked."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any(_proc_state(int(t)) in ("R", "D") for t in tasks if t.isdigit())
 
 
 def _ppid(pid: int) -> Optional[int]:
@@ -196,7 +207,8 @@ class Supervisor:
         self.recheck, self.rechecked = recheck, time.monotonic()
         self.hung: "SimpleQueue[Tuple[str, Optional[str], str]]" = SimpleQueue()  # (model, instance, why)
         self.clocks: Dict[int, str] = {}  # stub pid -> its execution clock (/proc/<pid>/fd/<n>)
-        self.executing: Dict[int, Tuple[float, float, float]] = {}  # stub pid -> (execute began, CPU, seen at)
+        # stub pid -> (execute began, its CPU seconds then, seen at, a thread seen active since)
+        self.executing: Dict[int, Tuple[float, float, float, bool]] = {}
         self.stop = threading.Event()
 
     def snapshot(self) -> Dict[str, set]:
@@ -332,8 +344,10 @@ class Supervisor:
             if port_in_use(self.server.grpc_address, self.server.grpc_port):
                 self.server.grpc_port = free_port()
             try:
-                self.server.start(timeout=self.load_timeout)
+                self.server.start(timeout=self.load_timeout, cancel=self.stop)
                 break
+            except StartCancelled:
+                return time.monotonic() - t0  # serve is stopping (start stopped the server)
             except EdetError as e:
                 self.on_event(f"tritonserver did not start again ({e}); retrying in {self.delay:.1f} s")
                 self.server.stop()
@@ -457,8 +471,9 @@ class Supervisor:
 
     def find_stuck_instances(self) -> None:
         """Instances whose execute() began over `canary_timeout` s ago and whose stub used under `busy_cpu` s of
-        CPU since we first saw it in that call go to `hung`: one instance of several stuck while another answers
-        every canary (the models keep an execution clock, `models.common.ExecClock`)."""
+        CPU, with no thread ever seen running, waiting for a CPU or in I/O, since we first saw it in that call go
+        to `hung`: one instance of several stuck while another answers every canary (the models keep an
+        execution clock, `models.common.ExecClock`). Called about once a second."""
         now, seen, clocks = time.monotonic(), {}, {}
         for stub in stub_processes(self.server.proc.pid):
             clocks[stub.pid] = self.clocks.get(stub.pid) or find_exec_clock(stub.pid)
@@ -467,9 +482,10 @@ class Supervisor:
                 continue
             first = self.executing.get(stub.pid)
             if first is None or first[0] != began:
-                first = (began, _cpu_seconds([stub.pid]), now)
+                first = (began, _cpu_seconds([stub.pid]), now, False)
+            first = (*first[:3], first[3] or _threads_active(stub.pid))
             seen[stub.pid] = first
-            if (now - first[2] >= self.canary_timeout and now - began >= self.canary_timeout
+            if (now - first[2] >= self.canary_timeout and now - began >= self.canary_timeout and not first[3]
                     and _cpu_seconds([stub.pid]) - first[1] < self.busy_cpu):
                 self.hung.put((stub.model, stub.instance,
                                f"stuck in one request for {now - began:.0f} s, using no CPU"))
@@ -484,21 +500,28 @@ class Supervisor:
         requests = {n: r for n, info in self.upstream.models.items() if not info.members
                     for r in [canary_request(info)] if r}
         while not self.stop.wait(self.canary_interval):
-            self.find_stuck_instances()
-            for name, request in requests.items():
-                recent = time.monotonic() - self.upstream.last_success.get(name, -math.inf) < self.canary_interval
-                if not self.upstream.model_ready(name) or recent:
-                    continue
-                epoch, completed, cpu = self.epoch, self.upstream.completed.get(name, 0), self._stubs_cpu(name)
-                verdict = self.canary(name, request)
-                if verdict is None or epoch != self.epoch or not self.upstream.model_ready(name):
-                    continue
-                if verdict[0] == "timeout" and (self.upstream.completed.get(name, 0) != completed
-                                                or self._stubs_cpu(name) - cpu >= self.busy_cpu):
-                    continue  # slow under load, or one long inference: working, not hung
-                why = ("not healthy (canary)" if verdict[0] == "unhealthy"
-                       else f"not answering (a canary timed out, within {self.canary_timeout:.0f} s)")
-                self.hung.put((name, verdict[1], why))
+            try:
+                self.check_canaries(requests)
+            except Exception:  # a bug of ours must not end the watch for the rest of serving: log it, go on
+                logger.exception("supervisor: unexpected error in the canary watch")
+
+    def check_canaries(self, requests: Dict[str, Tuple[bytes, int]]) -> None:
+        """One round of `watch_canaries`."""
+        self.find_stuck_instances()
+        for name, request in requests.items():
+            recent = time.monotonic() - self.upstream.last_success.get(name, -math.inf) < self.canary_interval
+            if not self.upstream.model_ready(name) or recent:
+                continue
+            epoch, completed, cpu = self.epoch, self.upstream.completed.get(name, 0), self._stubs_cpu(name)
+            verdict = self.canary(name, request)
+            if verdict is None or epoch != self.epoch or not self.upstream.model_ready(name):
+                continue
+            if verdict[0] == "timeout" and (self.upstream.completed.get(name, 0) != completed
+                                            or self._stubs_cpu(name) - cpu >= self.busy_cpu):
+                continue  # slow under load, or one long inference: working, not hung
+            why = ("not healthy (canary)" if verdict[0] == "unhealthy"
+                   else f"not answering (a canary timed out, within {self.canary_timeout:.0f} s)")
+            self.hung.put((name, verdict[1], why))
 
     def run(self, stop: threading.Event) -> None:
         """Watch until `stop` is set."""
@@ -596,19 +619,22 @@ def serve(repo: str | Path, http_port: int = 8000, grpc_port: int = 8001, metric
     def on_signal(signum, _frame):
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a closed terminal sends SIGHUP
+    for sig in STOP_SIGNALS:  # a closed terminal sends SIGHUP
         signal.signal(sig, on_signal)
     try:
         drop_bytecode(repo)
-        server.start(timeout=start_timeout)
+        server.start(timeout=start_timeout, cancel=stop)
         supervisor = Supervisor(server, upstream)
         supervisor.snapshot()
         front.start()
         grpc_front.start()
-    except BaseException:
+    except BaseException as e:
         server.stop()
         front.close()
         grpc_front.close()
+        if isinstance(e, StartCancelled):  # SIGTERM / Ctrl-C while the models loaded: a clean stop
+            logger.info("%s", e)
+            return 0
         raise
     announce(f"serving {repo}: http {front.url}, grpc {grpc_front.url}, metrics "
              f"http://{address}:{metrics_port}/metrics (supervised; Ctrl-C to stop)")
