@@ -108,7 +108,8 @@ def top_entries(root: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def staged_directory(out: str | os.PathLike, replaced: Collection[str] = (),
-                     entries: Callable[[Path], Iterator[str]] = top_entries) -> Iterator[Path]:
+                     entries: Callable[[Path], Iterator[str]] = top_entries,
+                     last: Optional[Callable[[Path, Optional[Path]], None]] = None) -> Iterator[Path]:
     """Yield an empty directory to build a set of files in; when the block succeeds, each of its `entries`
     (relative paths; default: its top-level files and folders) takes the place of the same entry in `out`, the
     `replaced` entries of `out` go, and everything else in `out` stays. A failure or Ctrl-C inside the block, or
@@ -116,7 +117,9 @@ def staged_directory(out: str | os.PathLike, replaced: Collection[str] = (),
 
     The staging directory lies on `out`'s filesystem, so the entries move by renames: beside `out` when there is
     none yet (the whole directory is renamed into place), else hidden inside it, which also holds where `out` is
-    a mount point (a container's volume) that cannot itself be renamed. A symlinked `out` stays a link."""
+    a mount point (a container's volume) that cannot itself be renamed. A symlinked `out` stays a link.
+    `last(stage, out)` runs just before the entries move, while no other command commits into `out` (None for an
+    `out` made new): a file that describes the whole of `out` (a manifest) is written there."""
     target = Path(os.path.realpath(out))
     if target.exists() and not target.is_dir():
         raise EdetError(f"{out} is a file, not a directory")
@@ -145,11 +148,13 @@ def staged_directory(out: str | os.PathLike, replaced: Collection[str] = (),
                 if os.path.lexists(target) and not _empty_folder(target):  # another command made `out` meanwhile
                     raise EdetRuntimeError(f"{out} appeared while this command wrote it (another command writing "
                                            f"it at the same time?); left as it is, nothing written: run it again")
+                if last is not None:
+                    last(stage, None)
                 os.rename(stage, target)
             else:
                 if not stage.is_dir() or not target.is_dir():
                     raise EdetRuntimeError(_VANISHED.format(out=out))
-                _move_entries(stage, target, list(entries(stage)), replaced)
+                _move_entries(stage, target, entries, replaced, last)
     finally:
         if stage is not None:
             with signals_deferred():
@@ -175,14 +180,17 @@ _VANISHED = ("{out} was removed or replaced while this command wrote it (another
              "time?); nothing written: run it again")
 
 
-def _move_entries(stage: Path, target: Path, written: List[str], replaced: Collection[str]) -> None:
-    """Move `written` from `stage` into `target`, what they replace (and `replaced`) into a hidden trash first;
-    on any failure, every rename is undone in reverse."""
+def _move_entries(stage: Path, target: Path, entries: Callable[[Path], Iterator[str]], replaced: Collection[str],
+                  last: Optional[Callable[[Path, Optional[Path]], None]] = None) -> None:
+    """Move `entries(stage)` from `stage` into `target`, what they replace (and `replaced`) into a hidden trash
+    first; on any failure, every rename is undone in reverse. `last` runs first, under the same lock."""
     lock = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with contextlib.suppress(OSError):  # a filesystem without locks: the renames as before
             fcntl.flock(lock, fcntl.LOCK_EX)  # two commands committing into one `out` at once: one after another
-        _move_locked(stage, target, written, replaced)
+        if last is not None:
+            last(stage, target)
+        _move_locked(stage, target, list(entries(stage)), replaced)
     finally:
         os.close(lock)
 

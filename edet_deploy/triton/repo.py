@@ -42,7 +42,10 @@ def generate_repository(out: str | Path, *, tuning_images: Optional[Sequence[byt
         modules[contract.engine_name(spec.name)] = f"engine_{spec.engine_backend}"
     # Built whole in a staging directory and checked there, then moved into place: a failure, a full disk or
     # Ctrl-C leaves `out` as it was (a repository regenerated over leaves its earlier models intact).
-    with staged_directory(out) as stage:
+    # Signed last, in the stage, under the commit's lock: the manifest moves in with the models (an interruption
+    # cannot leave them unsigned) and covers the earlier models of `out` that stay, even while another
+    # triton-repo commits into it; `serve` checks it at start and every reload.
+    with staged_directory(out, last=lambda stage, kept: write_manifest(stage, kept_from=kept)) as stage:
         for name, config in configs.items():
             version = stage / name / "1"
             version.mkdir(parents=True)
@@ -68,9 +71,6 @@ def generate_repository(out: str | Path, *, tuning_images: Optional[Sequence[byt
             write_metadata(dst, replace(typed, **{key: checksum}))  # the copy is verified when served
         write_tuning_files(stage, spec, tuning_images, name=out.name)
         validate_repository(stage)
-        # Signed in the stage and moved in with the models (an interruption cannot leave them unsigned): what
-        # `serve` checks at start and every reload. Earlier models of `out` that stay are signed too.
-        write_manifest(stage, kept_from=out)
     return out
 
 
