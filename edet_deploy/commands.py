@@ -393,6 +393,9 @@ def _client(p: argparse.ArgumentParser):
         from .triton.client import TritonDetectorClient
         for path in args.images:  # before the server is contacted
             existing_file(path, "image")
+            if args.input_format == "decoded":  # decoded here: an image that does not decode is refused first
+                from .preprocess import decode_image
+                decode_image(path)
         client = TritonDetectorClient(args.url, args.model, args.protocol, input_format=args.input_format)
         results = []
         for path in args.images:

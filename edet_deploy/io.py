@@ -143,18 +143,24 @@ def staged_directory(out: str | os.PathLike, replaced: Collection[str] = (),
             if not stage.is_dir() or _inside(e, stage):  # removed under us (`rm -r out` while the command ran)
                 raise EdetRuntimeError(_VANISHED.format(out=out)) from None
             raise
-        with signals_deferred():  # a Ctrl-C or SIGTERM now waits for the entries to be in place (or put back)
-            if fresh:
+        if fresh:
+            with signals_deferred():  # a Ctrl-C or SIGTERM now waits for the rename
                 if os.path.lexists(target) and not _empty_folder(target):  # another command made `out` meanwhile
                     raise EdetRuntimeError(f"{out} appeared while this command wrote it (another command writing "
                                            f"it at the same time?); left as it is, nothing written: run it again")
                 if last is not None:
                     last(stage, None)
                 os.rename(stage, target)
-            else:
+        else:
+            if not target.is_dir():
+                raise EdetRuntimeError(_VANISHED.format(out=out))
+            # The lock is waited for before signals are held: a Ctrl-C still ends a wait on a stopped holder.
+            with _commit_lock(target), signals_deferred():  # then the entries move (or are put back) whole
                 if not stage.is_dir() or not target.is_dir():
                     raise EdetRuntimeError(_VANISHED.format(out=out))
-                _move_entries(stage, target, entries, replaced, last)
+                if last is not None:
+                    last(stage, target)
+                _move_locked(stage, target, list(entries(stage)), replaced)
     finally:
         if stage is not None:
             with signals_deferred():
@@ -180,27 +186,25 @@ _VANISHED = ("{out} was removed or replaced while this command wrote it (another
              "time?); nothing written: run it again")
 
 
-def _move_entries(stage: Path, target: Path, entries: Callable[[Path], Iterator[str]], replaced: Collection[str],
-                  last: Optional[Callable[[Path, Optional[Path]], None]] = None) -> None:
-    """Move `entries(stage)` from `stage` into `target`, what they replace (and `replaced`) into a hidden trash
-    first; on any failure, every rename is undone in reverse. `last` runs first, under the same lock."""
-    lock = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with contextlib.suppress(OSError):  # a filesystem without locks: the renames as before
-            fcntl.flock(lock, fcntl.LOCK_EX)  # two commands committing into one `out` at once: one after another
-        if last is not None:
-            last(stage, target)
-        _move_locked(stage, target, list(entries(stage)), replaced)
-    finally:
-        os.close(lock)
-
-
 STAGING_PREFIXES = (".edet-staging.", ".edet-replaced.")  # hidden folders of a command writing into a directory
 
 
 def is_staging_entry(name: str) -> bool:
     """Whether `name` (an entry of an output directory) is the working folder of a command writing it now."""
     return name.startswith(STAGING_PREFIXES) and name.endswith(".tmp")
+
+
+@contextlib.contextmanager
+def _commit_lock(target: Path) -> Iterator[None]:
+    """Two commands committing into one `target` at once: one after the other (flock on the folder; a
+    filesystem without locks commits as before)."""
+    lock = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)
 
 
 def _move_locked(stage: Path, target: Path, written: List[str], replaced: Collection[str]) -> None:

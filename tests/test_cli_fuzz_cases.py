@@ -37,6 +37,9 @@ CASES = {
     "artifact-name-with-newline": (["convert", "g/m.onnx", "--fp16", "--out", "o\nut.json"],
                                    r"argument --out: o\nut.json: that is the name of the metadata JSON"),
     "unknown-argument-with-newline": (["--no-such\nflag"], r"unrecognized arguments: --no-such\nflag (see"),
+    # Decoded by the client: an image that does not decode was sent for (connection refused, exit 1) first.
+    "client-decoded-not-an-image": (["client", "g/m.json", "--input-format", "decoded", "--url", "127.0.0.1:1"],
+                                    "g/m.json: not a decodable image"),
     "clash-with-newline": (["detect", "a.jpg", "--onnx", "g/m.onnx", "--json", "x\ny.json", "--draw", "x\ny.json"],
                            r"--json x\ny.json and --draw x\ny.json would write the same file"),
     # A sigma above 0 that float32 rounds to 0: exit 0, then a graph every runner refused ("sigma must be > 0").
