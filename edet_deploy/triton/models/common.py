@@ -41,6 +41,11 @@ EXEC_CLOCK_NAME = "edet_exec_clock"
 _CLOCK = struct.Struct("<d")
 
 
+def _is_clock(fd_path: str) -> bool:
+    """Whether /proc/<pid>/fd/<n> is an execution clock (raises OSError when the fd is gone)."""
+    return os.readlink(fd_path).startswith(f"/memfd:{EXEC_CLOCK_NAME}")
+
+
 def find_exec_clock(pid: int) -> Optional[str]:
     """The /proc path of process `pid`'s execution clock, None when it has none (yet)."""
     fds = f"/proc/{pid}/fd"
@@ -50,7 +55,7 @@ def find_exec_clock(pid: int) -> Optional[str]:
         return None
     for name in names:
         try:
-            if os.readlink(f"{fds}/{name}").startswith(f"/memfd:{EXEC_CLOCK_NAME}"):
+            if _is_clock(f"{fds}/{name}"):
                 return f"{fds}/{name}"
         except OSError:
             continue
@@ -61,7 +66,7 @@ def read_exec_clock(path: str) -> float:
     """When the current execute() began (time.monotonic() of any process), 0.0 when idle or unreadable. `path`
     is checked to still be a clock (a pid reused) and read without blocking (pread fails on a pipe or socket)."""
     try:
-        if not os.readlink(path).startswith(f"/memfd:{EXEC_CLOCK_NAME}"):
+        if not _is_clock(path):
             return 0.0
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
