@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Dict
 
 from . import __version__
 from .errors import EdetError
@@ -64,20 +64,14 @@ def save_graph(proto: "onnx.ModelProto", onnx_path: Path, meta: ArtifactMetadata
     return ExportResult(onnx_path, meta_path, meta.to_dict())
 
 
-def inline_external_data(graph: str | Path) -> Optional[bytes]:
-    """The bytes of `graph` as one self-contained file when it keeps its weights in external data (None for a
-    one-file graph): for copies that travel alone (a Triton repository holds model.onnx only). One line when
-    a data file is missing, or the graph is too large for one file (2 GB, protobuf's limit)."""
+def inline_external_data(graph: str | Path) -> bytes:
+    """The bytes of `graph`, which keeps its weights in external data beside it, as one self-contained file: for
+    copies that travel alone (a Triton repository holds model.onnx only). One line when the graph is too large
+    for one file (2 GB, protobuf's limit)."""
     from onnx.external_data_helper import convert_model_from_external_data
 
-    from .io import external_data_files, load_onnx, missing_external_data
+    from .io import load_onnx
 
-    proto = load_onnx(graph, external_data=False)
-    if not external_data_files(proto):
-        return None
-    problem = missing_external_data(graph, proto)
-    if problem:
-        raise EdetError(problem)
     full = load_onnx(graph)
     convert_model_from_external_data(full)  # data now inline: drop the location fields
     if full.ByteSize() >= 2 ** 31:

@@ -57,11 +57,10 @@ def generate_repository(out: str | Path, *, tuning_images: Optional[Sequence[byt
             dst = stage / contract.engine_name(spec.name) / "1" / artifact
             key = CHECKSUM_KEYS[dst.suffix]
             typed = ArtifactMetadata.from_dict(spec.artifact_metadata)
-            inline = inline_external_data(spec.artifact) if spec.target == "cpu" else None
-            if inline is not None:
+            if spec.artifact_external_data:
                 # A graph with its weights in a side file: the repository's model.onnx is the one file Triton's
                 # engine model loads, so it gets the weights inline (its checksum is the copy's own).
-                dst.write_bytes(inline)
+                dst.write_bytes(inline_external_data(spec.artifact))
                 checksum = sha256_file(dst)
             else:
                 checksum = getattr(typed, key) or sha256_file(spec.artifact)

@@ -43,6 +43,7 @@ class RepoSpec:
     extra: Dict = field(default_factory=dict)
     artifact: Optional[str] = None  # the graph (cpu) or plan (gpu) the engine model gets a copy of; None: no copy
     artifact_metadata: Dict = field(default_factory=dict, repr=False, compare=False)  # its metadata, verified
+    artifact_external_data: bool = False  # the graph keeps its weights in a side file: its copy gets them inline
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "engine_backend", _engine_backend(self.target, self.engine_backend))
@@ -78,8 +79,7 @@ class RepoSpec:
         meta = read_metadata(artifact)  # verifies the artifact against its sidecar's checksum
         variant, precision = graph_variant_and_precision(meta, artifact, variant, precision)
         _check_bf16(precision, engine_backend)
-        if copy_artifact and target == "cpu":
-            check_graph_file(artifact)
+        external_data = check_graph_file(artifact) if copy_artifact and target == "cpu" else False
         _check_out(Path(out), force)
         if not meta.get("nms"):
             raise EdetError(f"{artifact} has no soft-NMS outputs (exported with --nms none)")
@@ -94,7 +94,8 @@ class RepoSpec:
                    class_names=list(meta.get("class_names") or []), fill=tuple(meta["mean"]),
                    precision=precision, target=target,
                    max_batch_size=max_batch_size, engine_backend=engine_backend,
-                   artifact=artifact if copy_artifact else None, artifact_metadata=meta, **choices)
+                   artifact=artifact if copy_artifact else None, artifact_metadata=meta,
+                   artifact_external_data=external_data, **choices)
 
     @property
     def name(self) -> str:
@@ -163,13 +164,18 @@ def _checked_plan(meta: Dict, plan: str, tensorrt_version: Optional[str]) -> Dic
     return plan_info(meta)
 
 
-def check_graph_file(path: str | Path) -> None:
-    """The graph the repository will serve loads as ONNX (a garbage file is refused here, not at serve time)."""
-    from ..io import load_onnx
+def check_graph_file(path: str | Path) -> bool:
+    """The graph the repository will serve loads as ONNX (a garbage file is refused here, not at serve time), and
+    the external data it names, if any, is beside it. Returns whether it keeps its weights in external data."""
+    from ..io import external_data_files, load_onnx, missing_external_data
 
     proto = load_onnx(path, external_data=False)
     if [i.name for i in proto.graph.input] != [contract.INPUT_NAME]:
         raise EdetError(f"{path} is not an edet-deploy detection graph (inputs {[i.name for i in proto.graph.input]})")
+    problem = missing_external_data(path, proto)
+    if problem:
+        raise EdetError(problem)
+    return bool(external_data_files(proto))
 
 
 def graph_variant_and_precision(meta: Dict, artifact: str | Path, variant: Optional[str] = None,
