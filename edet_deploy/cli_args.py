@@ -88,8 +88,9 @@ class OutputPath:
         existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
         if not existing.is_dir():
             raise argparse.ArgumentTypeError(f"{text}: {existing} is not a folder")
-        if not self.folder and os.path.abspath(text).startswith("/dev/") \
-                and not os.path.abspath(text).startswith("/dev/shm/"):  # /dev/stdout, led to a plain file
+        absolute = os.path.abspath(text)
+        if not self.folder and absolute.startswith("/dev/") and not absolute.startswith("/dev/shm/"):
+            # /dev/stdout, led to a plain file
             raise argparse.ArgumentTypeError(f"{text}: outputs are files, not entries of /dev: give a file "
                                              f"path{hint}")
         try:

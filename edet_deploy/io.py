@@ -242,12 +242,12 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
     if not text.strip():
         raise EdetError(f"no {what} given (an empty path)")
     path = Path(text)
+    a = "an" if what[0] in "aeiouAEIOU" else "a"
     if path.is_dir():
-        raise EdetError(f"{path} is a folder, not a{'n' if what[0] in 'aeiouAEIOU' else ''} {what}")
+        raise EdetError(f"{path} is a folder, not {a} {what}")
     if not path.is_file():
         if path.exists():  # /dev/zero, a named pipe: reading it would never end or never start
-            raise EdetError(f"{path} is a device, pipe or socket, not a{'n' if what[0] in 'aeiouAEIOU' else ''} "
-                            f"{what} file")
+            raise EdetError(f"{path} is a device, pipe or socket, not {a} {what} file")
         raise EdetError(f"{what} not found: {path}")
     return path
 

@@ -96,6 +96,10 @@ def augment(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, size: int
 
 # --- loop --------------------------------------------------------------------------------------------------
 
+def _diverged(epoch: int, why: str, lr: float) -> EdetError:
+    return EdetError(f"training diverged in epoch {epoch + 1} ({why}): lower --lr (it is {lr:g})")
+
+
 def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_size: int = 16, lr: float = 2e-3,
           image_size: int = 256, weights: Optional[str] = None, seed: int = 0, threads: Optional[int] = None,
           max_minutes: Optional[float] = None, eval_images: Optional[int] = None, progress: bool = True) -> Dict:
@@ -161,8 +165,7 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
             loss = cls_loss + box_loss
             if not (torch.isfinite(loss) and torch.isfinite(logits).all() and torch.isfinite(codes).all()):
                 # Else validation's NMS refused the NaN scores as if the input were bad.
-                raise EdetError(f"training diverged in epoch {epoch + 1} (loss {loss.item()}): lower --lr (it is "
-                                f"{lr:g})")
+                raise _diverged(epoch, f"loss {loss.item()}", lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -175,8 +178,7 @@ def train(model_name: str, data_dir: str, out: str, *, epochs: int = 10, batch_s
         with torch.no_grad():  # a model that diverged may compute finite numbers in training mode only (its BN)
             finite = all(bool(torch.isfinite(t).all()) for t in graph.head_outputs(torch.from_numpy(np.stack(images))))
         if not finite:
-            raise EdetError(f"training diverged in epoch {epoch + 1} (the model's outputs are not finite): lower "
-                            f"--lr (it is {lr:g})")
+            raise _diverged(epoch, "the model's outputs are not finite", lr)
         detector = Detector(TorchRunner(model_name, model=model, class_names=train_set.class_names))
         report = evaluate(detector, val_set, max_images=eval_images, bar=bar)
         elapsed = (time.perf_counter() - start) / 60

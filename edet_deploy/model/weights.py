@@ -138,6 +138,9 @@ def _unwrap(obj: Any, path: Path | str = "") -> Dict[str, torch.Tensor]:
     return obj
 
 
+_PREFIXES = ("module.", "_orig_mod.", "model.")  # DataParallel, torch.compile, effdet's DetBench
+
+
 def normalize_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Strip DataParallel / bench prefixes and convert effdet's level-first head batch-norm layout."""
     out = {}
@@ -154,9 +157,6 @@ def normalize_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         out[key] = value
     # Drop anchors or other bench buffers that are not part of the network.
     return {k: v for k, v in out.items() if not k.startswith("anchors.")}
-
-
-_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 _CLASS_BIAS = "class_net.predict.conv_pw.bias"  # num_anchors * num_classes values

@@ -328,21 +328,18 @@ class TritonServer:
         check_port("http", self.http_address, self.http_port)
         check_port("grpc", self.grpc_address, self.grpc_port)
         check_port("metrics", self.address, self.metrics_port)
-        try:
-            self._link_unsafe_paths()
-        except BaseException:
-            self._remove_links()
-            raise
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         logger.info("starting tritonserver (http %s:%d, grpc %s:%d, metrics %s:%d)", self.http_address,
                     self.http_port, self.grpc_address, self.grpc_port, self.address, self.metrics_port)
-        # A new session: stop() can signal the server and every stub it forked.
         try:
+            self._link_unsafe_paths()
+            # A new session: stop() can signal the server and every stub it forked.
             self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True, cwd="/", preexec_fn=_die_with_parent)
         except BaseException:
             self._remove_links()
             raise
+        waiting = cancel or threading.Event()  # set by serve's signal handlers: ends the wait early
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -356,10 +353,8 @@ class TritonServer:
                 if self.ready() and self.proc.poll() is None:
                     logger.info("tritonserver ready")
                     return self
-                if cancel is not None and cancel.wait(0.5):
+                if waiting.wait(0.5):
                     raise StartCancelled("stopped while tritonserver started")
-                if cancel is None:
-                    time.sleep(0.5)
         except BaseException:  # Ctrl-C or SIGTERM while it starts: its stubs would outlive us under init
             from ..io import signals_deferred
             with signals_deferred():

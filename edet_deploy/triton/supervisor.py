@@ -46,7 +46,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, SimpleQueue
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from .. import contract
 from ..errors import EdetError
@@ -59,6 +59,14 @@ from .models.common import find_exec_clock, read_exec_clock
 from .grpc_front import GrpcFront
 from .server import StartCancelled, TritonServer, check_port, port_in_use
 from .verify import drop_bytecode, model_problems, refusal
+
+
+class InCall(NamedTuple):
+    """A stub seen inside one execute() call: what `Supervisor.find_stuck_instances` keeps between rounds."""
+    began: float  # the call's start, by the instance's execution clock
+    cpu: float  # the stub's CPU seconds when the call was first seen
+    seen_at: float
+    active: bool  # a thread of the stub seen running, waiting for a CPU or in I/O since
 
 
 class ServerLost(Exception):
@@ -207,8 +215,7 @@ class Supervisor:
         self.recheck, self.rechecked = recheck, time.monotonic()
         self.hung: "SimpleQueue[Tuple[str, Optional[str], str]]" = SimpleQueue()  # (model, instance, why)
         self.clocks: Dict[int, str] = {}  # stub pid -> its execution clock (/proc/<pid>/fd/<n>)
-        # stub pid -> (execute began, its CPU seconds then, seen at, a thread seen active since)
-        self.executing: Dict[int, Tuple[float, float, float, bool]] = {}
+        self.executing: Dict[int, InCall] = {}  # stub pid -> the call it was seen in
         self.stop = threading.Event()
 
     def snapshot(self) -> Dict[str, set]:
@@ -480,13 +487,14 @@ class Supervisor:
             began = read_exec_clock(clocks[stub.pid]) if clocks[stub.pid] else 0.0
             if not began:
                 continue
-            first = self.executing.get(stub.pid)
-            if first is None or first[0] != began:
-                first = (began, _cpu_seconds([stub.pid]), now, False)
-            first = (*first[:3], first[3] or _threads_active(stub.pid))
-            seen[stub.pid] = first
-            if (now - first[2] >= self.canary_timeout and now - began >= self.canary_timeout and not first[3]
-                    and _cpu_seconds([stub.pid]) - first[1] < self.busy_cpu):
+            call = self.executing.get(stub.pid)
+            if call is None or call.began != began:
+                call = InCall(began, _cpu_seconds([stub.pid]), now, False)
+            if not call.active and _threads_active(stub.pid):
+                call = call._replace(active=True)
+            seen[stub.pid] = call
+            if (now - call.seen_at >= self.canary_timeout and now - began >= self.canary_timeout and not call.active
+                    and _cpu_seconds([stub.pid]) - call.cpu < self.busy_cpu):
                 self.hung.put((stub.model, stub.instance,
                                f"stuck in one request for {now - began:.0f} s, using no CPU"))
                 seen.pop(stub.pid)
